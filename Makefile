@@ -1,0 +1,41 @@
+# The two commands of the quick start: `make demo` and `make test`.
+# Each installs what it needs first: Debian packages (if missing) and a .venv at the repo root.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export TCP_NODELAY := 1
+
+.PHONY: demo test system-packages demo-model bench lint-imports clean
+
+system-packages:
+	@command -v Orthanc >/dev/null && command -v storescu >/dev/null && command -v dciodvfy >/dev/null || { \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc dcmtk dicom3tools >/dev/null && \
+		$(SUDO) systemctl disable --now orthanc >/dev/null 2>&1 || true; }
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: system-packages $(STAMP)
+	$(PY) scripts/demo.py
+
+test: system-packages $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo-model: $(STAMP)
+	$(PY) scripts/make_demo_model.py --out models/demo-petct
+
+lint-imports: $(STAMP)
+	$(VENV)/bin/lint-imports
+
+bench: system-packages $(STAMP)
+	$(PY) bench/bench_receive.py
+
+clean:
+	rm -rf $(VENV) var demo-out .pytest_cache

@@ -1,0 +1,66 @@
+"""The assembler: decides when a received study is complete and queues a job for it.
+
+A study becomes a job for a model once every modality the model needs is present and no
+instance has arrived for `study_quiet_seconds`. Instances that arrive after a study's job
+was created make the study a candidate again: the next run writes a new result series and
+never touches the earlier one.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from dicomnode.config import Config, ModelSettings
+from dicomnode.db import Event, Job, Series, Study, utcnow
+from dicomnode.queue import QUEUED, RetryPolicy, enqueue, log_event
+
+log = logging.getLogger("dicomnode.assembler")
+
+
+def missing_modalities(session, study_uid: str, model: ModelSettings) -> list[str]:  # noqa: ANN001
+    present = set(session.scalars(select(Series.modality).where(Series.study_uid == study_uid)))
+    return [m for m in model.required_modalities if m not in present]
+
+
+def sweep(sessions: sessionmaker, config: Config, now: datetime | None = None) -> list[int]:
+    """Queue a job for every quiet, complete study that needs one; return the new job ids."""
+    now = now or utcnow()
+    quiet_since = now - timedelta(seconds=config.node.study_quiet_seconds)
+    policy = RetryPolicy(config.node.max_attempts, config.node.retry_backoff_seconds)
+    created: list[int] = []
+    with sessions() as session:
+        quiet_studies = list(session.scalars(select(Study).where(Study.last_received_at <= quiet_since)))
+    for study in quiet_studies:
+        for model in config.models:
+            with sessions.begin() as session:
+                latest = session.scalar(
+                    select(Job).where(Job.study_uid == study.study_uid, Job.model == model.name).order_by(Job.id.desc()).limit(1)
+                )
+                if latest is not None and (latest.state == QUEUED or latest.created_at >= study.last_received_at):
+                    continue  # already queued, or nothing new since the last job
+                missing = missing_modalities(session, study.study_uid, model)
+                if missing:
+                    _note_incomplete(session, study, model, missing)
+                    continue
+            reason = "study complete and quiet" if latest is None else "new instances after run %d" % latest.run_number
+            job_id = enqueue(sessions, study.study_uid, model.name, policy, reason)
+            log.info("study %s: queued job %d for model %s (%s)", study.study_uid, job_id, model.name, reason)
+            created.append(job_id)
+    return created
+
+
+def _note_incomplete(session, study: Study, model: ModelSettings, missing: list[str]) -> None:  # noqa: ANN001
+    """Say once (per new arrival) why a quiet study is not processed."""
+    said = session.scalar(
+        select(Event.id).where(
+            Event.study_uid == study.study_uid, Event.kind == "incomplete", Event.at >= study.last_received_at
+        )
+    )
+    if said is None:
+        message = f"model {model.name} needs {', '.join(missing)}: not present"
+        log_event(session, "incomplete", message, study_uid=study.study_uid)
+        log.info("study %s: %s", study.study_uid, message)

@@ -1,0 +1,219 @@
+"""The `dicomnode` command: run the node and inspect it (the inspection commands read only
+the database, so they work while the service runs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import select
+
+from dicomnode.config import Config, ConfigError, load_config
+
+app = typer.Typer(help="DICOM node that runs nnU-Net segmentation models on studies sent by a PACS.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Inspect and manage jobs.", no_args_is_help=True)
+studies_app = typer.Typer(help="Inspect received studies.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(studies_app, name="studies")
+console = Console()
+
+ConfigOption = typer.Option(Path("config.toml"), "--config", "-c", help="Path to config.toml.", envvar="DICOMNODE_CONFIG")
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    # Under systemd, journald stamps the time itself.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(level=level.upper(), format=f"{stamp}%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def _config(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _sessions(config: Config):  # noqa: ANN202
+    from dicomnode.db import make_sessionmaker
+
+    return make_sessionmaker(config.database_url)
+
+
+@app.command()
+def serve(config: Path = ConfigOption, log_level: str = "INFO", no_worker: bool = typer.Option(False, help="Run without the worker process.")) -> None:
+    """Start the receiver, the scheduler and a worker process."""
+    _setup_logging(log_level)
+    from dicomnode.service import serve as run
+
+    run(_config(config), with_worker=not no_worker)
+
+
+@app.command()
+def worker(config: Path = ConfigOption, log_level: str = "INFO") -> None:
+    """Run a worker: claim jobs and run the models (serve starts one itself)."""
+    _setup_logging(log_level)
+    from dicomnode.worker import Worker
+
+    Worker(_config(config)).run_forever()
+
+
+@app.command()
+def synth(out: Path, seed: int = 0, lesions: Optional[int] = typer.Option(None, help="Number of lesions (default: 2 to 6).")) -> None:
+    """Write a synthetic PET/CT study (CT and PET series, lesion truth) to OUT."""
+    from dicomnode.synth import write_study
+
+    study = write_study(out, seed=seed, n_lesions=lesions)
+    console.print(f"study {study.study_instance_uid}: {len(study.phantom.lesions)} lesions, written to {out}")
+
+
+@app.command()
+def echo(destination: str, config: Path = ConfigOption) -> None:
+    """C-ECHO a configured destination."""
+    from dicomnode.sender import SendError, echo as c_echo
+
+    cfg = _config(config)
+    dest = next((d for d in cfg.destinations if d.name == destination), None)
+    if dest is None:
+        console.print(f"[red]no destination named {destination!r}[/red] (have: {', '.join(d.name for d in cfg.destinations)})")
+        raise typer.Exit(2)
+    try:
+        status = c_echo(dest, cfg.node.ae_title, cfg.node.network_timeout_seconds)
+    except SendError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"{destination}: C-ECHO status 0x{status:04X}")
+    raise typer.Exit(0 if status == 0 else 1)
+
+
+@app.command()
+def send(path: Path, destination: str, config: Path = ConfigOption) -> None:
+    """C-STORE every DICOM file under PATH to a configured destination."""
+    from rich.progress import track
+
+    from dicomnode.sender import SendError, send_files
+
+    cfg = _config(config)
+    dest = next((d for d in cfg.destinations if d.name == destination), None)
+    if dest is None:
+        console.print(f"[red]no destination named {destination!r}[/red]")
+        raise typer.Exit(2)
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file() and p.suffix.lower() in (".dcm", ""))
+    try:
+        for chunk_start in track(range(0, len(files), 50), description=f"sending to {destination}"):
+            send_files(dest, files[chunk_start:chunk_start + 50], cfg.node.ae_title, cfg.node.network_timeout_seconds)
+    except SendError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"sent {len(files)} files to {destination}")
+
+
+def _when(value) -> str:  # noqa: ANN001
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+@jobs_app.command("list")
+def jobs_list(config: Path = ConfigOption, state: Optional[str] = None, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Jobs, newest first."""
+    from dicomnode.db import Job
+
+    sessions = _sessions(_config(config))
+    with sessions() as session:
+        query = select(Job).order_by(Job.id.desc())
+        if state:
+            query = query.where(Job.state == state)
+        jobs = list(session.scalars(query))
+    rows = [
+        {"id": j.id, "state": j.state, "study": j.study_uid, "model": j.model, "run": j.run_number,
+         "attempts": f"{j.attempts}/{j.max_attempts}", "created": _when(j.created_at), "finished": _when(j.finished_at),
+         "error": j.error or ""}
+        for j in jobs
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="jobs")
+    for column in ("id", "state", "study", "model", "run", "attempts", "created", "finished", "error"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("id", "state", "study", "model", "run", "attempts", "created", "finished", "error")))
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One job and its timeline."""
+    from dicomnode.db import Event, Job
+
+    sessions = _sessions(_config(config))
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            console.print(f"[red]no job {job_id}[/red]")
+            raise typer.Exit(1)
+        events = list(session.scalars(
+            select(Event).where((Event.job_id == job_id) | ((Event.study_uid == job.study_uid) & Event.job_id.is_(None))).order_by(Event.id)
+        ))
+    timeline = [{"at": _when(e.at), "event": e.kind, "message": e.message} for e in events]
+    if as_json:
+        print(json.dumps({"id": job.id, "state": job.state, "study": job.study_uid, "model": job.model,
+                          "attempts": job.attempts, "error": job.error, "timeline": timeline}, indent=2))
+        return
+    console.print(f"job {job.id}: [bold]{job.state}[/bold]  study {job.study_uid}  model {job.model}  run {job.run_number}  attempts {job.attempts}/{job.max_attempts}")
+    if job.error:
+        console.print(f"[red]error:[/red] {job.error}")
+    table = Table(title="timeline")
+    for column in ("at", "event", "message"):
+        table.add_column(column, overflow="fold")
+    for row in timeline:
+        table.add_row(row["at"], row["event"], row["message"])
+    console.print(table)
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: int, config: Path = ConfigOption) -> None:
+    """Queue a failed job again."""
+    from dicomnode.queue import retry
+
+    if not retry(_sessions(_config(config)), job_id):
+        console.print(f"[red]job {job_id} is not a failed job[/red]")
+        raise typer.Exit(1)
+    console.print(f"job {job_id} queued again")
+
+
+@studies_app.command("list")
+def studies_list(config: Path = ConfigOption, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Received studies with their series."""
+    from dicomnode.db import Study
+    from dicomnode.index import series_of_study
+
+    sessions = _sessions(_config(config))
+    with sessions() as session:
+        studies = list(session.scalars(select(Study).order_by(Study.last_received_at.desc())))
+        rows = [
+            {"study": s.study_uid, "last_received": _when(s.last_received_at), "instances": s.instances_received,
+             "series": [f"{x.modality} #{x.series_number} {x.description} ({x.instances})" for x in series_of_study(session, s.study_uid)]}
+            for s in studies
+        ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="studies")
+    for column in ("study", "last received", "instances", "series"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["study"], row["last_received"], str(row["instances"]), "\n".join(row["series"]))
+    console.print(table)
+
+
+def main() -> None:
+    app()

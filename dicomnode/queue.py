@@ -1,0 +1,169 @@
+"""The job queue: explicit states, leases, retries with backoff, and an event per change.
+
+    queued --claim--> running --succeed--> succeeded
+       ^                 |
+       |   (attempts     +--fail--> failed (attempts used up, or not retryable)
+       +--- left) -------+
+    running with an expired lease (worker died) --> queued again at the next sweep
+
+Claiming is a compare-and-set UPDATE (... WHERE state = 'queued'), atomic on SQLite and
+PostgreSQL alike, so two workers never run the same job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import sessionmaker
+
+from dicomnode.db import Event, Job, utcnow
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 3
+    backoff_seconds: float = 30.0
+
+    def delay(self, attempt: int) -> timedelta:
+        """Wait before attempt `attempt + 1`: backoff, doubled after every failed attempt."""
+        return timedelta(seconds=self.backoff_seconds * 2 ** max(attempt - 1, 0))
+
+
+def log_event(session, kind: str, message: str = "", *, study_uid=None, job_id=None, at=None) -> None:  # noqa: ANN001
+    session.add(Event(at=at or utcnow(), study_uid=study_uid, job_id=job_id, kind=kind, message=message))
+
+
+def enqueue(sessions: sessionmaker, study_uid: str, model: str, policy: RetryPolicy, reason: str = "") -> int:
+    now = utcnow()
+    with sessions.begin() as session:
+        previous = session.scalar(
+            select(Job.run_number).where(Job.study_uid == study_uid, Job.model == model).order_by(Job.run_number.desc()).limit(1)
+        )
+        job = Job(
+            study_uid=study_uid,
+            model=model,
+            state=QUEUED,
+            attempts=0,
+            max_attempts=policy.max_attempts,
+            run_number=(previous or 0) + 1,
+            not_before=now,
+            created_at=now,
+        )
+        session.add(job)
+        session.flush()
+        log_event(session, "queued", f"model {model}, run {job.run_number}{': ' + reason if reason else ''}", study_uid=study_uid, job_id=job.id, at=now)
+        return job.id
+
+
+def claim(sessions: sessionmaker, owner: str, lease: timedelta) -> Job | None:
+    """Take the oldest runnable job, or None. Atomic against other workers."""
+    while True:
+        now = utcnow()
+        with sessions.begin() as session:
+            candidate = session.scalar(
+                select(Job.id).where(Job.state == QUEUED, Job.not_before <= now).order_by(Job.id).limit(1)
+            )
+            if candidate is None:
+                return None
+            taken = session.execute(
+                update(Job)
+                .where(Job.id == candidate, Job.state == QUEUED)
+                .values(
+                    state=RUNNING,
+                    attempts=Job.attempts + 1,
+                    lease_owner=owner,
+                    lease_expires_at=now + lease,
+                    started_at=now,
+                    error=None,
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if taken != 1:
+                continue  # another worker won the race; look again
+            job = session.get(Job, candidate, populate_existing=True)
+            log_event(session, "started", f"attempt {job.attempts} of {job.max_attempts} by {owner}", study_uid=job.study_uid, job_id=job.id, at=now)
+            return job
+
+
+def renew_lease(sessions: sessionmaker, job_id: int, owner: str, lease: timedelta) -> bool:
+    """Extend a running job's lease; False if the job is no longer ours."""
+    with sessions.begin() as session:
+        return (
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
+                .values(lease_expires_at=utcnow() + lease)
+            ).rowcount
+            == 1
+        )
+
+
+def succeed(sessions: sessionmaker, job_id: int, owner: str, message: str = "") -> bool:
+    now = utcnow()
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != RUNNING or job.lease_owner != owner:
+            return False
+        job.state, job.finished_at, job.lease_owner, job.lease_expires_at = SUCCEEDED, now, None, None
+        log_event(session, "succeeded", message, study_uid=job.study_uid, job_id=job.id, at=now)
+        return True
+
+
+def fail(sessions: sessionmaker, job_id: int, owner: str, error: str, policy: RetryPolicy, retryable: bool = True) -> str:
+    """Record a failed attempt: back to queued after a backoff, or failed for good. Returns the new state."""
+    now = utcnow()
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != RUNNING or job.lease_owner != owner:
+            return job.state if job else "missing"
+        job.error = error
+        job.lease_owner, job.lease_expires_at = None, None
+        if retryable and job.attempts < job.max_attempts:
+            job.state = QUEUED
+            job.not_before = now + policy.delay(job.attempts)
+            log_event(session, "retry-scheduled", f"attempt {job.attempts} failed: {error}; next try after {job.not_before:%H:%M:%S} UTC", study_uid=job.study_uid, job_id=job.id, at=now)
+        else:
+            job.state, job.finished_at = FAILED, now
+            log_event(session, "failed", error, study_uid=job.study_uid, job_id=job.id, at=now)
+        return job.state
+
+
+def requeue_expired(sessions: sessionmaker, now: datetime | None = None) -> list[int]:
+    """Running jobs whose lease ran out (their worker died) go back to the queue."""
+    now = now or utcnow()
+    with sessions.begin() as session:
+        expired = list(session.scalars(select(Job).where(Job.state == RUNNING, Job.lease_expires_at < now)))
+        for job in expired:
+            log_event(session, "lease-expired", f"worker {job.lease_owner} stopped renewing; re-queued", study_uid=job.study_uid, job_id=job.id, at=now)
+            job.state, job.lease_owner, job.lease_expires_at, job.not_before = QUEUED, None, None, now
+        return [job.id for job in expired]
+
+
+def retry(sessions: sessionmaker, job_id: int) -> bool:
+    """Operator retry of a failed job: queued again with a fresh set of attempts."""
+    now = utcnow()
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != FAILED:
+            return False
+        job.state, job.attempts, job.not_before, job.finished_at = QUEUED, 0, now, None
+        log_event(session, "retry-requested", "by operator", study_uid=job.study_uid, job_id=job.id, at=now)
+        return True
+
+
+def release(sessions: sessionmaker, job_id: int, owner: str, reason: str) -> bool:
+    """Give a running job back to the queue without counting the attempt (shutdown)."""
+    now = utcnow()
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != RUNNING or job.lease_owner != owner:
+            return False
+        job.state, job.lease_owner, job.lease_expires_at, job.not_before = QUEUED, None, None, now
+        job.attempts = max(job.attempts - 1, 0)
+        log_event(session, "released", reason, study_uid=job.study_uid, job_id=job.id, at=now)
+        return True

@@ -1,0 +1,177 @@
+"""The receiver: a pynetdicom Verification and Storage SCP.
+
+An instance is acknowledged (0x0000) only after it is fsynced into the spool and indexed;
+any failure answers with a failure status and a logged reason:
+  0xA700 out of resources (disk or database could not take it: the sender may retry)
+  0xA900 data set does not match the SOP class of the request
+  0xC000 cannot understand (unreadable data set, missing or invalid UIDs)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    EnhancedPETImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    LegacyConvertedEnhancedPETImageStorage,
+    MRImageStorage,
+    PositronEmissionTomographyImageStorage,
+    Verification,
+)
+from sqlalchemy.orm import sessionmaker
+
+from dicomnode.config import Config
+from dicomnode.index import ReceivedInstance, record_instance
+from dicomnode.netutil import NODELAY_HANDLER
+from dicomnode.spool import InvalidUID, Spool, check_uid
+
+log = logging.getLogger("dicomnode.receiver")
+
+STORAGE_CLASSES = (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+    PositronEmissionTomographyImageStorage,
+    EnhancedPETImageStorage,
+    LegacyConvertedEnhancedPETImageStorage,
+    MRImageStorage,
+    EnhancedMRImageStorage,
+)
+TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+
+class Receiver:
+    """Accepts associations from allowed AEs and stores what they send."""
+
+    def __init__(self, config: Config, sessions: sessionmaker) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.spool = Spool(config.spool_dir)
+        self._server = None
+        self._lock = threading.Lock()
+        self.ae = AE(ae_title=config.node.ae_title)
+        self.ae.require_called_aet = True
+        if config.node.allowed_calling_aets:
+            self.ae.require_calling_aet = list(config.node.allowed_calling_aets)
+        else:
+            log.warning("allowed_calling_aets is empty: any calling AE title may store to this node")
+        self.ae.network_timeout = config.node.network_timeout_seconds
+        self.ae.acse_timeout = config.node.network_timeout_seconds
+        self.ae.dimse_timeout = config.node.network_timeout_seconds
+        self.ae.maximum_associations = 16
+        self.ae.add_supported_context(Verification)
+        for sop_class in STORAGE_CLASSES:
+            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+
+    # -- C-STORE ---------------------------------------------------------------------------
+    def handle_store(self, event) -> int:  # noqa: ANN001 - pynetdicom event
+        calling = event.assoc.requestor.ae_title
+        request_sop = str(event.request.AffectedSOPInstanceUID or "")
+        try:
+            ds = event.dataset
+            study_uid = check_uid("StudyInstanceUID", ds.get("StudyInstanceUID"))
+            series_uid = check_uid("SeriesInstanceUID", ds.get("SeriesInstanceUID"))
+            sop_uid = check_uid("SOPInstanceUID", ds.get("SOPInstanceUID"))
+            sop_class = str(ds.get("SOPClassUID", ""))
+            modality = str(ds.get("Modality", ""))
+            series_number = ds.get("SeriesNumber")
+            description = str(ds.get("SeriesDescription", ""))
+        except InvalidUID as exc:
+            log.warning("refused instance %s from %s: %s (0xC000)", request_sop, calling, exc)
+            return CANNOT_UNDERSTAND
+        except Exception as exc:  # pydicom raises many kinds on a malformed data set
+            log.warning("refused instance %s from %s: unreadable data set: %s (0xC000)", request_sop, calling, exc)
+            return CANNOT_UNDERSTAND
+        if sop_uid != request_sop or sop_class != str(event.request.AffectedSOPClassUID):
+            log.warning(
+                "refused instance %s from %s: data set SOP class/instance %s/%s differ from the request's (0xA900)",
+                request_sop, calling, sop_class, sop_uid,
+            )
+            return DOES_NOT_MATCH_SOP_CLASS
+        try:
+            path = self.spool.write(study_uid, series_uid, sop_uid, event.encoded_dataset())
+        except OSError as exc:
+            log.error("could not store instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
+            return OUT_OF_RESOURCES
+        try:
+            record_instance(
+                self.sessions,
+                ReceivedInstance(
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    sop_instance_uid=sop_uid,
+                    sop_class_uid=sop_class,
+                    transfer_syntax_uid=str(event.context.transfer_syntax),
+                    modality=modality,
+                    series_number=int(series_number) if series_number not in (None, "") else None,
+                    series_description=description,
+                    path=str(path),
+                    calling_aet=calling,
+                ),
+            )
+        except Exception as exc:
+            log.error("could not index instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
+            return OUT_OF_RESOURCES
+        log.debug("stored %s %s of study %s from %s", modality, sop_uid, study_uid, calling)
+        return SUCCESS
+
+    def _on_echo(self, event) -> int:  # noqa: ANN001
+        log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
+        return SUCCESS
+
+    def _on_rejected(self, event) -> None:  # noqa: ANN001
+        requestor = event.assoc.requestor
+        log.warning(
+            "association rejected: calling AE %r called AE %r from %s",
+            requestor.ae_title, event.assoc.acceptor.ae_title, requestor.address,
+        )
+
+    def _on_accepted(self, event) -> None:  # noqa: ANN001
+        requestor = event.assoc.requestor
+        log.info("association from %s (%s)", requestor.ae_title, requestor.address)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        removed = self.spool.remove_leftovers()
+        if removed:
+            log.info("removed %d temporary files a previous run left unacknowledged", removed)
+        handlers = [
+            NODELAY_HANDLER,
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+        ]
+        with self._lock:
+            self._server = self.ae.start_server(
+                (self.config.node.bind, self.config.node.port), block=False, evt_handlers=handlers
+            )
+        log.info(
+            "receiver %s listening on %s:%d", self.config.node.ae_title, self.config.node.bind, self.config.node.port
+        )
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.config.node.port
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._server is not None:
+                self._server.shutdown()
+                self._server = None

@@ -1,0 +1,109 @@
+"""`dicomnode serve`: the receiver, the periodic sweeps and a supervised worker process.
+
+The receiver runs in this process; APScheduler runs the sweeps (completeness, expired
+leases); the worker runs in a child process that is restarted if it dies, so nothing the
+model does can stop C-STORE from being accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from dicomnode import assembler, queue
+from dicomnode.config import Config
+from dicomnode.db import make_sessionmaker
+from dicomnode.receiver import Receiver
+
+log = logging.getLogger("dicomnode.service")
+
+
+class WorkerSupervisor:
+    """Keeps one `dicomnode worker` child process running."""
+
+    def __init__(self, config: Config, restart_delay: float = 5.0) -> None:
+        self.config = config
+        self.restart_delay = restart_delay
+        self.process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+
+    def _spawn(self) -> None:
+        command = [sys.executable, "-m", "dicomnode", "worker", "--config", str(self.config.source)]
+        self.process = subprocess.Popen(command)
+        log.info("worker process %d started", self.process.pid)
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.is_set():
+            code = self.process.poll() if self.process else None
+            if code is not None and not self._stopping.is_set():
+                log.error("worker process %d exited with %s; restarting in %.0f s", self.process.pid, code, self.restart_delay)
+                if self._stopping.wait(self.restart_delay):
+                    return
+                self._spawn()
+            self._stopping.wait(1.0)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stopping.set()
+        if self.process and self.process.poll() is None:
+            self.process.terminate()  # the worker releases its job and exits
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("worker process %d did not stop in %.0f s; killing it", self.process.pid, timeout)
+                self.process.kill()
+                self.process.wait()
+
+
+def sweep(config: Config, sessions) -> None:  # noqa: ANN001
+    try:
+        expired = queue.requeue_expired(sessions)
+        if expired:
+            log.warning("re-queued jobs %s whose lease expired", expired)
+        assembler.sweep(sessions, config)
+    except Exception:
+        log.exception("sweep failed; will try again at the next one")
+
+
+def serve(config: Config, with_worker: bool = True) -> None:
+    config.node.data_dir.mkdir(parents=True, exist_ok=True)
+    sessions = make_sessionmaker(config.database_url)
+    stop = threading.Event()
+
+    def _stop(signum, _frame) -> None:  # noqa: ANN001
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+    receiver = Receiver(config, sessions)
+    receiver.start()
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler.add_job(sweep, "interval", seconds=config.node.sweep_seconds, args=(config, sessions), id="sweep",
+                      max_instances=1, coalesce=True)
+    scheduler.start()
+    sweep(config, sessions)  # restart recovery: expired leases now, not after the first interval
+    supervisor = WorkerSupervisor(config) if with_worker else None
+    if supervisor:
+        supervisor.start()
+    log.info("node ready: AE %s on port %d, %d model(s), %d destination(s)",
+             config.node.ae_title, receiver.port, len(config.models), len(config.destinations))
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        receiver.stop()  # no new associations first
+        scheduler.shutdown(wait=False)
+        if supervisor:
+            supervisor.stop()
+        log.info("node stopped")

@@ -1,0 +1,78 @@
+"""The spool: received instances on disk, durably, at data_dir/spool/<study>/<series>/<sop>.dcm.
+
+An instance is written to a temporary file in its series folder, fsynced, renamed over its
+final name and the folder fsynced, so a crash leaves either the whole file or none.
+UIDs are checked before they become path components.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+TEMP_PREFIX = ".incoming-"
+
+
+class InvalidUID(ValueError):
+    """A UID that is not a valid DICOM UID (and so must not become a path)."""
+
+
+def check_uid(name: str, value: object) -> str:
+    text = str(value) if value is not None else ""
+    if not text or len(text) > 64 or not UID.match(text):
+        raise InvalidUID(f"{name} {text[:80]!r} is not a valid DICOM UID")
+    return text
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
+        return (
+            self.root
+            / check_uid("StudyInstanceUID", study_uid)
+            / check_uid("SeriesInstanceUID", series_uid)
+            / f"{check_uid('SOPInstanceUID', sop_instance_uid)}.dcm"
+        )
+
+    def write(self, study_uid: str, series_uid: str, sop_instance_uid: str, data: bytes) -> Path:
+        """Write one encoded DICOM file durably; return its final path."""
+        final = self.path_for(study_uid, series_uid, sop_instance_uid)
+        folder = final.parent
+        new_folders = [p for p in (folder.parent, folder) if not p.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        temp = folder / f"{TEMP_PREFIX}{sop_instance_uid}-{secrets.token_hex(4)}"
+        try:
+            with open(temp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(folder)
+        for created in new_folders:  # make new folder entries durable too
+            _fsync_dir(created.parent)
+        return final
+
+    def remove_leftovers(self) -> int:
+        """Delete temporary files a crash left behind (never acknowledged); return how many."""
+        count = 0
+        if self.root.exists():
+            for temp in self.root.glob(f"*/*/{TEMP_PREFIX}*"):
+                temp.unlink(missing_ok=True)
+                count += 1
+        return count
