@@ -128,13 +128,13 @@ def _resolve(raw: dict, base: Path) -> dict:
     url = node.get("database_url")
     if isinstance(url, str) and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         node["database_url"] = f"sqlite:///{base / url.removeprefix('sqlite:///')}"
-    models = []
-    for model in raw.get("models", []):
-        model = dict(model)
-        if "path" in model:
-            model["path"] = base / Path(model["path"])
-        models.append(model)
-    return {**raw, "node": node, "models": models}
+    resolved = {**raw, "node": node}
+    if isinstance(raw.get("models"), list):
+        resolved["models"] = [
+            {**model, "path": base / Path(model["path"])} if isinstance(model, dict) and "path" in model else model
+            for model in raw["models"]
+        ]
+    return resolved
 
 
 def load_config(path: str | Path) -> Config:

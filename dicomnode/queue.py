@@ -140,7 +140,7 @@ def requeue_expired(sessions: sessionmaker, now: datetime | None = None) -> list
         expired = list(session.scalars(select(Job).where(Job.state == RUNNING, Job.lease_expires_at < now)))
         for job in expired:
             log_event(session, "lease-expired", f"worker {job.lease_owner} stopped renewing; re-queued", study_uid=job.study_uid, job_id=job.id, at=now)
-            job.state, job.lease_owner, job.lease_expires_at, job.not_before = QUEUED, None, None, now
+            job.state, job.lease_owner, job.lease_expires_at, job.not_before = QUEUED, None, None, utcnow()
         return [job.id for job in expired]
 
 

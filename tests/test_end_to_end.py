@@ -1,0 +1,97 @@
+"""End to end on real parts: Orthanc sends a synthetic PET/CT study to a running node (and
+dcmtk storescu sends a second one); the node runs the real 5-fold nnU-Net ensemble and
+C-STOREs a SEG back into the same study in Orthanc."""
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from pydicom import dcmread
+
+from dicomnode.localpacs import LocalOrthanc, free_port
+from dicomnode.synth import write_study
+
+from dicomtools import dciodvfy_errors
+from e2e import REPO, dice, seg_on_source_grid, start_node, write_node_config
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Debian package orthanc not installed"),
+    pytest.mark.skipif(not (REPO / "models" / "demo-petct" / "plans.json").exists(), reason="demo model not built"),
+]
+SEG_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """Orthanc and a node that know each other, both on free loopback ports."""
+    work = tmp_path_factory.mktemp("site")
+    node_port = free_port()
+    pacs = LocalOrthanc(work / "orthanc", modalities={"dicomnode": ("DICOMNODE", "127.0.0.1", node_port)})
+    pacs.start()
+    node = None
+    try:
+        node = start_node(write_node_config(work, pacs, node_port), node_port, work / "node.log")
+        yield pacs, node, work
+    finally:
+        if node is not None:
+            code = node.stop()
+            print((work / "node.log").read_text()[-5000:])
+            assert code == 0, f"node exited with {code} on SIGTERM"
+        pacs.stop()
+
+
+def _check_seg(pacs: LocalOrthanc, study, work: Path, timeout: float = SEG_TIMEOUT):
+    series = pacs.wait_for_series(study.study_instance_uid, "SEG", timeout=timeout)
+    [instance] = series["Instances"]
+    seg_path = pacs.download_instance(instance, work / f"seg-{study.seed}.dcm")
+    seg = dcmread(seg_path)
+    pet_files = sorted(study.pet_dir.glob("*.dcm"))
+    assert seg.StudyInstanceUID == study.study_instance_uid
+    assert seg.SeriesInstanceUID not in (study.ct_series_uid, study.pet_series_uid)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.pet_series_uid
+    assert seg.FrameOfReferenceUID == dcmread(pet_files[0]).FrameOfReferenceUID
+    assert dciodvfy_errors(seg_path) == []
+    mask = seg_on_source_grid(seg_path, pet_files)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(study.truth_labels)))
+    score = dice(mask, truth > 0)
+    found = sum(bool(mask[truth == k].any()) for k in range(1, int(truth.max()) + 1))
+    print(f"seed {study.seed}: Dice {score:.3f}, lesions found {found}/{int(truth.max())}")
+    assert score > 0.5
+    return seg
+
+
+def test_orthanc_sends_study_and_gets_seg_back(site):
+    pacs, node, work = site
+    study = write_study(work / "study-orthanc", seed=7)
+    pacs.upload(sorted(study.ct_dir.glob("*.dcm")) + sorted(study.pet_dir.glob("*.dcm")))
+    orthanc_study = pacs.find_study(study.study_instance_uid)
+    started = time.monotonic()
+    pacs.store_to_modality("dicomnode", [orthanc_study])
+    _check_seg(pacs, study, work)
+    print(f"last instance stored to SEG in Orthanc: {time.monotonic() - started:.1f} s (includes 2 s quiet time)")
+    jobs = json.loads(node.cli("jobs", "list", "--json").stdout)
+    [job] = [j for j in jobs if j["study"] == study.study_instance_uid]
+    assert job["state"] == "succeeded"
+    timeline = json.loads(node.cli("jobs", "show", str(job["id"]), "--json").stdout)["timeline"]
+    kinds = [event["event"] for event in timeline]
+    for kind in ("study-received", "queued", "started", "inputs-built", "inference-done", "results-written", "delivered", "succeeded"):
+        assert kind in kinds, kinds
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
+def test_storescu_sends_study_straight_to_node(site):
+    pacs, node, work = site
+    study = write_study(work / "study-storescu", seed=11)
+    result = subprocess.run(
+        ["storescu", "-aet", "STORESCU", "-aec", "DICOMNODE", "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(node.port), str(study.root)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    _check_seg(pacs, study, work)
