@@ -18,7 +18,8 @@ from dicomnode.localpacs import LocalOrthanc, free_port
 from dicomnode.synth import write_study
 
 from dicomtools import dciodvfy_errors
-from e2e import REPO, dice, seg_on_source_grid, start_node, write_node_config
+from dicomnode.localnode import dice, seg_on_source_grid, start_node
+from e2e import REPO, write_node_config
 
 pytestmark = [
     pytest.mark.e2e,

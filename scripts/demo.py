@@ -1,0 +1,88 @@
+"""The demo: a local Orthanc PACS sends a synthetic PET/CT study to a running dicomnode, and
+we wait for the SEG to come back into the same study and show what came back.
+
+Run with `make demo` (which installs what is needed). Uses the repo's config.toml as is:
+the node on port 11112, the PACS (Orthanc, AE ORTHANC) on 4242. Everything it writes goes
+under demo-out/ and var/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dicomnode.config import load_config  # noqa: E402
+from dicomnode.localnode import dice, seg_on_source_grid, start_node  # noqa: E402
+from dicomnode.localpacs import LocalOrthanc, free_port  # noqa: E402
+from dicomnode.preview import mip_png  # noqa: E402
+from dicomnode.suv import pet_suv_volume  # noqa: E402
+from dicomnode.synth import write_study  # noqa: E402
+from dicomnode.volumes import load_series  # noqa: E402
+
+OUT = REPO / "demo-out"
+
+
+def main() -> int:
+    config_path = REPO / "config.toml"
+    config = load_config(config_path)
+    pacs_dest = config.destinations[0]
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir()
+    print(f"1. writing a synthetic PET/CT study to {OUT / 'study'}")
+    study = write_study(OUT / "study", seed=3)
+    print(f"   study {study.study_instance_uid}: CT and PET series, {len(study.phantom.lesions)} planted lesions")
+
+    print(f"2. starting Orthanc ({pacs_dest.ae_title} on port {pacs_dest.port}) and the node ({config.node.ae_title} on port {config.node.port})")
+    pacs = LocalOrthanc(OUT / "orthanc", aet=pacs_dest.ae_title, dicom_port=pacs_dest.port, http_port=free_port(),
+                        modalities={"dicomnode": (config.node.ae_title, "127.0.0.1", config.node.port)})
+    pacs.start()
+    node = None
+    try:
+        node = start_node(config_path, config.node.port, OUT / "node.log", timeout=120)
+        pacs.upload(sorted(study.ct_dir.glob("*.dcm")) + sorted(study.pet_dir.glob("*.dcm")))
+        print(f"3. Orthanc sends the study to the node (C-STORE); the node waits until it has been quiet for "
+              f"{config.node.study_quiet_seconds:.0f} s (study_quiet_seconds), then runs the model")
+        started = time.monotonic()
+        pacs.store_to_modality("dicomnode", [pacs.find_study(study.study_instance_uid)])
+        seg_series = pacs.wait_for_series(study.study_instance_uid, "SEG", timeout=config.node.study_quiet_seconds + 600)
+        elapsed = time.monotonic() - started
+        print(f"4. SEG back in Orthanc {elapsed:.0f} s after the study was sent")
+
+        seg_path = pacs.download_instance(seg_series["Instances"][0], OUT / "seg.dcm")
+        pet_files = sorted(study.pet_dir.glob("*.dcm"))
+        mask = seg_on_source_grid(seg_path, pet_files)
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(study.truth_labels)))
+        lesions, n_found = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+        planted_found = sum(bool(mask[truth == k].any()) for k in range(1, int(truth.max()) + 1))
+        print("\nWhat the PACS holds for this study now:")
+        for series in pacs.series_of_study(study.study_instance_uid):
+            tags = series["MainDicomTags"]
+            print(f"   {tags.get('Modality', ''):4} #{tags.get('SeriesNumber', ''):>4}  {tags.get('SeriesDescription', ''):40} {len(series['Instances'])} instance(s)")
+        print(f"\nLesions found by the model: {n_found} (planted: {int(truth.max())}, of which found: {planted_found}); "
+              f"Dice against the generator's truth: {dice(mask, truth > 0):.2f}")
+        pet = load_series(pet_files)
+        png = mip_png(pet_suv_volume(pet), mask.astype(np.uint8), pet.spacing, OUT / "preview.png",
+                      title=f"dicomnode demo: {n_found} lesions")
+        print(f"Preview (PET MIP with the lesion outline): {png}")
+        print("\nThe job's timeline (dicomnode jobs list / jobs show):")
+        jobs = subprocess.run([sys.executable, "-m", "dicomnode", "jobs", "list", "--config", str(config_path)], text=True, capture_output=True)
+        print(jobs.stdout)
+        return 0
+    finally:
+        if node is not None:
+            node.stop()
+        pacs.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""The two packages' boundary: `inference` is the model side without DICOM libraries;
+`dicomnode` is the DICOM side and never imports torch at module level."""
+
+import pkgutil
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dicomnode
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_dicomnode_modules_do_not_import_torch():
+    modules = [f"dicomnode.{m.name}" for m in pkgutil.iter_modules(dicomnode.__path__) if m.name != "__main__"]
+    assert "dicomnode.receiver" in modules and "dicomnode.worker" in modules
+    code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + (
+        "heavy = [m for m in ('torch', 'nnunetv2', 'inference') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = _fresh_python(code)
+    assert result.returncode == 0, result.stderr
+
+
+def test_inference_does_not_import_dicom_libraries():
+    result = _fresh_python(
+        "import sys, inference, inference.model\n"
+        "bad = [m for m in ('pydicom', 'pynetdicom', 'highdicom', 'dicomnode') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_import_linter_contract():
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    assert lint, "import-linter is a test dependency"
+    result = subprocess.run([lint], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
