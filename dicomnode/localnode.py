@@ -41,10 +41,10 @@ class RunningNode:
                               capture_output=True, text=True, timeout=60, check=True)
 
 
-def start_node(config_path: Path, port: int, log_path: Path, timeout: float = 60.0) -> RunningNode:
+def start_node(config_path: Path, port: int, log_path: Path, timeout: float = 60.0, extra_args: tuple[str, ...] = ()) -> RunningNode:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TCP_NODELAY": "1"}
     log = open(log_path, "ab")
-    process = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config", str(config_path)],
+    process = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config", str(config_path), *extra_args],
                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=config_path.parent)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

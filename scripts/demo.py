@@ -49,7 +49,7 @@ def main() -> int:
     node = None
     try:
         node = start_node(config_path, config.node.port, OUT / "node.log", timeout=120)
-        pacs.upload(sorted(study.ct_dir.glob("*.dcm")) + sorted(study.pet_dir.glob("*.dcm")))
+        pacs.upload(sorted(study.ct_dir.glob("*.dcm")) + sorted(study.pt_dir.glob("*.dcm")))
         print(f"3. Orthanc sends the study to the node (C-STORE); the node waits until it has been quiet for "
               f"{config.node.study_quiet_seconds:.0f} s (study_quiet_seconds), then runs the model")
         started = time.monotonic()
@@ -59,7 +59,7 @@ def main() -> int:
         print(f"4. SEG back in Orthanc {elapsed:.0f} s after the study was sent")
 
         seg_path = pacs.download_instance(seg_series["Instances"][0], OUT / "seg.dcm")
-        pet_files = sorted(study.pet_dir.glob("*.dcm"))
+        pet_files = sorted(study.pt_dir.glob("*.dcm"))
         mask = seg_on_source_grid(seg_path, pet_files)
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(study.truth_labels)))
         lesions, n_found = ndimage.label(mask, structure=np.ones((3, 3, 3)))

@@ -53,10 +53,10 @@ def _check_seg(pacs: LocalOrthanc, study, work: Path, timeout: float = SEG_TIMEO
     [instance] = series["Instances"]
     seg_path = pacs.download_instance(instance, work / f"seg-{study.seed}.dcm")
     seg = dcmread(seg_path)
-    pet_files = sorted(study.pet_dir.glob("*.dcm"))
+    pet_files = sorted(study.pt_dir.glob("*.dcm"))
     assert seg.StudyInstanceUID == study.study_instance_uid
-    assert seg.SeriesInstanceUID not in (study.ct_series_uid, study.pet_series_uid)
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.pet_series_uid
+    assert seg.SeriesInstanceUID not in (study.ct_series_instance_uid, study.pt_series_instance_uid)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.pt_series_instance_uid
     assert seg.FrameOfReferenceUID == dcmread(pet_files[0]).FrameOfReferenceUID
     assert dciodvfy_errors(seg_path) == []
     mask = seg_on_source_grid(seg_path, pet_files)
@@ -71,7 +71,7 @@ def _check_seg(pacs: LocalOrthanc, study, work: Path, timeout: float = SEG_TIMEO
 def test_orthanc_sends_study_and_gets_seg_back(site):
     pacs, node, work = site
     study = write_study(work / "study-orthanc", seed=7)
-    pacs.upload(sorted(study.ct_dir.glob("*.dcm")) + sorted(study.pet_dir.glob("*.dcm")))
+    pacs.upload(sorted(study.ct_dir.glob("*.dcm")) + sorted(study.pt_dir.glob("*.dcm")))
     orthanc_study = pacs.find_study(study.study_instance_uid)
     started = time.monotonic()
     pacs.store_to_modality("dicomnode", [orthanc_study])

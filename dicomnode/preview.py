@@ -1,0 +1,216 @@
+"""PNG preview of a result: coronal PET maximum intensity projection with the lesions outlined.
+
+The PET MIP is shown the way nuclear-medicine readers are used to: inverted grey (hot is
+dark, air is white), head at the top, the patient's right on the viewer's left, resampled
+to square pixels so that slice spacing and in-plane spacing keep their true proportions.
+The lesion mask is projected the same way and its outline is drawn in colour just outside
+the projected lesions, so the uptake inside stays visible. A text band on top carries the
+title and key figures. Pure numpy + pillow (+ scipy.ndimage).
+
+Layout (all integer pixels, so tests can reason about it):
+
+* ``k = zoom / min(spacing_z, spacing_x)`` output pixels per mm;
+* panel width ``W = round(nx * sx * k)``, height ``H = round(nz * sz * k)``;
+* the PNG is the header band (``header_height(...)`` px) stacked on the panel; same width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+__all__ = ["mip_png", "render_mip", "panel_size", "default_zoom", "suv_window", "lesion_figures"]
+
+# Outline colours by label value (1 is the usual binary lesion label); cycles for larger values.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 30, 30),  # red
+    (20, 120, 255),  # blue
+    (0, 170, 60),  # green
+    (255, 140, 0),  # orange
+    (170, 40, 200),  # purple
+)
+HEADER_BG = (255, 255, 255)
+HEADER_FG = (0, 0, 0)
+MIN_PANEL_PX = 400
+OUTLINE_PX = 2
+
+
+def default_zoom(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], min_px: int = MIN_PANEL_PX) -> int:
+    """Smallest integer zoom making the panel's longer side at least ``min_px`` pixels."""
+    nz, _, nx = shape_zyx
+    sz, _, sx = (float(s) for s in spacing_zyx)
+    base = min(sz, sx)
+    longest = max(nx * sx / base, nz * sz / base)
+    return max(1, math.ceil(min_px / longest))
+
+
+def panel_size(shape_zyx: Sequence[int], spacing_zyx: Sequence[float], zoom: int) -> tuple[int, int]:
+    """(width, height) in pixels of the aspect-correct MIP panel."""
+    nz, _, nx = shape_zyx
+    sz, _, sx = (float(s) for s in spacing_zyx)
+    k = zoom / min(sz, sx)
+    return max(1, round(nx * sx * k)), max(1, round(nz * sz * k))
+
+
+def suv_window(mip: np.ndarray) -> float:
+    """Upper end of the display window: SUV 10 at most, the MIP's 99.5th percentile, 4 at least.
+
+    Data that are clearly not SUV (values in the thousands: Bq/mL, counts) get the percentile.
+    """
+    finite = mip[np.isfinite(mip)]
+    if finite.size == 0:
+        return 1.0
+    p = float(np.percentile(finite, 99.5))
+    if float(finite.max()) > 200.0:  # not SUV units
+        return p if p > 0 else 1.0
+    return float(min(10.0, max(4.0, p)))
+
+
+def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
+    return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
+
+
+def render_mip(
+    pet_suv: np.ndarray,
+    labels: np.ndarray | None,
+    spacing_zyx: Sequence[float],
+    *,
+    vmax: float | None = None,
+    zoom: int | None = None,
+    z_up: bool = True,
+    outline_px: int = OUTLINE_PX,
+) -> np.ndarray:
+    """The MIP panel as an RGB uint8 array (H, W, 3).
+
+    ``z_up``: array index z grows towards the head (DICOM/LPS +z is superior), so it is flipped
+    to put the head at the top. Projection is along y (anterior-posterior); x stays left to right
+    (patient right on the viewer's left for LPS x).
+    """
+    pet = np.asarray(pet_suv, dtype=np.float32)
+    if pet.ndim != 3:
+        raise ValueError(f"pet_suv must be (z, y, x), got shape {pet.shape}")
+    if labels is not None and np.shape(labels) != pet.shape:
+        raise ValueError(f"labels shape {np.shape(labels)} differs from PET shape {pet.shape}")
+    zoom = int(zoom) if zoom else default_zoom(pet.shape, spacing_zyx)
+    width, height = panel_size(pet.shape, spacing_zyx, zoom)
+
+    mip = np.nan_to_num(pet, nan=0.0).max(axis=1)  # (z, x)
+    if z_up:
+        mip = mip[::-1]
+    vmax = float(vmax) if vmax else suv_window(mip)
+    grey = np.clip(mip / vmax, 0.0, 1.0).astype(np.float32)
+    grey_img = Image.fromarray(grey).resize((width, height), Image.Resampling.BILINEAR)
+    grey = np.asarray(grey_img, dtype=np.float32)
+    shade = np.round(255.0 * (1.0 - np.clip(grey, 0.0, 1.0))).astype(np.uint8)
+    rgb = np.repeat(shade[:, :, None], 3, axis=2)
+
+    if labels is not None:
+        lab = np.asarray(labels)
+        proj = lab.max(axis=1)  # (z, x): highest label along each ray
+        if z_up:
+            proj = proj[::-1]
+        rows = _nearest_index(height, proj.shape[0])
+        cols = _nearest_index(width, proj.shape[1])
+        up = proj[rows][:, cols]
+        values = [int(v) for v in np.unique(up) if v > 0]
+        for v in values:
+            mask = up == v
+            ring = ndimage.binary_dilation(mask, iterations=outline_px) & ~mask
+            ring &= up == 0  # never paint over another label's lesion
+            rgb[ring] = PALETTE[(v - 1) % len(PALETTE)]
+    return rgb
+
+
+def lesion_figures(pet_suv: np.ndarray, labels: np.ndarray | None, spacing_zyx: Sequence[float]) -> str:
+    """One line of key figures: lesion count (3-D connected components), volume, SUVmax."""
+    pet = np.asarray(pet_suv)
+    if labels is None:
+        return f"SUVmax {float(np.nanmax(pet)):.1f}"
+    mask = np.asarray(labels) > 0
+    _, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return f"no lesions, SUVmax {float(np.nanmax(pet)):.1f}"
+    voxel_ml = float(np.prod([float(s) for s in spacing_zyx])) / 1000.0
+    return (
+        f"{n} lesion{'s' if n != 1 else ''}, {mask.sum() * voxel_ml:.1f} mL, "
+        f"lesion SUVmax {float(np.nanmax(pet[mask])):.1f}"
+    )
+
+
+def _font(size: int = 14):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    lines: list[str] = []
+    for para in text.split("\n"):
+        words = para.split(" ")
+        cur = ""
+        for w in words:
+            trial = w if not cur else f"{cur} {w}"
+            if cur and draw.textlength(trial, font=font) > width:
+                lines.append(cur)
+                cur = w
+            else:
+                cur = trial
+        lines.append(cur)
+    return lines
+
+
+def mip_png(
+    pet_suv: np.ndarray,
+    labels: np.ndarray | None,
+    spacing_zyx: Sequence[float],
+    out: Path,
+    title: str = "",
+    *,
+    vmax: float | None = None,
+    zoom: int | None = None,
+    z_up: bool = True,
+    figures: bool = True,
+) -> Path:
+    """Write the coronal MIP preview PNG to ``out``; returns ``out``.
+
+    ``pet_suv`` and ``labels`` are (z, y, x) on the same grid; ``spacing_zyx`` in mm.
+    The header holds ``title`` (may contain newlines), then the key figures line
+    (lesion count, lesion volume, SUVmax, display window) unless ``figures`` is False.
+    """
+    pet = np.asarray(pet_suv, dtype=np.float32)
+    panel = render_mip(pet, labels, spacing_zyx, vmax=vmax, zoom=zoom, z_up=z_up)
+    height, width = panel.shape[:2]
+    mip = np.nan_to_num(pet, nan=0.0).max(axis=1)
+    window = float(vmax) if vmax else suv_window(mip[::-1] if z_up else mip)
+
+    font = _font()
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = 6
+    figs = lesion_figures(pet, labels, spacing_zyx) if figures else ""
+    text = "\n".join(t for t in (title, (f"{figs} | " if figs else "") + f"window SUV 0-{window:.1f}") if t)
+    lines = _wrap(scratch, text, font, max(1, width - 2 * margin))
+    asc_desc = font.getbbox("Ag|")
+    line_h = (asc_desc[3] - asc_desc[1]) + 4
+    orient_h = line_h  # "R ... L" orientation row
+    header_h = margin + line_h * len(lines) + orient_h + margin // 2
+
+    canvas = Image.new("RGB", (width, header_h + height), HEADER_BG)
+    draw = ImageDraw.Draw(canvas)
+    y = margin
+    for line in lines:
+        draw.text((margin, y), line, fill=HEADER_FG, font=font)
+        y += line_h
+    draw.text((margin, y), "R", fill=HEADER_FG, font=font)
+    draw.text((width - margin - draw.textlength("L", font=font), y), "L", fill=HEADER_FG, font=font)
+    canvas.paste(Image.fromarray(panel), (0, header_h))
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out, format="PNG")
+    return out

@@ -1,0 +1,96 @@
+"""DICOM SEG from the synthetic PET and its lesion truth: valid, and reads back voxel for voxel."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from dicomnode.seg import SegError, build_seg, write_seg
+from dicomnode.volumes import load_series
+from dicomtools import dciodvfy_errors
+
+SEG_ARGS = dict(
+    model_name="demo-petct",
+    model_version="0.1.0",
+    folds=[0, 1, 2, 3, 4],
+    series_number=901,
+    series_description="demo-petct lesions",
+)
+
+
+@pytest.fixture(scope="module")
+def pet(synth_study):
+    return load_series(synth_study.pt_files)
+
+
+@pytest.fixture(scope="module")
+def truth(synth_study):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(synth_study.truth_labels)))
+
+
+@pytest.fixture(scope="module")
+def seg_path(pet, truth, tmp_path_factory):
+    seg = build_seg(truth, pet.datasets, **SEG_ARGS)
+    return write_seg(seg, tmp_path_factory.mktemp("seg") / "seg.dcm")
+
+
+def test_seg_passes_dciodvfy(seg_path):
+    assert dciodvfy_errors(seg_path) == []
+
+
+def test_seg_reads_back(seg_path, pet, truth, synth_study):
+    seg = hd.seg.segread(seg_path)
+    assert seg.StudyInstanceUID == synth_study.study_instance_uid
+    assert seg.FrameOfReferenceUID == synth_study.frame_of_reference_uid
+    assert seg.SeriesInstanceUID not in (synth_study.pt_series_instance_uid, synth_study.ct_series_instance_uid)
+    assert seg.SeriesNumber == 901 and seg.SegmentationType == "BINARY"
+    assert seg.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
+    assert referenced == {synth_study.pt_series_instance_uid}
+    uids = [ds.SOPInstanceUID for ds in pet.datasets]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
+    np.testing.assert_array_equal(pixels[..., 0], (truth > 0).astype(pixels.dtype))
+
+
+def test_seg_algorithm_and_codes(seg_path):
+    ds = pydicom.dcmread(seg_path)
+    (segment,) = ds.SegmentSequence
+    assert segment.SegmentLabel == "lesion"
+    assert segment.SegmentAlgorithmType == "AUTOMATIC"
+    category = segment.SegmentedPropertyCategoryCodeSequence[0]
+    kind = segment.SegmentedPropertyTypeCodeSequence[0]
+    assert (category.CodeValue, category.CodingSchemeDesignator) == ("49755003", "SCT")
+    assert (kind.CodeValue, kind.CodingSchemeDesignator) == ("108369006", "SCT")
+    algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "demo-petct"
+    assert algorithm.AlgorithmVersion == "0.1.0"
+    assert "folds=0,1,2,3,4" in algorithm.AlgorithmParameters
+    family = algorithm.AlgorithmFamilyCodeSequence[0]
+    assert (family.CodeValue, family.CodingSchemeDesignator) == ("123110", "DCM")
+
+
+def test_empty_result_still_gives_a_valid_seg(pet, tmp_path):
+    empty = np.zeros(pet.shape, dtype=np.uint8)
+    path = write_seg(build_seg(empty, pet.datasets, **SEG_ARGS), tmp_path / "empty.dcm")
+    assert dciodvfy_errors(path) == []
+    seg = hd.seg.segread(path)
+    assert seg.number_of_segments == 1
+    uids = [ds.SOPInstanceUID for ds in pet.datasets]
+    assert not seg.get_pixels_by_source_instance(source_sop_instance_uids=uids).any()
+
+
+def test_sources_without_accession_number(pet, truth):
+    sources = [pydicom.Dataset(ds) for ds in pet.datasets]
+    for ds in sources:
+        del ds.AccessionNumber
+    seg = build_seg(truth, sources, **SEG_ARGS)
+    assert seg.AccessionNumber == ""
+    assert all("AccessionNumber" not in ds for ds in sources)  # the caller's headers are untouched
+
+
+def test_labels_must_fit_the_source(pet, truth):
+    with pytest.raises(SegError, match="does not match the source grid"):
+        build_seg(truth[:-1], pet.datasets, **SEG_ARGS)
