@@ -65,6 +65,7 @@ class Receiver:
         self.spool = Spool(config.spool_dir)
         self._server = None
         self._lock = threading.Lock()
+        self._stored: dict[int, dict[str, int]] = {}  # association -> study -> instances stored
         self.ae = AE(ae_title=config.node.ae_title)
         self.ae.require_called_aet = True
         if config.node.allowed_calling_aets:
@@ -129,6 +130,9 @@ class Receiver:
             log.error("could not index instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
             return OUT_OF_RESOURCES
         log.debug("stored %s %s of study %s from %s", modality, sop_uid, study_uid, calling)
+        with self._lock:
+            per_study = self._stored.setdefault(id(event.assoc), {})
+            per_study[study_uid] = per_study.get(study_uid, 0) + 1
         return SUCCESS
 
     def _on_echo(self, event) -> int:  # noqa: ANN001
@@ -146,6 +150,13 @@ class Receiver:
         requestor = event.assoc.requestor
         log.info("association from %s (%s)", requestor.ae_title, requestor.address)
 
+    def _on_closed(self, event) -> None:  # noqa: ANN001
+        with self._lock:
+            per_study = self._stored.pop(id(event.assoc), {})
+        how = "aborted" if event.event is evt.EVT_ABORTED else "released"
+        for study_uid, count in per_study.items():
+            log.info("study %s: %d instances stored from %s (association %s)", study_uid, count, event.assoc.requestor.ae_title, how)
+
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         removed = self.spool.remove_leftovers()
@@ -157,6 +168,8 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
         ]
         with self._lock:
             self._server = self.ae.start_server(
