@@ -33,7 +33,7 @@ def write_config(folder: Path, *, node: str = "", extra: str = "", model_path: s
 [[models]]
 name = "demo-petct"
 path = "{model_dir}"
-folds = [0]
+folds = [0, 1, 2, 3, 4]
 use_mirroring = false
 {extra}
 """

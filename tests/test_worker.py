@@ -34,7 +34,7 @@ def _setup(tmp_path: Path, pacs_port: int):
     config = node_config(
         tmp_path, model_path=str(MODEL),
         node="study_quiet_seconds = 0\nretry_backoff_seconds = 0",
-        extra=f'folds = [0, 1, 2, 3, 4]\n\n[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs_port}\n',
+        extra=f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs_port}\n',
     )
     return config, make_sessionmaker(config.database_url)
 
