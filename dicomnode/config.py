@@ -60,9 +60,15 @@ class ModelSettings(_Strict):
     path: Path
     folds: list[int] = [0, 1, 2, 3, 4]
     checkpoint: str = "checkpoint_final.pth"
+    # Written into the SEG's algorithm identification; default: a fingerprint of the folder.
+    version: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # nnU-Net's test-time mirroring: 8x slower on CPU, on by default as nnU-Net does.
     use_mirroring: bool = True
+    # What fills each model input channel, in channel order: "CT" (HU, resampled onto the
+    # PET grid) or "PET" (SUV body weight). By position, not by dataset.json's channel names
+    # (nnU-Net's autoPET release names both of its channels "CT").
+    channels: list[Literal["CT", "PET"]] = ["CT", "PET"]
     # Series that must be present before a study is complete, as DICOM modalities.
     required_modalities: list[str] = ["CT", "PT"]
     destinations: list[str] | None = None  # None: every destination

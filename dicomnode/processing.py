@@ -7,6 +7,7 @@ not re-run the model, and the PACS receives the same SOP Instance UIDs again).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.config import Config
+from dicomnode.config import Config, ModelSettings
 from dicomnode.db import Job
 from dicomnode.index import SeriesSummary, instance_paths, series_of_study
 from dicomnode.queue import log_event
@@ -24,8 +25,8 @@ from dicomnode.sender import SendError, send_files
 
 log = logging.getLogger("dicomnode.processing")
 
-# Which volume fills a model channel, by the channel name in the model's dataset.json.
-CHANNEL_SOURCES = {"CT": "CT", "PET": "PT", "PT": "PT"}
+# The series modality behind each kind of model channel (config: models.channels).
+CHANNEL_SOURCES = {"CT": "CT", "PET": "PT"}
 
 
 class JobError(Exception):
@@ -58,12 +59,10 @@ def select_series(series: list[SeriesSummary], modality: str) -> SeriesSummary:
 
 
 def build_inputs(sessions: sessionmaker, job: Job, channel_names: list[str]) -> Inputs:
+    """The model's input channels on the PET grid, `channel_names` as in config (CT, PET)."""
     from dicomnode.suv import SuvError, pet_suv_volume
     from dicomnode.volumes import VolumeError, load_series, resample_to
 
-    unknown = [c for c in channel_names if c not in CHANNEL_SOURCES]
-    if unknown:
-        raise JobError(f"model channel(s) {unknown} have no known source series")
     with sessions() as session:
         series = series_of_study(session, job.study_uid)
         chosen = {m: select_series(series, m) for m in {CHANNEL_SOURCES[c] for c in channel_names}}
@@ -84,6 +83,17 @@ def build_inputs(sessions: sessionmaker, job: Job, channel_names: list[str]) -> 
     return Inputs(channels=channels, spacing=tuple(pet.spacing), pet=pet)
 
 
+def model_fingerprint(settings: ModelSettings) -> str:
+    """A short, stable identity of a model folder: its plans, dataset.json and checkpoints' sizes."""
+    digest = hashlib.sha256()
+    for name in ("dataset.json", "plans.json"):
+        digest.update((settings.path / name).read_bytes())
+    for fold in settings.folds:
+        checkpoint = settings.path / f"fold_{fold}" / settings.checkpoint
+        digest.update(f"{fold}:{checkpoint.stat().st_size}".encode())
+    return f"sha256:{digest.hexdigest()[:12]}"
+
+
 def result_dir(config: Config, job: Job) -> Path:
     return config.results_dir / job.study_uid / f"job-{job.id}"
 
@@ -98,7 +108,12 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Pat
         _event(sessions, job, "results-reused", f"{seg_path} from an earlier attempt")
         return out
     settings = config.model(job.model)
-    inputs = build_inputs(sessions, job, model.channel_names)
+    if len(settings.channels) != len(model.channel_names):
+        raise JobError(
+            f"model {settings.name} takes {len(model.channel_names)} channels {model.channel_names} "
+            f"but config models.channels lists {len(settings.channels)}: {settings.channels}"
+        )
+    inputs = build_inputs(sessions, job, list(settings.channels))
     started = time.monotonic()
     labels = model.predict(inputs.channels, inputs.spacing)
     lesion_voxels = int((labels > 0).sum())
@@ -107,7 +122,7 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Pat
         (labels > 0).astype(np.uint8),
         inputs.pet.datasets,
         model_name=settings.name,
-        model_version=getattr(model, "version", "1"),
+        model_version=settings.version or model_fingerprint(settings),
         folds=list(settings.folds),
         series_number=900 + job.run_number,
         series_description=f"{settings.name} lesions (run {job.run_number})"[:64],
