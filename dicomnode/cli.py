@@ -143,7 +143,7 @@ def jobs_list(config: Path = ConfigOption, state: Optional[str] = None, as_json:
         return
     table = Table(title="jobs")
     for column in ("id", "state", "study", "model", "run", "attempts", "created", "finished", "error"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column in ("id", "state", "run", "attempts", "created", "finished"))
     for row in rows:
         table.add_row(*(str(row[c]) for c in ("id", "state", "study", "model", "run", "attempts", "created", "finished", "error")))
     console.print(table)

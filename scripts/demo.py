@@ -8,6 +8,8 @@ under demo-out/ and var/.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -74,9 +76,13 @@ def main() -> int:
         png = mip_png(pet_suv_volume(pet), mask.astype(np.uint8), pet.spacing, OUT / "preview.png",
                       title=f"dicomnode demo: {n_found} lesions")
         print(f"Preview (PET MIP with the lesion outline): {png}")
-        print("\nThe job's timeline (dicomnode jobs list / jobs show):")
-        jobs = subprocess.run([sys.executable, "-m", "dicomnode", "jobs", "list", "--config", str(config_path)], text=True, capture_output=True)
-        print(jobs.stdout)
+        cli = [sys.executable, "-m", "dicomnode"]
+        listing = subprocess.run([*cli, "jobs", "list", "--json", "--config", str(config_path)], text=True, capture_output=True, check=True)
+        [job] = [j for j in json.loads(listing.stdout) if j["study"] == study.study_instance_uid]
+        print(f"\nThe job's timeline (dicomnode jobs show {job['id']}):")
+        shown = subprocess.run([*cli, "jobs", "show", str(job["id"]), "--config", str(config_path)], text=True,
+                               capture_output=True, env={**os.environ, "COLUMNS": "160"})
+        print(shown.stdout)
         return 0
     finally:
         if node is not None:
