@@ -12,10 +12,16 @@ from __future__ import annotations
 import logging
 import threading
 
+from pydicom.pixels import get_decoder
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
 )
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
@@ -48,7 +54,27 @@ STORAGE_CLASSES = (
     MRImageStorage,
     EnhancedMRImageStorage,
 )
-TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+UNCOMPRESSED_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+# Lossless compressed syntaxes we accept when pydicom has a working decoder for them (the
+# pylibjpeg plugins, pyjpegls, Pillow or GDCM): a syntax we could store but not read is refused
+# at association time instead, so the sender can fall back to an uncompressed one.
+LOSSLESS_SYNTAXES = [JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, RLELossless]
+
+
+def decodable(syntaxes: list[UID]) -> list[UID]:
+    """Those of `syntaxes` (in order) that some installed pydicom pixel data decoder can read."""
+    found = []
+    for uid in syntaxes:
+        try:
+            if get_decoder(uid).is_available:
+                found.append(uid)
+        except NotImplementedError:  # pydicom has no decoder at all for this syntax
+            pass
+    return found
+
+
+# Uncompressed first: pynetdicom's acceptor takes the first of ours that the requestor proposed.
+TRANSFER_SYNTAXES = UNCOMPRESSED_SYNTAXES + decodable(LOSSLESS_SYNTAXES)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
