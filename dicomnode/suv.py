@@ -1,29 +1,58 @@
-"""PET stored values -> SUV body weight (SUVbw).
+"""PET stored values -> SUV body weight (SUVbw), vendor-neutral.
 
     SUVbw = activity concentration [Bq/ml] * body weight [g] / decayed injected dose [Bq]
 
 `suv_bw_factor(ds)` returns the factor that multiplies one slice's rescaled pixel values
-(after RescaleSlope/Intercept) to give SUVbw, together with the attribute values it used, so
-the result can be logged and audited. The steps follow the vendor-neutral (QIBA) algorithm:
+(stored value * RescaleSlope + RescaleIntercept) to give SUVbw, together with `attributes`: the
+attribute values it was derived from, in the order they were used (`dicomnode inspect` shows
+them). The steps follow the QIBA vendor-neutral SUV pseudo-code (FDG-PET/CT profile, appendix
+G), extended to the cases of the OncoRay/IBSI SUV reference objects (shared/data/suv_dro):
 
-1. Units: only BQML is converted for now (GML, CM2ML, Philips CNTS raise SuvError).
-2. Body weight from PatientWeight (kg).
-3. Dose (RadionuclideTotalDose, Bq) and half-life from the first
-   RadiopharmaceuticalInformationSequence item; injection time from
-   RadiopharmaceuticalStartDateTime, else SeriesDate + RadiopharmaceuticalStartTime (an
-   injection "after" the scan on the same date is taken as the previous day: before midnight).
-4. Decay of the dose between injection and the time the image is decay-corrected to:
-     START: SeriesDate/Time, unless it is after the acquisition (the series was
-            post-processed); then GE's private scan start, else the Siemens back-computation
-            from FrameReferenceTime, else the earliest AcquisitionDate/Time of the series;
-     ADMIN: the injection itself (no decay);
-     NONE:  the time of mean activity within this slice's frame: AcquisitionDate/Time +
-            Tave(ActualFrameDuration), since the values were not decay-corrected.
+1. Units (0054,1001): what one rescaled pixel unit is.
+     BQML   1 Bq/ml.
+     CNTS   Philips counts, with a private factor under the creator "Philips PET Private Group":
+            the SUV scale factor (7053,1000) gives SUVbw directly; else the activity
+            concentration scale factor (7053,1009) gives Bq/ml.
+     GML    an SUV of SUV Type (0054,1006) (absent: BW). BW is used as is; LBMJAMES128 (James,
+            128 for men), LBMJANMA (Janmahasatian) and IBW (Sugawara) are converted back:
+            SUVbw = SUVx * PatientWeight / normalising mass, from PatientWeight, PatientSize and
+            PatientSex; for PatientSex O the mean of the M and F formulas (as the OncoRay DROs
+            define it). Plain LBM is refused: it does not say which James formula was used.
+     CM2ML  SUVbsa [cm2/ml]: SUVbw = SUVbsa * PatientWeight [g] / Du Bois body surface area
+            [cm2].
+   Anything else (CPS, PROPCNTS, ...) is refused. For an SUV already (GML, CM2ML, CNTS with
+   the SUV scale factor) the remaining steps are not needed.
+   Private elements (Philips here, GE in step 4) are found through their private creator with
+   pydicom's private block API, in whichever block the creator reserved. Where a group has no
+   private creator at all (stripped, as in the OncoRay DROs) the element is read in the first
+   block, (gggg,10xx), and only when Manufacturer names that vendor.
+2. Body weight: PatientWeight (kg).
+3. Dose: RadionuclideTotalDose of the first RadiopharmaceuticalInformationSequence item. DICOM
+   says Bq, but some systems write MBq. Rule: a value of at least 1e5 is Bq (100 kBq or more),
+   a value of at most 1e4 is MBq (10 GBq or less); a value in between is implausible in
+   either unit for a PET injection and is refused. Half-life: RadionuclideHalfLife (s), any
+   radionuclide.
+4. Decay time, from the injection to the time the pixel values are decay-corrected to:
+     injection: RadiopharmaceuticalStartDateTime, else RadiopharmaceuticalStartTime on the
+            date of the scan (earliest acquisition, else SeriesDate); an injection time after
+            the scan time is taken as the day before (injected before midnight);
+     START: SeriesDate/Time, unless it is after the acquisition (a post-processed series); then
+            GE's private scan start (0009,100D) under "GEMS_PETD_01", else the Siemens
+            back-computation AcquisitionTime + Tave - FrameReferenceTime, else the earliest
+            AcquisitionDate/Time of the series;
+     ADMIN: the injection itself (decay time 0; no time attribute is needed);
+     NONE:  the time of mean activity within this slice's frame, AcquisitionDate/Time + Tave
+            (ActualFrameDuration), since the values were not decay-corrected.
+   A decay time that is negative or longer than 24 h is refused.
+5. Factor: (Bq/ml per rescaled unit) * body weight [g] / (dose * 2^(-decay time / half-life)).
+
+Every undefined case raises `SuvError` naming the attribute at fault.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -32,8 +61,15 @@ from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, DT, TM
 
 MAX_DECAY_TIME = timedelta(hours=24)
-# A RadionuclideTotalDose below this cannot be in Bq (100 kBq); such values are MBq in practice.
-_SMALLEST_DOSE_BQ = 1e5
+# RadionuclideTotalDose unit rule (step 3): >= 1e5 is Bq, <= 1e4 is MBq, in between is refused.
+SMALLEST_DOSE_BQ = 1e5
+LARGEST_DOSE_MBQ = 1e4
+
+PHILIPS_CREATOR = "Philips PET Private Group"
+PHILIPS_SUV_SCALE = 0x00  # (7053,xx00) SUV Scale Factor: rescaled value * it = SUVbw
+PHILIPS_ACTIVITY_SCALE = 0x09  # (7053,xx09) Activity Concentration Scale Factor: -> Bq/ml
+GE_CREATOR = "GEMS_PETD_01"
+GE_SCAN_START = 0x0D  # (0009,xx0D) PET scan_datetime
 
 
 class SuvError(ValueError):
@@ -51,45 +87,39 @@ class SuvFactor:
     attributes: dict[str, str] = field(default_factory=dict)  # what the factor was derived from
 
 
+@dataclass(frozen=True)
+class _PixelUnit:
+    """What one rescaled pixel unit is: `scale` SUVbw (`is_suv`) or `scale` Bq/ml."""
+
+    scale: float
+    is_suv: bool
+
+
 def suv_bw_factor(ds: Dataset, *, earliest_acquisition: datetime | None = None) -> SuvFactor:
     """SUVbw factor for one PET slice header.
 
-    `earliest_acquisition` is the earliest AcquisitionDate/Time of the whole series; it is
-    only needed when SeriesDate/Time is after the acquisition (DecayCorrection START) and
-    defaults to this slice's own acquisition time.
+    `earliest_acquisition` is the earliest AcquisitionDate/Time of the whole series; it dates
+    an injection given by time only, and is the last resort for the scan start when
+    SeriesDate/Time is after the acquisition (DecayCorrection START). It defaults to this
+    slice's own acquisition time.
     """
     used: dict[str, str] = {}
-    units = _text(ds, "Units")
-    used["Units"] = units
-    if units != "BQML":
-        raise SuvError("Units", f"{units or 'missing'} is not convertible to SUVbw yet (BQML only)")
+    unit = _pixel_unit(ds, used)  # 1
+    if unit.is_suv:
+        used["Factor"] = f"{unit.scale:.6g} SUVbw per rescaled unit"
+        return SuvFactor(factor=unit.scale, attributes=used)
 
-    weight_kg = _positive(ds, "PatientWeight")
-    used["PatientWeight"] = f"{weight_kg:g} kg"
-
+    weight_g = _body_weight_kg(ds, used) * 1000.0  # 2
     drug = _radiopharmaceutical(ds)
-    dose_bq = _dose_bq(drug, used)
-    half_life_s = _positive(drug, "RadionuclideHalfLife")
-    used["RadionuclideHalfLife"] = f"{half_life_s:g} s"
-    injection, injection_attribute = _injection_time(ds, drug)
-    used["InjectionDateTime"] = injection.isoformat()
+    dose_bq = _dose_bq(drug, used)  # 3
+    half_life_s = _half_life_s(drug, used)
+    decay_s = _decay_time_s(ds, drug, earliest_acquisition, used)  # 4
 
-    decay_correction = _text(ds, "DecayCorrection")
-    used["DecayCorrection"] = decay_correction
-    reference = _decay_reference_time(ds, decay_correction, injection, earliest_acquisition)
-    used["DecayReferenceDateTime"] = reference.isoformat()
-
-    decay_time = reference - injection
-    if decay_time < timedelta(0) or decay_time > MAX_DECAY_TIME:
-        raise SuvError(
-            injection_attribute,
-            f"decay time {decay_time} from injection {injection} to {reference} "
-            "is negative or longer than 24 h",
-        )
-    decayed_dose = dose_bq * 2.0 ** (-decay_time.total_seconds() / half_life_s)
-    used["DecayTime"] = f"{decay_time.total_seconds():g} s"
+    decayed_dose = dose_bq * 2.0 ** (-decay_s / half_life_s)  # 5
     used["DecayedDose"] = f"{decayed_dose:.6g} Bq"
-    return SuvFactor(factor=weight_kg * 1000.0 / decayed_dose, attributes=used)
+    factor = unit.scale * weight_g / decayed_dose
+    used["Factor"] = f"{factor:.6g} SUVbw per rescaled unit"
+    return SuvFactor(factor=factor, attributes=used)
 
 
 def pet_suv_volume(volume) -> np.ndarray:
@@ -106,6 +136,263 @@ def pet_suv_volume(volume) -> np.ndarray:
         [suv_bw_factor(ds, earliest_acquisition=earliest).factor for ds in volume.datasets]
     )
     return (volume.array * factors[:, None, None]).astype(np.float32)
+
+
+# --- step 1: Units ------------------------------------------------------------------------
+
+
+def _pixel_unit(ds: Dataset, used: dict[str, str]) -> _PixelUnit:
+    units = _text(ds, "Units")
+    used["Units"] = units
+    if units == "BQML":
+        return _PixelUnit(scale=1.0, is_suv=False)
+    if units == "CNTS":
+        return _philips_counts(ds, used)
+    if units == "GML":
+        suv_type = _text(ds, "SUVType") or "BW"
+        used["SUVType"] = suv_type if "SUVType" in ds else "BW (absent: BW by definition)"
+        if suv_type == "BW":
+            return _PixelUnit(scale=1.0, is_suv=True)
+        if suv_type not in ("LBMJAMES128", "LBMJANMA", "IBW"):  # SUVbsa is CM2ML, not GML
+            raise SuvError("SUVType", f"{suv_type} cannot be converted to BW with Units GML")
+        return _PixelUnit(scale=_back_to_body_weight(ds, suv_type, used), is_suv=True)
+    if units == "CM2ML":
+        suv_type = _text(ds, "SUVType") or "BSA"
+        used["SUVType"] = suv_type if "SUVType" in ds else "BSA (implied by Units CM2ML)"
+        if suv_type != "BSA":
+            raise SuvError("SUVType", f"{suv_type} does not match Units CM2ML (BSA)")
+        return _PixelUnit(scale=_back_to_body_weight(ds, "BSA", used), is_suv=True)
+    raise SuvError("Units", f"{units or 'missing'} is not convertible to SUVbw")
+
+
+def _philips_counts(ds: Dataset, used: dict[str, str]) -> _PixelUnit:
+    """Units CNTS: Philips private SUV scale factor, else activity concentration scale factor."""
+    suv_scale = _private_value(ds, 0x7053, PHILIPS_CREATOR, PHILIPS_SUV_SCALE, "PHILIPS")
+    if suv_scale is not None:
+        value, where = suv_scale
+        scale = _private_positive(value, where)
+        used["Philips SUV scale factor"] = f"{scale:g} from {where}"
+        return _PixelUnit(scale=scale, is_suv=True)
+    activity_scale = _private_value(ds, 0x7053, PHILIPS_CREATOR, PHILIPS_ACTIVITY_SCALE, "PHILIPS")
+    if activity_scale is not None:
+        value, where = activity_scale
+        scale = _private_positive(value, where)
+        used["Philips activity concentration scale factor"] = f"{scale:g} Bq/ml from {where}"
+        return _PixelUnit(scale=scale, is_suv=False)
+    raise SuvError(
+        "Units",
+        f"CNTS without a Philips SUV scale factor (7053,1000) or activity concentration scale "
+        f"factor (7053,1009) under {PHILIPS_CREATOR!r}",
+    )
+
+
+def _back_to_body_weight(ds: Dataset, suv_type: str, used: dict[str, str]) -> float:
+    """SUVbw per SUV of `suv_type`: body weight [g] / the normalising mass [g] or area [cm2]."""
+    weight_kg = _body_weight_kg(ds, used)
+    height_m = _positive(ds, "PatientSize")
+    if not 0.3 <= height_m <= 2.6:
+        raise SuvError("PatientSize", f"{height_m:g} is not a plausible height in m")
+    used["PatientSize"] = f"{height_m:g} m"
+    formula, by_sex = _BODY_SIZE[suv_type]
+    if by_sex:
+        sex = _text(ds, "PatientSex")
+        if sex not in ("M", "F", "O"):
+            raise SuvError("PatientSex", f"{sex or 'missing'} is not M, F or O ({suv_type})")
+        sexes = ("M", "F") if sex == "O" else (sex,)  # other: the mean of the two formulas
+        size = sum(formula(weight_kg, height_m, s) for s in sexes) / len(sexes)
+        used["PatientSex"] = sex + (" (mean of the M and F formulas)" if sex == "O" else "")
+    else:
+        size = formula(weight_kg, height_m, "")
+    if not math.isfinite(size) or size <= 0:
+        raise SuvError("PatientSize", f"{suv_type} from weight and size is not positive: {size:g}")
+    if suv_type == "BSA":
+        normaliser, unit = size * 1e4, "cm2"  # m2 -> cm2 (Units CM2ML)
+    else:
+        normaliser, unit = size * 1000.0, "g"  # kg -> g
+    used[f"{suv_type} normaliser"] = f"{normaliser:.6g} {unit}"
+    return weight_kg * 1000.0 / normaliser
+
+
+def _lbm_james128(weight_kg: float, height_m: float, sex: str) -> float:
+    """Lean body mass (kg), James 1976 with 128 for men (QIBA appendix H)."""
+    ratio = weight_kg / (height_m * 100.0)
+    if sex == "M":
+        return 1.10 * weight_kg - 128.0 * ratio**2
+    return 1.07 * weight_kg - 148.0 * ratio**2
+
+
+def _lbm_janmahasatian(weight_kg: float, height_m: float, sex: str) -> float:
+    """Lean body mass (kg), Janmahasatian 2005."""
+    bmi = weight_kg / height_m**2
+    if sex == "M":
+        return 9270.0 * weight_kg / (6680.0 + 216.0 * bmi)
+    return 9270.0 * weight_kg / (8780.0 + 244.0 * bmi)
+
+
+def _ibw_sugawara(weight_kg: float, height_m: float, sex: str) -> float:
+    """Ideal body weight (kg), Sugawara 1999."""
+    height_cm = height_m * 100.0
+    if sex == "M":
+        return 48.0 + 1.06 * (height_cm - 152.0)
+    return 45.5 + 0.91 * (height_cm - 152.0)
+
+
+def _bsa_du_bois(weight_kg: float, height_m: float, sex: str) -> float:
+    """Body surface area (m2), Du Bois 1916."""
+    return 0.007184 * weight_kg**0.425 * (height_m * 100.0) ** 0.725
+
+
+# SUV Type -> (normaliser formula, depends on PatientSex). Plain "LBM" is not here: it does not
+# say which James variant (120 or 128 for men) the scanner used.
+_BODY_SIZE = {
+    "LBMJAMES128": (_lbm_james128, True),
+    "LBMJANMA": (_lbm_janmahasatian, True),
+    "IBW": (_ibw_sugawara, True),
+    "BSA": (_bsa_du_bois, False),
+}
+
+
+# --- steps 2 and 3: body weight, dose, half-life --------------------------------------------
+
+
+def _body_weight_kg(ds: Dataset, used: dict[str, str]) -> float:
+    weight_kg = _positive(ds, "PatientWeight")
+    used["PatientWeight"] = f"{weight_kg:g} kg"
+    return weight_kg
+
+
+def _radiopharmaceutical(ds: Dataset) -> Dataset:
+    items = ds.get("RadiopharmaceuticalInformationSequence")
+    if not items:
+        raise SuvError("RadiopharmaceuticalInformationSequence", "missing or empty")
+    return items[0]
+
+
+def _dose_bq(drug: Dataset, used: dict[str, str]) -> float:
+    dose = _positive(drug, "RadionuclideTotalDose")
+    if dose >= SMALLEST_DOSE_BQ:
+        used["RadionuclideTotalDose"] = f"{dose:g} Bq"
+        return dose
+    if dose <= LARGEST_DOSE_MBQ:
+        used["RadionuclideTotalDose"] = f"{dose:g} (read as MBq)"
+        return dose * 1e6
+    raise SuvError(
+        "RadionuclideTotalDose",
+        f"{dose:g} is implausible both in Bq (< 100 kBq) and in MBq (> 10 GBq)",
+    )
+
+
+def _half_life_s(drug: Dataset, used: dict[str, str]) -> float:
+    half_life_s = _positive(drug, "RadionuclideHalfLife")
+    used["RadionuclideHalfLife"] = f"{half_life_s:g} s"
+    return half_life_s
+
+
+# --- step 4: decay time ---------------------------------------------------------------------
+
+
+def _decay_time_s(
+    ds: Dataset, drug: Dataset, earliest_acquisition: datetime | None, used: dict[str, str]
+) -> float:
+    """Seconds from the injection to the time the pixel values are decay-corrected to."""
+    decay_correction = _text(ds, "DecayCorrection")
+    used["DecayCorrection"] = decay_correction
+    if decay_correction == "ADMIN":  # corrected to the injection: the dose does not decay
+        used["DecayTime"] = "0 s"
+        return 0.0
+    if decay_correction not in ("START", "NONE"):
+        raise SuvError(
+            "DecayCorrection", f"{decay_correction or 'missing'} is not START, ADMIN or NONE"
+        )
+    injection, injection_attribute = _injection_time(ds, drug, earliest_acquisition, used)
+    reference = _decay_reference_time(ds, decay_correction, earliest_acquisition, used)
+    decay_time = reference - injection
+    if decay_time < timedelta(0) or decay_time > MAX_DECAY_TIME:
+        raise SuvError(
+            injection_attribute,
+            f"decay time {decay_time} from injection {injection} to {reference} "
+            "is negative or longer than 24 h",
+        )
+    used["DecayTime"] = f"{decay_time.total_seconds():g} s"
+    return decay_time.total_seconds()
+
+
+def _injection_time(
+    ds: Dataset, drug: Dataset, earliest_acquisition: datetime | None, used: dict[str, str]
+) -> tuple[datetime, str]:
+    """The injection time and the attribute it was read from."""
+    start = drug.get("RadiopharmaceuticalStartDateTime")
+    if start:
+        try:
+            injection = _parse_dt(start)
+        except ValueError:
+            raise SuvError("RadiopharmaceuticalStartDateTime", f"invalid DT {start!r}") from None
+        used["InjectionDateTime"] = injection.isoformat()
+        return injection, "RadiopharmaceuticalStartDateTime"
+    time_only = drug.get("RadiopharmaceuticalStartTime")
+    if not time_only:
+        raise SuvError(
+            "RadiopharmaceuticalStartTime",
+            "neither RadiopharmaceuticalStartDateTime nor RadiopharmaceuticalStartTime present",
+        )
+    scan = earliest_acquisition or _acquisition_time(ds) or _series_time(ds)
+    try:
+        injection = datetime.combine(scan.date(), TM(time_only))
+    except ValueError:
+        raise SuvError("RadiopharmaceuticalStartTime", f"invalid TM {time_only!r}") from None
+    if injection > scan:  # injected before midnight, scanned after it
+        injection -= timedelta(days=1)
+    used["InjectionDateTime"] = injection.isoformat()
+    used["InjectionDate"] = f"StartTime only, dated by the scan at {scan.isoformat()}"
+    return injection, "RadiopharmaceuticalStartTime"
+
+
+def _decay_reference_time(
+    ds: Dataset, decay_correction: str, earliest_acquisition: datetime | None, used: dict[str, str]
+) -> datetime:
+    """The time the pixel values are decay-corrected to (START or NONE)."""
+    if decay_correction == "START":
+        reference, source = _scan_start(ds, earliest_acquisition)
+    else:  # NONE: mean activity during the frame, Tave after the frame started
+        offset_s = _mean_activity_offset_s(ds)
+        reference = _required_acquisition_time(ds) + timedelta(seconds=offset_s)
+        source = f"AcquisitionDate/Time + Tave {offset_s:.6g} s of ActualFrameDuration"
+    used["DecayReferenceDateTime"] = reference.isoformat()
+    used["DecayReferenceFrom"] = source
+    return reference
+
+
+def _scan_start(ds: Dataset, earliest_acquisition: datetime | None) -> tuple[datetime, str]:
+    """DecayCorrection START: SeriesDate/Time, unless a later post-processing overwrote it."""
+    series = _series_time(ds)
+    acquisition = earliest_acquisition or _acquisition_time(ds)
+    if acquisition is None or series <= acquisition:
+        return series, "SeriesDate/SeriesTime"
+    ge_start = _private_value(ds, 0x0009, GE_CREATOR, GE_SCAN_START, "GE")
+    if ge_start is not None:
+        value, where = ge_start
+        try:
+            return _parse_dt(_as_text(value)), f"GE scan start {where} (series after acquisition)"
+        except ValueError:
+            raise SuvError(where, f"invalid DT {value!r}") from None
+    frame_reference_ms = _optional_float(ds, "FrameReferenceTime")
+    if frame_reference_ms > 0 and _optional_float(ds, "ActualFrameDuration") > 0:
+        offset_s = _mean_activity_offset_s(ds) - frame_reference_ms / 1000.0
+        return (
+            _required_acquisition_time(ds) + timedelta(seconds=offset_s),
+            "AcquisitionDate/Time + Tave - FrameReferenceTime (series after acquisition)",
+        )
+    return acquisition, "earliest AcquisitionDate/Time (series after acquisition)"
+
+
+def _mean_activity_offset_s(ds: Dataset) -> float:
+    """Tave: seconds from the frame start to the time of mean activity during the frame."""
+    duration_s = _positive(ds, "ActualFrameDuration") / 1000.0
+    half_life_s = _positive(_radiopharmaceutical(ds), "RadionuclideHalfLife")
+    decay_during_frame = math.log(2.0) / half_life_s * duration_s
+    return half_life_s / math.log(2.0) * math.log(
+        decay_during_frame / (1.0 - math.exp(-decay_during_frame))
+    )
 
 
 # --- attribute readers ------------------------------------------------------------------
@@ -128,20 +415,58 @@ def _positive(ds: Dataset, keyword: str) -> float:
     return number
 
 
-def _radiopharmaceutical(ds: Dataset) -> Dataset:
-    items = ds.get("RadiopharmaceuticalInformationSequence")
-    if not items:
-        raise SuvError("RadiopharmaceuticalInformationSequence", "missing or empty")
-    return items[0]
+def _optional_float(ds: Dataset, keyword: str) -> float:
+    try:
+        return float(ds.get(keyword) or 0)
+    except (TypeError, ValueError):
+        raise SuvError(keyword, f"not a number: {ds.get(keyword)!r}") from None
 
 
-def _dose_bq(drug: Dataset, used: dict[str, str]) -> float:
-    dose = _positive(drug, "RadionuclideTotalDose")
-    if dose < _SMALLEST_DOSE_BQ:
-        used["RadionuclideTotalDose"] = f"{dose:g} (read as MBq)"
-        return dose * 1e6
-    used["RadionuclideTotalDose"] = f"{dose:g} Bq"
-    return dose
+def _private_value(
+    ds: Dataset, group: int, creator: str, offset: int, vendor: str
+) -> tuple[object, str] | None:
+    """(value, where it was found) of private element `offset` in `creator`'s block, or None.
+
+    The block is located through its private creator (pydicom's private block API), wherever
+    the creator reserved it. Files whose private creators were stripped (the OncoRay DROs, some
+    anonymisers) keep the element in the first block, (gggg,10xx); it is read there only when
+    the group has no private creator at all and Manufacturer names `vendor`.
+    """
+    try:
+        block = ds.private_block(group, creator)
+    except KeyError:
+        block = None
+    if block is not None:
+        if offset not in block:
+            return None
+        tag = block.get_tag(offset)
+        return ds[tag].value, f"({group:04X},{tag.element:04X}) of {creator!r}"
+    has_creator = any(tag.group == group and 0x10 <= tag.element <= 0xFF for tag in ds.keys())
+    manufacturer = _text(ds, "Manufacturer")
+    if has_creator or not re.search(rf"\b{vendor}\b", manufacturer):
+        return None
+    element = ds.get((group, 0x1000 | offset))
+    if element is None or element.value in (None, "", b""):
+        return None
+    where = f"({group:04X},{0x1000 | offset:04X}) without creator, Manufacturer {manufacturer}"
+    return element.value, where
+
+
+def _private_positive(value, where: str) -> float:
+    try:
+        number = float(_as_text(value))
+    except (TypeError, ValueError):
+        raise SuvError(where, f"not a number: {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise SuvError(where, f"must be positive, got {value!r}")
+    return number
+
+
+def _as_text(value) -> str:
+    """A private value read as UN (bytes) or with its VR (str, DS, DT) -> text."""
+    if isinstance(value, bytes):
+        return value.decode("ascii", errors="replace").strip("\x00 ")
+    return str(value).strip()
 
 
 def _date_time(date_value, time_value) -> datetime | None:
@@ -154,30 +479,6 @@ def _date_time(date_value, time_value) -> datetime | None:
 def _parse_dt(value) -> datetime:
     """DT -> naive datetime (a timezone offset is dropped: all times of a study share one)."""
     return DT(value).replace(tzinfo=None)
-
-
-def _injection_time(ds: Dataset, drug: Dataset) -> tuple[datetime, str]:
-    """The injection time and the attribute it was read from."""
-    start = drug.get("RadiopharmaceuticalStartDateTime")
-    if start:
-        try:
-            return _parse_dt(start), "RadiopharmaceuticalStartDateTime"
-        except ValueError:
-            raise SuvError("RadiopharmaceuticalStartDateTime", f"invalid DT {start!r}") from None
-    time_only = drug.get("RadiopharmaceuticalStartTime")
-    if not time_only:
-        raise SuvError(
-            "RadiopharmaceuticalStartTime",
-            "neither RadiopharmaceuticalStartDateTime nor RadiopharmaceuticalStartTime present",
-        )
-    series = _series_time(ds)
-    try:
-        injection = datetime.combine(series.date(), TM(time_only))
-    except ValueError:
-        raise SuvError("RadiopharmaceuticalStartTime", f"invalid TM {time_only!r}") from None
-    if injection > series:  # injected before midnight, scanned after it
-        injection -= timedelta(days=1)
-    return injection, "RadiopharmaceuticalStartTime"
 
 
 def _series_time(ds: Dataset) -> datetime:
@@ -198,66 +499,6 @@ def _acquisition_time(ds: Dataset) -> datetime | None:
         return _date_time(ds.get("AcquisitionDate"), ds.get("AcquisitionTime"))
     except ValueError:
         raise SuvError("AcquisitionTime", "invalid AcquisitionDate/Time or AcquisitionDateTime") from None
-
-
-def _decay_reference_time(
-    ds: Dataset, decay_correction: str, injection: datetime, earliest_acquisition: datetime | None
-) -> datetime:
-    """The time the pixel values are decay-corrected to (the dose is decayed to the same time)."""
-    if decay_correction == "ADMIN":
-        return injection
-    if decay_correction == "START":
-        return _scan_start(ds, earliest_acquisition)
-    if decay_correction == "NONE":
-        # Not decay-corrected: the values are the mean activity during the frame, which
-        # occurred Tave after the frame started.
-        return _required_acquisition_time(ds) + timedelta(seconds=_mean_activity_offset_s(ds))
-    raise SuvError("DecayCorrection", f"{decay_correction or 'missing'} is not START, ADMIN or NONE")
-
-
-def _scan_start(ds: Dataset, earliest_acquisition: datetime | None) -> datetime:
-    """DecayCorrection START: SeriesDate/Time, unless a later post-processing overwrote it.
-
-    When the series time is after the acquisition, use in turn: GE's private scan start
-    (0009,100D), the Siemens back-computation AcquisitionTime - FrameReferenceTime + Tave,
-    or the earliest AcquisitionDate/Time of the series.
-    """
-    series = _series_time(ds)
-    acquisition = earliest_acquisition or _acquisition_time(ds)
-    if acquisition is None or series <= acquisition:
-        return series
-    ge_start = _ge_private_scan_start(ds)
-    if ge_start is not None:
-        return ge_start
-    frame_reference_ms = float(ds.get("FrameReferenceTime") or 0)
-    if frame_reference_ms > 0 and float(ds.get("ActualFrameDuration") or 0) > 0:
-        offset_s = _mean_activity_offset_s(ds) - frame_reference_ms / 1000.0
-        return _required_acquisition_time(ds) + timedelta(seconds=offset_s)
-    return acquisition
-
-
-def _ge_private_scan_start(ds: Dataset) -> datetime | None:
-    creator = ds.get((0x0009, 0x0010))
-    if creator is None or str(creator.value).strip() != "GEMS_PETD_01":
-        return None
-    element = ds.get((0x0009, 0x100D))
-    if element is None or not element.value:
-        return None
-    value = element.value
-    try:
-        return _parse_dt(value.decode() if isinstance(value, bytes) else str(value))
-    except ValueError:
-        raise SuvError("(0009,100D) GE scan start", f"invalid DT {value!r}") from None
-
-
-def _mean_activity_offset_s(ds: Dataset) -> float:
-    """Tave: seconds from the frame start to the time of mean activity during the frame."""
-    duration_s = _positive(ds, "ActualFrameDuration") / 1000.0
-    half_life_s = _positive(_radiopharmaceutical(ds), "RadionuclideHalfLife")
-    decay_during_frame = math.log(2.0) / half_life_s * duration_s
-    return half_life_s / math.log(2.0) * math.log(
-        decay_during_frame / (1.0 - math.exp(-decay_during_frame))
-    )
 
 
 def _required_acquisition_time(ds: Dataset) -> datetime:

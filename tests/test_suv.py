@@ -124,11 +124,50 @@ def test_invalid_weight_is_named(weight):
     assert err.value.attribute == "PatientWeight"
 
 
-@pytest.mark.parametrize("units", ["CNTS", "GML", "CM2ML"])
-def test_units_not_yet_convertible(units):
+@pytest.mark.parametrize("units", ["CPS", "PROPCNTS", "NONE"])
+def test_units_that_cannot_be_converted_are_named(units):
     with pytest.raises(SuvError) as err:
         suv_bw_factor(header(Units=units))
     assert err.value.attribute == "Units" and units in err.value.reason
+
+
+def test_admin_decay_correction_with_dose_in_mbq():
+    # ADMIN: values decay-corrected to the injection, so the 370 MBq dose is used undecayed.
+    result = suv_bw_factor(header(DecayCorrection="ADMIN", RadionuclideTotalDose="370"))
+    assert result.factor == pytest.approx(70_000 / 370e6, rel=1e-12)  # 1.8918919e-4
+    assert result.attributes["DecayTime"] == "0 s"
+    assert "MBq" in result.attributes["RadionuclideTotalDose"]
+
+
+def test_admin_needs_no_injection_time():
+    ds = header(
+        DecayCorrection="ADMIN",
+        RadiopharmaceuticalStartDateTime=None,
+        RadiopharmaceuticalStartTime=None,
+    )
+    assert suv_bw_factor(ds).factor == pytest.approx(70_000 / 3.7e8, rel=1e-12)
+
+
+@pytest.mark.parametrize("dose", ["10001", "99999"])
+def test_dose_neither_bq_nor_mbq_is_refused(dose):
+    # 10 001 - 99 999: under 100 kBq if Bq, over 10 GBq if MBq; neither is a PET injection.
+    with pytest.raises(SuvError) as err:
+        suv_bw_factor(header(RadionuclideTotalDose=dose))
+    assert err.value.attribute == "RadionuclideTotalDose"
+
+
+@pytest.mark.parametrize("dose, bq", [("10000", 1e10), ("100000", 1e5)])
+def test_dose_unit_rule_boundaries(dose, bq):
+    assert suv_bw_factor(header(DecayCorrection="ADMIN", RadionuclideTotalDose=dose)).factor == (
+        pytest.approx(70_000 / bq, rel=1e-12)
+    )
+
+
+def test_other_radionuclide_half_life():
+    # Ga-68 (4057.7 s), 1 h: decayed dose = 3.7e8 * 2^(-3600 / 4057.7) = 2.0004480e8 Bq.
+    result = suv_bw_factor(header(RadionuclideHalfLife="4057.7"))
+    assert result.factor == pytest.approx(70_000 / (3.7e8 * 2 ** (-3600 / 4057.7)), rel=1e-12)
+    assert result.factor == pytest.approx(70_000 / 2.0004480e8, rel=1e-7)
 
 
 @pytest.mark.parametrize(
@@ -141,9 +180,42 @@ def test_implausible_decay_time_is_refused(start):
 
 
 def test_series_time_after_acquisition_uses_ge_private_scan_start():
+    # Series re-written 11:30, acquisition of this bed 11:05, GE scan start 11:00: 3600 s decay.
     ds = header(SeriesTime="113000", AcquisitionTime="110500")
     ds.private_block(0x0009, "GEMS_PETD_01", create=True).add_new(0x0D, "DT", "20250101110000")
+    result = suv_bw_factor(ds)
+    assert result.factor == pytest.approx(HAND_FACTOR, rel=1e-9)
+    assert result.attributes["DecayReferenceDateTime"] == "2025-01-01T11:00:00"
+    assert "(0009,100D)" in result.attributes["DecayReferenceFrom"]
+
+
+def test_ge_private_scan_start_found_in_whichever_block_its_creator_reserved():
+    # Another creator holds block 10, GEMS_PETD_01 block 11: the scan start is (0009,110D), and
+    # the (0009,100D) of the other creator (a later time) must not be taken for it.
+    ds = header(SeriesTime="113000", AcquisitionTime="110500", ActualFrameDuration=None)
+    ds.private_block(0x0009, "OTHER VENDOR", create=True).add_new(0x0D, "DT", "20250101103000")
+    ds.private_block(0x0009, "GEMS_PETD_01", create=True).add_new(0x0D, "DT", "20250101110000")
+    assert (0x0009, 0x110D) in ds
+    result = suv_bw_factor(ds)
+    assert result.factor == pytest.approx(HAND_FACTOR, rel=1e-9)
+    assert "(0009,110D)" in result.attributes["DecayReferenceFrom"]
+
+
+def test_ge_private_scan_start_ignored_when_the_series_time_is_valid():
+    # Series time 11:00 is not after the acquisition (11:00): the private time is not consulted.
+    ds = header()
+    ds.private_block(0x0009, "GEMS_PETD_01", create=True).add_new(0x0D, "DT", "20250101103000")
     assert suv_bw_factor(ds).factor == pytest.approx(HAND_FACTOR, rel=1e-9)
+
+
+def test_ge_private_scan_start_without_creator_needs_manufacturer_ge():
+    # Creator stripped (as in the OncoRay DROs): (0009,100D) is used only for a GE series.
+    ds = header(SeriesTime="113000", AcquisitionTime="110500", ActualFrameDuration=None)
+    ds.add_new((0x0009, 0x100D), "DT", "20250101110000")
+    ds.Manufacturer = "GE MEDICAL SYSTEMS"
+    assert suv_bw_factor(ds).factor == pytest.approx(HAND_FACTOR, rel=1e-9)
+    ds.Manufacturer = "SIEMENS"  # falls back to the acquisition, 11:05: 3900 s of decay
+    assert suv_bw_factor(ds).factor == pytest.approx(HAND_FACTOR * 2 ** (300 / 6586.2), rel=1e-9)
 
 
 def test_series_time_after_acquisition_back_computes_from_frame_reference_time():
