@@ -1,9 +1,14 @@
 """The assembler: decides when a received study is complete and queues a job for it.
 
-A study becomes a job for a model once every modality the model needs is present and no
-instance has arrived for `study_quiet_seconds`. Instances that arrive after a study's job
-was created make the study a candidate again: the next run writes a new result series and
-never touches the earlier one.
+A study becomes a job for a model once no instance has arrived for `study_quiet_seconds`,
+every modality the model needs is present, and `dicomnode.selection` finds a consistent
+series for each of the model's channels (PET: all NumberOfSlices instances; CT: no gaps or
+duplicate positions, covering the PET). A PET series still arriving holds the study back,
+with an "incomplete" event saying so once per arrival. The job is queued with one
+"series-verdict" event per series of the study: "used for channel X" or "ignored because ...".
+
+Instances that arrive after a study's job was created make the study a candidate again:
+the next run writes a new result series and never touches the earlier one.
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ from sqlalchemy.orm import sessionmaker
 from dicomnode.config import Config, ModelSettings
 from dicomnode.db import Event, Job, Series, Study, utcnow
 from dicomnode.queue import QUEUED, RetryPolicy, enqueue, log_event
+from dicomnode.selection import select_inputs, series_from_index
 
 log = logging.getLogger("dicomnode.assembler")
+
+VERDICT = "series-verdict"
 
 
 def missing_modalities(session, study_uid: str, model: ModelSettings) -> list[str]:  # noqa: ANN001
@@ -36,31 +44,39 @@ def sweep(sessions: sessionmaker, config: Config, now: datetime | None = None) -
         quiet_studies = list(session.scalars(select(Study).where(Study.last_received_at <= quiet_since)))
     for study in quiet_studies:
         for model in config.models:
-            with sessions.begin() as session:
+            with sessions() as session:
                 latest = session.scalar(
                     select(Job).where(Job.study_uid == study.study_uid, Job.model == model.name).order_by(Job.id.desc()).limit(1)
                 )
                 if latest is not None and (latest.state == QUEUED or latest.created_at >= study.last_received_at):
                     continue  # already queued, or nothing new since the last job
                 missing = missing_modalities(session, study.study_uid, model)
-                if missing:
-                    _note_incomplete(session, study, model, missing)
-                    continue
+                if not missing:
+                    series = series_from_index(session, study.study_uid)
+            if missing:
+                _note_incomplete(sessions, study, f"model {model.name} needs {', '.join(missing)}: not present")
+                continue
+            selection = select_inputs(series, model.channels, model.inputs)
+            if not selection.ready:
+                _note_incomplete(sessions, study, f"model {model.name}: {selection.problem}")
+                continue
             reason = "study complete and quiet" if latest is None else "new instances after run %d" % latest.run_number
-            job_id = enqueue(sessions, study.study_uid, model.name, policy, reason)
+            job_id = enqueue(sessions, study.study_uid, model.name, policy, reason,
+                             details=[(VERDICT, v.message) for v in selection.verdicts])
             log.info("study %s: queued job %d for model %s (%s)", study.study_uid, job_id, model.name, reason)
             created.append(job_id)
     return created
 
 
-def _note_incomplete(session, study: Study, model: ModelSettings, missing: list[str]) -> None:  # noqa: ANN001
+def _note_incomplete(sessions: sessionmaker, study: Study, message: str) -> None:
     """Say once (per new arrival) why a quiet study is not processed."""
-    said = session.scalar(
-        select(Event.id).where(
-            Event.study_uid == study.study_uid, Event.kind == "incomplete", Event.at >= study.last_received_at
+    with sessions.begin() as session:
+        said = session.scalar(
+            select(Event.id).where(
+                Event.study_uid == study.study_uid, Event.kind == "incomplete", Event.message == message,
+                Event.at >= study.last_received_at,
+            ).limit(1)
         )
-    )
-    if said is None:
-        message = f"model {model.name} needs {', '.join(missing)}: not present"
-        log_event(session, "incomplete", message, study_uid=study.study_uid)
-        log.info("study %s: %s", study.study_uid, message)
+        if said is None:
+            log_event(session, "incomplete", message, study_uid=study.study_uid)
+            log.info("study %s: %s", study.study_uid, message)

@@ -215,5 +215,79 @@ def studies_list(config: Path = ConfigOption, as_json: bool = typer.Option(False
     console.print(table)
 
 
+@app.command("inspect")
+def inspect_cmd(
+    path: Path,
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Write the model's input volumes here (pet_suv.nii.gz, ct_hu.nii.gz)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Take the model's input spec from this config.toml (default: built-in defaults)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model of the config (default: its first)."),
+) -> None:
+    """What the node would do with a folder of DICOM files: series verdicts, SUV factor, warnings.
+
+    Exit status 0 when the node would queue a job for every study found, 1 otherwise."""
+    from rich.text import Text
+
+    from dicomnode.config import ModelSettings
+    from dicomnode.inspect import export_inputs, inspect_path
+    from dicomnode.processing import JobError
+
+    if not path.exists():
+        console.print(f"[red]no such file or folder: {path}[/red]")
+        raise typer.Exit(2)
+    if config is not None:
+        cfg = _config(config)
+        try:
+            settings = cfg.model(model) if model else cfg.models[0]
+        except KeyError:
+            console.print(f"[red]no model named {model!r}[/red] (have: {', '.join(m.name for m in cfg.models)})")
+            raise typer.Exit(2) from None
+    else:
+        settings = ModelSettings(name="(built-in defaults)", path=Path("."))
+    report = inspect_path(path, settings)
+    failed = False
+    if export is not None:
+        for study in report.studies:
+            out = export if len(report.studies) == 1 else export / study.study_uid
+            try:
+                export_inputs(study, settings, out)
+            except (JobError, ValueError) as exc:
+                study.warnings.append(f"export failed: {exc}")
+                failed = True
+    ok = bool(report.studies) and all(s.ready for s in report.studies) and not failed
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        raise typer.Exit(0 if ok else 1)
+    console.print(f"{report.path}: {report.files} files, model [bold]{report.model}[/bold] (channels {', '.join(report.channels)})")
+    for warning in report.warnings:
+        console.print("[yellow]warning:[/yellow]", Text(warning))
+    for study in report.studies:
+        state = "[green]would queue a job[/green]" if study.ready else "[yellow]would hold the study back[/yellow]"
+        console.print(f"\nstudy {study.study_uid}: {state}")
+        table = Table(title="series")
+        for column in ("#", "modality", "description", "instances", "verdict"):
+            table.add_column(column, overflow="fold", no_wrap=column in ("#", "modality", "instances"))
+        for v in study.selection.verdicts:
+            colour = {"used": "green", "waiting": "yellow"}.get(v.state, "")
+            table.add_row("" if v.series_number is None else str(v.series_number), Text(v.modality), Text(v.description),
+                          str(v.instances), Text(v.text, style=colour))
+        console.print(table)
+        if study.suv:
+            suv_table = Table(title=f"SUVbw factor {study.suv['factor']:.6g} per Bq/ml (first PET slice)")
+            suv_table.add_column("attribute")
+            suv_table.add_column("value", overflow="fold")
+            for key, value in study.suv["attributes"].items():
+                suv_table.add_row(key, Text(str(value)))
+            if "factor_range" in study.suv:
+                low, high = study.suv["factor_range"]
+                suv_table.add_row("factor range over slices", f"{low:.6g} to {high:.6g}")
+            console.print(suv_table)
+        for warning in study.warnings:
+            console.print("[yellow]warning:[/yellow]", Text(warning))
+        for channel, file in study.exported.items():
+            console.print(f"exported {channel}: {file}")
+    raise typer.Exit(0 if ok else 1)
+
+
 def main() -> None:
     app()

@@ -55,11 +55,39 @@ class Destination(_Strict):
     port: int = Field(ge=1, le=65535)
 
 
+class PetInputSpec(_Strict):
+    """Which PET series may fill the PET channel (see dicomnode/selection.py)."""
+
+    image_type: list[str] = ["ORIGINAL"]  # values ImageType must contain
+    excluded_image_types: list[str] = ["DERIVED", "SECONDARY"]  # values it must not contain
+    corrected_image: list[str] = ["ATTN", "DECY"]  # values CorrectedImage must contain
+    excluded_series_types: list[str] = ["REPROJECTION", "DYNAMIC", "GATED"]  # in SeriesType (0054,1000)
+    static_only: bool = True  # NumberOfTimeSlices / NumberOfTimeSlots / NumberOfFrames absent or 1
+
+
+class CtInputSpec(_Strict):
+    """Which CT series may fill the CT channel (see dicomnode/selection.py)."""
+
+    image_type: list[str] = ["AXIAL"]
+    excluded_image_types: list[str] = ["LOCALIZER"]
+    same_frame_of_reference: bool = True  # the PET's FrameOfReferenceUID
+    cover_pet: bool = True  # the CT's slices cover the PET's z range
+
+
+class InputSpec(_Strict):
+    pet: PetInputSpec = PetInputSpec()
+    ct: CtInputSpec = CtInputSpec()
+
+
 class ModelSettings(_Strict):
     name: str
     path: Path
     folds: list[int] = [0, 1, 2, 3, 4]
     checkpoint: str = "checkpoint_final.pth"
+    # Lesions are connected components of the mask: 6-, 18- (autoPET's evaluation) or 26-connected,
+    # optionally only those of at least this volume.
+    lesion_connectivity: Literal[6, 18, 26] = 18
+    min_lesion_volume_ml: float = Field(0.0, ge=0)
     # Written into the SEG's algorithm identification; default: a fingerprint of the folder.
     version: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -71,6 +99,8 @@ class ModelSettings(_Strict):
     channels: list[Literal["CT", "PET"]] = ["CT", "PET"]
     # Series that must be present before a study is complete, as DICOM modalities.
     required_modalities: list[str] = ["CT", "PT"]
+    # Which series fill the channels when a study holds several ([models.inputs.pet], [models.inputs.ct]).
+    inputs: InputSpec = InputSpec()
     destinations: list[str] | None = None  # None: every destination
 
 

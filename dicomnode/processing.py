@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +19,11 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, ModelSettings
 from dicomnode.db import Job
-from dicomnode.index import SeriesSummary, instance_paths, series_of_study
 from dicomnode.queue import log_event
+from dicomnode.selection import Selection, select_inputs, series_from_index
 from dicomnode.sender import SendError, send_files
 
 log = logging.getLogger("dicomnode.processing")
-
-# The series modality behind each kind of model channel (config: models.channels).
-CHANNEL_SOURCES = {"CT": "CT", "PET": "PT"}
 
 
 class JobError(Exception):
@@ -50,37 +47,58 @@ def _event(sessions: sessionmaker, job: Job, kind: str, message: str) -> None:
     log.info("job %d study %s: %s %s", job.id, job.study_uid, kind, message)
 
 
-def select_series(series: list[SeriesSummary], modality: str) -> SeriesSummary:
-    """The series of a modality with the most instances (the inputs issue refines this)."""
-    candidates = [s for s in series if s.modality == modality]
-    if not candidates:
-        raise JobError(f"no {modality} series in the study")
-    return max(candidates, key=lambda s: (s.instances, s.last_received_at))
+def select_series(sessions: sessionmaker, job: Job, settings: ModelSettings) -> Selection:
+    """The study's series and their verdicts for the job's model (dicomnode.selection's rules).
 
+    The assembler records the verdicts when it queues a job; a job without them (queued by
+    an older version) gets them here."""
+    from sqlalchemy import select
 
-def build_inputs(sessions: sessionmaker, job: Job, channel_names: list[str]) -> Inputs:
-    """The model's input channels on the PET grid, `channel_names` as in config (CT, PET)."""
-    from dicomnode.suv import SuvError, pet_suv_volume
-    from dicomnode.volumes import VolumeError, load_series, resample_to
+    from dicomnode.assembler import VERDICT
+    from dicomnode.db import Event
 
     with sessions() as session:
-        series = series_of_study(session, job.study_uid)
-        chosen = {m: select_series(series, m) for m in {CHANNEL_SOURCES[c] for c in channel_names}}
-        paths = {m: [Path(p) for p in instance_paths(session, s.series_uid)] for m, s in chosen.items()}
+        selection = select_inputs(series_from_index(session, job.study_uid), settings.channels, settings.inputs)
+        recorded = session.scalar(select(Event.id).where(Event.job_id == job.id, Event.kind == VERDICT).limit(1))
+    if recorded is None:
+        with sessions.begin() as session:
+            for verdict in selection.verdicts:
+                log_event(session, VERDICT, verdict.message, study_uid=job.study_uid, job_id=job.id)
+    if not selection.ready:
+        raise JobError(f"no usable inputs: {selection.problem}", retryable=bool(selection.waiting) and not selection.missing)
+    return selection
+
+
+def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str]) -> Inputs:
+    """The model's input channels on the PET grid from each channel's files (`paths` by channel
+    name: "PET" and, when a channel needs it, "CT"). `dicomnode inspect --export` writes the same."""
+    from dicomnode.suv import SuvError, pet_suv_volume
+    from dicomnode.volumes import CT_PADDING_HU, VolumeError, load_series, resample_to
+
+    if "PET" not in paths:
+        raise JobError("the inputs are built on the PET grid: no PET series")
     try:
-        volumes = {m: load_series(p) for m, p in paths.items()}
-        pet = volumes["PT"]
-        arrays = {"PT": pet_suv_volume(pet).astype(np.float32)}
-        if "CT" in volumes:
-            arrays["CT"] = resample_to(volumes["CT"], pet, default_value=-1024.0).array.astype(np.float32)
+        pet = load_series(paths["PET"])
+        arrays = {"PET": pet_suv_volume(pet).astype(np.float32)}
+        if "CT" in channel_names:
+            ct = load_series(paths["CT"])
+            arrays["CT"] = resample_to(ct, pet, default_value=CT_PADDING_HU).array.astype(np.float32)
     except VolumeError as exc:
         raise JobError(f"cannot build input volumes: {exc}") from exc
     except SuvError as exc:
         raise JobError(f"cannot compute SUVbw: {exc}") from exc
-    channels = np.stack([arrays[CHANNEL_SOURCES[c]] for c in channel_names])
-    used = ", ".join(f"{c} <- {chosen[CHANNEL_SOURCES[c]].modality} series {chosen[CHANNEL_SOURCES[c]].series_number} ({chosen[CHANNEL_SOURCES[c]].instances} instances)" for c in channel_names)
-    _event(sessions, job, "inputs-built", used)
+    channels = np.stack([arrays[c] for c in channel_names])
     return Inputs(channels=channels, spacing=tuple(pet.spacing), pet=pet)
+
+
+def build_inputs(sessions: sessionmaker, job: Job, settings: ModelSettings) -> Inputs:
+    """The job's model input channels, `settings.channels` in order (CT, PET)."""
+    selection = select_series(sessions, job, settings)
+    channel_names = list(settings.channels)
+    inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, channel_names)
+    used = ", ".join(f"{c} <- {selection.chosen[c].label()}" for c in dict.fromkeys(channel_names))
+    _event(sessions, job, "inputs-built", used)
+    return inputs
 
 
 def model_fingerprint(settings: ModelSettings) -> str:
@@ -99,8 +117,11 @@ def result_dir(config: Config, job: Job) -> Path:
 
 
 def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Path:  # noqa: ANN001 - inference.SegmentationModel
-    """Run the model and write the SEG (once per job); return the result folder."""
+    """Run the model, measure the lesions and write the SEG and the SR (once per job); return
+    the result folder. seg.dcm is renamed into place last: it marks a complete result."""
+    from dicomnode.measures import measure_lesions
     from dicomnode.seg import build_seg, write_seg
+    from dicomnode.sr import build_sr, write_sr
 
     out = result_dir(config, job)
     seg_path = out / "seg.dcm"
@@ -113,29 +134,42 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Pat
             f"model {settings.name} takes {len(model.channel_names)} channels {model.channel_names} "
             f"but config models.channels lists {len(settings.channels)}: {settings.channels}"
         )
-    inputs = build_inputs(sessions, job, list(settings.channels))
+    inputs = build_inputs(sessions, job, settings)
     started = time.monotonic()
     labels = model.predict(inputs.channels, inputs.spacing)
-    lesion_voxels = int((labels > 0).sum())
-    _event(sessions, job, "inference-done", f"{time.monotonic() - started:.1f} s on {model.device}, {lesion_voxels} foreground voxels")
+    mask = labels > 0
+    _event(sessions, job, "inference-done", f"{time.monotonic() - started:.1f} s on {model.device}, {int(mask.sum())} foreground voxels")
+
+    suv = inputs.channels[list(settings.channels).index("PET")]
+    measures, lesion_labels = measure_lesions(
+        mask, suv, inputs.spacing, connectivity=settings.lesion_connectivity, min_volume_ml=settings.min_lesion_volume_ml
+    )
+    _event(sessions, job, "measured", f"{measures.lesion_count} lesions, MTV {measures.total_mtv_ml:.1f} ml, TLG {measures.total_tlg_g:.1f} g")
+    version = settings.version or model_fingerprint(settings)
     seg = build_seg(
-        (labels > 0).astype(np.uint8),
+        (lesion_labels > 0).astype(np.uint8),
         inputs.pet.datasets,
         model_name=settings.name,
-        model_version=settings.version or model_fingerprint(settings),
+        model_version=version,
         folds=list(settings.folds),
         series_number=900 + job.run_number,
         series_description=f"{settings.name} lesions (run {job.run_number})"[:64],
     )
-    out.mkdir(parents=True, exist_ok=True)
-    temp = out / ".seg.dcm.partial"
-    write_seg(seg, temp)
-    temp.replace(seg_path)
-    (out / "summary.json").write_text(
-        json.dumps({"job": job.id, "study": job.study_uid, "model": settings.name, "run": job.run_number,
-                    "seg_sop_instance_uid": str(seg.SOPInstanceUID), "foreground_voxels": lesion_voxels}, indent=2)
+    sr = build_sr(
+        measures,
+        lesion_labels,
+        seg,
+        inputs.pet.datasets,
+        model_name=settings.name,
+        model_version=version,
+        series_number=950 + job.run_number,
+        series_description=f"{settings.name} PET measurements (run {job.run_number})"[:64],
     )
-    _event(sessions, job, "results-written", f"SEG {seg.SOPInstanceUID} series {seg.SeriesNumber}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_sr(sr, out / ".sr.dcm.partial").replace(out / "sr.dcm")
+    (out / "measures.json").write_text(json.dumps(asdict(measures), indent=2))
+    write_seg(seg, out / ".seg.dcm.partial").replace(seg_path)
+    _event(sessions, job, "results-written", f"SEG {seg.SOPInstanceUID} series {seg.SeriesNumber}, SR {sr.SOPInstanceUID} series {sr.SeriesNumber}")
     return out
 
 

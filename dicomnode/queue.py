@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Sequence
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
@@ -38,7 +39,11 @@ def log_event(session, kind: str, message: str = "", *, study_uid=None, job_id=N
     session.add(Event(at=at or utcnow(), study_uid=study_uid, job_id=job_id, kind=kind, message=message))
 
 
-def enqueue(sessions: sessionmaker, study_uid: str, model: str, policy: RetryPolicy, reason: str = "") -> int:
+def enqueue(
+    sessions: sessionmaker, study_uid: str, model: str, policy: RetryPolicy, reason: str = "",
+    details: Sequence[tuple[str, str]] = (),
+) -> int:
+    """Queue a job; `details` are further (kind, message) events of the job, written with it."""
     now = utcnow()
     with sessions.begin() as session:
         previous = session.scalar(
@@ -57,6 +62,8 @@ def enqueue(sessions: sessionmaker, study_uid: str, model: str, policy: RetryPol
         session.add(job)
         session.flush()
         log_event(session, "queued", f"model {model}, run {job.run_number}{': ' + reason if reason else ''}", study_uid=study_uid, job_id=job.id, at=now)
+        for kind, message in details:
+            log_event(session, kind, message, study_uid=study_uid, job_id=job.id, at=now)
         return job.id
 
 

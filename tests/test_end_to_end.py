@@ -9,10 +9,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from pydicom import dcmread
+from scipy import ndimage
 
 from dicomnode.localpacs import LocalOrthanc, free_port
 from dicomnode.synth import write_study
@@ -65,6 +67,18 @@ def _check_seg(pacs: LocalOrthanc, study, work: Path, timeout: float = SEG_TIMEO
     found = sum(bool(mask[truth == k].any()) for k in range(1, int(truth.max()) + 1))
     print(f"seed {study.phantom.seed}: Dice {score:.3f}, lesions found {found}/{int(truth.max())}")
     assert score > 0.5
+
+    [sr_instance] = pacs.wait_for_series(study.study_instance_uid, "SR", timeout=30)["Instances"]
+    sr_path = pacs.download_instance(sr_instance, work / f"sr-{study.phantom.seed}.dcm")
+    assert dciodvfy_errors(sr_path) == []
+    sr = hd.sr.srread(sr_path)
+    assert sr.StudyInstanceUID == study.study_instance_uid
+    evidence = {item.ReferencedSOPInstanceUID for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+                for item in series.ReferencedSOPSequence}
+    assert seg.SOPInstanceUID in evidence
+    lesion_groups = hd.sr.MeasurementReport.from_sequence(sr.content).get_volumetric_roi_measurement_groups()
+    _, components = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 2))  # 18-connectivity
+    assert len(lesion_groups) == components
     return seg
 
 

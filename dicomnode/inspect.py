@@ -1,0 +1,148 @@
+"""`dicomnode inspect`: what the node would do with a folder of DICOM files, without a node.
+
+For every study in the folder: each series and its verdict (dicomnode.selection's rules,
+with the model's input spec), whether the node would queue a job or hold the study back,
+the SUVbw factor of the chosen PET with the attributes it came from, and warnings.
+`export_inputs` writes the model's input volumes as the worker builds them
+(processing.assemble_inputs): `pet_suv.nii.gz` and `ct_hu.nii.gz` on the PET grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from dicomnode.config import ModelSettings
+from dicomnode.selection import Selection, select_inputs, series_from_paths
+
+EXPORT_NAMES = {"PET": "pet_suv.nii.gz", "CT": "ct_hu.nii.gz"}
+
+
+@dataclass
+class StudyReport:
+    study_uid: str
+    selection: Selection
+    suv: dict | None = None  # {"factor": float, "attributes": {...}}
+    warnings: list[str] = field(default_factory=list)
+    exported: dict[str, str] = field(default_factory=dict)  # channel -> file
+
+    @property
+    def ready(self) -> bool:
+        return self.selection.ready
+
+    def as_dict(self) -> dict:
+        return {
+            "study_uid": self.study_uid,
+            "ready": self.ready,
+            "node_would": "queue a job" if self.ready else "hold the study back",
+            "chosen": {c: s.series_uid for c, s in self.selection.chosen.items()},
+            "waiting": list(self.selection.waiting),
+            "missing": list(self.selection.missing),
+            "series": [v.as_dict() for v in self.selection.verdicts],
+            "suv": self.suv,
+            "warnings": list(self.warnings),
+            "exported": dict(self.exported),
+        }
+
+
+@dataclass
+class Report:
+    path: str
+    model: str
+    channels: list[str]
+    files: int
+    studies: list[StudyReport]
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "model": self.model, "channels": self.channels, "files": self.files,
+                "studies": [s.as_dict() for s in self.studies], "warnings": list(self.warnings)}
+
+
+def dicom_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def inspect_path(path: Path, model: ModelSettings) -> Report:
+    files = dicom_files(path)
+    studies, unreadable = series_from_paths(files)
+    warnings = []
+    if unreadable:
+        names = [str(Path(u).relative_to(path)) if path.is_dir() else u for u in unreadable]
+        shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
+        warnings.append(f"{len(unreadable)} file(s) skipped, not readable as DICOM: {shown}")
+    if not studies:
+        warnings.append("no DICOM instances found")
+    if len(studies) > 1:
+        warnings.append(f"{len(studies)} studies in the folder: the node processes each on its own")
+    reports = []
+    for study_uid, series in sorted(studies.items()):
+        selection = select_inputs(series, model.channels, model.inputs)
+        report = StudyReport(study_uid, selection)
+        report.warnings.extend(f"the node would wait: {w}" for w in selection.waiting)
+        report.warnings.extend(f"the node would hold the study back: {m}" for m in selection.missing)
+        if "PET" in selection.chosen:
+            report.suv, problem = suv_summary(selection.paths("PET"))
+            if problem:
+                report.warnings.append(problem)
+        reports.append(report)
+    return Report(str(path), model.name, list(model.channels), len(files), reports, warnings)
+
+
+def suv_summary(pet_files: list[Path]) -> tuple[dict | None, str | None]:
+    """The SUVbw factor of the PET series' first slice (along z) and the attributes it used."""
+    import pydicom
+
+    from dicomnode.suv import SuvError, suv_bw_factor
+
+    headers = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in pet_files]
+    headers.sort(key=lambda ds: float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else 0.0)
+    times = [t for t in (_acquisition(ds) for ds in headers) if t is not None]
+    try:
+        first = suv_bw_factor(headers[0], earliest_acquisition=min(times) if times else None)
+        factors = [suv_bw_factor(ds, earliest_acquisition=min(times) if times else None).factor for ds in headers]
+    except SuvError as exc:
+        return None, f"SUVbw cannot be computed: {exc}"
+    summary = {"factor": first.factor, "attributes": dict(first.attributes)}
+    if max(factors) > min(factors) * (1 + 1e-9):
+        summary["factor_range"] = [min(factors), max(factors)]
+    return summary, None
+
+
+def _acquisition(ds) -> datetime | None:  # noqa: ANN001
+    date, time = str(ds.get("AcquisitionDate", "") or ""), str(ds.get("AcquisitionTime", "") or "")
+    if len(date) != 8 or len(time) < 6:
+        return None
+    whole, _, fraction = time.partition(".")
+    try:
+        value = datetime.strptime(date + whole[:6], "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    return value.replace(microsecond=int((fraction + "000000")[:6])) if fraction.isdigit() else value
+
+
+def export_inputs(report: StudyReport, model: ModelSettings, out: Path) -> dict[str, str]:
+    """Write the channels the model would receive (those the study can fill) as NIfTI on the PET grid."""
+    import SimpleITK as sitk
+
+    from dicomnode.processing import assemble_inputs
+
+    selection = report.selection
+    channels = [c for c in dict.fromkeys(model.channels) if c in selection.chosen]
+    if "PET" not in selection.chosen:
+        raise ValueError("nothing to export: no usable PET series (the inputs are built on the PET grid)")
+    inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, channels or ["PET"])
+    reference = inputs.pet.to_sitk()
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for channel, array in zip(channels or ["PET"], inputs.channels):
+        image = sitk.GetImageFromArray(array)
+        image.CopyInformation(reference)
+        target = out / EXPORT_NAMES[channel]
+        sitk.WriteImage(image, str(target), useCompression=True)
+        written[channel] = str(target)
+    report.exported.update(written)
+    return written
