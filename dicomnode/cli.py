@@ -68,12 +68,20 @@ def worker(config: Path = ConfigOption, log_level: str = "INFO") -> None:
 
 
 @app.command()
-def synth(out: Path, seed: int = 0, lesions: Optional[int] = typer.Option(None, help="Number of lesions (default: 2 to 6).")) -> None:
+def synth(
+    out: Path,
+    seed: int = 0,
+    lesions: Optional[int] = typer.Option(None, help="Number of lesions (default: 2 to 6)."),
+    variant: str = typer.Option("bqml", help="How the PET is stored: bqml, ge-private-time, philips-cnts, admin-mbq, midnight."),
+) -> None:
     """Write a synthetic PET/CT study (CT and PET series, lesion truth) to OUT."""
-    from dicomnode.synth import write_study
+    from dicomnode.synth import VARIANTS, write_study
 
-    study = write_study(out, seed=seed, n_lesions=lesions)
-    console.print(f"study {study.study_instance_uid}: {len(study.phantom.lesions)} lesions, written to {out}")
+    if variant not in VARIANTS:
+        console.print(f"[red]unknown variant {variant!r}[/red] (one of {', '.join(VARIANTS)})")
+        raise typer.Exit(2)
+    study = write_study(out, seed=seed, n_lesions=lesions, variant=variant)
+    console.print(f"study {study.study_instance_uid}: {len(study.phantom.lesions)} lesions, PET {variant}, written to {out}")
 
 
 @app.command()
@@ -152,7 +160,7 @@ def jobs_list(config: Path = ConfigOption, state: Optional[str] = None, as_json:
 @jobs_app.command("show")
 def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = typer.Option(False, "--json")) -> None:
     """One job and its timeline."""
-    from dicomnode.db import Event, Job
+    from dicomnode.db import Delivery, Event, Job
 
     sessions = _sessions(_config(config))
     with sessions() as session:
@@ -163,14 +171,26 @@ def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = typer.Op
         events = list(session.scalars(
             select(Event).where((Event.job_id == job_id) | ((Event.study_uid == job.study_uid) & Event.job_id.is_(None))).order_by(Event.id)
         ))
+        sends = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
     timeline = [{"at": _when(e.at), "event": e.kind, "message": e.message} for e in events]
+    delivered = [{"destination": d.destination, "file": Path(d.path).name, "sop_instance_uid": d.sop_instance_uid,
+                  "state": d.state, "attempts": d.attempts, "max_attempts": d.max_attempts,
+                  "not_before": _when(d.not_before), "last_error": d.last_error} for d in sends]
     if as_json:
         print(json.dumps({"id": job.id, "state": job.state, "study": job.study_uid, "model": job.model,
-                          "attempts": job.attempts, "error": job.error, "timeline": timeline}, indent=2))
+                          "attempts": job.attempts, "error": job.error, "deliveries": delivered, "timeline": timeline}, indent=2))
         return
     console.print(f"job {job.id}: [bold]{job.state}[/bold]  study {job.study_uid}  model {job.model}  run {job.run_number}  attempts {job.attempts}/{job.max_attempts}")
     if job.error:
         console.print(f"[red]error:[/red] {job.error}")
+    if delivered:
+        sends_table = Table(title="deliveries")
+        for column in ("destination", "file", "state", "attempts", "next try", "last error"):
+            sends_table.add_column(column, overflow="fold")
+        for d in delivered:
+            sends_table.add_row(d["destination"], d["file"], d["state"], f"{d['attempts']}/{d['max_attempts']}",
+                                d["not_before"] if d["state"] == "pending" else "", d["last_error"] or "")
+        console.print(sends_table)
     table = Table(title="timeline")
     for column in ("at", "event", "message"):
         table.add_column(column, overflow="fold")
@@ -258,7 +278,7 @@ def inspect_cmd(
     if as_json:
         print(json.dumps(report.as_dict(), indent=2))
         raise typer.Exit(0 if ok else 1)
-    console.print(f"{report.path}: {report.files} files, model [bold]{report.model}[/bold] (channels {', '.join(report.channels)})")
+    console.print(f"{report.path}: {report.files} files, model [bold]{report.model}[/bold] (channels {', '.join(report.channels)} on the {report.grid} grid)")
     for warning in report.warnings:
         console.print("[yellow]warning:[/yellow]", Text(warning))
     for study in report.studies:
@@ -273,7 +293,7 @@ def inspect_cmd(
                           str(v.instances), Text(v.text, style=colour))
         console.print(table)
         if study.suv:
-            suv_table = Table(title=f"SUVbw factor {study.suv['factor']:.6g} per Bq/ml (first PET slice)")
+            suv_table = Table(title=f"SUVbw factor {study.suv['factor']:.6g} per rescaled unit (first PET slice)")
             suv_table.add_column("attribute")
             suv_table.add_column("value", overflow="fold")
             for key, value in study.suv["attributes"].items():

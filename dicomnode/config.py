@@ -46,6 +46,10 @@ class NodeSettings(_Strict):
     max_attempts: int = Field(3, ge=1)
     retry_backoff_seconds: float = Field(30.0, ge=0)
     network_timeout_seconds: float = Field(30.0, gt=0)
+    # Each result object to each destination is retried on its own: at most this many C-STORE
+    # tries (an association that cannot be opened counts as one), backoff doubled after each.
+    delivery_max_attempts: int = Field(5, ge=1)
+    delivery_backoff_seconds: float = Field(30.0, ge=0)
 
 
 class Destination(_Strict):
@@ -93,15 +97,26 @@ class ModelSettings(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # nnU-Net's test-time mirroring: 8x slower on CPU, on by default as nnU-Net does.
     use_mirroring: bool = True
-    # What fills each model input channel, in channel order: "CT" (HU, resampled onto the
-    # PET grid) or "PET" (SUV body weight). By position, not by dataset.json's channel names
+    # What fills each model input channel, in channel order: "CT" (HU) or "PET" (SUV body
+    # weight), both on the grid below. By position, not by dataset.json's channel names
     # (nnU-Net's autoPET release names both of its channels "CT").
     channels: list[Literal["CT", "PET"]] = ["CT", "PET"]
+    # The series whose grid every channel is resampled onto (linear) before the model runs,
+    # and which the SEG and SR reference. "PET": the CT is resampled onto the PET grid (how
+    # GLOW-FDG and the autoPET models were trained); "CT": the PET SUV is resampled onto the
+    # CT grid (outside the PET's field of view: SUV 0). "CT" needs a CT channel.
+    grid: Literal["PET", "CT"] = "PET"
     # Series that must be present before a study is complete, as DICOM modalities.
     required_modalities: list[str] = ["CT", "PT"]
     # Which series fill the channels when a study holds several ([models.inputs.pet], [models.inputs.ct]).
     inputs: InputSpec = InputSpec()
     destinations: list[str] | None = None  # None: every destination
+
+    @model_validator(mode="after")
+    def _grid_has_a_series(self) -> "ModelSettings":
+        if self.grid == "CT" and "CT" not in self.channels:
+            raise ValueError('grid = "CT" needs a CT channel (channels lists no "CT")')
+        return self
 
 
 class Config(_Strict):

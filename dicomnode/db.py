@@ -1,5 +1,5 @@
 """The node's database: one schema for the index (studies, series, instances) and the
-queue (jobs, events). SQLite in WAL mode by default; any SQLAlchemy URL (PostgreSQL for
+queue (jobs, deliveries, events). SQLite in WAL mode by default; any SQLAlchemy URL (PostgreSQL for
 several GPU workers) works, as nothing here relies on SQLite-only SQL.
 """
 
@@ -15,6 +15,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
 )
@@ -97,6 +98,30 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
     __table_args__ = (Index("ix_jobs_claim", "state", "not_before"),)
+
+
+class Delivery(Base):
+    """One result object (a file of the job's result folder) to one destination: its own state
+    and retries. pending --sent--> sent; pending --attempts used up / refused for good--> failed.
+    The file stays on disk and keeps its SOP Instance UID however often it is sent."""
+
+    __tablename__ = "deliveries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(Text)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending sent failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # C-STORE requests (or association tries) so far
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
+    not_before: Mapped[datetime] = mapped_column(Timestamp)  # retry backoff
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+    sent_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+    __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid", name="uq_deliveries_object"),)
 
 
 class Event(Base):

@@ -4,7 +4,8 @@ For every study in the folder: each series and its verdict (dicomnode.selection'
 with the model's input spec), whether the node would queue a job or hold the study back,
 the SUVbw factor of the chosen PET with the attributes it came from, and warnings.
 `export_inputs` writes the model's input volumes as the worker builds them
-(processing.assemble_inputs): `pet_suv.nii.gz` and `ct_hu.nii.gz` on the PET grid.
+(processing.assemble_inputs): `pet_suv.nii.gz` and `ct_hu.nii.gz` on the model's grid (config
+`grid`: the PET's by default, or the CT's).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ class Report:
     files: int
     studies: list[StudyReport]
     warnings: list[str] = field(default_factory=list)
+    grid: str = "PET"  # the series whose grid the model's inputs are on
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "model": self.model, "channels": self.channels, "files": self.files,
+        return {"path": self.path, "model": self.model, "channels": self.channels, "grid": self.grid, "files": self.files,
                 "studies": [s.as_dict() for s in self.studies], "warnings": list(self.warnings)}
 
 
@@ -89,7 +91,7 @@ def inspect_path(path: Path, model: ModelSettings) -> Report:
             if problem:
                 report.warnings.append(problem)
         reports.append(report)
-    return Report(str(path), model.name, list(model.channels), len(files), reports, warnings)
+    return Report(str(path), model.name, list(model.channels), len(files), reports, warnings, grid=model.grid)
 
 
 def suv_summary(pet_files: list[Path]) -> tuple[dict | None, str | None]:
@@ -125,7 +127,8 @@ def _acquisition(ds) -> datetime | None:  # noqa: ANN001
 
 
 def export_inputs(report: StudyReport, model: ModelSettings, out: Path) -> dict[str, str]:
-    """Write the channels the model would receive (those the study can fill) as NIfTI on the PET grid."""
+    """Write the channels the model would receive (those the study can fill) as NIfTI on the
+    model's grid (PET or CT, config `grid`); the PET SUV is written even for a CT-only model."""
     import SimpleITK as sitk
 
     from dicomnode.processing import assemble_inputs
@@ -133,12 +136,16 @@ def export_inputs(report: StudyReport, model: ModelSettings, out: Path) -> dict[
     selection = report.selection
     channels = [c for c in dict.fromkeys(model.channels) if c in selection.chosen]
     if "PET" not in selection.chosen:
-        raise ValueError("nothing to export: no usable PET series (the inputs are built on the PET grid)")
-    inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, channels or ["PET"])
-    reference = inputs.pet.to_sitk()
+        raise ValueError("nothing to export: no usable PET series (the SUV is needed on every grid)")
+    if model.grid == "CT" and "CT" not in selection.chosen:
+        raise ValueError('nothing to export: the model\'s grid is the CT\'s (grid = "CT") and no CT series is usable')
+    if "PET" not in channels:
+        channels.append("PET")
+    inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, channels, model.grid)
+    reference = inputs.grid.to_sitk()
     out.mkdir(parents=True, exist_ok=True)
     written = {}
-    for channel, array in zip(channels or ["PET"], inputs.channels):
+    for channel, array in zip(channels, inputs.channels):
         image = sitk.GetImageFromArray(array)
         image.CopyInformation(reference)
         target = out / EXPORT_NAMES[channel]

@@ -12,16 +12,17 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, ModelSettings
-from dicomnode.db import Job
-from dicomnode.queue import log_event
+from dicomnode.db import Delivery, Job
+from dicomnode.queue import RetryPolicy, log_event
 from dicomnode.selection import Selection, select_inputs, series_from_index
-from dicomnode.sender import SendError, send_files
+from dicomnode.sender import Outcome, store_each
 
 log = logging.getLogger("dicomnode.processing")
 
@@ -36,9 +37,18 @@ class JobError(Exception):
 
 @dataclass(frozen=True)
 class Inputs:
-    channels: np.ndarray  # (c, z, y, x) on the PET grid
-    spacing: tuple[float, float, float]
-    pet: object  # volumes.Volume of the PET series (grid and source headers for the SEG)
+    """The model's input channels on one grid (the model's `grid` setting: PET or CT).
+
+    `grid` is the volume of the series that gives the grid: its `.datasets` are the source
+    images the SEG and SR reference, slice for slice. `suv` is the PET in SUVbw on that grid
+    (what the lesions are measured on), whether or not the model takes a PET channel."""
+
+    channels: np.ndarray  # (c, z, y, x) on the grid
+    spacing: tuple[float, float, float]  # (z, y, x) mm of the grid
+    grid: object  # volumes.Volume of the series that gives the grid (PET or CT)
+    suv: np.ndarray  # (z, y, x) PET SUVbw on the grid
+    grid_name: str = "PET"  # "PET" or "CT"
+    pet_header: object = None  # the first PET slice header (radiopharmaceutical for the SR)
 
 
 def _event(sessions: sessionmaker, job: Job, kind: str, message: str) -> None:
@@ -69,34 +79,53 @@ def select_series(sessions: sessionmaker, job: Job, settings: ModelSettings) -> 
     return selection
 
 
-def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str]) -> Inputs:
-    """The model's input channels on the PET grid from each channel's files (`paths` by channel
-    name: "PET" and, when a channel needs it, "CT"). `dicomnode inspect --export` writes the same."""
+def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid: str = "PET") -> Inputs:
+    """The model's input channels on the `grid` series' grid from each channel's files (`paths`
+    by channel name: "PET" and, when a channel or the grid needs it, "CT").
+
+    grid "PET": the CT (HU) is resampled onto the PET grid (linear, outside: -1024 HU).
+    grid "CT": the PET SUV is resampled onto the CT grid (linear, outside: SUV 0).
+    `dicomnode inspect --export` writes the same."""
+    from dataclasses import replace
+
     from dicomnode.suv import SuvError, pet_suv_volume
     from dicomnode.volumes import CT_PADDING_HU, VolumeError, load_series, resample_to
 
+    if grid not in ("PET", "CT"):
+        raise JobError(f"unknown grid {grid!r}: PET or CT")
     if "PET" not in paths:
-        raise JobError("the inputs are built on the PET grid: no PET series")
+        raise JobError("no PET series: the SUV is needed on every grid")
+    if grid == "CT" and "CT" not in paths:
+        raise JobError("the model's inputs are built on the CT grid (grid = \"CT\"): no CT series")
     try:
         pet = load_series(paths["PET"])
-        arrays = {"PET": pet_suv_volume(pet).astype(np.float32)}
-        if "CT" in channel_names:
-            ct = load_series(paths["CT"])
-            arrays["CT"] = resample_to(ct, pet, default_value=CT_PADDING_HU).array.astype(np.float32)
+        suv = pet_suv_volume(pet).astype(np.float32)
+        ct = load_series(paths["CT"]) if "CT" in channel_names or grid == "CT" else None
+        if grid == "PET":
+            reference = pet
+            arrays = {"PET": suv}
+            if ct is not None:
+                arrays["CT"] = resample_to(ct, pet, default_value=CT_PADDING_HU).array.astype(np.float32)
+        else:
+            reference = ct
+            suv = resample_to(replace(pet, array=suv), ct, default_value=0.0).array.astype(np.float32)
+            arrays = {"PET": suv, "CT": ct.array.astype(np.float32)}
     except VolumeError as exc:
         raise JobError(f"cannot build input volumes: {exc}") from exc
     except SuvError as exc:
         raise JobError(f"cannot compute SUVbw: {exc}") from exc
     channels = np.stack([arrays[c] for c in channel_names])
-    return Inputs(channels=channels, spacing=tuple(pet.spacing), pet=pet)
+    return Inputs(channels=channels, spacing=tuple(reference.spacing), grid=reference, suv=suv, grid_name=grid,
+                  pet_header=pet.datasets[0])
 
 
 def build_inputs(sessions: sessionmaker, job: Job, settings: ModelSettings) -> Inputs:
     """The job's model input channels, `settings.channels` in order (CT, PET)."""
     selection = select_series(sessions, job, settings)
     channel_names = list(settings.channels)
-    inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, channel_names)
+    inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, channel_names, settings.grid)
     used = ", ".join(f"{c} <- {selection.chosen[c].label()}" for c in dict.fromkeys(channel_names))
+    used += f"; on the {settings.grid} grid {'x'.join(str(n) for n in inputs.suv.shape)}"
     _event(sessions, job, "inputs-built", used)
     return inputs
 
@@ -140,15 +169,14 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Pat
     mask = labels > 0
     _event(sessions, job, "inference-done", f"{time.monotonic() - started:.1f} s on {model.device}, {int(mask.sum())} foreground voxels")
 
-    suv = inputs.channels[list(settings.channels).index("PET")]
     measures, lesion_labels = measure_lesions(
-        mask, suv, inputs.spacing, connectivity=settings.lesion_connectivity, min_volume_ml=settings.min_lesion_volume_ml
+        mask, inputs.suv, inputs.spacing, connectivity=settings.lesion_connectivity, min_volume_ml=settings.min_lesion_volume_ml
     )
     _event(sessions, job, "measured", f"{measures.lesion_count} lesions, MTV {measures.total_mtv_ml:.1f} ml, TLG {measures.total_tlg_g:.1f} g")
     version = settings.version or model_fingerprint(settings)
     seg = build_seg(
         (lesion_labels > 0).astype(np.uint8),
-        inputs.pet.datasets,
+        inputs.grid.datasets,
         model_name=settings.name,
         model_version=version,
         folds=list(settings.folds),
@@ -159,7 +187,8 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Pat
         measures,
         lesion_labels,
         seg,
-        inputs.pet.datasets,
+        inputs.grid.datasets,
+        pet_header=inputs.pet_header,
         model_name=settings.name,
         model_version=version,
         series_number=950 + job.run_number,
@@ -173,23 +202,74 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Pat
     return out
 
 
-def deliver(config: Config, sessions: sessionmaker, job: Job, out: Path) -> None:
+class DeliveryPending(Exception):
+    """Some deliveries wait for their backoff: the job goes back to the queue until `not_before`
+    (queue.defer) instead of holding the worker; the next run reuses the results."""
+
+    def __init__(self, message: str, not_before: datetime) -> None:
+        super().__init__(message)
+        self.not_before = not_before
+
+
+TRIES_PER_PASS = 2  # C-STORE tries of one object in one delivery pass (a lost response is retried at once)
+
+
+def fallback_for(delivery: Delivery, outcome: Outcome) -> None:
+    """Hook for objects a destination refuses for good (no presentation context for the SOP
+    class, e.g. a PACS without Segmentation Storage). TODO (a later item): an optional fallback
+    output, e.g. a secondary capture of the SEG overlay, planned here as a further delivery."""
+    return None
+
+
+def deliver(config: Config, sessions: sessionmaker, job: Job, out: Path) -> str:
+    """Send the job's result objects (seg.dcm first, then sr.dcm) to each destination, each
+    object to each destination as its own delivery (dicomnode.delivery) with its own retries.
+    Returns a summary when every delivery is sent; raises DeliveryPending while some wait for
+    their backoff, and JobError (not retryable: the deliveries did their retrying) naming the
+    destination and the object once none is pending and one failed."""
+    from dicomnode import delivery as deliveries
+
     settings = config.model(job.model)
-    files = sorted(out.glob("*.dcm"))
-    failures = []
-    for destination in config.destinations_for(settings):
-        try:
-            sent = send_files(destination, files, config.node.ae_title, timeout=config.node.network_timeout_seconds)
-        except SendError as exc:
-            _event(sessions, job, "delivery-failed", str(exc))
-            failures.append(str(exc))
-            continue
-        _event(sessions, job, "delivered", f"{len(sent)} objects to {destination.name}")
-    if failures:
-        raise JobError("; ".join(failures), retryable=True)
+    policy = RetryPolicy(config.node.delivery_max_attempts, config.node.delivery_backoff_seconds)
+    destinations = {d.name: d for d in config.destinations_for(settings)}
+    deliveries.plan(sessions, job.id, job.study_uid, sorted(out.glob("*.dcm")), list(destinations), policy)
+    by_destination: dict[str, list[Delivery]] = {}
+    for item in deliveries.due(sessions, job.id):
+        by_destination.setdefault(item.destination, []).append(item)
+    for name, items in by_destination.items():
+        destination = destinations.get(name)
+        outcomes: dict[int, Outcome] = {}
+        sendable = []
+        for item in items:
+            path = Path(item.path)
+            if destination is None:
+                outcomes[item.id] = Outcome(path, item.sop_instance_uid, item.sop_class_uid, 0, None,
+                                            f"destination {name} is no longer configured", permanent=True)
+            elif not path.is_file():
+                outcomes[item.id] = Outcome(path, item.sop_instance_uid, item.sop_class_uid, 0, None,
+                                            f"result file {path} is gone", permanent=True)
+            else:
+                sendable.append(item)
+        if sendable:
+            tries = {Path(i.path): max(min(TRIES_PER_PASS, i.max_attempts - i.attempts), 1) for i in sendable}
+            sent = store_each(destination, list(tries), config.node.ae_title,
+                              timeout=config.node.network_timeout_seconds, tries_per_instance=tries)
+            outcomes.update({item.id: outcome for item, outcome in zip(sendable, sent)})
+        for item in items:
+            outcome = outcomes[item.id]
+            state = deliveries.record(sessions, item.id, outcome, policy, study_uid=job.study_uid)
+            log.info("job %d: %s: %s", job.id, deliveries.describe(item), state if outcome.ok else f"{state}, {outcome.error}")
+            if state == deliveries.FAILED and outcome.permanent:
+                fallback_for(item, outcome)
+    summary = deliveries.summary(sessions, job.id)
+    if summary.pending:
+        why = "; ".join(summary.waiting) or "not tried yet"
+        raise DeliveryPending(f"{summary.pending} of {summary.total} deliveries pending: {why}", summary.next_due)
+    if summary.failed:
+        raise JobError("delivery failed: " + "; ".join(summary.failed), retryable=False)
+    return f"{summary.sent} objects delivered to {len(destinations)} destinations"
 
 
 def process(config: Config, sessions: sessionmaker, job: Job, model) -> str:  # noqa: ANN001
     out = make_results(config, sessions, job, model)
-    deliver(config, sessions, job, out)
-    return f"results in {out}"
+    return f"results in {out}; {deliver(config, sessions, job, out)}"

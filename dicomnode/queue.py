@@ -5,6 +5,8 @@
        |   (attempts     +--fail--> failed (attempts used up, or not retryable)
        +--- left) -------+
     running with an expired lease (worker died) --> queued again at the next sweep
+    running --defer--> queued until a delivery's backoff is over (the attempt is not
+                       counted: each delivery counts its own, see dicomnode.delivery)
 
 Claiming is a compare-and-set UPDATE (... WHERE state = 'queued'), atomic on SQLite and
 PostgreSQL alike, so two workers never run the same job.
@@ -19,7 +21,7 @@ from typing import Sequence
 from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.db import Event, Job, utcnow
+from dicomnode.db import Delivery, Event, Job, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
@@ -159,7 +161,30 @@ def retry(sessions: sessionmaker, job_id: int) -> bool:
         if job is None or job.state != FAILED:
             return False
         job.state, job.attempts, job.not_before, job.finished_at = QUEUED, 0, now, None
-        log_event(session, "retry-requested", "by operator", study_uid=job.study_uid, job_id=job.id, at=now)
+        # Deliveries that failed get a fresh set of attempts too (the same files, the same UIDs).
+        reset = session.execute(
+            update(Delivery)
+            .where(Delivery.job_id == job_id, Delivery.state == "failed")
+            .values(state="pending", attempts=0, not_before=now, updated_at=now)
+        ).rowcount
+        log_event(session, "retry-requested", "by operator" + (f"; {reset} failed deliveries pending again" if reset else ""),
+                  study_uid=job.study_uid, job_id=job.id, at=now)
+        return True
+
+
+def defer(sessions: sessionmaker, job_id: int, owner: str, not_before: datetime, reason: str) -> bool:
+    """Put a running job back in the queue until `not_before` without counting the attempt: its
+    deliveries wait for their backoff (they count their own attempts)."""
+    now = utcnow()
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != RUNNING or job.lease_owner != owner:
+            return False
+        job.state, job.lease_owner, job.lease_expires_at = QUEUED, None, None
+        job.not_before, job.error = max(not_before, now), reason
+        job.attempts = max(job.attempts - 1, 0)
+        log_event(session, "delivery-pending", f"{reason}; job waits until {job.not_before:%H:%M:%S} UTC",
+                  study_uid=job.study_uid, job_id=job.id, at=now)
         return True
 
 

@@ -9,10 +9,12 @@ gives for good (e.g. the SOP class refused) is reported, never skipped silently.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -22,6 +24,10 @@ from dicomnode.netutil import NODELAY_HANDLER
 log = logging.getLogger("dicomnode.sender")
 
 SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the warnings (stored)
+# Refused for good: SOP class not supported, not authorized (0xA9xx, data set does not match
+# the SOP class, is added in _permanent_status). Other failures (0xA7xx out of resources,
+# 0xCxxx cannot understand, 0x0110 processing failure) may pass on a later try.
+PERMANENT_STATUSES = {0x0122, 0x0124}
 
 
 class SendError(Exception):
@@ -65,48 +71,123 @@ def send_files(
     tries_per_instance: int = 3,
 ) -> list[Delivered]:
     """C-STORE every file; raise SendError naming each instance not acknowledged."""
+    outcomes = store_each(destination, paths, calling_aet, timeout=timeout, tries_per_instance=tries_per_instance)
+    refused = [f"{o.sop_instance_uid}: {o.error}" for o in outcomes if not o.ok]
+    if refused:
+        raise SendError(f"{destination.name}: " + "; ".join(refused))
+    return [Delivered(o.path, o.sop_instance_uid, int(o.status)) for o in outcomes]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one file sent to one destination by `store_each`."""
+
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    tries: int  # C-STORE requests sent (0: none, e.g. no association)
+    status: int | None  # the last response's status; None: no response, or nothing sent
+    error: str | None = None  # None: stored (status is a success or a warning)
+    permanent: bool = False  # sending the same object again cannot help (SOP class refused...)
+    failed_tries: tuple[str, ...] = ()  # what went wrong on each failed C-STORE try, in order
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _permanent_status(status: int) -> bool:
+    """Statuses a PACS gives for good: the same object sent again gets the same answer."""
+    return status in PERMANENT_STATUSES or 0xA900 <= status <= 0xA9FF
+
+
+def store_each(
+    destination: Destination,
+    paths: list[Path],
+    calling_aet: str,
+    timeout: float = 30.0,
+    tries_per_instance: int | Mapping[Path, int] = 3,
+) -> list[Outcome]:
+    """C-STORE every file (in order) and say, per file, whether the destination stored it; never raises
+    for a network problem. A lost response (no answer, association aborted) or a failed status is
+    retried, up to `tries_per_instance` C-STORE requests per file (a number, or per path), over a fresh
+    association when the old one is in doubt: an object is never skipped without an outcome saying why.
+    A SOP class / transfer syntax the destination accepts no presentation context for is a permanent
+    failure of that object, at once."""
     datasets = {Path(p): dcmread(p) for p in paths}
-    pending = list(datasets)
-    tries = {p: 0 for p in pending}
-    delivered: list[Delivered] = []
-    refused: list[str] = []
+    budget = {p: (tries_per_instance.get(p, 3) if isinstance(tries_per_instance, Mapping) else tries_per_instance) for p in datasets}
+    pending = [p for p in datasets if budget[p] > 0]
+    tries = {p: 0 for p in datasets}
+    history: dict[Path, list[str]] = {p: [] for p in datasets}
+    outcomes: dict[Path, Outcome] = {}
+
+    def done(path: Path, status: int | None, error: str | None = None, permanent: bool = False) -> None:
+        ds = datasets[path]
+        outcomes[path] = Outcome(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), tries[path], status, error, permanent,
+                                 tuple(history[path]))
+        pending.remove(path)
+
     while pending:
         ae = _ae(calling_aet, timeout)
-        for ds in {(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID) for ds in map(datasets.get, pending)}:
-            ae.add_requested_context(ds[0], [ds[1]])
+        for sop_class, syntax in dict.fromkeys((datasets[p].SOPClassUID, datasets[p].file_meta.TransferSyntaxUID) for p in pending):
+            ae.add_requested_context(sop_class, [syntax])
         assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=[NODELAY_HANDLER])
         if not assoc.is_established:
-            raise SendError(
-                f"{destination.name}: association with {destination.ae_title}@{destination.host}:{destination.port} "
-                f"not established ({len(pending)} instances not sent)"
-            )
+            # Accepted, but with no presentation context at all: pynetdicom aborts at once. The
+            # objects of a rejected context are refused for good; anything else may pass later.
+            negotiated = assoc.is_aborted and not assoc.is_rejected and not assoc.accepted_contexts
+            refused = {cx.abstract_syntax for cx in assoc.rejected_contexts} if negotiated else set()
+            why = "rejected" if assoc.is_rejected else "not established"
+            message = f"association with {destination.ae_title}@{destination.host}:{destination.port} {why}"
+            for path in list(pending):
+                if datasets[path].SOPClassUID in refused:
+                    done(path, None, _no_context(destination, datasets[path]), permanent=True)
+                else:
+                    done(path, None, message)
+            break
         try:
             while pending:
                 path = pending[0]
                 ds = datasets[path]
+                accepted = [cx for cx in assoc.accepted_contexts
+                            if cx.abstract_syntax == ds.SOPClassUID and ds.file_meta.TransferSyntaxUID in cx.transfer_syntax]
+                if not accepted:
+                    # TODO(fallback output): a later item sends such objects in another form (e.g. a
+                    # secondary capture) or to another destination; the hook is processing.fallback_for().
+                    done(path, None, _no_context(destination, ds), permanent=True)
+                    continue
                 tries[path] += 1
                 try:
                     status = assoc.send_c_store(ds)
-                except ValueError as exc:  # no accepted presentation context for this SOP class
-                    refused.append(f"{ds.SOPInstanceUID}: {exc}")
-                    pending.pop(0)
+                except ValueError as exc:  # pynetdicom found no usable presentation context after all
+                    done(path, None, f"not sent: {exc}", permanent=True)
                     continue
                 if status and int(status.Status) in SUCCESS_STATUSES:
-                    delivered.append(Delivered(path, str(ds.SOPInstanceUID), int(status.Status)))
-                    pending.pop(0)
+                    done(path, int(status.Status))
                     continue
-                what = f"status 0x{int(status.Status):04X}" if status else "no response"
+                code = int(status.Status) if status and "Status" in status else None
+                what = f"status 0x{code:04X}" if code is not None else "no response"
+                history[path].append(what)
                 log.warning("%s: C-STORE of %s: %s (try %d)", destination.name, ds.SOPInstanceUID, what, tries[path])
-                if tries[path] >= tries_per_instance:
-                    refused.append(f"{ds.SOPInstanceUID}: {what} after {tries[path]} tries")
-                    pending.pop(0)
-                if not status or not assoc.is_established:
+                if code is not None and _permanent_status(code):
+                    done(path, code, f"refused: {what}", permanent=True)
+                elif tries[path] >= budget[path]:
+                    done(path, code, f"{what} after {tries[path]} {'try' if tries[path] == 1 else 'tries'}")
+                if code is None or not assoc.is_established:
                     break  # the association is in doubt: go on over a fresh one
         finally:
             if assoc.is_established:
                 assoc.release()
             elif not (assoc.is_aborted or assoc.is_released):
                 assoc.abort()
-    if refused:
-        raise SendError(f"{destination.name}: " + "; ".join(refused))
-    return delivered
+    for path in datasets:  # files given no try at all (a budget of 0)
+        if path not in outcomes:
+            ds = datasets[path]
+            outcomes[path] = Outcome(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), 0, None, "not sent: no tries left")
+    return [outcomes[p] for p in datasets]
+
+
+def _no_context(destination: Destination, ds) -> str:  # noqa: ANN001 - a pydicom Dataset
+    sop_class = UID(ds.SOPClassUID)
+    return (f"SOP class rejected: {destination.ae_title} accepted no presentation context for "
+            f"{sop_class.name or 'SOP class'} ({sop_class}) in {UID(ds.file_meta.TransferSyntaxUID).name}")

@@ -11,7 +11,8 @@ measured into a structured report that goes into the source study next to the SE
   model version keeps one UID.
 - One TID 1411 Volumetric ROI Measurements group per lesion, in lesion number order:
   tracking identifier "lesion N" + a new tracking UID; the ROI is the SEG's lesion segment
-  (Referenced Segment: SEG SOP instance, segment number, source series = the PET series);
+  (Referenced Segment: SEG SOP instance, segment number, source series = the series the SEG
+  references: the PET's, or the CT's for a model on the CT grid);
   finding category Morphologically Abnormal Structure and finding type Neoplasm (SCT, the
   SEG's segment codes); algorithm identification (TID 4019): the model, its version, and how
   lesions were measured; measurements (TID 300):
@@ -23,7 +24,7 @@ measured into a structured report that goes into the source study next to the SE
   Lesion Glycolysis with derivation Total (SCT 255619001). An all-negative study still has
   this group (count 0), which also satisfies highdicom's rule that a Measurement Report holds
   at least one measurement group.
-- Evidence (CurrentRequestedProcedureEvidenceSequence): the SEG and every PET slice.
+- Evidence (CurrentRequestedProcedureEvidenceSequence): the SEG and every source slice.
 
 The SEG holds ONE segment for all lesions (dicomnode.seg), so every lesion group references
 segment 1 and the lesion is told apart by its tracking identifier ("lesion N" is the lesion
@@ -91,12 +92,15 @@ def build_sr(
     series_description: str,
     manufacturer: str = "dicomnode",
     lesion_segment_numbers: Sequence[int] | None = None,
+    pet_header: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 PET Measurement Report of `measures` (see the module's docstring).
 
     `lesion_labels` is the label map `measure_lesions` returned, on the grid of `source` (the
     PET slices the SEG references, in slice order); `lesion_segment_numbers[k]` is the SEG
-    segment of lesion k + 1 (default: segment 1 for every lesion)."""
+    segment of lesion k + 1 (default: segment 1 for every lesion). The source may be the CT
+    (a model on the CT grid); `pet_header`, a PET slice header, then gives the radiopharmaceutical
+    for the procedure reported (default: `source[0]`)."""
     _check_fits(measures, lesion_labels, seg, source)
     if lesion_segment_numbers is None:
         lesion_segment_numbers = [1] * measures.lesion_count
@@ -142,7 +146,7 @@ def build_sr(
     )
     report = hd.sr.MeasurementReport(
         observation_context=observation_context,
-        procedure_reported=_procedure_reported(source[0]),
+        procedure_reported=_procedure_reported(pet_header if pet_header is not None else source[0]),
         imaging_measurements=groups,
         title=TITLE,
     )

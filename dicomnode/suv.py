@@ -308,10 +308,13 @@ def _decay_time_s(
     reference = _decay_reference_time(ds, decay_correction, earliest_acquisition, used)
     decay_time = reference - injection
     if decay_time < timedelta(0) or decay_time > MAX_DECAY_TIME:
+        what = ("negative: the injection is after the decay reference time" if decay_time < timedelta(0)
+                else "longer than 24 h")
         raise SuvError(
             injection_attribute,
-            f"decay time {decay_time} from injection {injection} to {reference} "
-            "is negative or longer than 24 h",
+            f"decay time {decay_time.total_seconds() / 3600.0:+.2f} h is {what} "
+            f"(injection {injection.isoformat()}, reference {reference.isoformat()}; "
+            "refused when negative or longer than 24 h)",
         )
     used["DecayTime"] = f"{decay_time.total_seconds():g} s"
     return decay_time.total_seconds()

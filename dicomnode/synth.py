@@ -15,6 +15,22 @@ function of the seed.
 PET pixel values are stored as Bq/ml such that SUVbw = Bq/ml * weight_g / decayed_dose
 reproduces `phantom.pet_suv(...)`, with the dose decayed from injection to SeriesTime
 (DecayCorrection START).
+
+`variant` writes the PET series as other scanners do; every variant's stored values give the
+same SUVbw through `dicomnode.suv`:
+
+    "bqml"             the above (Units BQML, DecayCorrection START, dose in Bq).
+    "ge-private-time"  Manufacturer GE; a post-processed series: SeriesDate/Time 25 min after
+                       the acquisition started, one AcquisitionTime per bed (16 slices, 3 min
+                       each), the true scan start in GE's private (0009,100D) under
+                       "GEMS_PETD_01" (the values are decay-corrected to it).
+    "philips-cnts"     Manufacturer Philips; Units CNTS (arbitrary counts), the SUV scale factor
+                       (7053,1000) and the activity concentration scale factor (7053,1009)
+                       under "Philips PET Private Group".
+    "admin-mbq"        DecayCorrection ADMIN (values decay-corrected to the injection: Bq/ml
+                       * weight_g / dose), RadionuclideTotalDose in MBq (300).
+    "midnight"         injected 23:30 the day before, scanned 00:30: only
+                       RadiopharmaceuticalStartTime, no RadiopharmaceuticalStartDateTime.
 """
 
 from __future__ import annotations
@@ -50,6 +66,24 @@ PET_FRAME_DURATION_MS = 180_000
 PET_MAX_STORED = 32767  # int16 stored values, per-slice slope maps the slice maximum here
 CT_RESCALE_INTERCEPT = -1024.0
 
+VARIANTS = ("bqml", "ge-private-time", "philips-cnts", "admin-mbq", "midnight")
+MIDNIGHT_INJECTION = datetime(2024, 3, 14, 23, 30, 0)  # "midnight": the scan is after midnight
+GE_SERIES_DELAY = timedelta(minutes=25)  # "ge-private-time": SeriesTime after the acquisition
+GE_SLICES_PER_BED = 16
+PHILIPS_BQML_PER_COUNT = 0.8  # "philips-cnts": Bq/ml per rescaled count
+
+
+@dataclass(frozen=True)
+class _Times:
+    injection: datetime
+    ct_start: datetime
+    pet_start: datetime
+
+
+def _times(variant: str) -> _Times:
+    injection = MIDNIGHT_INJECTION if variant == "midnight" else INJECTION
+    return _Times(injection, injection + UPTAKE - timedelta(minutes=5), injection + UPTAKE)
+
 
 @dataclass
 class SyntheticStudy:
@@ -65,6 +99,7 @@ class SyntheticStudy:
     ct_series_instance_uid: str
     pt_series_instance_uid: str
     phantom: ph.Phantom
+    variant: str = "bqml"
 
 
 def suv_to_bqml_factor() -> float:
@@ -81,10 +116,15 @@ def write_study(
     patient_id: str = "SYNTH-0001",
     patient_name: str = "Synthetic^PetCt",
     n_lesions: int | None = None,
+    variant: str = "bqml",
 ) -> SyntheticStudy:
+    """Write the study; `variant` (see the module docstring) says how the PET is stored."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}")
     out_dir = Path(out_dir)
+    times = _times(variant)
     phantom = ph.random_phantom(seed, n_lesions=n_lesions)
-    study = _study_dataset(patient_id, patient_name)
+    study = _study_dataset(patient_id, patient_name, times.ct_start)
     frame_of_reference_uid = generate_uid()
 
     ct_series_uid = generate_uid()
@@ -92,19 +132,19 @@ def write_study(
         out_dir / "CT",
         "ct",
         [
-            _ct_slice(study, frame_of_reference_uid, ct_series_uid, ph.CT_GRID, k, plane)
+            _ct_slice(study, frame_of_reference_uid, ct_series_uid, ph.CT_GRID, k, plane, times.ct_start)
             for k, plane in enumerate(ph.ct_hu(phantom, ph.CT_GRID))
         ],
     )
 
     pt_series_uid = generate_uid()
-    bqml = ph.pet_suv(phantom, ph.PET_GRID).astype(np.float64) * suv_to_bqml_factor()
+    values = ph.pet_suv(phantom, ph.PET_GRID).astype(np.float64) * _rescaled_per_suv(variant)
     pt_files = _write_series(
         out_dir / "PT",
         "pt",
         [
-            _pt_slice(study, frame_of_reference_uid, pt_series_uid, ph.PET_GRID, k, plane)
-            for k, plane in enumerate(bqml)
+            _pt_slice(study, frame_of_reference_uid, pt_series_uid, ph.PET_GRID, k, plane, variant, times)
+            for k, plane in enumerate(values)
         ],
     )
 
@@ -117,6 +157,7 @@ def write_study(
         json.dumps(
             {
                 "seed": seed,
+                "variant": variant,
                 "patient_id": patient_id,
                 "study_instance_uid": study.StudyInstanceUID,
                 "frame_of_reference_uid": frame_of_reference_uid,
@@ -149,7 +190,17 @@ def write_study(
         ct_series_instance_uid=ct_series_uid,
         pt_series_instance_uid=pt_series_uid,
         phantom=phantom,
+        variant=variant,
     )
+
+
+def _rescaled_per_suv(variant: str) -> float:
+    """Rescaled PET pixel units per SUVbw for a variant."""
+    if variant == "admin-mbq":  # decay-corrected to the injection: the whole dose counts
+        return INJECTED_DOSE_BQ / (PATIENT_WEIGHT_KG * 1000.0)
+    if variant == "philips-cnts":
+        return suv_to_bqml_factor() / PHILIPS_BQML_PER_COUNT
+    return suv_to_bqml_factor()  # the same 60 min uptake in every other variant
 
 
 # --- headers ----------------------------------------------------------------------------
@@ -171,7 +222,7 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _study_dataset(patient_id: str, patient_name: str) -> Dataset:
+def _study_dataset(patient_id: str, patient_name: str, ct_start: datetime = CT_START) -> Dataset:
     """Patient, General Study and Patient Study attributes shared by every image of the study."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -183,8 +234,8 @@ def _study_dataset(patient_id: str, patient_name: str) -> Dataset:
     ds.PatientWeight = f"{PATIENT_WEIGHT_KG:.1f}"
     ds.PatientSize = "1.75"
     ds.StudyInstanceUID = generate_uid()
-    ds.StudyDate = _da(CT_START)
-    ds.StudyTime = _tm(CT_START)
+    ds.StudyDate = _da(ct_start)
+    ds.StudyTime = _tm(ct_start)
     ds.StudyID = "1"
     ds.AccessionNumber = ""
     ds.ReferringPhysicianName = ""
@@ -233,14 +284,14 @@ def _image_dataset(
     return ds
 
 
-def _ct_slice(study, frame_of_reference_uid, series_uid, grid, k, hu) -> Dataset:
+def _ct_slice(study, frame_of_reference_uid, series_uid, grid, k, hu, ct_start=CT_START) -> Dataset:
     ds = _image_dataset(study, frame_of_reference_uid, series_uid, grid, k, hu)
     ds.SOPClassUID = CTImageStorage
     ds.Modality = "CT"
     ds.SeriesNumber = 2
     ds.SeriesDescription = "CT synthetic"
-    ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = _da(CT_START)
-    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = _tm(CT_START)
+    ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = _da(ct_start)
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = _tm(ct_start)
     ds.AcquisitionNumber = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.KVP = "120"
@@ -260,14 +311,16 @@ def _ct_slice(study, frame_of_reference_uid, series_uid, grid, k, hu) -> Dataset
     return ds
 
 
-def _pt_slice(study, frame_of_reference_uid, series_uid, grid, k, bqml) -> Dataset:
-    ds = _image_dataset(study, frame_of_reference_uid, series_uid, grid, k, bqml)
+def _pt_slice(study, frame_of_reference_uid, series_uid, grid, k, values, variant="bqml", times=None) -> Dataset:
+    """One PET slice; `values` are the rescaled pixel values (Bq/ml, or counts for philips-cnts)."""
+    times = times or _times(variant)
+    ds = _image_dataset(study, frame_of_reference_uid, series_uid, grid, k, values)
     ds.SOPClassUID = PositronEmissionTomographyImageStorage
     ds.Modality = "PT"
     ds.SeriesNumber = 3
     ds.SeriesDescription = "PET AC synthetic"
-    ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = _da(PET_START)
-    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = _tm(PET_START)
+    ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = _da(times.pet_start)
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = _tm(times.pet_start)
     ds.AcquisitionNumber = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.BodyPartExamined = "CHEST"
@@ -289,9 +342,10 @@ def _pt_slice(study, frame_of_reference_uid, series_uid, grid, k, bqml) -> Datas
     drug = Dataset()
     drug.Radiopharmaceutical = "Fluorodeoxyglucose"
     drug.RadiopharmaceuticalRoute = "Intravenous"
-    drug.RadiopharmaceuticalStartTime = _tm(INJECTION)
-    drug.RadiopharmaceuticalStartDateTime = INJECTION.strftime("%Y%m%d%H%M%S")
-    drug.RadionuclideTotalDose = f"{INJECTED_DOSE_BQ:.1f}"
+    drug.RadiopharmaceuticalStartTime = _tm(times.injection)
+    if variant != "midnight":  # the midnight variant dates the injection by time only
+        drug.RadiopharmaceuticalStartDateTime = times.injection.strftime("%Y%m%d%H%M%S")
+    drug.RadionuclideTotalDose = f"{INJECTED_DOSE_BQ / 1e6:g}" if variant == "admin-mbq" else f"{INJECTED_DOSE_BQ:.1f}"
     drug.RadionuclideHalfLife = f"{F18_HALF_LIFE_S}"
     drug.RadionuclidePositronFraction = "0.9673"
     drug.RadionuclideCodeSequence = [_code("77004003", "SCT", "^18^Fluorine")]
@@ -314,14 +368,38 @@ def _pt_slice(study, frame_of_reference_uid, series_uid, grid, k, bqml) -> Datas
     ds.DecayFactor = f"{lt / (1.0 - math.exp(-lt)):.6f}"
     ds.DoseCalibrationFactor = "1.0"
     ds.ImageIndex = k + 1
+    _apply_variant(ds, k, variant, times, decay_constant)
 
-    slope = float(bqml.max()) / PET_MAX_STORED if bqml.max() > 0 else 1.0
+    slope = float(values.max()) / PET_MAX_STORED if values.max() > 0 else 1.0
     slope = float(f"{slope:.10g}")  # exactly what the DS string will carry
     ds.RescaleIntercept = "0"
     ds.RescaleSlope = f"{slope:.10g}"
     ds.PixelRepresentation = 1
-    ds.PixelData = np.round(bqml / slope).clip(0, PET_MAX_STORED).astype(np.int16).tobytes()
+    ds.PixelData = np.round(values / slope).clip(0, PET_MAX_STORED).astype(np.int16).tobytes()
     return ds
+
+
+def _apply_variant(ds: Dataset, k: int, variant: str, times: _Times, decay_constant: float) -> None:
+    """What a vendor variant changes in one PET slice header (see the module docstring)."""
+    if variant == "ge-private-time":
+        ds.Manufacturer = "GE MEDICAL SYSTEMS"
+        bed_start = times.pet_start + (k // GE_SLICES_PER_BED) * timedelta(milliseconds=PET_FRAME_DURATION_MS)
+        ds.AcquisitionDate, ds.AcquisitionTime = _da(bed_start), _tm(bed_start)
+        processed = times.pet_start + GE_SERIES_DELAY
+        ds.SeriesDate = ds.ContentDate = _da(processed)
+        ds.SeriesTime = ds.ContentTime = _tm(processed)
+        block = ds.private_block(0x0009, "GEMS_PETD_01", create=True)
+        block.add_new(0x0D, "DT", times.pet_start.strftime("%Y%m%d%H%M%S.00"))  # PET scan_datetime
+    elif variant == "philips-cnts":
+        ds.Manufacturer = "Philips Medical Systems"
+        ds.Units = "CNTS"
+        block = ds.private_block(0x7053, "Philips PET Private Group", create=True)
+        block.add_new(0x00, "DS", f"{PHILIPS_BQML_PER_COUNT / suv_to_bqml_factor():.10g}")  # SUV scale factor
+        block.add_new(0x09, "DS", f"{PHILIPS_BQML_PER_COUNT:.10g}")  # activity concentration scale factor
+    elif variant == "admin-mbq":
+        ds.DecayCorrection = "ADMIN"
+        uptake_s = (times.pet_start - times.injection).total_seconds()
+        ds.DecayFactor = f"{float(ds.DecayFactor) * math.exp(decay_constant * uptake_s):.6f}"
 
 
 def _write_series(series_dir: Path, prefix: str, datasets: list[Dataset]) -> list[Path]:

@@ -4,6 +4,8 @@ It runs in its own process (`dicomnode worker`, started by `dicomnode serve`), s
 or out-of-memory in torch never stops the receiver. While a job runs, a heartbeat thread
 renews its lease; if the process dies, the lease expires and the job is queued again.
 On SIGTERM the running job is released back to the queue and the worker exits.
+A job whose results wait for a delivery's backoff goes back to the queue until then
+(queue.defer), so a PACS that is down never holds the worker.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
 from dicomnode.db import make_sessionmaker
-from dicomnode.processing import JobError, process
-from dicomnode.queue import RetryPolicy, claim, fail, release, renew_lease, succeed
+from dicomnode.processing import DeliveryPending, JobError, process
+from dicomnode.queue import RetryPolicy, claim, defer, fail, release, renew_lease, succeed
 
 log = logging.getLogger("dicomnode.worker")
 
@@ -91,6 +93,9 @@ class Worker:
         except Shutdown:
             release(self.sessions, job.id, self.owner, "worker shutting down")
             raise
+        except DeliveryPending as exc:  # results ready, deliveries backing off: free the worker meanwhile
+            defer(self.sessions, job.id, self.owner, exc.not_before, str(exc))
+            log.warning("job %d study %s: %s (queued until %s)", job.id, job.study_uid, exc, exc.not_before)
         except JobError as exc:
             state = fail(self.sessions, job.id, self.owner, str(exc), self.policy, retryable=exc.retryable)
             log.error("job %d study %s: %s (now %s)", job.id, job.study_uid, exc, state)

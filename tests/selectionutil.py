@@ -44,10 +44,10 @@ class DistractorStudy:
         return [p for files in self.files.values() for p in files]
 
 
-def distractor_study(root: Path, seed: int = 0) -> DistractorStudy:
-    """write_study plus: a non-attenuation-corrected PET (other values), a PET MIP, a CT
-    localizer and a second CT with 6 mm slices (every other slice of the 3 mm CT)."""
-    study = write_study(root / "study", seed=seed)
+def distractor_study(root: Path, seed: int = 0, variant: str = "bqml") -> DistractorStudy:
+    """write_study (of `variant`) plus: a non-attenuation-corrected PET (other values), a PET
+    MIP, a CT localizer and a second CT with 6 mm slices (every other slice of the 3 mm CT)."""
+    study = write_study(root / "study", seed=seed, variant=variant)
     uids = {"pet": study.pt_series_instance_uid, "ct": study.ct_series_instance_uid}
     files = {"pet": list(study.pt_files), "ct": list(study.ct_files)}
 

@@ -17,6 +17,7 @@ from pydicom import dcmread
 from scipy import ndimage
 
 from dicomnode.localpacs import LocalOrthanc, free_port
+from dicomnode.phantom import PET_GRID, pet_suv
 from dicomnode.synth import write_study
 
 from dicomtools import dciodvfy_errors
@@ -77,9 +78,29 @@ def _check_seg(pacs: LocalOrthanc, study, work: Path, timeout: float = SEG_TIMEO
                 for item in series.ReferencedSOPSequence}
     assert seg.SOPInstanceUID in evidence
     lesion_groups = hd.sr.MeasurementReport.from_sequence(sr.content).get_volumetric_roi_measurement_groups()
-    _, components = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 2))  # 18-connectivity
-    assert len(lesion_groups) == components
+    components, count = ndimage.label(mask, structure=ndimage.generate_binary_structure(3, 2))  # 18-connectivity
+    assert len(lesion_groups) == count
+    _check_suv_max(lesion_groups, components, count, study)
     return seg
+
+
+def _check_suv_max(lesion_groups, components: np.ndarray, count: int, study) -> None:
+    """The SR's SUVmax of each lesion is the maximum of the generator's true SUV inside that lesion of
+    the SEG. The node computes SUV from the stored PET (integers and a slope per slice), so within 1%.
+    Lesions are matched by SUVmax order: the SR numbers them by SUVmax, and sorting both sides keeps
+    two lesions of nearly equal SUVmax comparable whichever way round they come."""
+    true_suv = pet_suv(study.phantom, PET_GRID)  # on the PET grid, slices by increasing z, as the mask
+    assert components.shape == true_suv.shape
+    truth_max = sorted((float(true_suv[components == k].max()) for k in range(1, count + 1)), reverse=True)
+    reported = []
+    for group in lesion_groups:
+        [suv_max] = [m.value for m in group.get_measurements()
+                     if (m.name.value, m.name.scheme_designator) == ("126401", "DCM")
+                     and m.derivation is not None and (m.derivation.value, m.derivation.scheme_designator) == ("56851009", "SCT")]
+        reported.append(float(suv_max))
+    assert reported == sorted(reported, reverse=True)  # lesion 1 is the hottest
+    print(f"seed {study.phantom.seed}: SUVmax per lesion, SR {[round(v, 2) for v in reported]}, truth {[round(v, 2) for v in truth_max]}")
+    assert np.allclose(reported, truth_max, rtol=0.01), (reported, truth_max)
 
 
 def test_orthanc_sends_study_and_gets_seg_back(site):

@@ -1,5 +1,6 @@
 """The worker in-process on the real demo model: a bad input fails with a reason that names
-the attribute; a delivery failure is retried with the same SEG (no second inference)."""
+the attribute; results wait for a stopped PACS and arrive once, with the same UIDs (no second
+inference)."""
 
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from pydicom import dcmread
 from sqlalchemy import select
 
 from dicomnode import assembler
-from dicomnode.db import Event, Job, make_sessionmaker, utcnow
+from dicomnode.db import Delivery, Event, Job, make_sessionmaker, utcnow
 from dicomnode.index import ReceivedInstance, record_instance
 from dicomnode.localpacs import LocalOrthanc, free_port
 from dicomnode.synth import write_study
@@ -33,7 +34,7 @@ def _index_folder(sessions, files):
 def _setup(tmp_path: Path, pacs_port: int):
     config = node_config(
         tmp_path, model_path=str(MODEL),
-        node="study_quiet_seconds = 0\nretry_backoff_seconds = 0",
+        node="study_quiet_seconds = 0\nretry_backoff_seconds = 0\ndelivery_backoff_seconds = 0",
         extra=f'[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "127.0.0.1"\nport = {pacs_port}\n',
     )
     return config, make_sessionmaker(config.database_url)
@@ -70,7 +71,10 @@ def test_missing_patient_weight_fails_with_the_attribute_named(tmp_path: Path, w
     assert "PatientWeight" in job.error and "SUV" in job.error
 
 
-def test_delivery_failure_is_retried_with_the_same_seg(tmp_path: Path, worker_model):
+def test_results_wait_for_a_stopped_pacs_and_arrive_once(tmp_path: Path, worker_model):
+    """The PACS is down when the SEG and SR are ready: each delivery fails and backs off, the job
+    goes back to the queue (the worker is free), and once the PACS is up the same files (same SOP
+    Instance UIDs) arrive, once, without a second inference."""
     study = write_study(tmp_path / "study", seed=6)
     pacs_port = free_port()
     config, sessions = _setup(tmp_path, pacs_port)
@@ -80,18 +84,27 @@ def test_delivery_failure_is_retried_with_the_same_seg(tmp_path: Path, worker_mo
     assert worker.run_one()  # nobody listens on the PACS port yet
     with sessions() as session:
         job = session.get(Job, job_id)
-        assert job.state == "queued" and job.attempts == 1
-        assert "not established" in job.error
-    [seg_path] = (config.results_dir / study.study_instance_uid).glob("job-*/seg.dcm")
-    written_uid = dcmread(seg_path).SOPInstanceUID
+        assert job.state == "queued" and job.attempts == 0  # deferred: the deliveries count their own attempts
+        assert "not established" in job.error and "seg.dcm" in job.error
+        rows = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
+    assert [(Path(d.path).name, d.destination, d.state, d.attempts) for d in rows] == [
+        ("seg.dcm", "pacs", "pending", 1), ("sr.dcm", "pacs", "pending", 1)]
+    [out] = (config.results_dir / study.study_instance_uid).glob("job-*")
+    written = {dcmread(out / name).Modality: str(dcmread(out / name).SOPInstanceUID) for name in ("seg.dcm", "sr.dcm")}
     with LocalOrthanc(tmp_path / "orthanc", dicom_port=pacs_port) as pacs:
         assert worker.run_one()
-        series = pacs.wait_for_series(study.study_instance_uid, "SEG", timeout=30)
-        [instance] = series["Instances"]
-        assert pacs.instance_tags(instance)["SOPInstanceUID"] == written_uid
+        assert not worker.run_one()  # nothing left: delivered once
+        held: dict[str, list[str]] = {}
+        for series in pacs.series_of_study(study.study_instance_uid):
+            modality = series["MainDicomTags"]["Modality"]
+            held.setdefault(modality, []).extend(pacs.instance_tags(i)["SOPInstanceUID"] for i in series["Instances"])
+    assert held == {"SEG": [written["SEG"]], "SR": [written["SR"]]}
     with sessions() as session:
         job = session.get(Job, job_id)
         kinds = list(session.scalars(select(Event.kind).where(Event.job_id == job_id).order_by(Event.id)))
-    assert job.state == "succeeded" and job.attempts == 2
+        rows = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
+    assert job.state == "succeeded" and job.attempts == 1
+    assert [(d.state, d.attempts) for d in rows] == [("sent", 2), ("sent", 2)]
     assert kinds.count("inference-done") == 1 and "results-reused" in kinds
-    assert kinds.index("delivery-failed") < kinds.index("retry-scheduled") < kinds.index("results-reused") < kinds.index("delivered")
+    assert kinds.count("delivery-failed") == 2 and kinds.count("delivered") == 2
+    assert kinds.index("delivery-failed") < kinds.index("delivery-pending") < kinds.index("results-reused") < kinds.index("delivered")

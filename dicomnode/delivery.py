@@ -1,0 +1,149 @@
+"""Deliveries: every result object of a job to every destination, each with its own state,
+retries with backoff and events. The database side only; the network side is
+dicomnode.sender.store_each and the orchestration is dicomnode.processing.deliver.
+
+    pending --stored--> sent
+       |  ^
+       |  +-- a transient failure with attempts left: not_before = now + backoff
+       +--> failed (attempts used up, or refused for good: e.g. no presentation context
+                    for the SOP class)
+
+A job succeeds once every one of its deliveries is sent and fails once none is pending and
+one failed. While some wait for their backoff the job waits in the queue (queue.defer), so
+a PACS that is down never holds the worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from pydicom import dcmread
+from pydicom.uid import UID
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from dicomnode.db import Delivery, utcnow
+from dicomnode.queue import RetryPolicy, log_event
+from dicomnode.sender import Outcome
+
+PENDING, SENT, FAILED = "pending", "sent", "failed"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Where a job's deliveries stand."""
+
+    pending: int
+    sent: int
+    failed: tuple[str, ...]  # one line per failed delivery: the object, the destination, why
+    next_due: datetime | None  # the earliest not_before of a pending delivery
+    waiting: tuple[str, ...] = ()  # the last error of each pending delivery that has one
+
+    @property
+    def total(self) -> int:
+        return self.pending + self.sent + len(self.failed)
+
+
+def describe(delivery: Delivery) -> str:
+    """'seg.dcm (Segmentation Storage 1.2.3...) to pacs': the object and the destination."""
+    kind = UID(delivery.sop_class_uid).name or delivery.sop_class_uid
+    return f"{Path(delivery.path).name} ({kind} {delivery.sop_instance_uid}) to {delivery.destination}"
+
+
+def plan(
+    sessions: sessionmaker, job_id: int, study_uid: str, files: Sequence[Path], destinations: Sequence[str],
+    policy: RetryPolicy, now: datetime | None = None,
+) -> int:
+    """One pending delivery per file per destination, for those the job does not have yet
+    (idempotent: a job run again after a crash plans nothing twice). Returns how many were added."""
+    now = now or utcnow()
+    headers = []
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        headers.append((Path(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID)))
+    added: list[str] = []
+    with sessions.begin() as session:
+        have = {(row.destination, row.sop_instance_uid) for row in session.execute(
+            select(Delivery.destination, Delivery.sop_instance_uid).where(Delivery.job_id == job_id)
+        )}
+        for destination in destinations:
+            for path, sop_instance_uid, sop_class_uid in headers:
+                if (destination, sop_instance_uid) in have:
+                    continue
+                session.add(Delivery(
+                    job_id=job_id, destination=destination, path=str(path), sop_instance_uid=sop_instance_uid,
+                    sop_class_uid=sop_class_uid, state=PENDING, attempts=0, max_attempts=policy.max_attempts,
+                    not_before=now, created_at=now, updated_at=now,
+                ))
+                added.append(f"{path.name} to {destination}")
+        if added:
+            log_event(session, "deliveries-planned", ", ".join(added), study_uid=study_uid, job_id=job_id, at=now)
+    return len(added)
+
+
+def deliveries(sessions: sessionmaker, job_id: int) -> list[Delivery]:
+    with sessions() as session:
+        return list(session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
+
+
+def due(sessions: sessionmaker, job_id: int, now: datetime | None = None) -> list[Delivery]:
+    """The job's pending deliveries whose backoff is over, in the order they were planned."""
+    now = now or utcnow()
+    with sessions() as session:
+        return list(session.scalars(
+            select(Delivery)
+            .where(Delivery.job_id == job_id, Delivery.state == PENDING, Delivery.not_before <= now)
+            .order_by(Delivery.id)
+        ))
+
+
+def record(
+    sessions: sessionmaker, delivery_id: int, outcome: Outcome, policy: RetryPolicy, *,
+    study_uid: str | None = None, now: datetime | None = None,
+) -> str:
+    """Write what one send did to a delivery, with its event; return the delivery's new state.
+
+    Every C-STORE try counts as an attempt (an association that could not be opened counts
+    as one); a transient failure with attempts left backs off by `policy`, doubled per attempt."""
+    now = now or utcnow()
+    with sessions.begin() as session:
+        delivery = session.get(Delivery, delivery_id)
+        if delivery is None or delivery.state != PENDING:
+            return delivery.state if delivery else "missing"
+        delivery.attempts += max(outcome.tries, 1)
+        delivery.updated_at = now
+        what = describe(delivery)
+        tally = f"attempt {delivery.attempts} of {delivery.max_attempts}"
+        if outcome.ok:
+            delivery.state, delivery.sent_at, delivery.last_error = SENT, now, None
+            before = f"; failed tries before: {', '.join(outcome.failed_tries)}" if outcome.failed_tries else ""
+            status = f"status 0x{outcome.status:04X}" if outcome.status is not None else "stored"
+            kind, message = "delivered", f"{what}: {status}, {tally}{before}"
+        else:
+            delivery.last_error = outcome.error
+            if outcome.permanent:
+                delivery.state = FAILED
+                kind, message = "delivery-failed", f"{what}: {outcome.error}; refused for good, not retried ({tally})"
+            elif delivery.attempts >= delivery.max_attempts:
+                delivery.state = FAILED
+                kind, message = "delivery-failed", f"{what}: {outcome.error}; no attempts left ({tally})"
+            else:
+                delivery.not_before = now + policy.delay(delivery.attempts)
+                kind, message = "delivery-failed", f"{what}: {outcome.error}; {tally}, next try after {delivery.not_before:%H:%M:%S} UTC"
+        log_event(session, kind, message, study_uid=study_uid, job_id=delivery.job_id, at=now)
+        return delivery.state
+
+
+def summary(sessions: sessionmaker, job_id: int) -> Summary:
+    rows = deliveries(sessions, job_id)
+    pending = [d for d in rows if d.state == PENDING]
+    return Summary(
+        pending=len(pending),
+        sent=sum(d.state == SENT for d in rows),
+        failed=tuple(f"{describe(d)}: {d.last_error}" for d in rows if d.state == FAILED),
+        next_due=min((d.not_before for d in pending), default=None),
+        waiting=tuple(f"{describe(d)}: {d.last_error}" for d in pending if d.last_error),
+    )
