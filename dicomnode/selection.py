@@ -332,16 +332,20 @@ class Selection:
         return [Path(p) for p in self.chosen[channel].paths]
 
 
-def _pet_reasons(series: SeriesFacts, spec: PetInputSpec) -> tuple[list[str], str | None, Geometry | None]:
-    """(reasons it cannot be used, why it must be waited for, geometry)."""
-    reasons: list[str] = []
-    image_type = series.common_values("image_type")
-    lacking = [v for v in spec.image_type if v.upper() not in image_type]
+def _image_type_reasons(series: SeriesFacts, required: list[str], excluded: list[str]) -> list[str]:
+    reasons = []
+    lacking = [v for v in required if v.upper() not in series.common_values("image_type")]
     if lacking:
         reasons.append(f"ImageType {_show(series, 'image_type')} lacks {'/'.join(lacking)}")
-    excluded = sorted(series.all_values("image_type") & {v.upper() for v in spec.excluded_image_types})
-    if excluded:
-        reasons.append(f"ImageType is {'/'.join(excluded)}")
+    present = sorted(series.all_values("image_type") & {v.upper() for v in excluded})
+    if present:
+        reasons.append(f"ImageType is {'/'.join(present)}")
+    return reasons
+
+
+def _pet_reasons(series: SeriesFacts, spec: PetInputSpec) -> tuple[list[str], str | None, Geometry | None]:
+    """(reasons it cannot be used, why it must be waited for, geometry)."""
+    reasons = _image_type_reasons(series, spec.image_type, spec.excluded_image_types)
     series_type = series.all_values("series_type")
     bad_types = sorted(series_type & {v.upper() for v in spec.excluded_series_types})
     if bad_types:
@@ -374,14 +378,7 @@ def _pet_reasons(series: SeriesFacts, spec: PetInputSpec) -> tuple[list[str], st
 
 def _ct_reasons(series: SeriesFacts, spec: CtInputSpec, pet: SeriesFacts | None,
                 pet_geometry: Geometry | None) -> tuple[list[str], Geometry | None]:
-    reasons: list[str] = []
-    image_type = series.common_values("image_type")
-    lacking = [v for v in spec.image_type if v.upper() not in image_type]
-    if lacking:
-        reasons.append(f"ImageType {_show(series, 'image_type')} lacks {'/'.join(lacking)}")
-    excluded = sorted(series.all_values("image_type") & {v.upper() for v in spec.excluded_image_types})
-    if excluded:
-        reasons.append(f"ImageType is {'/'.join(excluded)}")
+    reasons = _image_type_reasons(series, spec.image_type, spec.excluded_image_types)
     geometry, problem = _geometry(series)
     if problem:
         reasons.append(problem)

@@ -1,13 +1,30 @@
-"""Shared fixtures. Fixtures of the DICOM side's synthetic data are named synth_*."""
+"""Shared fixtures. Fixtures of the DICOM side's synthetic data are named synth_*; `node` is a
+running receiver."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from dicomnode.db import make_sessionmaker
+from dicomnode.receiver import Receiver
 from dicomnode.synth import SyntheticStudy, write_study
+from nodeutil import node_config
 
 
 @pytest.fixture(scope="session")
 def synth_study(tmp_path_factory: pytest.TempPathFactory) -> SyntheticStudy:
     """One synthetic PET/CT study (seed 0), written once per test session. Treat as read-only."""
     return write_study(tmp_path_factory.mktemp("synth") / "study", seed=0)
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    """A running Receiver on a free loopback port that allows GOODSCU and STORESCU."""
+    config = node_config(tmp_path, node='allowed_calling_aets = ["GOODSCU", "STORESCU"]')
+    sessions = make_sessionmaker(config.database_url)
+    receiver = Receiver(config, sessions)
+    receiver.start()
+    yield config, sessions, receiver
+    receiver.stop()

@@ -70,14 +70,6 @@ EXPECTED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLi
 ]
 
 
-@pytest.fixture
-def node(tmp_path: Path):
-    config = node_config(tmp_path, node='allowed_calling_aets = ["GOODSCU", "STORESCU"]')
-    sessions = make_sessionmaker(config.database_url)
-    receiver = Receiver(config, sessions)
-    receiver.start()
-    yield config, sessions, receiver
-    receiver.stop()
 
 
 @pytest.fixture

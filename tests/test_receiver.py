@@ -18,14 +18,6 @@ from dicomnode.receiver import Receiver
 from nodeutil import node_config, tiny_instance, write_series
 
 
-@pytest.fixture
-def node(tmp_path: Path):
-    config = node_config(tmp_path, node='allowed_calling_aets = ["GOODSCU", "STORESCU"]')
-    sessions = make_sessionmaker(config.database_url)
-    receiver = Receiver(config, sessions)
-    receiver.start()
-    yield config, sessions, receiver
-    receiver.stop()
 
 
 def _associate(config, calling="GOODSCU", called=None):
