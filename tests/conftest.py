@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 
 from dicomnode.db import make_sessionmaker
 from dicomnode.receiver import Receiver
 from dicomnode.synth import SyntheticStudy, write_study
+from dicomnode.volumes import load_series
 from nodeutil import node_config
 
 
@@ -17,6 +19,18 @@ from nodeutil import node_config
 def synth_study(tmp_path_factory: pytest.TempPathFactory) -> SyntheticStudy:
     """One synthetic PET/CT study (seed 0), written once per test session. Treat as read-only."""
     return write_study(tmp_path_factory.mktemp("synth") / "study", seed=0)
+
+
+@pytest.fixture(scope="module")
+def pet(synth_study):
+    """The synthetic study's PET series as a Volume (one per test module: some tests edit headers)."""
+    return load_series(synth_study.pt_files)
+
+
+@pytest.fixture(scope="module")
+def truth(synth_study):
+    """The synthetic study's lesion labels on the PET grid."""
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(synth_study.truth_labels)))
 
 
 @pytest.fixture

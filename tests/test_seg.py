@@ -6,10 +6,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import SimpleITK as sitk
 
 from dicomnode.seg import SegError, build_seg, write_seg
-from dicomnode.volumes import load_series
 from dicomtools import dciodvfy_errors
 
 SEG_ARGS = dict(
@@ -19,16 +17,6 @@ SEG_ARGS = dict(
     series_number=901,
     series_description="demo-petct lesions",
 )
-
-
-@pytest.fixture(scope="module")
-def pet(synth_study):
-    return load_series(synth_study.pt_files)
-
-
-@pytest.fixture(scope="module")
-def truth(synth_study):
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(synth_study.truth_labels)))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import SimpleITK as sitk
 
 from dicomnode.measures import measure_lesions
 from dicomnode.seg import build_seg
@@ -28,16 +27,6 @@ NUMBER_OF_LESIONS = ("246206008", "SCT")
 
 def key(code) -> tuple[str, str]:
     return (code.value, code.scheme_designator)
-
-
-@pytest.fixture(scope="module")
-def pet(synth_study):
-    return load_series(synth_study.pt_files)
-
-
-@pytest.fixture(scope="module")
-def truth(synth_study):
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(synth_study.truth_labels)))
 
 
 @pytest.fixture(scope="module")
