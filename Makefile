@@ -11,10 +11,11 @@ export TCP_NODELAY := 1
 .PHONY: demo test system-packages demo-model bench lint-imports clean
 
 system-packages:
-	@command -v Orthanc >/dev/null && command -v storescu >/dev/null && command -v dciodvfy >/dev/null || { \
+	@if ! { { command -v Orthanc || test -x /usr/sbin/Orthanc; } && command -v storescu && command -v dciodvfy; } >/dev/null; then \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc dcmtk dicom3tools >/dev/null && \
-		$(SUDO) systemctl disable --now orthanc >/dev/null 2>&1 || true; }
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc dcmtk dicom3tools >/dev/null || exit 1; \
+		$(SUDO) systemctl disable --now orthanc >/dev/null 2>&1 || true; \
+	fi
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from pydicom import dcmread
 from scipy import ndimage
 
-from dicomnode.localpacs import LocalOrthanc, free_port
+from dicomnode.localpacs import LocalOrthanc, free_port, orthanc_binary
 from dicomnode.phantom import PET_GRID, pet_suv
 from dicomnode.synth import write_study
 
@@ -26,7 +26,7 @@ from e2e import REPO, write_node_config
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(shutil.which("Orthanc") is None, reason="Debian package orthanc not installed"),
+    pytest.mark.skipif(orthanc_binary() is None, reason="Debian package orthanc not installed"),
     pytest.mark.skipif(not (REPO / "models" / "demo-petct" / "plans.json").exists(), reason="demo model not built"),
 ]
 SEG_TIMEOUT = 300
