@@ -7,9 +7,12 @@ dicomnode.sender.store_each and the orchestration is dicomnode.processing.delive
        |  +-- a transient failure with attempts left: not_before = now + backoff
        +--> failed (attempts used up, or refused for good: e.g. no presentation context
                     for the SOP class)
+                 |
+                 +--the destination has a fallback--> replaced (its error kept; the fallback
+                    object, e.g. the secondary capture, is planned to the destination instead)
 
-A job succeeds once every one of its deliveries is sent and fails once none is pending and
-one failed. While some wait for their backoff the job waits in the queue (queue.defer), so
+A job succeeds once every one of its deliveries is sent or replaced and fails once none is
+pending and one failed. While some wait for their backoff the job waits in the queue (queue.defer), so
 a PACS that is down never holds the worker.
 """
 
@@ -29,7 +32,7 @@ from dicomnode.db import Delivery, utcnow
 from dicomnode.queue import RetryPolicy, log_event
 from dicomnode.sender import Outcome
 
-PENDING, SENT, FAILED = "pending", "sent", "failed"
+PENDING, SENT, FAILED, REPLACED = "pending", "sent", "failed", "replaced"
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,11 @@ class Summary:
     failed: tuple[str, ...]  # one line per failed delivery: the object, the destination, why
     next_due: datetime | None  # the earliest not_before of a pending delivery
     waiting: tuple[str, ...] = ()  # the last error of each pending delivery that has one
+    replaced: tuple[str, ...] = ()  # one line per delivery replaced by a fallback: the object, the destination, why
 
     @property
     def total(self) -> int:
-        return self.pending + self.sent + len(self.failed)
+        return self.pending + self.sent + len(self.failed) + len(self.replaced)
 
 
 def describe(delivery: Delivery) -> str:
@@ -60,28 +64,62 @@ def plan(
     """One pending delivery per file per destination, for those the job does not have yet
     (idempotent: a job run again after a crash plans nothing twice). Returns how many were added."""
     now = now or utcnow()
-    headers = []
-    for path in files:
-        ds = dcmread(path, stop_before_pixels=True)
-        headers.append((Path(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID)))
+    headers = [_header(path) for path in files]
     added: list[str] = []
     with sessions.begin() as session:
         have = {(row.destination, row.sop_instance_uid) for row in session.execute(
             select(Delivery.destination, Delivery.sop_instance_uid).where(Delivery.job_id == job_id)
         )}
         for destination in destinations:
-            for path, sop_instance_uid, sop_class_uid in headers:
-                if (destination, sop_instance_uid) in have:
+            for header in headers:
+                if (destination, header[1]) in have:
                     continue
-                session.add(Delivery(
-                    job_id=job_id, destination=destination, path=str(path), sop_instance_uid=sop_instance_uid,
-                    sop_class_uid=sop_class_uid, state=PENDING, attempts=0, max_attempts=policy.max_attempts,
-                    not_before=now, created_at=now, updated_at=now,
-                ))
-                added.append(f"{path.name} to {destination}")
+                session.add(_pending(job_id, destination, header, policy, now))
+                added.append(f"{header[0].name} to {destination}")
         if added:
             log_event(session, "deliveries-planned", ", ".join(added), study_uid=study_uid, job_id=job_id, at=now)
     return len(added)
+
+
+def replace(
+    sessions: sessionmaker, delivery_id: int, fallback: Path, policy: RetryPolicy, *,
+    study_uid: str | None = None, now: datetime | None = None,
+) -> int | None:
+    """A delivery refused for good becomes `replaced` (its error kept) and `fallback`, another
+    result file of the job, is planned to the same destination instead, once (a second refused
+    object of that destination shares it). Returns the fallback delivery's id; None when the
+    delivery is not failed."""
+    now = now or utcnow()
+    header = _header(fallback)
+    with sessions.begin() as session:
+        refused = session.get(Delivery, delivery_id)
+        if refused is None or refused.state != FAILED:
+            return None
+        planned = session.scalar(select(Delivery).where(
+            Delivery.job_id == refused.job_id, Delivery.destination == refused.destination,
+            Delivery.sop_instance_uid == header[1]))
+        if planned is None:
+            planned = _pending(refused.job_id, refused.destination, header, policy, now)
+            session.add(planned)
+            session.flush()
+        refused.state, refused.updated_at = REPLACED, now
+        log_event(session, "fallback-planned", f"{describe(refused)} refused for good ({refused.last_error}): "
+                  f"{Path(fallback).name} to {refused.destination} instead", study_uid=study_uid, job_id=refused.job_id, at=now)
+        return planned.id
+
+
+def _header(path: Path) -> tuple[Path, str, str]:
+    ds = dcmread(path, stop_before_pixels=True)
+    return Path(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID)
+
+
+def _pending(job_id: int, destination: str, header: tuple[Path, str, str], policy: RetryPolicy, now: datetime) -> Delivery:
+    path, sop_instance_uid, sop_class_uid = header
+    return Delivery(
+        job_id=job_id, destination=destination, path=str(path), sop_instance_uid=sop_instance_uid,
+        sop_class_uid=sop_class_uid, state=PENDING, attempts=0, max_attempts=policy.max_attempts,
+        not_before=now, created_at=now, updated_at=now,
+    )
 
 
 def deliveries(sessions: sessionmaker, job_id: int) -> list[Delivery]:
@@ -146,4 +184,5 @@ def summary(sessions: sessionmaker, job_id: int) -> Summary:
         failed=tuple(f"{describe(d)}: {d.last_error}" for d in rows if d.state == FAILED),
         next_due=min((d.not_before for d in pending), default=None),
         waiting=tuple(f"{describe(d)}: {d.last_error}" for d in pending if d.last_error),
+        replaced=tuple(f"{describe(d)}: {d.last_error}" for d in rows if d.state == REPLACED),
     )

@@ -5,7 +5,8 @@ dark, air is white), head at the top, the patient's right on the viewer's left, 
 to square pixels so that slice spacing and in-plane spacing keep their true proportions.
 The lesion mask is projected the same way and its outline is drawn in colour just outside
 the projected lesions, so the uptake inside stays visible. A text band on top carries the
-title and key figures. Pure numpy + pillow (+ scipy.ndimage).
+title and key figures. Pure numpy + pillow (+ scipy.ndimage). The same image (render_preview)
+is the PNG preview and the pixels of the secondary capture (dicomnode.capture).
 
 Layout (all integer pixels, so tests can reason about it):
 
@@ -24,7 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-__all__ = ["mip_png", "render_mip", "panel_size", "default_zoom", "suv_window", "lesion_figures"]
+__all__ = ["mip_png", "render_preview", "render_mip", "panel_size", "default_zoom", "suv_window", "display_window",
+           "lesion_figures"]
 
 # Outline colours by label value (1 is the usual binary lesion label); cycles for larger values.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -165,6 +167,47 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
     return lines
 
 
+def display_window(pet_suv: np.ndarray, vmax: float | None = None) -> float:
+    """The upper end of the grey scale render_mip uses for this PET: `vmax`, else suv_window of the MIP."""
+    return float(vmax) if vmax else suv_window(np.nan_to_num(np.asarray(pet_suv, dtype=np.float32), nan=0.0).max(axis=1))
+
+
+def render_preview(
+    pet_suv: np.ndarray,
+    labels: np.ndarray | None,
+    spacing_zyx: Sequence[float],
+    text: str,
+    *,
+    vmax: float | None = None,
+    zoom: int | None = None,
+    z_up: bool = True,
+) -> np.ndarray:
+    """The preview as an RGB uint8 array (H, W, 3): a white header band with ``text`` (wrapped
+    to the width; newlines start new lines) and the "R ... L" orientation row, stacked on the
+    MIP panel of render_mip. The PNG preview and the secondary capture are this image."""
+    panel = render_mip(pet_suv, labels, spacing_zyx, vmax=vmax, zoom=zoom, z_up=z_up)
+    height, width = panel.shape[:2]
+    font = _font()
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = 6
+    lines = _wrap(scratch, text, font, max(1, width - 2 * margin)) if text else []
+    asc_desc = font.getbbox("Ag|")
+    line_h = (asc_desc[3] - asc_desc[1]) + 4
+    orient_h = line_h  # "R ... L" orientation row
+    header_h = margin + line_h * len(lines) + orient_h + margin // 2
+
+    canvas = Image.new("RGB", (width, header_h + height), HEADER_BG)
+    draw = ImageDraw.Draw(canvas)
+    y = margin
+    for line in lines:
+        draw.text((margin, y), line, fill=HEADER_FG, font=font)
+        y += line_h
+    draw.text((margin, y), "R", fill=HEADER_FG, font=font)
+    draw.text((width - margin - draw.textlength("L", font=font), y), "L", fill=HEADER_FG, font=font)
+    canvas.paste(Image.fromarray(panel), (0, header_h))
+    return np.asarray(canvas)
+
+
 def mip_png(
     pet_suv: np.ndarray,
     labels: np.ndarray | None,
@@ -184,33 +227,11 @@ def mip_png(
     (lesion count, lesion volume, SUVmax, display window) unless ``figures`` is False.
     """
     pet = np.asarray(pet_suv, dtype=np.float32)
-    panel = render_mip(pet, labels, spacing_zyx, vmax=vmax, zoom=zoom, z_up=z_up)
-    height, width = panel.shape[:2]
-    mip = np.nan_to_num(pet, nan=0.0).max(axis=1)
-    window = float(vmax) if vmax else suv_window(mip[::-1] if z_up else mip)
-
-    font = _font()
-    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    margin = 6
     figs = lesion_figures(pet, labels, spacing_zyx) if figures else ""
-    text = "\n".join(t for t in (title, (f"{figs} | " if figs else "") + f"window SUV 0-{window:.1f}") if t)
-    lines = _wrap(scratch, text, font, max(1, width - 2 * margin))
-    asc_desc = font.getbbox("Ag|")
-    line_h = (asc_desc[3] - asc_desc[1]) + 4
-    orient_h = line_h  # "R ... L" orientation row
-    header_h = margin + line_h * len(lines) + orient_h + margin // 2
-
-    canvas = Image.new("RGB", (width, header_h + height), HEADER_BG)
-    draw = ImageDraw.Draw(canvas)
-    y = margin
-    for line in lines:
-        draw.text((margin, y), line, fill=HEADER_FG, font=font)
-        y += line_h
-    draw.text((margin, y), "R", fill=HEADER_FG, font=font)
-    draw.text((width - margin - draw.textlength("L", font=font), y), "L", fill=HEADER_FG, font=font)
-    canvas.paste(Image.fromarray(panel), (0, header_h))
-
+    window = f"window SUV 0-{display_window(pet, vmax):.1f}"
+    text = "\n".join(t for t in (title, (f"{figs} | " if figs else "") + window) if t)
+    image = render_preview(pet, labels, spacing_zyx, text, vmax=vmax, zoom=zoom, z_up=z_up)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out, format="PNG")
+    Image.fromarray(image).save(out, format="PNG")
     return out

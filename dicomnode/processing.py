@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.config import Config, ModelSettings
+from dicomnode.config import Config, Destination, ModelSettings
 from dicomnode.db import Delivery, Job
 from dicomnode.queue import RetryPolicy, log_event
 from dicomnode.selection import Selection, select_inputs, series_from_index
@@ -37,17 +37,17 @@ class JobError(Exception):
 
 @dataclass(frozen=True)
 class Inputs:
-    """The model's input channels on one grid (the model's `grid` setting: PET or CT).
+    """The model's input channels on one grid (the model's `grid` setting: one of its channels).
 
     `grid` is the volume of the series that gives the grid: its `.datasets` are the source
     images the SEG and SR reference, slice for slice. `suv` is the PET in SUVbw on that grid
-    (what the lesions are measured on), whether or not the model takes a PET channel."""
+    (what the lesions are measured on), None for a model without a PET channel."""
 
     channels: np.ndarray  # (c, z, y, x) on the grid
     spacing: tuple[float, float, float]  # (z, y, x) mm of the grid
-    grid: object  # volumes.Volume of the series that gives the grid (PET or CT)
-    suv: np.ndarray  # (z, y, x) PET SUVbw on the grid
-    grid_name: str = "PET"  # "PET" or "CT"
+    grid: object  # volumes.Volume of the series that gives the grid
+    suv: np.ndarray | None  # (z, y, x) PET SUVbw on the grid, None without a PET channel
+    grid_name: str = "PET"  # the channel that gives the grid: "PET", "CT", "T1CE", ...
     pet_header: object = None  # the first PET slice header (radiopharmaceutical for the SR)
 
 
@@ -68,7 +68,8 @@ def select_series(sessions: sessionmaker, job: Job, settings: ModelSettings) -> 
     from dicomnode.db import Event
 
     with sessions() as session:
-        selection = select_inputs(series_from_index(session, job.study_uid), settings.channels, settings.inputs)
+        selection = select_inputs(series_from_index(session, job.study_uid), settings.channels, settings.inputs,
+                                  settings.grid)
         recorded = session.scalar(select(Event.id).where(Event.job_id == job.id, Event.kind == VERDICT).limit(1))
     if recorded is None:
         with sessions.begin() as session:
@@ -80,63 +81,68 @@ def select_series(sessions: sessionmaker, job: Job, settings: ModelSettings) -> 
 
 
 def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid: str = "PET") -> Inputs:
-    """The model's input channels on the `grid` series' grid from each channel's files (`paths`
-    by channel name: "PET" and, when a channel or the grid needs it, "CT").
-
-    grid "PET": the CT (HU) is resampled onto the PET grid (linear, outside: -1024 HU).
-    grid "CT": the PET SUV is resampled onto the CT grid (linear, outside: SUV 0).
+    """The model's input channels on the `grid` channel's series grid, from each channel's files
+    (`paths` by channel name): "CT" in HU, "PET" in SUVbw, any other (named: MR, ...) as
+    stored, rescale applied. Every other channel is resampled linearly onto the grid; outside
+    its field of view: -1024 HU for the CT, SUV 0 for the PET, 0 for the rest (e.g. the CT onto
+    the PET grid as GLOW-FDG was trained, or T1, T2 and FLAIR onto the T1 post contrast).
     `dicomnode inspect --export` writes the same."""
-    from dataclasses import replace
+    from dicomnode.suv import SuvError
+    from dicomnode.volumes import CT_PADDING_HU, VolumeError, resample_to
 
-    from dicomnode.suv import SuvError, pet_suv_volume
-    from dicomnode.volumes import CT_PADDING_HU, VolumeError, load_series, resample_to
-
-    if grid not in ("PET", "CT"):
-        raise JobError(f"unknown grid {grid!r}: PET or CT")
-    if "PET" not in paths:
-        raise JobError("no PET series: the SUV is needed on every grid")
-    if grid == "CT" and "CT" not in paths:
-        raise JobError("the model's inputs are built on the CT grid (grid = \"CT\"): no CT series")
+    padding = {"CT": CT_PADDING_HU, "PET": 0.0}  # outside a resampled channel's field of view; else 0
+    lacking = [c for c in dict.fromkeys([*channel_names, grid]) if c not in paths]
+    if lacking:
+        raise JobError(f"no series for channel{'s' if len(lacking) > 1 else ''} {', '.join(lacking)}"
+                       f"{' (the grid)' if grid in lacking else ''}")
     try:
-        pet = load_series(paths["PET"])
-        suv = pet_suv_volume(pet).astype(np.float32)
-        ct = load_series(paths["CT"]) if "CT" in channel_names or grid == "CT" else None
-        if grid == "PET":
-            reference = pet
-            arrays = {"PET": suv}
-            if ct is not None:
-                arrays["CT"] = resample_to(ct, pet, default_value=CT_PADDING_HU).array.astype(np.float32)
-        else:
-            reference = ct
-            suv = resample_to(replace(pet, array=suv), ct, default_value=0.0).array.astype(np.float32)
-            arrays = {"PET": suv, "CT": ct.array.astype(np.float32)}
+        volumes = {c: _channel_volume(c, paths[c]) for c in dict.fromkeys([*channel_names, grid])}
+        reference = volumes[grid]
+        arrays = {c: v.array if c == grid else resample_to(v, reference, default_value=padding.get(c, 0.0)).array
+                  for c, v in volumes.items()}
     except VolumeError as exc:
         raise JobError(f"cannot build input volumes: {exc}") from exc
     except SuvError as exc:
         raise JobError(f"cannot compute SUVbw: {exc}") from exc
-    channels = np.stack([arrays[c] for c in channel_names])
-    return Inputs(channels=channels, spacing=tuple(reference.spacing), grid=reference, suv=suv, grid_name=grid,
-                  pet_header=pet.datasets[0])
+    channels = np.stack([arrays[c].astype(np.float32, copy=False) for c in channel_names])
+    pet = volumes.get("PET")
+    return Inputs(channels=channels, spacing=tuple(reference.spacing), grid=reference,
+                  suv=arrays["PET"].astype(np.float32, copy=False) if pet is not None else None, grid_name=grid,
+                  pet_header=pet.datasets[0] if pet is not None else None)
+
+
+
+def _channel_volume(channel: str, paths: list[Path]):  # noqa: ANN202 - volumes.Volume
+    """One channel's series as a volume: the PET in SUVbw, anything else as its rescaled values."""
+    from dataclasses import replace
+
+    from dicomnode.suv import pet_suv_volume
+    from dicomnode.volumes import load_series
+
+    volume = load_series(paths)
+    return replace(volume, array=pet_suv_volume(volume).astype(np.float32)) if channel == "PET" else volume
 
 
 def build_inputs(sessions: sessionmaker, job: Job, settings: ModelSettings) -> Inputs:
-    """The job's model input channels, `settings.channels` in order (CT, PET)."""
+    """The job's model input channels, `settings.channels` in order, on the `settings.grid` grid."""
     selection = select_series(sessions, job, settings)
     channel_names = list(settings.channels)
     inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, channel_names, settings.grid)
     used = ", ".join(f"{c} <- {selection.chosen[c].label()}" for c in dict.fromkeys(channel_names))
-    used += f"; on the {settings.grid} grid {'x'.join(str(n) for n in inputs.suv.shape)}"
+    used += f"; on the {settings.grid} grid {'x'.join(str(n) for n in inputs.channels.shape[1:])}"
     _event(sessions, job, "inputs-built", used)
     return inputs
 
 
-def model_fingerprint(settings: ModelSettings) -> str:
-    """A short, stable identity of a model folder: its plans, dataset.json and checkpoints' sizes."""
+def model_fingerprint(settings: ModelSettings, root: Path | None = None) -> str:
+    """A short, stable identity of a model folder: its plans, dataset.json and checkpoints' sizes.
+    `root`: the folder holding them when it is not the configured path (nnU-Net's results layout)."""
+    root = root or settings.path
     digest = hashlib.sha256()
     for name in ("dataset.json", "plans.json"):
-        digest.update((settings.path / name).read_bytes())
+        digest.update((root / name).read_bytes())
     for fold in settings.folds:
-        checkpoint = settings.path / f"fold_{fold}" / settings.checkpoint
+        checkpoint = root / f"fold_{fold}" / settings.checkpoint
         digest.update(f"{fold}:{checkpoint.stat().st_size}".encode())
     return f"sha256:{digest.hexdigest()[:12]}"
 
@@ -145,61 +151,147 @@ def result_dir(config: Config, job: Job) -> Path:
     return config.results_dir / job.study_uid / f"job-{job.id}"
 
 
-def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Path:  # noqa: ANN001 - inference.SegmentationModel
-    """Run the model, measure the lesions and write the SEG and the SR (once per job); return
-    the result folder. seg.dcm is renamed into place last: it marks a complete result."""
-    from dicomnode.measures import measure_lesions
-    from dicomnode.seg import build_seg, write_seg
-    from dicomnode.sr import build_sr, write_sr
+# Result objects and their files in the job's result folder (config: destinations' outputs / fallback).
+RESULT_FILES = {"SEG": "seg.dcm", "SR": "sr.dcm", "RTSTRUCT": "rtstruct.dcm", "SC": "sc.dcm"}
+LABELS_FILE = "labels.npz"  # the model's label map: objects missing later are built without inference
 
+
+def results_needed(config: Config, settings: ModelSettings) -> list[str]:
+    """The result objects a job writes: the SEG and the SR always (kept on disk even for a node
+    without destinations), an RTSTRUCT or SC when a destination has it as an output or fallback."""
+    kinds = {"SEG", "SR"}
+    for destination in config.destinations_for(settings):
+        kinds.update(destination.outputs)
+        kinds.update([destination.fallback] if destination.fallback else [])
+    return [kind for kind in RESULT_FILES if kind in kinds]
+
+
+def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Path:  # noqa: ANN001 - inference.SegmentationModel
+    """Write the job's result objects (results_needed) into its result folder once and return the
+    folder. Each file is renamed into place when complete; a later run (a retried delivery, a
+    restart, an output added to the config) writes only those missing, from the label map saved
+    after inference (labels.npz), so the model runs once per job and every object keeps its
+    SOP Instance UID."""
     out = result_dir(config, job)
-    seg_path = out / "seg.dcm"
-    if seg_path.exists():
-        _event(sessions, job, "results-reused", f"{seg_path} from an earlier attempt")
-        return out
     settings = config.model(job.model)
+    missing = [kind for kind in results_needed(config, settings) if not (out / RESULT_FILES[kind]).exists()]
+    if not missing:
+        _event(sessions, job, "results-reused", f"{out} from an earlier attempt")
+        return out
+    inputs = build_inputs(sessions, job, settings)
+    labels = _model_labels(sessions, job, settings, model, inputs, out)
+    findings = _measure(sessions, job, settings, model, inputs, labels)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "measures.json").write_text(json.dumps(findings.as_json(), indent=2))
+    written = []
+    for kind, ds in _result_objects(missing, out, job, settings, getattr(model, "model_dir", None), inputs, findings):
+        partial = out / f".{RESULT_FILES[kind]}.partial"
+        ds.save_as(partial, enforce_file_format=True)
+        partial.replace(out / RESULT_FILES[kind])
+        written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
+    _event(sessions, job, "results-written", ", ".join(written))
+    return out
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the result objects report. A model with a PET channel: its lesions (connected
+    components of the mask) with their SUV measures (`measures`: measures.StudyMeasures, `labels`:
+    lesion n = n, `segments` None: one lesion segment). A model without one: each label of its
+    label map as a segment with its codes (`measures`: measures.SegmentMeasures per label,
+    `labels`: the model's label map, `segments`: label value -> labelcodes' LabelCode)."""
+
+    measures: object
+    labels: np.ndarray
+    segments: dict | None = None
+
+    def as_json(self) -> object:
+        return asdict(self.measures) if self.segments is None else [asdict(m) for m in self.measures]
+
+
+def _measure(sessions: sessionmaker, job: Job, settings: ModelSettings, model, inputs: Inputs,  # noqa: ANN001
+             labels: np.ndarray) -> Findings:
+    from dicomnode.labelcodes import LabelCodesError, label_codes
+    from dicomnode.measures import measure_lesions, measure_segments
+
+    if inputs.suv is not None:
+        measures, lesion_labels = measure_lesions(labels > 0, inputs.suv, inputs.spacing, connectivity=settings.lesion_connectivity,
+                                                  min_volume_ml=settings.min_lesion_volume_ml)
+        _event(sessions, job, "measured", f"{measures.lesion_count} lesions, MTV {measures.total_mtv_ml:.1f} ml, TLG {measures.total_tlg_g:.1f} g")
+        return Findings(measures, lesion_labels)
+    try:
+        codes = label_codes(settings, model.labels, Path(model.model_dir))
+    except LabelCodesError as exc:
+        raise JobError(str(exc)) from exc
+    segments = measure_segments(labels, inputs.spacing, {value: code.name for value, code in codes.items()},
+                                connectivity=settings.lesion_connectivity)
+    _event(sessions, job, "measured", "; ".join(f"{m.name} {m.volume_ml:.1f} ml in {m.components} parts" for m in segments))
+    return Findings(segments, labels, codes)
+
+
+def _model_labels(sessions: sessionmaker, job: Job, settings: ModelSettings, model, inputs: Inputs, out: Path) -> np.ndarray:  # noqa: ANN001
+    """The model's label map on the grid: saved by an earlier attempt, else predicted and saved."""
+    saved = out / LABELS_FILE
+    if saved.exists():
+        with np.load(saved) as data:
+            labels = data["labels"]
+        _event(sessions, job, "labels-reused", f"{saved} from an earlier attempt: no inference")
+        return labels
     if len(settings.channels) != len(model.channel_names):
         raise JobError(
             f"model {settings.name} takes {len(model.channel_names)} channels {model.channel_names} "
             f"but config models.channels lists {len(settings.channels)}: {settings.channels}"
         )
-    inputs = build_inputs(sessions, job, settings)
     started = time.monotonic()
     labels = model.predict(inputs.channels, inputs.spacing)
-    mask = labels > 0
-    _event(sessions, job, "inference-done", f"{time.monotonic() - started:.1f} s on {model.device}, {int(mask.sum())} foreground voxels")
-
-    measures, lesion_labels = measure_lesions(
-        mask, inputs.suv, inputs.spacing, connectivity=settings.lesion_connectivity, min_volume_ml=settings.min_lesion_volume_ml
-    )
-    _event(sessions, job, "measured", f"{measures.lesion_count} lesions, MTV {measures.total_mtv_ml:.1f} ml, TLG {measures.total_tlg_g:.1f} g")
-    version = settings.version or model_fingerprint(settings)
-    seg = build_seg(
-        (lesion_labels > 0).astype(np.uint8),
-        inputs.grid.datasets,
-        model_name=settings.name,
-        model_version=version,
-        folds=list(settings.folds),
-        series_number=900 + job.run_number,
-        series_description=f"{settings.name} lesions (run {job.run_number})"[:64],
-    )
-    sr = build_sr(
-        measures,
-        lesion_labels,
-        seg,
-        inputs.grid.datasets,
-        pet_header=inputs.pet_header,
-        model_name=settings.name,
-        model_version=version,
-        series_number=950 + job.run_number,
-        series_description=f"{settings.name} PET measurements (run {job.run_number})"[:64],
-    )
+    _event(sessions, job, "inference-done", f"{time.monotonic() - started:.1f} s on {model.device}, {int((labels > 0).sum())} foreground voxels")
     out.mkdir(parents=True, exist_ok=True)
-    write_sr(sr, out / ".sr.dcm.partial").replace(out / "sr.dcm")
-    (out / "measures.json").write_text(json.dumps(asdict(measures), indent=2))
-    write_seg(seg, out / ".seg.dcm.partial").replace(seg_path)
-    _event(sessions, job, "results-written", f"SEG {seg.SOPInstanceUID} series {seg.SeriesNumber}, SR {sr.SOPInstanceUID} series {sr.SeriesNumber}")
-    return out
+    partial = out / f".{LABELS_FILE}.partial"
+    with partial.open("wb") as f:
+        np.savez_compressed(f, labels=labels)
+    partial.replace(saved)
+    return labels
+
+
+def _result_objects(missing: list[str], out: Path, job: Job, settings: ModelSettings, model_root: Path | None, inputs: Inputs,
+                    findings: Findings):  # noqa: ANN202 - (kind, dataset) pairs
+    """Build the missing result objects in RESULT_FILES order, (kind, dataset); the SR references
+    the SEG, built here or read back from the folder. The RTSTRUCT and the SC (PET MIP) are of
+    PET lesions only (config refuses them for a model without a PET channel)."""
+    from highdicom.seg import segread
+
+    from dicomnode.capture import build_capture
+    from dicomnode.rtstruct import build_rtstruct
+    from dicomnode.seg import build_seg
+    from dicomnode.sr import build_sr
+    from dicomnode.volume_sr import build_volume_sr
+
+    model = dict(model_name=settings.name, model_version=settings.version or model_fingerprint(settings, model_root))
+    run, name, source = job.run_number, settings.name, inputs.grid.datasets
+    lesions = findings.segments is None
+    if "SEG" in missing:
+        if lesions:
+            seg = build_seg((findings.labels > 0).astype(np.uint8), source, **model, folds=list(settings.folds),
+                            series_number=900 + run, series_description=f"{name} lesions (run {run})"[:64])
+        else:
+            seg = build_seg(findings.labels, source, **model, folds=list(settings.folds), segments=findings.segments,
+                            series_number=900 + run, series_description=f"{name} segments (run {run})"[:64])
+        yield "SEG", seg
+    elif "SR" in missing:
+        seg = segread(out / RESULT_FILES["SEG"])
+    if "SR" in missing and lesions:
+        yield "SR", build_sr(findings.measures, findings.labels, seg, source,
+                             pet_header=inputs.pet_header, **model, series_number=950 + run,
+                             series_description=f"{name} PET measurements (run {run})"[:64])
+    elif "SR" in missing:
+        yield "SR", build_volume_sr(findings.measures, seg, source, segment_codes=findings.segments, **model,
+                                    series_number=950 + run, series_description=f"{name} volumes (run {run})"[:64])
+    if "RTSTRUCT" in missing:
+        yield "RTSTRUCT", build_rtstruct(findings.labels, source, **model, series_number=970 + run,
+                                         series_description=f"{name} lesion contours (run {run})"[:64])
+    if "SC" in missing:
+        yield "SC", build_capture(inputs.suv, findings.labels, findings.measures, source, inputs.spacing, **model,
+                                  series_number=980 + run, series_description=f"{name} PET MIP (run {run})"[:64])
 
 
 class DeliveryPending(Exception):
@@ -214,60 +306,95 @@ class DeliveryPending(Exception):
 TRIES_PER_PASS = 2  # C-STORE tries of one object in one delivery pass (a lost response is retried at once)
 
 
-def fallback_for(delivery: Delivery, outcome: Outcome) -> None:
-    """Hook for objects a destination refuses for good (no presentation context for the SOP
-    class, e.g. a PACS without Segmentation Storage). TODO (a later item): an optional fallback
-    output, e.g. a secondary capture of the SEG overlay, planned here as a further delivery."""
-    return None
+def fallback_for(
+    sessions: sessionmaker, job: Job, out: Path, refused: Delivery, outcome: Outcome, destination: Destination | None,
+    policy: RetryPolicy,
+) -> int | None:
+    """The destination refused `refused`'s SOP class for good (no presentation context for it, or
+    0x0122): its fallback object (written with the results, see results_needed) is planned to it
+    as a further delivery of the same job and `refused` becomes replaced. Returns the fallback
+    delivery's id; None when there is no fallback (none configured, or the refused object is it)."""
+    from dicomnode import delivery as deliveries
+
+    if destination is None or destination.fallback is None or not outcome.sop_class_refused:
+        return None
+    fallback = out / RESULT_FILES[destination.fallback]
+    if Path(refused.path).name == fallback.name:
+        return None
+    return deliveries.replace(sessions, refused.id, fallback, policy, study_uid=job.study_uid)
 
 
 def deliver(config: Config, sessions: sessionmaker, job: Job, out: Path) -> str:
-    """Send the job's result objects (seg.dcm first, then sr.dcm) to each destination, each
-    object to each destination as its own delivery (dicomnode.delivery) with its own retries.
-    Returns a summary when every delivery is sent; raises DeliveryPending while some wait for
-    their backoff, and JobError (not retryable: the deliveries did their retrying) naming the
+    """Send each destination its outputs (by default seg.dcm, then sr.dcm), each object to each
+    destination as its own delivery (dicomnode.delivery) with its own retries; an object refused
+    for good is replaced by the destination's fallback, sent in the same pass. Returns a summary
+    when every delivery is sent or replaced; raises DeliveryPending while some wait for their
+    backoff, and JobError (not retryable: the deliveries did their retrying) naming the
     destination and the object once none is pending and one failed."""
     from dicomnode import delivery as deliveries
 
     settings = config.model(job.model)
     policy = RetryPolicy(config.node.delivery_max_attempts, config.node.delivery_backoff_seconds)
     destinations = {d.name: d for d in config.destinations_for(settings)}
-    deliveries.plan(sessions, job.id, job.study_uid, sorted(out.glob("*.dcm")), list(destinations), policy)
-    by_destination: dict[str, list[Delivery]] = {}
-    for item in deliveries.due(sessions, job.id):
-        by_destination.setdefault(item.destination, []).append(item)
-    for name, items in by_destination.items():
-        destination = destinations.get(name)
-        outcomes: dict[int, Outcome] = {}
-        sendable = []
-        for item in items:
-            path = Path(item.path)
-            if destination is None:
-                outcomes[item.id] = Outcome(path, item.sop_instance_uid, item.sop_class_uid, 0, None,
-                                            f"destination {name} is no longer configured", permanent=True)
-            elif not path.is_file():
-                outcomes[item.id] = Outcome(path, item.sop_instance_uid, item.sop_class_uid, 0, None,
-                                            f"result file {path} is gone", permanent=True)
-            else:
-                sendable.append(item)
-        if sendable:
-            tries = {Path(i.path): max(min(TRIES_PER_PASS, i.max_attempts - i.attempts), 1) for i in sendable}
-            sent = store_each(destination, list(tries), config.node.ae_title,
-                              timeout=config.node.network_timeout_seconds, tries_per_instance=tries)
-            outcomes.update({item.id: outcome for item, outcome in zip(sendable, sent)})
-        for item in items:
-            outcome = outcomes[item.id]
-            state = deliveries.record(sessions, item.id, outcome, policy, study_uid=job.study_uid)
-            log.info("job %d: %s: %s", job.id, deliveries.describe(item), state if outcome.ok else f"{state}, {outcome.error}")
-            if state == deliveries.FAILED and outcome.permanent:
-                fallback_for(item, outcome)
+    for destination in destinations.values():
+        files = [out / RESULT_FILES[kind] for kind in destination.outputs]
+        deliveries.plan(sessions, job.id, job.study_uid, files, [destination.name], policy)
+    fallbacks = _send(config, sessions, job, out, destinations, deliveries.due(sessions, job.id), policy)
+    if fallbacks:  # planned just now: sent at once, not after a trip through the queue
+        _send(config, sessions, job, out, destinations, [d for d in deliveries.due(sessions, job.id) if d.id in fallbacks], policy)
     summary = deliveries.summary(sessions, job.id)
     if summary.pending:
         why = "; ".join(summary.waiting) or "not tried yet"
         raise DeliveryPending(f"{summary.pending} of {summary.total} deliveries pending: {why}", summary.next_due)
     if summary.failed:
         raise JobError("delivery failed: " + "; ".join(summary.failed), retryable=False)
-    return f"{summary.sent} objects delivered to {len(destinations)} destinations"
+    replaced = f"; replaced by the destination's fallback: {'; '.join(summary.replaced)}" if summary.replaced else ""
+    return f"{summary.sent} objects delivered to {len(destinations)} destinations{replaced}"
+
+
+def _send(config: Config, sessions: sessionmaker, job: Job, out: Path, destinations: dict[str, Destination],
+          items: list[Delivery], policy: RetryPolicy) -> set[int]:
+    """One pass over due deliveries, destination by destination: send, record each outcome, plan
+    fallbacks for objects refused for good. Returns the fallback deliveries planned."""
+    from dicomnode import delivery as deliveries
+
+    by_destination: dict[str, list[Delivery]] = {}
+    for item in items:
+        by_destination.setdefault(item.destination, []).append(item)
+    fallbacks = set()
+    for name, batch in by_destination.items():
+        destination = destinations.get(name)
+        outcomes = _store(config, destination, name, batch)
+        for item in batch:
+            outcome = outcomes[item.id]
+            state = deliveries.record(sessions, item.id, outcome, policy, study_uid=job.study_uid)
+            log.info("job %d: %s: %s", job.id, deliveries.describe(item), state if outcome.ok else f"{state}, {outcome.error}")
+            planned = fallback_for(sessions, job, out, item, outcome, destination, policy) if state == deliveries.FAILED else None
+            if planned is not None:
+                fallbacks.add(planned)
+    return fallbacks
+
+
+def _store(config: Config, destination: Destination | None, name: str, items: list[Delivery]) -> dict[int, Outcome]:
+    """C-STORE the deliveries' files to one destination; an outcome per delivery id."""
+    outcomes: dict[int, Outcome] = {}
+    sendable = []
+    for item in items:
+        path = Path(item.path)
+        if destination is None:
+            outcomes[item.id] = Outcome(path, item.sop_instance_uid, item.sop_class_uid, 0, None,
+                                        f"destination {name} is no longer configured", permanent=True)
+        elif not path.is_file():
+            outcomes[item.id] = Outcome(path, item.sop_instance_uid, item.sop_class_uid, 0, None,
+                                        f"result file {path} is gone", permanent=True)
+        else:
+            sendable.append(item)
+    if sendable:
+        tries = {Path(i.path): max(min(TRIES_PER_PASS, i.max_attempts - i.attempts), 1) for i in sendable}
+        sent = store_each(destination, list(tries), config.node.ae_title,
+                          timeout=config.node.network_timeout_seconds, tries_per_instance=tries)
+        outcomes.update({item.id: outcome for item, outcome in zip(sendable, sent)})
+    return outcomes
 
 
 def process(config: Config, sessions: sessionmaker, job: Job, model) -> str:  # noqa: ANN001

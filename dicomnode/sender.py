@@ -4,22 +4,28 @@ acknowledged.
 A lost or failed response is retried on a fresh association (an instance keeps its SOP
 Instance UID, so the PACS sees one object however often it is sent); a status the PACS
 gives for good (e.g. the SOP class refused) is reported, never skipped silently.
+
+A compressed file (a JPEG 2000 SEG) is proposed in its own transfer syntax and in Explicit
+VR Little Endian; a destination that accepts only the latter gets it decompressed (pydicom),
+with the same SOP Instance UID.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import UID
+from pydicom.dataset import Dataset
+from pydicom.pixels import pack_bits
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Destination
-from dicomnode.netutil import NODELAY_HANDLER
+from dicomnode.netutil import NODELAY_HANDLER, client_tls_args
 
 log = logging.getLogger("dicomnode.sender")
 
@@ -43,15 +49,22 @@ class Delivered:
 
 def _ae(calling_aet: str, timeout: float) -> AE:
     ae = AE(ae_title=calling_aet)
-    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = timeout
+    # connection_timeout bounds the TCP connect and the TLS handshake too (pynetdicom: none by default)
+    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = ae.connection_timeout = timeout
     return ae
+
+
+def _associate(ae: AE, destination: Destination):  # noqa: ANN202 - pynetdicom Association
+    """Request an association with `destination`, over DICOM TLS when it has a `tls` table."""
+    return ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                        evt_handlers=[NODELAY_HANDLER], tls_args=client_tls_args(destination))
 
 
 def echo(destination: Destination, calling_aet: str, timeout: float = 10.0) -> int:
     """C-ECHO a destination; return the status (0x0000 is success)."""
     ae = _ae(calling_aet, timeout)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=[NODELAY_HANDLER])
+    assoc = _associate(ae, destination)
     if not assoc.is_established:
         raise SendError(f"{destination.name}: association with {destination.ae_title}@{destination.host}:{destination.port} not established")
     try:
@@ -90,6 +103,7 @@ class Outcome:
     error: str | None = None  # None: stored (status is a success or a warning)
     permanent: bool = False  # sending the same object again cannot help (SOP class refused...)
     failed_tries: tuple[str, ...] = ()  # what went wrong on each failed C-STORE try, in order
+    sop_class_refused: bool = False  # no presentation context for the SOP class, or status 0x0122
 
     @property
     def ok(self) -> bool:
@@ -107,6 +121,7 @@ def store_each(
     calling_aet: str,
     timeout: float = 30.0,
     tries_per_instance: int | Mapping[Path, int] = 3,
+    on_sent: Callable[[Outcome], None] | None = None,  # called with each file's outcome as it is known
 ) -> list[Outcome]:
     """C-STORE every file (in order) and say, per file, whether the destination stored it; never raises
     for a network problem. A lost response (no answer, association aborted) or a failed status is
@@ -121,17 +136,20 @@ def store_each(
     history: dict[Path, list[str]] = {p: [] for p in datasets}
     outcomes: dict[Path, Outcome] = {}
 
-    def done(path: Path, status: int | None, error: str | None = None, permanent: bool = False) -> None:
+    def done(path: Path, status: int | None, error: str | None = None, permanent: bool = False,
+             sop_class_refused: bool = False) -> None:
         ds = datasets[path]
         outcomes[path] = Outcome(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), tries[path], status, error, permanent,
-                                 tuple(history[path]))
+                                 tuple(history[path]), sop_class_refused)
         pending.remove(path)
+        if on_sent is not None:
+            on_sent(outcomes[path])
 
     while pending:
         ae = _ae(calling_aet, timeout)
         for sop_class, syntax in dict.fromkeys((datasets[p].SOPClassUID, datasets[p].file_meta.TransferSyntaxUID) for p in pending):
-            ae.add_requested_context(sop_class, [syntax])
-        assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, evt_handlers=[NODELAY_HANDLER])
+            ae.add_requested_context(sop_class, proposed_syntaxes(syntax))
+        assoc = _associate(ae, destination)
         if not assoc.is_established:
             # Accepted, but with no presentation context at all: pynetdicom aborts at once. The
             # objects of a rejected context are refused for good; anything else may pass later.
@@ -141,7 +159,7 @@ def store_each(
             message = f"association with {destination.ae_title}@{destination.host}:{destination.port} {why}"
             for path in list(pending):
                 if datasets[path].SOPClassUID in refused:
-                    done(path, None, _no_context(destination, datasets[path]), permanent=True)
+                    done(path, None, _no_context(destination, datasets[path]), permanent=True, sop_class_refused=True)
                 else:
                     done(path, None, message)
             break
@@ -149,13 +167,16 @@ def store_each(
             while pending:
                 path = pending[0]
                 ds = datasets[path]
-                accepted = [cx for cx in assoc.accepted_contexts
-                            if cx.abstract_syntax == ds.SOPClassUID and ds.file_meta.TransferSyntaxUID in cx.transfer_syntax]
-                if not accepted:
-                    # TODO(fallback output): a later item sends such objects in another form (e.g. a
-                    # secondary capture) or to another destination; the hook is processing.fallback_for().
-                    done(path, None, _no_context(destination, ds), permanent=True)
+                syntax = _accepted_syntax(assoc, ds)
+                if syntax is None:  # processing.fallback_for may send another object instead
+                    done(path, None, _no_context(destination, ds), permanent=True, sop_class_refused=True)
                     continue
+                if syntax != ds.file_meta.TransferSyntaxUID:
+                    try:
+                        ds = datasets[path] = uncompressed(ds)
+                    except (RuntimeError, ValueError, NotImplementedError) as exc:
+                        done(path, None, f"not sent: cannot decompress for {destination.ae_title}: {exc}", permanent=True)
+                        continue
                 tries[path] += 1
                 try:
                     status = assoc.send_c_store(ds)
@@ -170,7 +191,7 @@ def store_each(
                 history[path].append(what)
                 log.warning("%s: C-STORE of %s: %s (try %d)", destination.name, ds.SOPInstanceUID, what, tries[path])
                 if code is not None and _permanent_status(code):
-                    done(path, code, f"refused: {what}", permanent=True)
+                    done(path, code, f"refused: {what}", permanent=True, sop_class_refused=code == 0x0122)
                 elif tries[path] >= budget[path]:
                     done(path, code, f"{what} after {tries[path]} {'try' if tries[path] == 1 else 'tries'}")
                 if code is None or not assoc.is_established:
@@ -187,7 +208,34 @@ def store_each(
     return [outcomes[p] for p in datasets]
 
 
-def _no_context(destination: Destination, ds) -> str:  # noqa: ANN001 - a pydicom Dataset
+def proposed_syntaxes(syntax: str) -> list[UID]:
+    """The transfer syntaxes a file is offered in: its own, and Explicit VR Little Endian when it is compressed."""
+    return [UID(syntax)] + ([ExplicitVRLittleEndian] if UID(syntax).is_compressed else [])
+
+
+def _accepted_syntax(assoc, ds: Dataset) -> UID | None:  # noqa: ANN001 - a pynetdicom Association
+    """The transfer syntax `ds` goes in over `assoc`: its own when accepted, else Explicit VR
+    Little Endian when that is; None when no context for its SOP class was accepted."""
+    accepted = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts if cx.abstract_syntax == ds.SOPClassUID}
+    return next((s for s in proposed_syntaxes(ds.file_meta.TransferSyntaxUID) if s in accepted), None)
+
+
+def uncompressed(ds: Dataset) -> Dataset:
+    """`ds` with its pixel data decoded into Explicit VR Little Endian, in place, keeping its SOP
+    Instance UID. 1-bit frames (a BINARY SEG) are bit-packed again: pydicom's decompress would
+    leave them one byte per pixel."""
+    if ds.BitsAllocated == 1:
+        packed = pack_bits(ds.pixel_array)
+        del ds.PixelData
+        ds.add_new("PixelData", "OB", packed)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    else:
+        ds.decompress(generate_instance_uid=False)
+    return ds
+
+
+def _no_context(destination: Destination, ds: Dataset) -> str:
     sop_class = UID(ds.SOPClassUID)
+    syntaxes = " or ".join(s.name for s in proposed_syntaxes(ds.file_meta.TransferSyntaxUID))
     return (f"SOP class rejected: {destination.ae_title} accepted no presentation context for "
-            f"{sop_class.name or 'SOP class'} ({sop_class}) in {UID(ds.file_meta.TransferSyntaxUID).name}")
+            f"{sop_class.name or 'SOP class'} ({sop_class}) in {syntaxes}")

@@ -3,20 +3,21 @@
 State changes at the database level, then the worker in-process (results already in the
 job's folder, so no model runs) against small pynetdicom Storage SCPs on loopback: one that
 supports only CT Image Storage (the SEG and the SR are refused at once, for good) and one
-that answers 0xA700 once (the object is sent again and stored once)."""
+that answers 0xA700 once (the object is sent again and stored once). A JPEG 2000 SEG reaches
+an SCP that accepts only uncompressed SEGs decompressed, voxel for voxel."""
 
 from __future__ import annotations
 
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 
+import highdicom as hd
+import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage, CTImageStorage, SegmentationStorage
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pynetdicom.sop_class import Comprehensive3DSRStorage, CTImageStorage, SecondaryCaptureImageStorage, SegmentationStorage
 from sqlalchemy import select
 
 from dicomnode import delivery
@@ -24,10 +25,13 @@ from dicomnode.db import Delivery, Event, Job, make_sessionmaker, utcnow
 from dicomnode.localpacs import free_port
 from dicomnode.processing import result_dir
 from dicomnode.queue import FAILED, QUEUED, SUCCEEDED, RetryPolicy, claim, defer, enqueue, fail, retry
+from dicomnode.seg import build_seg, write_seg
 from dicomnode.sender import Outcome, store_each
 from dicomnode.worker import Worker
 
+from dicomtools import dciodvfy_errors
 from nodeutil import node_config, tiny_instance
+from storescp import StoreSCP
 
 LEASE = timedelta(seconds=60)
 POLICY = RetryPolicy(max_attempts=3, backoff_seconds=10)
@@ -111,6 +115,27 @@ def test_permanent_failure_at_once_and_success(sessions, planned):
     assert "attempt 2 of 3" in events[-1].message
 
 
+def test_refused_objects_replaced_by_one_fallback_delivery(sessions, planned, tmp_path: Path):
+    job_id, _ = planned
+    fallback = _result_file(tmp_path / "out", "sc.dcm", SecondaryCaptureImageStorage, "1.2.3")
+    seg, sr = delivery.due(sessions, job_id)[:2]  # both to pacs
+    for item in (seg, sr):
+        delivery.record(sessions, item.id, _outcome(item, 0, "SOP class rejected", permanent=True, status=None), POLICY)
+    first = delivery.replace(sessions, seg.id, fallback, POLICY)
+    assert delivery.replace(sessions, sr.id, fallback, POLICY) == first  # one SC for the destination
+    assert delivery.replace(sessions, seg.id, fallback, POLICY) is None  # no longer failed
+    rows = delivery.deliveries(sessions, job_id)
+    assert [(d.destination, Path(d.path).name, d.state) for d in rows] == [
+        ("pacs", "seg.dcm", "replaced"), ("pacs", "sr.dcm", "replaced"), ("viewer", "seg.dcm", "pending"),
+        ("viewer", "sr.dcm", "pending"), ("pacs", "sc.dcm", "pending")]
+    assert rows[0].last_error == "SOP class rejected" and rows[-1].id == first
+    summary = delivery.summary(sessions, job_id)
+    assert (summary.pending, summary.failed, len(summary.replaced), summary.total) == (3, (), 2, 5)
+    with sessions() as session:
+        planned_events = list(session.scalars(select(Event.message).where(Event.kind == "fallback-planned")))
+    assert len(planned_events) == 2 and all("sc.dcm to pacs instead" in m for m in planned_events)
+
+
 def test_defer_returns_the_attempt_and_retry_resets_failed_deliveries(sessions, planned):
     job_id, _ = planned
     when = utcnow() + timedelta(hours=1)
@@ -133,39 +158,6 @@ def test_defer_returns_the_attempt_and_retry_resets_failed_deliveries(sessions, 
 
 
 # ---------------------------------------------------------------- over the network
-
-
-class StoreSCP:
-    """A pynetdicom Storage SCP on a free loopback port, accepting only `sop_classes`; each
-    C-STORE answers the next of `statuses` (then 0x0000). `stored` lists what it kept."""
-
-    def __init__(self, sop_classes, statuses=(), delays=()):  # noqa: ANN001
-        self.port = free_port()
-        self.statuses = list(statuses)
-        self.delays = list(delays)  # seconds before answering, per request (then none)
-        self.requests: list[str] = []
-        self.stored: list[str] = []
-        self._lock = threading.Lock()
-        ae = AE(ae_title="TESTSCP")
-        for sop_class in sop_classes:
-            ae.add_supported_context(sop_class)
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
-
-    def _on_store(self, event) -> int:  # noqa: ANN001
-        uid = str(event.request.AffectedSOPInstanceUID)
-        with self._lock:
-            delay = self.delays.pop(0) if self.delays else 0
-        time.sleep(delay)  # past the sender's timeout: its response is lost
-        with self._lock:
-            self.requests.append(uid)
-            status = self.statuses.pop(0) if self.statuses else 0x0000
-            if status == 0x0000 and uid not in self.stored:
-                self.stored.append(uid)
-        return status
-
-    def close(self) -> None:
-        self._server.shutdown()
 
 
 @pytest.fixture
@@ -290,3 +282,28 @@ def test_store_each_reports_every_object_when_nobody_listens(tmp_path: Path):
     files = [_result_file(tmp_path, "seg.dcm", SegmentationStorage, "1.2.3")]
     [outcome] = store_each(Destination(name="x", ae_title="X", host="127.0.0.1", port=free_port()), files, "TESTNODE", timeout=5)
     assert not outcome.ok and not outcome.permanent and "not established" in outcome.error and outcome.tries == 0
+
+
+@pytest.mark.parametrize("accepted", [[ExplicitVRLittleEndian], [JPEG2000Lossless, ExplicitVRLittleEndian]])
+def test_compressed_seg_reaches_a_destination_in_a_syntax_it_accepts(accepted, pet, truth, scp_factory, tmp_path: Path):
+    """A JPEG 2000 SEG goes as it is where JPEG 2000 is accepted, else decompressed (frames bit-packed
+    again) with the same SOP Instance UID; either way the destination gets the same voxels."""
+    from dicomnode.config import Destination
+
+    path = write_seg(build_seg(truth, pet.datasets, model_name="demo-petct", model_version="0.1.0", folds=[0],
+                               series_number=901, series_description="lesions"), tmp_path / "seg.dcm")
+    sent = dcmread(path)
+    assert sent.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    scp = scp_factory([SegmentationStorage], transfer_syntaxes=accepted)
+    [outcome] = store_each(Destination(name="pacs", ae_title="TESTSCP", host="127.0.0.1", port=scp.port), [path], "TESTNODE", timeout=10)
+    assert outcome.ok, outcome.error
+    assert scp.stored == [sent.SOPInstanceUID]
+    received = scp.received[sent.SOPInstanceUID]
+    assert received.file_meta.TransferSyntaxUID == accepted[0]
+    received.save_as(tmp_path / "received.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "received.dcm") == []
+    seg = hd.seg.segread(tmp_path / "received.dcm")
+    uids = [ds.SOPInstanceUID for ds in pet.datasets]
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
+    np.testing.assert_array_equal(pixels[..., 0], (truth > 0).astype(pixels.dtype))
+    assert len(received.PixelData) == (len(sent.PixelData) if accepted[0].is_compressed else 64 * 64 * 64 // 8)

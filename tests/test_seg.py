@@ -1,4 +1,5 @@
-"""DICOM SEG from the synthetic PET and its lesion truth: valid, and reads back voxel for voxel."""
+"""DICOM SEG from the synthetic PET and its lesion truth: valid, and reads back voxel for voxel;
+frames JPEG 2000 lossless when that is smaller than bit-packed, else bit-packed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.seg import SegError, build_seg, write_seg
+from dicomnode.seg import SegError, build_seg, packed_size, write_seg
 from dicomtools import dciodvfy_errors
 
 SEG_ARGS = dict(
@@ -35,7 +36,7 @@ def test_seg_reads_back(seg_path, pet, truth, synth_study):
     assert seg.FrameOfReferenceUID == synth_study.frame_of_reference_uid
     assert seg.SeriesInstanceUID not in (synth_study.pt_series_instance_uid, synth_study.ct_series_instance_uid)
     assert seg.SeriesNumber == 901 and seg.SegmentationType == "BINARY"
-    assert seg.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert seg.file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
     referenced = {s.SeriesInstanceUID for s in seg.ReferencedSeriesSequence}
     assert referenced == {synth_study.pt_series_instance_uid}
     uids = [ds.SOPInstanceUID for ds in pet.datasets]
@@ -82,3 +83,21 @@ def test_sources_without_accession_number(pet, truth):
 def test_labels_must_fit_the_source(pet, truth):
     with pytest.raises(SegError, match="does not match the source grid"):
         build_seg(truth[:-1], pet.datasets, **SEG_ARGS)
+
+
+def test_frames_compressed_only_when_smaller(pet, truth, tmp_path):
+    """Lesions compress well (JPEG 2000 lossless, a third of the bit-packed size here); a mask of
+    random noise does not, and is stored bit-packed; both read back voxel for voxel."""
+    noise = (np.random.default_rng(0).random(pet.shape) > 0.5).astype(np.uint8)
+    uids = [ds.SOPInstanceUID for ds in pet.datasets]
+    for labels, syntax in ((truth, pydicom.uid.JPEG2000Lossless), (noise, pydicom.uid.ExplicitVRLittleEndian)):
+        seg = build_seg(labels, pet.datasets, **SEG_ARGS)
+        assert seg.file_meta.TransferSyntaxUID == syntax
+        if syntax.is_compressed:
+            assert len(seg.PixelData) < packed_size(labels.shape) / 2
+        else:
+            assert len(seg.PixelData) == packed_size(labels.shape) == 64 * 64 * 64 // 8
+        path = write_seg(seg, tmp_path / f"{syntax.name}.dcm")
+        assert dciodvfy_errors(path) == []
+        pixels = hd.seg.segread(path).get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
+        np.testing.assert_array_equal(pixels[..., 0], (labels > 0).astype(pixels.dtype))

@@ -1,0 +1,208 @@
+"""Lesion label map -> DICOM RT Structure Set (RTSTRUCT), for radiotherapy planning systems.
+
+`build_rtstruct(lesion_labels, source, ...)` writes one ROI per lesion ("lesion N": the lesion
+numbers of `dicomnode.measures`, the SR's tracking identifiers) into a new series of the
+source study, on the source's frame of reference:
+
+- Contours: per lesion and per source slice, the outlines of the lesion's pixels
+  (`skimage.measure.find_contours` at level 0.5 on the slice's mask, padded by one pixel so
+  that lesions touching the edge close), CLOSED_PLANAR, in patient coordinates (mm) from
+  ImagePositionPatient, ImageOrientationPatient and PixelSpacing. The outline runs halfway
+  between the lesion's pixel centres and their neighbours outside; a hole in a lesion is a
+  further contour inside it (receivers combine contours of one slice even-odd). Each contour
+  references its slice (ContourImageSequence).
+- ROIs: ROIGenerationAlgorithm AUTOMATIC with the model named in ROIGenerationDescription;
+  RTROIInterpretedType GTV (a gross tumour volume proposal, as RT systems file automatic
+  lesion contours; ROIInterpreter empty: no person reviewed it).
+- The structure set references every source slice (RTReferencedStudySequence /
+  RTReferencedSeriesSequence / ContourImageSequence).
+
+An RT Structure Set needs at least one ROI, so an all-negative result gets one ROI "no
+lesions" without contours and without an interpreted type, as its SEG gets an empty segment:
+the RT system shows that the study was processed and nothing was found.
+
+highdicom has no RTSTRUCT, so this is pydicom; the IOD is checked by dciodvfy in the tests.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+from skimage.measure import find_contours
+
+from dicomnode.preview import PALETTE
+
+# Detached Study Management (retired, but what RTReferencedStudySequence items carry by convention).
+STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
+NO_LESIONS = "no lesions"
+_PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                      "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+class RtStructError(ValueError):
+    """The label map and the source images do not fit together."""
+
+
+def build_rtstruct(
+    lesion_labels: np.ndarray,
+    source: Sequence[Dataset],
+    *,
+    model_name: str,
+    model_version: str,
+    series_number: int,
+    series_description: str,
+    manufacturer: str = "dicomnode",
+) -> Dataset:
+    """An RT Structure Set with one ROI per lesion; `lesion_labels[k]` lies on `source[k]`
+    (0 background, n = lesion n)."""
+    _check_fits(lesion_labels, source)
+    lesions = [int(n) for n in np.unique(lesion_labels) if n > 0]
+    ds = _header(source[0], series_number, series_description, manufacturer, model_name, model_version)
+    frame_of_reference = ds.FrameOfReferenceUID
+    ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(source, frame_of_reference)]
+    description = f"{model_name} {model_version}"[:64]
+    if lesions:
+        ds.StructureSetROISequence = [_roi(n, f"lesion {n}", frame_of_reference, description) for n in lesions]
+        ds.ROIContourSequence = [_roi_contours(n, _contours(lesion_labels == n, source)) for n in lesions]
+        ds.RTROIObservationsSequence = [_observation(n, "GTV") for n in lesions]
+    else:  # all negative: one empty ROI
+        ds.StructureSetROISequence = [_roi(1, NO_LESIONS, frame_of_reference, description)]
+        ds.ROIContourSequence = [_roi_contours(1, [])]
+        ds.RTROIObservationsSequence = [_observation(1, "")]
+    return ds
+
+
+def write_rtstruct(ds: Dataset, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
+    """The closed outlines of a 2-D mask as (n, 2) arrays of (row, column) pixel positions,
+    first point not repeated at the end."""
+    padded = np.pad(mask.astype(np.float32), 1)
+    return [contour[:-1] - 1.0 for contour in find_contours(padded, 0.5)]
+
+
+def to_patient(points_rc: np.ndarray, ds: Dataset) -> np.ndarray:
+    """(row, column) pixel positions on slice `ds` -> (n, 3) patient coordinates in mm."""
+    origin = np.asarray(ds.ImagePositionPatient, dtype=np.float64)
+    orientation = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+    along_row, along_column = orientation[:3], orientation[3:]
+    row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+    rows, columns = points_rc[:, :1], points_rc[:, 1:]
+    return origin + columns * column_spacing * along_row + rows * row_spacing * along_column
+
+
+def _header(first: Dataset, series_number: int, series_description: str, manufacturer: str,
+            model_name: str, model_version: str) -> Dataset:
+    now = datetime.now()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 100")
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    for keyword in _PATIENT_AND_STUDY:
+        setattr(ds, keyword, first.get(keyword, ""))
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = series_number
+    ds.SeriesDescription = series_description
+    ds.OperatorsName = ""
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+    ds.Manufacturer = manufacturer
+    ds.ManufacturerModelName = model_name[:64]
+    ds.SoftwareVersions = model_version[:64]
+    ds.InstanceNumber = 1
+    ds.StructureSetLabel = "lesions"
+    ds.StructureSetName = f"{model_name} lesions"[:64]
+    ds.StructureSetDate, ds.StructureSetTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    return ds
+
+
+def _image_reference(ds: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    return item
+
+
+def _referenced_frame(source: Sequence[Dataset], frame_of_reference: str) -> Dataset:
+    series = Dataset()
+    series.SeriesInstanceUID = source[0].SeriesInstanceUID
+    series.ContourImageSequence = [_image_reference(ds) for ds in source]
+    study = Dataset()
+    study.ReferencedSOPClassUID = STUDY_COMPONENT_SOP_CLASS
+    study.ReferencedSOPInstanceUID = source[0].StudyInstanceUID
+    study.RTReferencedSeriesSequence = [series]
+    frame = Dataset()
+    frame.FrameOfReferenceUID = frame_of_reference
+    frame.RTReferencedStudySequence = [study]
+    return frame
+
+
+def _roi(number: int, name: str, frame_of_reference: str, description: str) -> Dataset:
+    roi = Dataset()
+    roi.ROINumber = number
+    roi.ReferencedFrameOfReferenceUID = frame_of_reference
+    roi.ROIName = name
+    roi.ROIGenerationAlgorithm = "AUTOMATIC"
+    roi.ROIGenerationDescription = description
+    return roi
+
+
+def _roi_contours(number: int, contours: list[Dataset]) -> Dataset:
+    item = Dataset()
+    item.ReferencedROINumber = number
+    item.ROIDisplayColor = list(PALETTE[(number - 1) % len(PALETTE)])
+    if contours:
+        item.ContourSequence = DicomSequence(contours)
+    return item
+
+
+def _contours(mask: np.ndarray, source: Sequence[Dataset]) -> list[Dataset]:
+    """The CLOSED_PLANAR contours of a lesion's mask, slice by slice, each referencing its slice."""
+    contours = []
+    for k in np.flatnonzero(mask.any(axis=(1, 2))):
+        for points in slice_contours(mask[k]):
+            contour = Dataset()
+            contour.ContourNumber = len(contours) + 1
+            contour.ContourImageSequence = [_image_reference(source[k])]
+            contour.ContourGeometricType = "CLOSED_PLANAR"
+            contour.NumberOfContourPoints = len(points)
+            contour.ContourData = [f"{v:.3f}" for v in to_patient(points, source[k]).ravel()]
+            contours.append(contour)
+    return contours
+
+
+def _observation(number: int, interpreted_type: str) -> Dataset:
+    item = Dataset()
+    item.ObservationNumber = number
+    item.ReferencedROINumber = number
+    item.RTROIInterpretedType = interpreted_type
+    item.ROIInterpreter = ""
+    return item
+
+
+def _check_fits(lesion_labels: np.ndarray, source: Sequence[Dataset]) -> None:
+    if not source:
+        raise RtStructError("no source images")
+    first = source[0]
+    expected = (len(source), int(first.Rows), int(first.Columns))
+    if lesion_labels.shape != expected:
+        raise RtStructError(f"lesion labels shape {lesion_labels.shape} does not match the source grid {expected}")
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+        values = {str(ds.get(keyword, "")) for ds in source}
+        if len(values) != 1 or "" in values:
+            raise RtStructError(f"source images need one common {keyword}, got {sorted(values)}")
