@@ -11,9 +11,9 @@ export TCP_NODELAY := 1
 .PHONY: demo test system-packages demo-model bench lint-imports clean
 
 system-packages:
-	@if ! { { command -v Orthanc || test -x /usr/sbin/Orthanc; } && command -v storescu && command -v dciodvfy; } >/dev/null; then \
+	@if ! { { command -v Orthanc || test -x /usr/sbin/Orthanc; } && command -v storescu && command -v dciodvfy && command -v systemd-analyze; } >/dev/null; then \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc dcmtk dicom3tools >/dev/null || exit 1; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc dcmtk dicom3tools systemd >/dev/null || exit 1; \
 		$(SUDO) systemctl disable --now orthanc >/dev/null 2>&1 || true; \
 	fi
 
@@ -31,6 +31,9 @@ test: system-packages $(STAMP)
 
 demo-model: $(STAMP)
 	$(PY) scripts/make_demo_model.py --out models/demo-petct
+
+registry-models: $(STAMP)
+	$(PY) scripts/make_registry_models.py
 
 lint-imports: $(STAMP)
 	$(VENV)/bin/lint-imports

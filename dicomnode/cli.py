@@ -13,7 +13,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import select
 
 from dicomnode.config import Config, ConfigError, load_config
 
@@ -73,15 +72,34 @@ def synth(
     seed: int = 0,
     lesions: Optional[int] = typer.Option(None, help="Number of lesions (default: 2 to 6)."),
     variant: str = typer.Option("bqml", help="How the PET is stored: bqml, ge-private-time, philips-cnts, admin-mbq, midnight."),
+    kind: str = typer.Option("petct", help="The study: petct, or a registry model's: glioma (4 MR series and 2 "
+                             "distractors), lymph (CT, topogram), organs (CT)."),
 ) -> None:
-    """Write a synthetic PET/CT study (CT and PET series, lesion truth) to OUT."""
+    """Write a synthetic study (series and truth) to OUT: PET/CT with lesions by default."""
     from dicomnode.synth import VARIANTS, write_study
+    from dicomnode.synth_registry import KINDS, write_registry_study
 
+    if kind in KINDS:
+        registry = write_registry_study(out, kind, seed=seed)
+        console.print(f"study {registry.study_instance_uid}: {kind}, {len(registry.series)} series, "
+                      f"labels {registry.case.label_names}, written to {out}")
+        return
+    if kind != "petct":
+        console.print(f"[red]unknown kind {kind!r}[/red] (one of petct, {', '.join(KINDS)})")
+        raise typer.Exit(2)
     if variant not in VARIANTS:
         console.print(f"[red]unknown variant {variant!r}[/red] (one of {', '.join(VARIANTS)})")
         raise typer.Exit(2)
     study = write_study(out, seed=seed, n_lesions=lesions, variant=variant)
     console.print(f"study {study.study_instance_uid}: {len(study.phantom.lesions)} lesions, PET {variant}, written to {out}")
+
+
+def _destination(cfg: Config, name: str):  # noqa: ANN202 - config.Destination
+    dest = next((d for d in cfg.destinations if d.name == name), None)
+    if dest is None:
+        console.print(f"[red]no destination named {name!r}[/red] (have: {', '.join(d.name for d in cfg.destinations) or 'none'})")
+        raise typer.Exit(2)
+    return dest
 
 
 @app.command()
@@ -90,10 +108,7 @@ def echo(destination: str, config: Path = ConfigOption) -> None:
     from dicomnode.sender import SendError, echo as c_echo
 
     cfg = _config(config)
-    dest = next((d for d in cfg.destinations if d.name == destination), None)
-    if dest is None:
-        console.print(f"[red]no destination named {destination!r}[/red] (have: {', '.join(d.name for d in cfg.destinations)})")
-        raise typer.Exit(2)
+    dest = _destination(cfg, destination)
     try:
         status = c_echo(dest, cfg.node.ae_title, cfg.node.network_timeout_seconds)
     except SendError as exc:
@@ -103,105 +118,170 @@ def echo(destination: str, config: Path = ConfigOption) -> None:
     raise typer.Exit(0 if status == 0 else 1)
 
 
+SEND_BATCH = 100  # files read and sent per association (store_each holds a batch in memory)
+
+
 @app.command()
 def send(path: Path, destination: str, config: Path = ConfigOption) -> None:
-    """C-STORE every DICOM file under PATH to a configured destination."""
-    from rich.progress import track
+    """C-STORE every DICOM file under PATH to a configured destination, with a progress bar.
 
-    from dicomnode.sender import SendError, send_files
+    Exit status 0 when the destination stored every file, 1 otherwise (each refusal is listed)."""
+    from pydicom.misc import is_dicom
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dicomnode.sender import store_each
 
     cfg = _config(config)
-    dest = next((d for d in cfg.destinations if d.name == destination), None)
-    if dest is None:
-        console.print(f"[red]no destination named {destination!r}[/red]")
+    dest = _destination(cfg, destination)
+    if not path.exists():
+        console.print(f"[red]no such file or folder: {path}[/red]")
         raise typer.Exit(2)
-    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file() and p.suffix.lower() in (".dcm", ""))
-    try:
-        for chunk_start in track(range(0, len(files), 50), description=f"sending to {destination}"):
-            send_files(dest, files[chunk_start:chunk_start + 50], cfg.node.ae_title, cfg.node.network_timeout_seconds)
-    except SendError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
-    console.print(f"sent {len(files)} files to {destination}")
+    candidates = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    files = [p for p in candidates if is_dicom(p)]
+    if len(files) < len(candidates):
+        console.print(f"skipping {len(candidates) - len(files)} files that are not DICOM files (no DICM preamble)")
+    refused = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"sending to {destination}", total=len(files))
+        for start in range(0, len(files), SEND_BATCH):
+            outcomes = store_each(dest, files[start:start + SEND_BATCH], cfg.node.ae_title, cfg.node.network_timeout_seconds,
+                                  on_sent=lambda _outcome: progress.advance(task))
+            refused.extend(o for o in outcomes if not o.ok)
+    for outcome in refused:
+        console.print(f"[red]not stored:[/red] {outcome.path}: {outcome.error}")
+    console.print(f"sent {len(files) - len(refused)} of {len(files)} files to {destination}")
+    raise typer.Exit(1 if refused else 0)
 
 
-def _when(value) -> str:  # noqa: ANN001
+# --- what the node is doing: read from the database (dicomnode.admin) --------------------------
+
+JsonOption = typer.Option(False, "--json", help="Print the data as JSON instead of tables.")
+
+
+def _when(value) -> str:  # noqa: ANN001 - a datetime or None
     return value.strftime("%Y-%m-%d %H:%M:%S") if value else ""
 
 
-@jobs_app.command("list")
-def jobs_list(config: Path = ConfigOption, state: Optional[str] = None, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Jobs, newest first."""
-    from dicomnode.db import Job
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60), ("min", 60, "s", 1)):
+        if abs(seconds) >= size:
+            return f"{int(seconds // size)} {unit} {int(seconds % size // smaller_size)} {smaller}"
+    return f"{seconds:.1f} s"
 
-    sessions = _sessions(_config(config))
-    with sessions() as session:
-        query = select(Job).order_by(Job.id.desc())
-        if state:
-            query = query.where(Job.state == state)
-        jobs = list(session.scalars(query))
-    rows = [
-        {"id": j.id, "state": j.state, "study": j.study_uid, "model": j.model, "run": j.run_number,
-         "attempts": f"{j.attempts}/{j.max_attempts}", "created": _when(j.created_at), "finished": _when(j.finished_at),
-         "error": j.error or ""}
-        for j in jobs
-    ]
-    if as_json:
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title="jobs")
-    for column in ("id", "state", "study", "model", "run", "attempts", "created", "finished", "error"):
-        table.add_column(column, overflow="fold", no_wrap=column in ("id", "state", "run", "attempts", "created", "finished"))
+
+def _table(title: str, columns: tuple[str, ...], rows) -> Table:  # noqa: ANN001 - rows of strings
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("id", "state", "study", "model", "run", "attempts", "created", "finished", "error")))
-    console.print(table)
+        table.add_row(*row)
+    return table
+
+
+def _since(text: Optional[str]):  # noqa: ANN202 - datetime or None
+    from dicomnode.admin import parse_since
+
+    try:
+        return parse_since(text) if text else None
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
+    """Receiver and worker up, queue depth, oldest waiting job, disk use, models loaded, last errors.
+
+    Exit status 0 when every component is up, 1 otherwise."""
+    from rich.filesize import decimal
+
+    from dicomnode.admin import as_json as to_json, node_status
+
+    cfg = _config(config)
+    node = node_status(_sessions(cfg), cfg)
+    code = 0 if all(c.up for c in node.components) else 1
+    if as_json:
+        print(to_json(node))
+        raise typer.Exit(code)
+    console.print(_table("components", ("component", "state", "host", "pid", "started", "last seen", "detail"), (
+        (c.name, f"[green]up[/green] ({c.why})" if c.up else f"[red]down[/red] ({c.why})", c.host or "",
+         str(c.pid or ""), _when(c.started_at), _when(c.last_seen_at), ", ".join(f"{k}: {v}" for k, v in c.detail.items()))
+        for c in node.components)))
+    console.print("queue: " + ", ".join(f"{state} {count}" for state, count in node.queue.items()))
+    if node.oldest_waiting:
+        w = node.oldest_waiting
+        console.print(f"oldest waiting: job {w.job_id}, study {w.study_uid}, model {w.model}, queued {_duration(w.waiting_seconds)} ago")
+    d = node.disk
+    console.print(f"disk of {d.data_dir}: {decimal(d.used_bytes)} used of {decimal(d.total_bytes)}, [bold]{decimal(d.free_bytes)} free[/bold]; "
+                  f"spool {decimal(d.spool_bytes)}, results {decimal(d.results_bytes)}"
+                  + (f", database {decimal(d.database_bytes)}" if d.database_bytes is not None else ""))
+    console.print(_table("models", ("model", "loaded by"), ((m.name, ", ".join(m.loaded_by) or "not loaded") for m in node.models)))
+    if node.last_errors:
+        console.print(_table("last errors", ("at", "event", "job", "message"),
+                             ((_when(e.at), e.kind, str(e.job_id or ""), e.message) for e in node.last_errors)))
+    raise typer.Exit(code)
+
+
+def _job_rows(jobs) -> Table:  # noqa: ANN001 - admin.JobRow
+    return _table("jobs", ("id", "state", "study", "model", "run", "attempts", "created", "finished", "error"), (
+        (str(j.id), j.state, j.study, j.model, str(j.run), f"{j.attempts}/{j.max_attempts}", _when(j.created),
+         _when(j.finished), j.error or "") for j in jobs))
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config: Path = ConfigOption,
+    state: Optional[str] = typer.Option(None, help="Only jobs in this state: queued, running, succeeded, failed, cancelled."),
+    since: Optional[str] = typer.Option(None, help="Only jobs created since: 30m, 2h, 1d or an ISO time (UTC)."),
+    study: Optional[str] = typer.Option(None, help="Only jobs of this Study Instance UID."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Jobs, newest first."""
+    from dicomnode.admin import as_json as to_json, list_jobs
+
+    try:
+        jobs = list_jobs(_sessions(_config(config)), state=state, since=_since(since), study=study)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(to_json(jobs))
+        return
+    console.print(_job_rows(jobs))
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = typer.Option(False, "--json")) -> None:
-    """One job and its timeline."""
-    from dicomnode.db import Delivery, Event, Job
+def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
+    """One job: its deliveries and its timeline (each step with the time since the one before and
+    since the study's first instance), and the error text."""
+    from dicomnode.admin import as_json as to_json, job_detail
 
-    sessions = _sessions(_config(config))
-    with sessions() as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            console.print(f"[red]no job {job_id}[/red]")
-            raise typer.Exit(1)
-        events = list(session.scalars(
-            select(Event).where((Event.job_id == job_id) | ((Event.study_uid == job.study_uid) & Event.job_id.is_(None))).order_by(Event.id)
-        ))
-        sends = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
-    timeline = [{"at": _when(e.at), "event": e.kind, "message": e.message} for e in events]
-    delivered = [{"destination": d.destination, "file": Path(d.path).name, "sop_instance_uid": d.sop_instance_uid,
-                  "state": d.state, "attempts": d.attempts, "max_attempts": d.max_attempts,
-                  "not_before": _when(d.not_before), "last_error": d.last_error} for d in sends]
+    job = job_detail(_sessions(_config(config)), job_id)
+    if job is None:
+        console.print(f"[red]no job {job_id}[/red]")
+        raise typer.Exit(1)
     if as_json:
-        print(json.dumps({"id": job.id, "state": job.state, "study": job.study_uid, "model": job.model,
-                          "attempts": job.attempts, "error": job.error, "deliveries": delivered, "timeline": timeline}, indent=2))
+        print(to_json(job))
         return
-    console.print(f"job {job.id}: [bold]{job.state}[/bold]  study {job.study_uid}  model {job.model}  run {job.run_number}  attempts {job.attempts}/{job.max_attempts}")
+    console.print(f"job {job.id}: [bold]{job.state}[/bold]  study {job.study}  model {job.model}  run {job.run}  "
+                  f"attempts {job.attempts}/{job.max_attempts}" + (f"  worker {job.lease_owner}" if job.lease_owner else ""))
     if job.error:
         console.print(f"[red]error:[/red] {job.error}")
-    if delivered:
-        sends_table = Table(title="deliveries")
-        for column in ("destination", "file", "state", "attempts", "next try", "last error"):
-            sends_table.add_column(column, overflow="fold")
-        for d in delivered:
-            sends_table.add_row(d["destination"], d["file"], d["state"], f"{d['attempts']}/{d['max_attempts']}",
-                                d["not_before"] if d["state"] == "pending" else "", d["last_error"] or "")
-        console.print(sends_table)
-    table = Table(title="timeline")
-    for column in ("at", "event", "message"):
-        table.add_column(column, overflow="fold")
-    for row in timeline:
-        table.add_row(row["at"], row["event"], row["message"])
-    console.print(table)
+    if job.deliveries:
+        console.print(_table("deliveries", ("destination", "file", "state", "attempts", "next try", "last error"), (
+            (d.destination, d.file, d.state, f"{d.attempts}/{d.max_attempts}", _when(d.not_before) if d.state == "pending" else "",
+             d.last_error or "") for d in job.deliveries)))
+    console.print(_table("timeline (UTC)", ("at", "after", "since received", "event", "message"), (
+        (_when(s.at), _duration(s.since_previous_seconds), _duration(s.since_received_seconds), s.event, s.message)
+        for s in job.timeline)))
 
 
 @jobs_app.command("retry")
 def jobs_retry(job_id: int, config: Path = ConfigOption) -> None:
-    """Queue a failed job again."""
+    """Queue a failed job again, with fresh attempts for it and its failed deliveries."""
     from dicomnode.queue import retry
 
     if not retry(_sessions(_config(config)), job_id):
@@ -210,29 +290,87 @@ def jobs_retry(job_id: int, config: Path = ConfigOption) -> None:
     console.print(f"job {job_id} queued again")
 
 
-@studies_app.command("list")
-def studies_list(config: Path = ConfigOption, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Received studies with their series."""
-    from dicomnode.db import Study
-    from dicomnode.index import series_of_study
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int, config: Path = ConfigOption) -> None:
+    """Cancel a queued or failed job (and its pending deliveries); a running job is refused."""
+    from dicomnode.queue import RefusedError, cancel
 
-    sessions = _sessions(_config(config))
-    with sessions() as session:
-        studies = list(session.scalars(select(Study).order_by(Study.last_received_at.desc())))
-        rows = [
-            {"study": s.study_uid, "last_received": _when(s.last_received_at), "instances": s.instances_received,
-             "series": [f"{x.modality} #{x.series_number} {x.description} ({x.instances})" for x in series_of_study(session, s.study_uid)]}
-            for s in studies
-        ]
+    try:
+        cancel(_sessions(_config(config)), job_id)
+    except RefusedError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"job {job_id} cancelled")
+
+
+@jobs_app.command("requeue")
+def jobs_requeue(
+    study: str,
+    config: Path = ConfigOption,
+    model: Optional[str] = typer.Option(None, help="Only this model (default: every configured model)."),
+) -> None:
+    """Run a study again now, as a new job per model (the next run number: new result series),
+    even when an earlier run succeeded."""
+    from dicomnode.queue import RefusedError, RetryPolicy, requeue
+
+    cfg = _config(config)
+    if model is not None and model not in {m.name for m in cfg.models}:
+        console.print(f"[red]no model named {model!r}[/red] (have: {', '.join(m.name for m in cfg.models)})")
+        raise typer.Exit(2)
+    sessions = _sessions(cfg)
+    policy = RetryPolicy(cfg.node.max_attempts, cfg.node.retry_backoff_seconds)
+    refused = False
+    for name in [model] if model else [m.name for m in cfg.models]:
+        try:
+            console.print(f"job {requeue(sessions, study, name, policy)} queued for model {name}")
+        except RefusedError as exc:
+            console.print(f"[red]{exc}[/red]")
+            refused = True
+    raise typer.Exit(1 if refused else 0)
+
+
+def _series_lines(study) -> str:  # noqa: ANN001 - admin.StudyRow
+    return "\n".join(f"{s.modality} #{s.number} {s.description} ({s.instances})" for s in study.series)
+
+
+@studies_app.command("list")
+def studies_list(
+    config: Path = ConfigOption,
+    since: Optional[str] = typer.Option(None, help="Only studies received since: 30m, 2h, 1d or an ISO time (UTC)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Received studies, the latest first: their series and their latest job."""
+    from dicomnode.admin import as_json as to_json, list_studies
+
+    studies = list_studies(_sessions(_config(config)), since=_since(since))
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(to_json(studies))
         return
-    table = Table(title="studies")
-    for column in ("study", "last received", "instances", "series"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(row["study"], row["last_received"], str(row["instances"]), "\n".join(row["series"]))
-    console.print(table)
+    console.print(_table("studies", ("study", "last received", "instances", "series", "latest job"), (
+        (s.study, _when(s.last_received), str(s.instances), _series_lines(s),
+         f"{s.jobs[0].id} {s.jobs[0].state} (run {s.jobs[0].run})" if s.jobs else "") for s in studies)))
+
+
+@studies_app.command("show")
+def studies_show(study_uid: str, config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
+    """One study: its series with the verdict of the latest job, its jobs and its events."""
+    from dicomnode.admin import as_json as to_json, study_detail
+
+    study = study_detail(_sessions(_config(config)), study_uid)
+    if study is None:
+        console.print(f"[red]no study {study_uid} in the index[/red]")
+        raise typer.Exit(1)
+    if as_json:
+        print(to_json(study))
+        return
+    console.print(f"study {study.study}: {study.instances} instances, first received {_when(study.first_received)}, "
+                  f"last {_when(study.last_received)} UTC")
+    console.print(_table("series", ("#", "modality", "description", "instances", "last received", "verdict"), (
+        ("" if s.number is None else str(s.number), s.modality, s.description, str(s.instances), _when(s.last_received),
+         f"{s.verdict} (job {s.verdict_job})" if s.verdict else "") for s in study.series)))
+    if study.jobs:
+        console.print(_job_rows(study.jobs))
+    console.print(_table("events", ("at", "event", "message"), ((_when(e.at), e.kind, e.message) for e in study.events)))
 
 
 @app.command("inspect")
@@ -306,6 +444,44 @@ def inspect_cmd(
             console.print("[yellow]warning:[/yellow]", Text(warning))
         for channel, file in study.exported.items():
             console.print(f"exported {channel}: {file}")
+    raise typer.Exit(0 if ok else 1)
+
+
+models_app = typer.Typer(help="Check the configured models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("check")
+def models_check(
+    names: Optional[list[str]] = typer.Argument(None, help="Models to check (default: every configured model)."),
+    config: Path = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    dry_run: bool = typer.Option(True, "--dry-run/--no-dry-run", help="Load each model and segment a small synthetic array."),
+) -> None:
+    """Files, folds, trainer, channels, label codes and destinations of each model, and a dry run;
+    exit 1 when any model has a problem."""
+    from rich.text import Text
+
+    from dicomnode.modelcheck import check_models
+
+    cfg = _config(config)
+    try:
+        reports = check_models(cfg, names or None, dry_run=dry_run)
+    except KeyError as exc:
+        console.print(f"[red]no model named {exc.args[0]!r}[/red] (have: {', '.join(m.name for m in cfg.models)})")
+        raise typer.Exit(2) from None
+    ok = all(r.ok for r in reports)
+    if as_json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+        raise typer.Exit(0 if ok else 1)
+    table = Table(title="models")
+    for column in ("model", "path", "channels", "labels", "dry run", "problems"):
+        table.add_column(column, overflow="fold")
+    for r in reports:
+        labels = ", ".join(f"{v} {k}" for k, v in sorted(r.labels.items(), key=lambda item: item[1]) if v)
+        problems = Text("\n".join(r.problems), style="red") if r.problems else Text("none", style="green")
+        table.add_row(Text(r.name), Text(r.path), Text(", ".join(r.channels)), Text(labels), Text(r.dry_run), problems)
+    console.print(table)
     raise typer.Exit(0 if ok else 1)
 
 

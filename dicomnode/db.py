@@ -1,6 +1,7 @@
-"""The node's database: one schema for the index (studies, series, instances) and the
-queue (jobs, deliveries, events). SQLite in WAL mode by default; any SQLAlchemy URL (PostgreSQL for
-several GPU workers) works, as nothing here relies on SQLite-only SQL.
+"""The node's database: one schema for the index (studies, series, instances), the queue
+(jobs, deliveries, events) and the node's running components. SQLite in WAL mode by default;
+any SQLAlchemy URL (PostgreSQL for several GPU workers) works, as nothing here relies on
+SQLite-only SQL.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     model: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), index=True)  # queued running succeeded failed
+    state: Mapped[str] = mapped_column(String(16), index=True)  # queued running succeeded failed cancelled
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     run_number: Mapped[int] = mapped_column(Integer, default=1)  # 1 for a study's first job, 2 after a re-trigger...
@@ -112,7 +113,7 @@ class Delivery(Base):
     path: Mapped[str] = mapped_column(Text)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), index=True)  # pending sent failed
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending sent failed cancelled (its job was cancelled)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # C-STORE requests (or association tries) so far
     max_attempts: Mapped[int] = mapped_column(Integer, default=5)
     not_before: Mapped[datetime] = mapped_column(Timestamp)  # retry backoff
@@ -134,6 +135,22 @@ class Event(Base):
     job_id: Mapped[int | None] = mapped_column(Integer, index=True, nullable=True)
     kind: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text, default="")
+
+
+class Component(Base):
+    """A running part of the node (the receiver, a worker) and when it last said it was alive:
+    what `dicomnode status` reads, as the CLI reads only the database. One row per process."""
+
+    __tablename__ = "components"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(32))  # receiver, worker
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    last_seen_at: Mapped[datetime] = mapped_column(Timestamp)
+    detail: Mapped[str] = mapped_column(Text, default="{}")  # JSON: the listening address, the models loaded...
+
+    __table_args__ = (UniqueConstraint("name", "host", "pid", name="uq_components_process"),)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001

@@ -7,6 +7,9 @@
     running with an expired lease (worker died) --> queued again at the next sweep
     running --defer--> queued until a delivery's backoff is over (the attempt is not
                        counted: each delivery counts its own, see dicomnode.delivery)
+    queued or failed --cancel (operator)--> cancelled (its pending deliveries too); a running
+                       job is not cancelled: its worker may be sending results right now
+    a study --requeue (operator)--> a new job, the next run number, whatever earlier runs did
 
 Claiming is a compare-and-set UPDATE (... WHERE state = 'queued'), atomic on SQLite and
 PostgreSQL alike, so two workers never run the same job.
@@ -21,10 +24,10 @@ from typing import Sequence
 from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.db import Delivery, Event, Job, utcnow
+from dicomnode.db import Delivery, Event, Job, Study, utcnow
 
-QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 
 @dataclass(frozen=True)
@@ -199,3 +202,51 @@ def release(sessions: sessionmaker, job_id: int, owner: str, reason: str) -> boo
         job.attempts = max(job.attempts - 1, 0)
         log_event(session, "released", reason, study_uid=job.study_uid, job_id=job.id, at=now)
         return True
+
+
+class RefusedError(Exception):
+    """An operator's request the queue cannot carry out; the message says why."""
+
+
+def cancel(sessions: sessionmaker, job_id: int) -> None:
+    """Operator cancel of a queued or failed job: it will not run again, and its pending
+    deliveries are cancelled with it. A running job is refused (its worker may be sending)."""
+    now = utcnow()
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise RefusedError(f"no job {job_id}")
+        cancelled = session.execute(  # compare-and-set: a worker may claim the job meanwhile
+            update(Job).where(Job.id == job_id, Job.state.in_((QUEUED, FAILED)))
+            .values(state=CANCELLED, finished_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if cancelled != 1:
+            session.refresh(job)
+            raise RefusedError(_not_cancellable(job))
+        dropped = session.execute(
+            update(Delivery).where(Delivery.job_id == job_id, Delivery.state == "pending")
+            .values(state=CANCELLED, updated_at=now)
+        ).rowcount
+        log_event(session, "cancelled", "by operator" + (f"; {dropped} pending deliveries cancelled" if dropped else ""),
+                  study_uid=job.study_uid, job_id=job_id, at=now)
+
+
+def _not_cancellable(job: Job) -> str:
+    if job.state == RUNNING:
+        return (f"job {job.id} is running (worker {job.lease_owner}) and may be sending results: "
+                "cancel it once it has finished or gone back to the queue")
+    return f"job {job.id} is {job.state}: only queued or failed jobs can be cancelled"
+
+
+def requeue(sessions: sessionmaker, study_uid: str, model: str, policy: RetryPolicy) -> int:
+    """Operator re-run of a study with a model: a new job with the next run number (its results
+    go into new series), even when an earlier run succeeded. Refused while a job of the study
+    for the model is queued or running."""
+    with sessions() as session:
+        if session.get(Study, study_uid) is None:
+            raise RefusedError(f"no study {study_uid} in the index")
+        active = session.scalar(select(Job).where(Job.study_uid == study_uid, Job.model == model, Job.state.in_((QUEUED, RUNNING))))
+        if active is not None:
+            raise RefusedError(f"job {active.id} of study {study_uid} for model {model} is already {active.state}")
+    return enqueue(sessions, study_uid, model, policy, "requeued by operator")

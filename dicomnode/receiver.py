@@ -1,8 +1,10 @@
 """The receiver: a pynetdicom Verification and Storage SCP.
 
 An instance is acknowledged (0x0000) only after it is fsynced into the spool and indexed;
-any failure answers with a failure status and a logged reason:
-  0xA700 out of resources (disk or database could not take it: the sender may retry)
+any failure answers with a failure status and a logged reason (below the disk watermark,
+association requests are rejected too, transient, "local limit exceeded"):
+  0xA700 out of resources (disk or database could not take it, or free space is below the
+         watermark of dicomnode.diskspace: nothing is written; the sender may retry)
   0xA900 data set does not match the SOP class of the request
   0xC000 cannot understand (unreadable data set, missing or invalid UIDs)
 """
@@ -38,8 +40,10 @@ from pynetdicom.sop_class import (
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
+from dicomnode.diskspace import Watermark
 from dicomnode.index import ReceivedInstance, record_instance
-from dicomnode.netutil import NODELAY_HANDLER
+from dicomnode.metrics import ReceiverCounters
+from dicomnode.netutil import NODELAY_HANDLER, server_tls_context
 from dicomnode.spool import InvalidUID, Spool, check_uid
 
 log = logging.getLogger("dicomnode.receiver")
@@ -81,17 +85,30 @@ OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
+# A-ASSOCIATE-RJ (result, source, diagnostic): transient, presentation related, local limit exceeded.
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+REJECT_REASONS = {0x03: "calling-ae-title", 0x07: "called-ae-title"}  # diagnostics of source 0x01
+
+
+def patient_details(ds) -> str:  # noqa: ANN001 - a pydicom Dataset
+    """For log lines only with `log_patient_details = true`: by default the node logs UIDs only."""
+    return (f"patient {ds.get('PatientName', '')} ID {ds.get('PatientID', '')} born {ds.get('PatientBirthDate', '')} "
+            f"accession {ds.get('AccessionNumber', '')}")
+
 
 class Receiver:
     """Accepts associations from allowed AEs and stores what they send."""
 
-    def __init__(self, config: Config, sessions: sessionmaker) -> None:
+    def __init__(self, config: Config, sessions: sessionmaker, counters: ReceiverCounters | None = None) -> None:
         self.config = config
         self.sessions = sessions
         self.spool = Spool(config.spool_dir)
+        self.watermark = Watermark(config.node.data_dir, config.node)
+        self.counters = counters or ReceiverCounters()
         self._server = None
         self._lock = threading.Lock()
         self._stored: dict[int, dict[str, int]] = {}  # association -> study -> instances stored
+        self._patients: dict[str, str] = {}  # study -> patient, only with log_patient_details
         self.ae = AE(ae_title=config.node.ae_title)
         self.ae.require_called_aet = True
         if config.node.allowed_calling_aets:
@@ -108,6 +125,14 @@ class Receiver:
 
     # -- C-STORE ---------------------------------------------------------------------------
     def handle_store(self, event) -> int:  # noqa: ANN001 - pynetdicom event
+        status = self._store(event)
+        if status == SUCCESS:
+            self.counters.instances_received.inc()
+        else:
+            self.counters.instances_refused.labels(f"0x{status:04X}").inc()
+        return status
+
+    def _store(self, event) -> int:  # noqa: ANN001 - pynetdicom event
         calling = event.assoc.requestor.ae_title
         request_sop = str(event.request.AffectedSOPInstanceUID or "")
         try:
@@ -131,6 +156,8 @@ class Receiver:
                 request_sop, calling, sop_class, sop_uid,
             )
             return DOES_NOT_MATCH_SOP_CLASS
+        if self.watermark.low():  # logged once per crossing by the watermark
+            return OUT_OF_RESOURCES
         try:
             path = self.spool.write(study_uid, series_uid, sop_uid, event.encoded_dataset())
         except OSError as exc:
@@ -159,13 +186,26 @@ class Receiver:
         with self._lock:
             per_study = self._stored.setdefault(id(event.assoc), {})
             per_study[study_uid] = per_study.get(study_uid, 0) + 1
+            if self.config.node.log_patient_details:
+                self._patients[study_uid] = patient_details(ds)
         return SUCCESS
 
     def _on_echo(self, event) -> int:  # noqa: ANN001
         log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
         return SUCCESS
 
+    def _on_requested(self, event) -> None:  # noqa: ANN001
+        """Below the disk watermark, reject before negotiating (the watermark logs the crossing)."""
+        if self.watermark.low():
+            event.assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
+            self.counters.associations_rejected.labels("disk-space-low").inc()
+            log.debug("association from %s rejected: disk space low", event.assoc.requestor.address)
+            event.assoc.kill()
+
     def _on_rejected(self, event) -> None:  # noqa: ANN001
+        rejection = event.assoc.acceptor.primitive
+        reason = REJECT_REASONS.get(rejection.diagnostic, "local-limit") if rejection.result_source == 0x01 else "local-limit"
+        self.counters.associations_rejected.labels(reason).inc()
         requestor = event.assoc.requestor
         log.warning(
             "association rejected: calling AE %r called AE %r from %s",
@@ -181,7 +221,9 @@ class Receiver:
             per_study = self._stored.pop(id(event.assoc), {})
         how = "aborted" if event.event is evt.EVT_ABORTED else "released"
         for study_uid, count in per_study.items():
-            log.info("study %s: %d instances stored from %s (association %s)", study_uid, count, event.assoc.requestor.ae_title, how)
+            patient = self._patients.pop(study_uid, None)
+            log.info("study %s: %d instances stored from %s (association %s)%s", study_uid, count,
+                     event.assoc.requestor.ae_title, how, f"; {patient}" if patient else "")
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,6 +232,7 @@ class Receiver:
             log.info("removed %d temporary files a previous run left unacknowledged", removed)
         handlers = [
             NODELAY_HANDLER,
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -197,17 +240,24 @@ class Receiver:
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
         ]
+        tls = self.config.node.tls
         with self._lock:
             self._server = self.ae.start_server(
-                (self.config.node.bind, self.config.node.port), block=False, evt_handlers=handlers
+                (self.config.node.bind, self.config.node.port), block=False, evt_handlers=handlers,
+                ssl_context=server_tls_context(tls) if tls else None,
             )
         log.info(
-            "receiver %s listening on %s:%d", self.config.node.ae_title, self.config.node.bind, self.config.node.port
+            "receiver %s listening on %s:%d%s", self.config.node.ae_title, self.config.node.bind, self.config.node.port,
+            " (DICOM TLS" + (", client certificates required)" if tls.require_client_certificate else ")") if tls else "",
         )
 
     @property
     def port(self) -> int:
         return self._server.server_address[1] if self._server else self.config.node.port
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
 
     def stop(self) -> None:
         with self._lock:

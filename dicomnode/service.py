@@ -1,8 +1,11 @@
 """`dicomnode serve`: the receiver, the periodic sweeps and a supervised worker process.
 
 The receiver runs in this process; APScheduler runs the sweeps (completeness, expired
-leases); the worker runs in a child process that is restarted if it dies, so nothing the
-model does can stop C-STORE from being accepted.
+leases, retention); the worker runs in a child process that is restarted if it dies, so
+nothing the model does can stop C-STORE from being accepted. Under systemd (Type=notify) it
+says READY=1 once the receiver listens, pings the watchdog while the receiver and the
+scheduler run, and says STOPPING=1 on SIGTERM: then it stops accepting associations, lets
+the worker release its running job back to the queue, and exits 0.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import datetime, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicomnode import assembler, queue
+from dicomnode import assembler, queue, retention, systemd
+from dicomnode.admin import heartbeat
 from dicomnode.config import Config
 from dicomnode.db import make_sessionmaker
+from dicomnode.metrics import Metrics
 from dicomnode.receiver import Receiver
 
 log = logging.getLogger("dicomnode.service")
@@ -66,12 +72,31 @@ class WorkerSupervisor:
 
 def sweep(config: Config, sessions) -> None:  # noqa: ANN001
     try:
+        heartbeat(sessions, "receiver")  # for `dicomnode status`: this process is alive
         expired = queue.requeue_expired(sessions)
         if expired:
             log.warning("re-queued jobs %s whose lease expired", expired)
         assembler.sweep(sessions, config)
     except Exception:
         log.exception("sweep failed; will try again at the next one")
+
+
+RETENTION_SWEEP_SECONDS = 600.0
+
+
+def retention_sweep(config: Config, sessions) -> None:  # noqa: ANN001
+    try:
+        retention.sweep(config, sessions)
+    except Exception:
+        log.exception("retention sweep failed; will try again at the next one")
+
+
+def _wait_for_stop(stop: threading.Event, receiver: Receiver, scheduler: BackgroundScheduler) -> None:
+    """Block until SIGTERM/SIGINT, pinging systemd's watchdog while the receiver and the scheduler run."""
+    watchdog = systemd.watchdog_seconds()
+    while not stop.wait(min(watchdog or 1.0, 1.0)):
+        if watchdog and receiver.listening and scheduler.running:
+            systemd.notify("WATCHDOG=1")
 
 
 def serve(config: Config, with_worker: bool = True) -> None:
@@ -86,24 +111,32 @@ def serve(config: Config, with_worker: bool = True) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
-    receiver = Receiver(config, sessions)
+    metrics = Metrics(config, sessions)
+    receiver = Receiver(config, sessions, metrics.receiver)
     receiver.start()
+    heartbeat(sessions, "receiver", {"ae_title": config.node.ae_title, "address": f"{config.node.bind}:{receiver.port}"})
     scheduler = BackgroundScheduler(timezone="UTC")
     scheduler.add_job(sweep, "interval", seconds=config.node.sweep_seconds, args=(config, sessions), id="sweep",
                       max_instances=1, coalesce=True)
+    scheduler.add_job(retention_sweep, "interval", seconds=RETENTION_SWEEP_SECONDS, args=(config, sessions),
+                      id="retention", max_instances=1, coalesce=True, next_run_time=datetime.now(timezone.utc))
     scheduler.start()
     sweep(config, sessions)  # restart recovery: expired leases now, not after the first interval
     supervisor = WorkerSupervisor(config) if with_worker else None
     if supervisor:
         supervisor.start()
-    log.info("node ready: AE %s on port %d, %d model(s), %d destination(s)",
-             config.node.ae_title, receiver.port, len(config.models), len(config.destinations))
+    metrics_port = metrics.start()
+    log.info("node ready: AE %s on port %d, %d model(s), %d destination(s)%s",
+             config.node.ae_title, receiver.port, len(config.models), len(config.destinations),
+             f", metrics on {config.node.metrics_bind}:{metrics_port}" if metrics_port else "")
+    systemd.notify("READY=1", f"STATUS=accepting associations on port {receiver.port}")
     try:
-        while not stop.wait(1.0):
-            pass
+        _wait_for_stop(stop, receiver, scheduler)
     finally:
+        systemd.notify("STOPPING=1", "STATUS=stopping: no new associations; the running job goes back to the queue")
         receiver.stop()  # no new associations first
         scheduler.shutdown(wait=False)
         if supervisor:
             supervisor.stop()
+        metrics.stop()
         log.info("node stopped")

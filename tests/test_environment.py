@@ -9,7 +9,7 @@ import pytest
 
 from dicomnode.localpacs import orthanc_binary
 
-TOOLS = ["storescu", "echoscu", "storescp", "dcmcjpeg", "dcmcjpls", "dcmcrle", "dciodvfy"]
+TOOLS = ["storescu", "echoscu", "storescp", "dcmcjpeg", "dcmcjpls", "dcmcrle", "dciodvfy", "systemd-analyze", "systemd-sysusers"]
 
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="outside CI a missing tool only skips the tests that need it")

@@ -1,18 +1,26 @@
 """`dicomnode serve` as a process: the worker is a separate, supervised process, so killing
-it never stops the receiver, and it comes back."""
+it never stops the receiver, and it comes back; SIGTERM gives the running job back to the queue."""
 
 import os
 import signal
+import socket
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from dicomnode.config import load_config
+from sqlalchemy import select
+
+from dicomnode import queue
+from dicomnode.config import Destination, load_config
+from dicomnode.db import Event, Job, make_sessionmaker
 from dicomnode.localnode import start_node
+from dicomnode.sender import send_files
 
 from nodeutil import tiny_instance, write_config
 
@@ -50,3 +58,37 @@ def test_killed_worker_never_stops_the_receiver_and_is_restarted(tmp_path: Path)
         assert node.stop() == 0
     log = (tmp_path / "node.log").read_text()
     assert f"worker process {worker} exited with -9; restarting" in log
+
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "demo-petct"
+
+
+def _job_states(sessions) -> dict[int, str]:
+    with sessions() as session:
+        return dict(session.execute(select(Job.id, Job.state)).all())
+
+
+@pytest.mark.skipif(not (MODEL / "plans.json").exists(), reason="demo model not built")
+def test_sigterm_while_a_job_runs_queues_it_again_and_exits(tmp_path: Path, synth_study):
+    """systemctl stop during a job: no new associations, the job goes back to the queue (its
+    attempt not counted) and the node exits 0 in time."""
+    config_path = write_config(tmp_path, model_path=str(MODEL))
+    config = load_config(config_path)
+    node = start_node(config_path, config.node.port, tmp_path / "node.log")
+    sessions = make_sessionmaker(config.database_url)
+    try:
+        into_node = Destination(name="node", ae_title=config.node.ae_title, host="127.0.0.1", port=config.node.port)
+        send_files(into_node, synth_study.ct_files + synth_study.pt_files, "STORESCU")
+        [job_id] = _wait_for(lambda: [i for i, state in _job_states(sessions).items() if state == "running"], 120)
+    finally:
+        started = time.monotonic()
+        assert node.stop(timeout=60) == 0
+    assert time.monotonic() - started < 45
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", config.node.port), timeout=2)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        events = [e.kind for e in session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))]
+    assert job.state == "queued" and job.attempts == 0 and job.lease_owner is None
+    assert events[-2:] == ["started", "released"]
+    assert queue.claim(sessions, "next-worker", timedelta(minutes=1)).id == job_id  # re-claimable at once

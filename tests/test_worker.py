@@ -1,17 +1,29 @@
 """The worker in-process on the real demo model: a bad input fails with a reason that names
 the attribute; results wait for a stopped PACS and arrive once, with the same UIDs (no second
-inference)."""
+inference), and `dicomnode jobs show` has the run's timeline. A worker process stopped by
+SIGTERM during a job gives it back to the queue for another worker."""
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from sqlalchemy import select
+from typer.testing import CliRunner
 
 from dicomnode import assembler
+from dicomnode.cli import app
 from dicomnode.db import Delivery, Event, Job, make_sessionmaker, utcnow
 from dicomnode.index import ReceivedInstance, record_instance
 from dicomnode.localpacs import LocalOrthanc, free_port
+from dicomnode.queue import claim
 from dicomnode.synth import write_study
 from dicomnode.worker import Worker
 
@@ -108,3 +120,71 @@ def test_results_wait_for_a_stopped_pacs_and_arrive_once(tmp_path: Path, worker_
     assert kinds.count("inference-done") == 1 and "results-reused" in kinds
     assert kinds.count("delivery-failed") == 2 and kinds.count("delivered") == 2
     assert kinds.index("delivery-failed") < kinds.index("delivery-pending") < kinds.index("results-reused") < kinds.index("delivered")
+    _check_timeline(config, job_id)
+    _check_status_names_the_loaded_model(config)
+
+
+def _cli_json(config, *args: str) -> dict:
+    result = CliRunner().invoke(app, [*args, "--json", "--config", str(config.source)])
+    return json.loads(result.output)
+
+
+def _check_timeline(config, job_id: int) -> None:
+    """`jobs show` of that run: the steps in order, and durations that add up."""
+    steps = _cli_json(config, "jobs", "show", str(job_id))["timeline"]
+    print("\n".join(f"{s['event']:18} +{s['since_previous_seconds'] or 0:8.2f} s  {s['message'][:90]}" for s in steps))
+    assert [s["event"] for s in steps if s["event"] != "series-verdict"] == [
+        "study-received", "last-instance", "queued", "started", "inputs-built", "inference-done", "measured",
+        "results-written", "deliveries-planned", "delivery-failed", "delivery-failed", "delivery-pending",
+        "started", "results-reused", "delivered", "delivered", "succeeded"]
+    for before, step in zip(steps, steps[1:]):
+        assert step["since_previous_seconds"] >= 0
+        assert step["since_received_seconds"] == pytest.approx(before["since_received_seconds"] + step["since_previous_seconds"], abs=1e-3)
+    inference = next(s for s in steps if s["event"] == "inference-done")
+    assert inference["since_previous_seconds"] >= float(inference["message"].split(" s on ")[0]) - 0.05  # the model's time is in the step
+
+
+def _check_status_names_the_loaded_model(config) -> None:
+    status = _cli_json(config, "status")
+    [worker] = [c for c in status["components"] if c["name"] == "worker"]
+    assert (worker["up"], worker["pid"], worker["detail"]["models"]) == (True, os.getpid(), ["demo-petct"])
+    assert status["models"] == [{"name": "demo-petct", "loaded_by": [f"{socket.gethostname()}:{os.getpid()}"]}]
+
+
+def _wait_for(predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise TimeoutError
+
+
+def test_sigterm_during_a_job_leaves_it_claimable(tmp_path: Path, synth_study):
+    """`dicomnode worker` gets SIGTERM while it runs a job (loading the model or running it): it
+    gives the job back (not counting the attempt) and exits 0; another worker claims the job."""
+    config, sessions = _setup(tmp_path, free_port())
+    _index_folder(sessions, synth_study.ct_files + synth_study.pt_files)
+    [job_id] = assembler.sweep(sessions, config)
+    with open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "dicomnode", "worker", "--config", str(config.source)], stdout=log, stderr=log)
+    try:
+        def running() -> bool:
+            with sessions() as session:
+                return session.get(Job, job_id).state == "running"
+
+        _wait_for(running, 60)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0, (tmp_path / "worker.log").read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.attempts, job.lease_owner) == ("queued", 0, None)
+        last = session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id.desc())).first()
+    assert (last.kind, last.message) == ("released", "worker shutting down")
+    again = claim(sessions, "another-worker", timedelta(minutes=10))
+    assert (again.id, again.attempts) == (job_id, 1)
+    assert f"worker {socket.gethostname()}:{worker.pid} stopping (SIGTERM)" in (tmp_path / "worker.log").read_text()

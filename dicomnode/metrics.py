@@ -1,0 +1,91 @@
+"""Prometheus metrics of the node, served by `dicomnode serve` at /metrics when `[node]
+metrics_port` is set (bound to `metrics_bind`, 127.0.0.1 by default).
+
+The node runs in two processes (the receiver in `serve`, the models in the worker child), so
+whatever the worker does is read from the database at scrape time: jobs by state, studies
+completed, failed delivery tries and inference seconds (from the jobs' events). The receiver
+counts in its own process: instances stored or refused, associations rejected. Free disk
+space is measured at scrape time.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import distinct, func, select
+from sqlalchemy.orm import sessionmaker
+
+from dicomnode import diskspace, queue
+from dicomnode.config import Config
+from dicomnode.db import Event, Job
+
+INFERENCE_SECONDS = re.compile(r"^(\d+(?:\.\d+)?) s\b")  # the "inference-done" event: "12.3 s on cuda, ..."
+
+
+class ReceiverCounters:
+    """What the receiver counts as it happens."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        self.instances_received = Counter(
+            "dicomnode_instances_received", "Instances stored and acknowledged with 0x0000", registry=registry)
+        self.instances_refused = Counter(
+            "dicomnode_instances_refused", "C-STORE requests answered with a failure status", ["status"], registry=registry)
+        self.associations_rejected = Counter(
+            "dicomnode_associations_rejected", "Association requests rejected", ["reason"], registry=registry)
+
+
+class DatabaseCollector(Collector):
+    """Metrics computed from the database and the disk at each scrape."""
+
+    def __init__(self, config: Config, sessions: sessionmaker) -> None:
+        self.config = config
+        self.sessions = sessions
+
+    def collect(self):  # noqa: ANN201 - metric families
+        with self.sessions() as session:
+            by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            completed = session.scalar(select(func.count(distinct(Job.study_uid))).where(Job.state == queue.SUCCEEDED))
+            failures = session.scalar(select(func.count()).select_from(Event).where(Event.kind == "delivery-failed"))
+            inference = [float(m.group(1)) for m in map(INFERENCE_SECONDS.match, session.scalars(
+                select(Event.message).where(Event.kind == "inference-done"))) if m]
+        jobs = GaugeMetricFamily("dicomnode_jobs", "Jobs by state", labels=["state"])
+        for state in dict.fromkeys([*queue.STATES, *by_state]):
+            jobs.add_metric([state], by_state.get(state, 0))
+        yield jobs
+        yield CounterMetricFamily("dicomnode_studies_completed", "Studies with a succeeded job", value=completed)
+        yield CounterMetricFamily("dicomnode_delivery_failures", "Failed C-STORE tries of result objects", value=failures)
+        yield SummaryMetricFamily("dicomnode_inference_seconds", "Model inference time of each job run",
+                                  count_value=len(inference), sum_value=sum(inference))
+        space = diskspace.measure(self.config.node.data_dir, self.config.node)
+        yield GaugeMetricFamily("dicomnode_disk_free_bytes", "Free space of the data folder's file system", value=space.free_bytes)
+        yield GaugeMetricFamily("dicomnode_disk_free_limit_bytes", "Free space below which instances are refused",
+                                value=space.limit_bytes)
+
+
+class Metrics:
+    """The registry `serve` exposes: the receiver's counters and the database collector."""
+
+    def __init__(self, config: Config, sessions: sessionmaker) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.receiver = ReceiverCounters(self.registry)
+        self.registry.register(DatabaseCollector(config, sessions))
+        self._server = None
+
+    def start(self) -> int | None:
+        """Serve /metrics when configured; return the port, or None when metrics are off."""
+        port = self.config.node.metrics_port
+        if port is None:
+            return None
+        self._server, _thread = start_http_server(port, self.config.node.metrics_bind, registry=self.registry)
+        return self._server.server_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,105 @@
+"""Retention: a study's spooled instances and result folders are removed `retention_hours`
+after its work is done.
+
+A study's work is done when the latest job of every model that has one succeeded (so every
+delivery was sent) and no instance arrived after those jobs were queued. A queued, running or
+failed latest job keeps everything (a failed one until an operator retries it). The index
+keeps the study, its series, jobs, deliveries and events (the CLI still shows its history);
+the instances' rows and files go, with a "purged" event. Files are removed before rows, so a
+crash in between is finished by the next sweep; an instance that arrives during a purge is
+kept, as are its rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import sessionmaker
+
+from dicomnode.config import Config
+from dicomnode.db import Instance, Job, Study, utcnow
+from dicomnode.queue import SUCCEEDED, log_event
+
+log = logging.getLogger("dicomnode.retention")
+
+
+@dataclass(frozen=True)
+class Done:
+    """A study whose work is done: since when, and what may go."""
+
+    study_uid: str
+    finished_at: datetime  # the last of its latest jobs to succeed
+    queued_at: datetime  # the first of its latest jobs to be queued: instances up to then may go
+    job_ids: tuple[int, ...]  # every job of the study (their result folders may go)
+
+
+def _done(session, study_uid: str) -> Done | None:  # noqa: ANN001 - a Session
+    jobs = list(session.scalars(select(Job).where(Job.study_uid == study_uid).order_by(Job.id)))
+    latest = list({job.model: job for job in jobs}.values())  # per model, its last job
+    study = session.get(Study, study_uid)
+    if not latest or any(job.state != SUCCEEDED or job.finished_at is None for job in latest):
+        return None
+    queued_at = min(job.created_at for job in latest)
+    if study is not None and study.last_received_at > queued_at:
+        return None  # new instances: a new run is coming
+    return Done(study_uid, max(job.finished_at for job in latest), queued_at, tuple(job.id for job in jobs))
+
+
+def due(sessions: sessionmaker, retention: timedelta, now: datetime | None = None) -> list[Done]:
+    """Studies holding spooled instances whose work was done at least `retention` ago."""
+    now = now or utcnow()
+    with sessions() as session:
+        holding = list(session.scalars(select(Instance.study_uid).distinct()))
+        found = [_done(session, study_uid) for study_uid in holding]
+    return [done for done in found if done is not None and done.finished_at <= now - retention]
+
+
+def _remove_empty_folders(folder: Path, stop: Path) -> None:
+    """Remove `folder` and its parents up to (not including) `stop` while they are empty."""
+    while folder != stop and folder.is_relative_to(stop):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or already gone and its parent not empty)
+            if folder.exists():
+                return
+        folder = folder.parent
+
+
+def purge(config: Config, sessions: sessionmaker, done: Done) -> int:
+    """Remove a done study's instances (files, then rows) and its jobs' result folders; return
+    how many instances went."""
+    with sessions() as session:
+        paths = [Path(p) for p in session.scalars(select(Instance.path).where(
+            Instance.study_uid == done.study_uid, Instance.received_at <= done.queued_at))]
+    for path in paths:
+        path.unlink(missing_ok=True)
+    for folder in {path.parent for path in paths}:
+        _remove_empty_folders(folder, config.spool_dir)
+    results = config.results_dir / done.study_uid
+    for job_id in done.job_ids:
+        shutil.rmtree(results / f"job-{job_id}", ignore_errors=True)
+    _remove_empty_folders(results, config.results_dir)
+    with sessions.begin() as session:
+        session.execute(delete(Instance).where(Instance.study_uid == done.study_uid, Instance.received_at <= done.queued_at))
+        log_event(session, "purged", f"{len(paths)} instances and the results of jobs {', '.join(map(str, done.job_ids))} "
+                  f"removed {config.node.retention_hours:g} h after the last job succeeded", study_uid=done.study_uid)
+    return len(paths)
+
+
+def sweep(config: Config, sessions: sessionmaker, now: datetime | None = None) -> list[str]:
+    """Purge every study that is due; return their UIDs. Off when retention_hours is 0."""
+    if config.node.retention_hours <= 0:
+        return []
+    purged = []
+    for done in due(sessions, timedelta(hours=config.node.retention_hours), now):
+        count = purge(config, sessions, done)
+        log.info("study %s: %d instances and the results of jobs %s removed (retention)", done.study_uid, count,
+                 ", ".join(map(str, done.job_ids)))
+        purged.append(done.study_uid)
+    return purged
+
