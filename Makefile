@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export TCP_NODELAY := 1
 
-.PHONY: demo test system-packages demo-model bench lint-imports clean
+.PHONY: demo test system-packages demo-model registry-models bench lint-imports clean
 
 system-packages:
 	@if ! { { command -v Orthanc || test -x /usr/sbin/Orthanc; } && command -v storescu && command -v dciodvfy && command -v systemd-analyze; } >/dev/null; then \

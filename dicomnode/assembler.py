@@ -1,9 +1,12 @@
 """The assembler: decides when a received study is complete and queues a job for it.
 
-A study becomes a job for a model once no instance has arrived for `study_quiet_seconds`,
-every modality the model needs is present, and `dicomnode.selection` finds a consistent
-series for each of the model's channels (PET: all NumberOfSlices instances; CT: no gaps or
-duplicate positions, covering the PET). A PET series still arriving holds the study back,
+Every configured model whose `[models.applies_to]` rules fit the study (modalities present,
+tag patterns such as StudyDescription) gets its own job: a study several models apply to
+gets several. A study becomes a job for a model once no instance has arrived for
+`study_quiet_seconds`, every modality the model needs is present, and `dicomnode.selection`
+finds a consistent series for each of the model's channels (PET: all NumberOfSlices
+instances; CT: no gaps or duplicate positions, covering the PET; MR and other named
+channels: their SeriesDescription patterns, no gaps, the grid series' frame of reference). A PET series still arriving holds the study back,
 with an "incomplete" event saying so once per arrival. The job is queued with one
 "series-verdict" event per series of the study: "used for channel X" or "ignored because ...".
 
@@ -20,17 +23,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, ModelSettings
-from dicomnode.db import Event, Job, Series, Study, utcnow
+from dicomnode.db import Event, Job, Study, utcnow
 from dicomnode.queue import QUEUED, RetryPolicy, enqueue, log_event
-from dicomnode.selection import select_inputs, series_from_index
+from dicomnode.selection import SeriesFacts, applies_to, select_inputs, series_from_index
 
 log = logging.getLogger("dicomnode.assembler")
 
 VERDICT = "series-verdict"
 
 
-def missing_modalities(session, study_uid: str, model: ModelSettings) -> list[str]:  # noqa: ANN001
-    present = set(session.scalars(select(Series.modality).where(Series.study_uid == study_uid)))
+def missing_modalities(series: list[SeriesFacts], model: ModelSettings) -> list[str]:
+    present = {s.modality for s in series}
     return [m for m in model.required_modalities if m not in present]
 
 
@@ -38,11 +41,11 @@ def sweep(sessions: sessionmaker, config: Config, now: datetime | None = None) -
     """Queue a job for every quiet, complete study that needs one; return the new job ids."""
     now = now or utcnow()
     quiet_since = now - timedelta(seconds=config.node.study_quiet_seconds)
-    policy = RetryPolicy(config.node.max_attempts, config.node.retry_backoff_seconds)
     created: list[int] = []
     with sessions() as session:
         quiet_studies = list(session.scalars(select(Study).where(Study.last_received_at <= quiet_since)))
     for study in quiet_studies:
+        series: list[SeriesFacts] | None = None
         for model in config.models:
             with sessions() as session:
                 latest = session.scalar(
@@ -50,22 +53,34 @@ def sweep(sessions: sessionmaker, config: Config, now: datetime | None = None) -
                 )
                 if latest is not None and (latest.state == QUEUED or latest.created_at >= study.last_received_at):
                     continue  # already queued, or nothing new since the last job
-                missing = missing_modalities(session, study.study_uid, model)
-                if not missing:
-                    series = series_from_index(session, study.study_uid)
-            if missing:
-                _note_incomplete(sessions, study, f"model {model.name} needs {', '.join(missing)}: not present")
-                continue
-            selection = select_inputs(series, model.channels, model.inputs)
-            if not selection.ready:
-                _note_incomplete(sessions, study, f"model {model.name}: {selection.problem}")
-                continue
-            reason = "study complete and quiet" if latest is None else "new instances after run %d" % latest.run_number
-            job_id = enqueue(sessions, study.study_uid, model.name, policy, reason,
-                             details=[(VERDICT, v.message) for v in selection.verdicts])
-            log.info("study %s: queued job %d for model %s (%s)", study.study_uid, job_id, model.name, reason)
-            created.append(job_id)
+                series = series if series is not None else series_from_index(session, study.study_uid)
+            job_id = _queue_if_ready(sessions, config, study, model, series, latest)
+            if job_id is not None:
+                created.append(job_id)
     return created
+
+
+def _queue_if_ready(sessions: sessionmaker, config: Config, study: Study, model: ModelSettings,
+                    series: list[SeriesFacts], latest: Job | None) -> int | None:
+    """Queue a job for `model` when it applies to the study and its inputs are complete."""
+    why_not = applies_to(series, model)
+    if why_not:
+        log.debug("study %s: %s", study.study_uid, why_not)
+        return None
+    missing = missing_modalities(series, model)
+    if missing:
+        _note_incomplete(sessions, study, f"model {model.name} needs {', '.join(missing)}: not present")
+        return None
+    selection = select_inputs(series, model.channels, model.inputs, model.grid)
+    if not selection.ready:
+        _note_incomplete(sessions, study, f"model {model.name}: {selection.problem}")
+        return None
+    policy = RetryPolicy(config.node.max_attempts, config.node.retry_backoff_seconds)
+    reason = "study complete and quiet" if latest is None else "new instances after run %d" % latest.run_number
+    job_id = enqueue(sessions, study.study_uid, model.name, policy, reason,
+                     details=[(VERDICT, v.message) for v in selection.verdicts])
+    log.info("study %s: queued job %d for model %s (%s)", study.study_uid, job_id, model.name, reason)
+    return job_id
 
 
 def _note_incomplete(sessions: sessionmaker, study: Study, message: str) -> None:

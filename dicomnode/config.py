@@ -11,7 +11,8 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
@@ -33,6 +34,33 @@ def _check_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
 
+class ReceiverTls(_Strict):
+    """DICOM TLS for the receiver (TLS 1.2 or later): our certificate chain and key (PEM) and,
+    to check the calling side's certificate, the CA certificates it must chain to."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _client_check_has_a_ca(self) -> "ReceiverTls":
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates to check them against")
+        return self
+
+
+class DestinationTls(_Strict):
+    """DICOM TLS to a destination (TLS 1.2 or later): the CA certificates its certificate must
+    chain to (none: the system's), the name it must carry (default: the destination's host),
+    and our certificate and key (PEM) for a destination that asks for one."""
+
+    ca_certificates: Path | None = None
+    server_name: str | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+
 class NodeSettings(_Strict):
     ae_title: AETitle = "DICOMNODE"
     bind: str = "0.0.0.0"
@@ -50,6 +78,28 @@ class NodeSettings(_Strict):
     # tries (an association that cannot be opened counts as one), backoff doubled after each.
     delivery_max_attempts: int = Field(5, ge=1)
     delivery_backoff_seconds: float = Field(30.0, ge=0)
+    # A study's spooled instances and result folders are removed this long after its latest jobs
+    # succeeded (every delivery sent); failed or waiting jobs keep them. 0: keep everything.
+    retention_hours: float = Field(72.0, ge=0)
+    # The receiver refuses associations (and answers C-STORE 0xA700) while the data folder's free
+    # space is below either limit; 0 turns a limit off.
+    min_free_percent: float = Field(10.0, ge=0, le=100)
+    min_free_gb: float = Field(5.0, ge=0)
+    # Prometheus metrics at http://metrics_bind:metrics_port/metrics; no port: off.
+    metrics_port: int | None = Field(None, ge=1, le=65535)
+    metrics_bind: str = "127.0.0.1"
+    # Patient name, ID, birth date and accession number in log lines (off: UIDs only).
+    log_patient_details: bool = False
+    tls: ReceiverTls | None = None  # [node.tls]: the receiver accepts DICOM over TLS only
+    # Memory the worker's loaded models may take together (GPU memory on a GPU); the least
+    # recently used are unloaded when a new one does not fit. None: keep every model loaded.
+    model_memory_gb: float | None = Field(None, gt=0)
+
+
+# Result objects a job can send: the SEG, the TID 1500 SR, an RT Structure Set of the lesions
+# (for radiotherapy systems) and a secondary capture of the PET MIP with the lesions outlined
+# and the key figures burned in (for viewers that do not display a SEG).
+ResultKind = Literal["SEG", "SR", "RTSTRUCT", "SC"]
 
 
 class Destination(_Strict):
@@ -57,9 +107,33 @@ class Destination(_Strict):
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: DestinationTls | None = None
+    outputs: list[ResultKind] = ["SEG", "SR"]  # what this destination gets, in this order
+    # Sent instead of an object whose SOP class the destination refuses for good (no presentation
+    # context for it, or status 0x0122), e.g. "SC" for a PACS without Segmentation Storage.
+    fallback: Literal["SC", "RTSTRUCT"] | None = None
+
+    @model_validator(mode="after")
+    def _outputs_make_sense(self) -> "Destination":
+        if not self.outputs:
+            raise ValueError("outputs must name at least one of SEG, SR, RTSTRUCT, SC")
+        if len(set(self.outputs)) != len(self.outputs):
+            raise ValueError(f"outputs must be distinct, got {self.outputs}")
+        if self.fallback in self.outputs:
+            raise ValueError(f"fallback {self.fallback} is already one of the outputs {self.outputs}")
+        return self
 
 
-class PetInputSpec(_Strict):
+class SeriesPatterns(_Strict):
+    """SeriesDescription rules shared by every channel role: case-insensitive shell-style
+    globs ("*flair*"); a series must match one of `series_description` (empty: any) and none
+    of `exclude_series_description`."""
+
+    series_description: list[str] = []
+    exclude_series_description: list[str] = []
+
+
+class PetInputSpec(SeriesPatterns):
     """Which PET series may fill the PET channel (see dicomnode/selection.py)."""
 
     image_type: list[str] = ["ORIGINAL"]  # values ImageType must contain
@@ -69,23 +143,108 @@ class PetInputSpec(_Strict):
     static_only: bool = True  # NumberOfTimeSlices / NumberOfTimeSlots / NumberOfFrames absent or 1
 
 
-class CtInputSpec(_Strict):
+class CtInputSpec(SeriesPatterns):
     """Which CT series may fill the CT channel (see dicomnode/selection.py)."""
 
     image_type: list[str] = ["AXIAL"]
     excluded_image_types: list[str] = ["LOCALIZER"]
-    same_frame_of_reference: bool = True  # the PET's FrameOfReferenceUID
-    cover_pet: bool = True  # the CT's slices cover the PET's z range
+    same_frame_of_reference: bool = True  # the PET's FrameOfReferenceUID (when there is a PET channel)
+    cover_pet: bool = True  # the CT's slices cover the PET's z range (when there is a PET channel)
+
+
+class NamedInputSpec(SeriesPatterns):
+    """A channel filled "as stored" (rescale applied, nothing else) from a series of `modality`,
+    e.g. `[models.inputs.FLAIR] modality = "MR", series_description = ["*flair*"]`."""
+
+    modality: str = "MR"
+    image_type: list[str] = []
+    excluded_image_types: list[str] = ["LOCALIZER"]
+    same_frame_of_reference: bool = True  # the grid channel's FrameOfReferenceUID
+
+    @field_validator("modality")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.strip().upper()
 
 
 class InputSpec(_Strict):
+    """Series rules per channel: `pet` and `ct` for the "PET" and "CT" channels, and one table
+    per named channel (its name as the key, e.g. `FLAIR`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    __pydantic_extra__: dict[str, NamedInputSpec] = Field(init=False)
+
     pet: PetInputSpec = PetInputSpec()
     ct: CtInputSpec = CtInputSpec()
+
+    def named(self, channel: str) -> NamedInputSpec | None:
+        return (self.__pydantic_extra__ or {}).get(channel)
+
+    @property
+    def named_channels(self) -> list[str]:
+        return list(self.__pydantic_extra__ or {})
+
+
+# The DICOM Modality behind the "CT" and "PET" channels; named channels give theirs in inputs.
+CHANNEL_MODALITIES = {"CT": "CT", "PET": "PT"}
+
+# Header attributes that applies_to tag patterns may test (read with every instance's facts).
+TAG_KEYWORDS = ("StudyDescription", "SeriesDescription", "BodyPartExamined", "ProtocolName",
+                "Manufacturer", "ManufacturerModelName", "InstitutionName", "StationName")
+TagKeyword = Literal["StudyDescription", "SeriesDescription", "BodyPartExamined", "ProtocolName",
+                     "Manufacturer", "ManufacturerModelName", "InstitutionName", "StationName"]
+
+
+def channel_modality(channel: str, inputs: InputSpec) -> str:
+    """The DICOM Modality of the series that fill `channel`."""
+    named = inputs.named(channel)
+    return named.modality if named is not None else CHANNEL_MODALITIES[channel]
+
+
+class AppliesTo(_Strict):
+    """Which studies get the model (`[models.applies_to]`): every modality in `modalities`
+    present (default: any one of the model's required_modalities; a study that then lacks
+    another is held back as incomplete) and, per keyword in `tags`, some series whose value
+    matches one of the case-insensitive globs, e.g. `tags = { StudyDescription = ["*brain*"] }`.
+    A study several models apply to gets a job for each."""
+
+    modalities: list[str] | None = None
+    tags: dict[TagKeyword, list[str]] = {}
+
+
+class Code(_Strict):
+    """A coded concept as [value, scheme, meaning], e.g. ["10200004", "SCT", "Liver"]."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_triple(cls, data: object) -> object:
+        if isinstance(data, (list, tuple)):
+            if len(data) != 3:
+                raise ValueError("a code is [value, scheme designator, meaning]")
+            return dict(zip(("value", "scheme", "meaning"), data))
+        return data
+
+
+class LabelCode(_Strict):
+    """How one label value is described in the SEG: its name and SNOMED CT (or other) codes."""
+
+    name: str
+    category: Code  # Segmented Property Category, e.g. ["123037004", "SCT", "Anatomical Structure"]
+    type: Code  # Segmented Property Type, e.g. ["10200004", "SCT", "Liver"]
 
 
 class ModelSettings(_Strict):
     name: str
+    # The release layout (dataset.json, plans.json, fold_k/) or nnU-Net's results layout: a
+    # DatasetXXX folder (with `trainer`, `plans`, `configuration`) or a Trainer__Plans__configuration folder.
     path: Path
+    configuration: str | None = None  # e.g. "3d_fullres"; default: the one the checkpoints were trained with
+    trainer: str | None = None  # results layout: the trainer class name in Trainer__Plans__configuration
+    plans: str | None = None  # results layout: the plans identifier (nnUNetPlans, nnUNetResEncUNetLPlans, ...)
     folds: list[int] = [0, 1, 2, 3, 4]
     checkpoint: str = "checkpoint_final.pth"
     # Lesions are connected components of the mask: 6-, 18- (autoPET's evaluation) or 26-connected,
@@ -97,26 +256,73 @@ class ModelSettings(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # nnU-Net's test-time mirroring: 8x slower on CPU, on by default as nnU-Net does.
     use_mirroring: bool = True
-    # What fills each model input channel, in channel order: "CT" (HU) or "PET" (SUV body
-    # weight), both on the grid below. By position, not by dataset.json's channel names
-    # (nnU-Net's autoPET release names both of its channels "CT").
-    channels: list[Literal["CT", "PET"]] = ["CT", "PET"]
-    # The series whose grid every channel is resampled onto (linear) before the model runs,
-    # and which the SEG and SR reference. "PET": the CT is resampled onto the PET grid (how
-    # GLOW-FDG and the autoPET models were trained); "CT": the PET SUV is resampled onto the
-    # CT grid (outside the PET's field of view: SUV 0). "CT" needs a CT channel.
-    grid: Literal["PET", "CT"] = "PET"
-    # Series that must be present before a study is complete, as DICOM modalities.
-    required_modalities: list[str] = ["CT", "PT"]
-    # Which series fill the channels when a study holds several ([models.inputs.pet], [models.inputs.ct]).
-    inputs: InputSpec = InputSpec()
+    # nnU-Net's sliding-window step as a fraction of the patch (0.5: half-patch overlap).
+    tile_step_size: float = Field(0.5, gt=0, le=1)
+    # What fills each model input channel, in channel order, by position (not by dataset.json's
+    # channel names: nnU-Net's autoPET release names both of its channels "CT"): "CT" (HU),
+    # "PET" (SUV body weight), or a named channel filled as stored from the series that its
+    # [models.inputs.NAME] table picks, e.g. ["FLAIR", "T1", "T1CE", "T2"].
+    channels: list[str] = Field(["CT", "PET"], min_length=1)
+    # Which series fill the channels when a study holds several ([models.inputs.pet],
+    # [models.inputs.ct], [models.inputs.NAME]).
+    inputs: InputSpec = Field(InputSpec(), validate_default=True)
+    # The channel whose series gives the grid every other channel is resampled onto (linear)
+    # before the model runs, and which the SEG and SR reference. Default: "PET" when there is a
+    # PET channel (the CT resampled onto the PET grid, as GLOW-FDG and the autoPET models were
+    # trained), else the first channel.
+    grid: str | None = Field(None, validate_default=True)  # never None once validated
+    # Series that must be present before a study is complete, as DICOM modalities; default:
+    # the channels' modalities.
+    required_modalities: list[str] | None = Field(None, validate_default=True)  # never None once validated
+    applies_to: AppliesTo = AppliesTo()
+    # Label value -> name and codes for the SEG: a JSON file (relative to the config file) or an
+    # inline table {"1" = {name = "liver", category = [...], type = [...]}}. Default: the model
+    # folder's label_codes.json, else (a model with one label) the lesion codes.
+    label_codes: Annotated[
+        Annotated[Path, Tag("[file]")] | Annotated[dict[int, LabelCode], Tag("[table]")],
+        Discriminator(lambda value: "[table]" if isinstance(value, dict) else "[file]"),
+    ] | None = None
     destinations: list[str] | None = None  # None: every destination
 
-    @model_validator(mode="after")
-    def _grid_has_a_series(self) -> "ModelSettings":
-        if self.grid == "CT" and "CT" not in self.channels:
-            raise ValueError('grid = "CT" needs a CT channel (channels lists no "CT")')
-        return self
+    @field_validator("channels")
+    @classmethod
+    def _distinct(cls, channels: list[str]) -> list[str]:
+        if len(set(channels)) != len(channels):
+            raise ValueError(f"channels must be distinct, got {channels}")
+        return channels
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_match_channels(cls, inputs: InputSpec, info: ValidationInfo) -> InputSpec:
+        channels = info.data.get("channels", [])
+        for channel in channels:
+            if channel not in CHANNEL_MODALITIES and inputs.named(channel) is None:
+                raise ValueError(f"channel {channel!r} needs a [models.inputs.{channel}] table "
+                                 '(modality, series_description patterns); only "CT" and "PET" need none')
+        for name in inputs.named_channels:
+            if name not in channels:
+                raise ValueError(f"[models.inputs.{name}] names no channel of the model (channels {channels})")
+        return inputs
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_is_a_channel(cls, grid: str | None, info: ValidationInfo) -> str | None:
+        channels = info.data.get("channels")
+        if not channels:
+            return grid
+        if grid is None:
+            return "PET" if "PET" in channels else channels[0]
+        if grid not in channels:
+            raise ValueError(f'grid = "{grid}" needs a {grid} channel (channels lists no "{grid}")')
+        return grid
+
+    @field_validator("required_modalities")
+    @classmethod
+    def _channel_modalities(cls, modalities: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if modalities is not None or "inputs" not in info.data:
+            return modalities
+        inputs = info.data["inputs"]
+        return list(dict.fromkeys(channel_modality(c, inputs) for c in info.data["channels"]))
 
 
 class Config(_Strict):
@@ -134,6 +340,20 @@ class Config(_Strict):
             for name in model.destinations or []:
                 if name not in names:
                     raise ValueError(f"model {model.name!r} names unknown destination {name!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _lesion_outputs_need_pet(self) -> "Config":
+        """RTSTRUCT and SC outputs show PET lesions: a model without a PET channel has none."""
+        for model in self.models:
+            if "PET" in model.channels:
+                continue
+            for destination in self.destinations_for(model):
+                wanted = [kind for kind in [*destination.outputs, destination.fallback] if kind in ("RTSTRUCT", "SC")]
+                if wanted:
+                    raise ValueError(f"destination {destination.name!r} wants {', '.join(wanted)} (PET lesion outputs) "
+                                     f"but model {model.name!r} has no PET channel: give that model models.destinations "
+                                     "without it, or drop those outputs")
         return self
 
     @property
@@ -163,6 +383,8 @@ class Config(_Strict):
 def _location(loc: tuple) -> str:
     parts: list[str] = []
     for item in loc:
+        if isinstance(item, str) and item.startswith("["):  # a union's branch or "[key]": not a key
+            continue
         if isinstance(item, int):
             parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
         else:
@@ -179,12 +401,32 @@ def _resolve(raw: dict, base: Path) -> dict:
     url = node.get("database_url")
     if isinstance(url, str) and url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         node["database_url"] = f"sqlite:///{base / url.removeprefix('sqlite:///')}"
+    if isinstance(node.get("tls"), dict):
+        node["tls"] = _resolve_tls(node["tls"], base)
     resolved = {**raw, "node": node}
+    if isinstance(raw.get("destinations"), list):
+        resolved["destinations"] = [
+            {**d, "tls": _resolve_tls(d["tls"], base)} if isinstance(d, dict) and isinstance(d.get("tls"), dict) else d
+            for d in raw["destinations"]
+        ]
     if isinstance(raw.get("models"), list):
         resolved["models"] = [
-            {**model, "path": base / Path(model["path"])} if isinstance(model, dict) and "path" in model else model
-            for model in raw["models"]
+            _resolve_model(model, base) if isinstance(model, dict) else model for model in raw["models"]
         ]
+    return resolved
+
+
+def _resolve_tls(tls: dict, base: Path) -> dict:
+    files = ("certificate", "private_key", "ca_certificates")
+    return {key: base / Path(value) if key in files and isinstance(value, str) else value for key, value in tls.items()}
+
+
+def _resolve_model(model: dict, base: Path) -> dict:
+    resolved = dict(model)
+    if "path" in model:
+        resolved["path"] = base / Path(model["path"])
+    if isinstance(model.get("label_codes"), str):
+        resolved["label_codes"] = base / Path(model["label_codes"])
     return resolved
 
 

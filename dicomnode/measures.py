@@ -1,4 +1,5 @@
-"""Per-lesion PET measurements from a lesion mask and an SUVbw volume (pure numpy/scipy).
+"""Per-lesion PET measurements from a lesion mask and an SUVbw volume, and per-label volumes
+for models without a PET channel (pure numpy/scipy).
 
 `measure_lesions(mask, suv, spacing_zyx)` splits the mask into lesions (3-D connected
 components) and measures each one:
@@ -22,6 +23,10 @@ components) and measures each one:
 Lesions are numbered 1..N by SUVmax, highest first (ties: the component found first in
 C order of the label map keeps its place). The second value returned is the label map
 with those numbers (0 background), on the mask's grid.
+
+`measure_segments(labels, spacing_zyx, names)` measures each label of a multi-label model
+(organs, lymph nodes, tumour sub-regions): voxels, volume in ml and the number of connected
+components (same connectivity rule), a label the model did not find measuring 0.
 """
 
 from __future__ import annotations
@@ -170,3 +175,41 @@ def _local_peaks(suv: np.ndarray, centres: np.ndarray, offsets: np.ndarray) -> n
         values = suv[clipped[..., 0], clipped[..., 1], clipped[..., 2]].astype(np.float64)
         peaks[start : start + chunk] = np.where(inside, values, 0.0).sum(axis=1) / inside.sum(axis=1)
     return peaks
+
+
+# --- segments of a multi-label model (no PET) -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentMeasures:
+    """One label of a model's label map: its volume and how many separate parts it has."""
+
+    label: int  # the label value
+    name: str
+    voxels: int
+    volume_ml: float
+    components: int  # connected components (e.g. lymph nodes), with the given connectivity
+
+
+def measure_segments(
+    labels: np.ndarray,
+    spacing_zyx: Sequence[float],
+    names: dict[int, str],
+    *,
+    connectivity: int = 18,
+) -> tuple[SegmentMeasures, ...]:
+    """Volume (ml) and connected components of every label in `names` (label value -> name),
+    in label value order; a label absent from `labels` measures 0 ml and 0 components."""
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be (z, y, x), got shape {labels.shape}")
+    if connectivity not in _RANK_FOR_CONNECTIVITY:
+        raise ValueError(f"connectivity must be 6, 18 or 26, not {connectivity}")
+    structure = ndimage.generate_binary_structure(3, _RANK_FOR_CONNECTIVITY[connectivity])
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    counts = np.bincount(labels.ravel(), minlength=max(names, default=0) + 1)
+    measures = []
+    for value in sorted(names):
+        voxels = int(counts[value])
+        components = ndimage.label(labels == value, structure=structure)[1] if voxels else 0
+        measures.append(SegmentMeasures(value, names[value], voxels, voxels * voxel_ml, int(components)))
+    return tuple(measures)

@@ -1,11 +1,15 @@
 """Which series of a study fill a model's input channels, and whether the study is ready.
 
-A PET/CT study from a real scanner holds more than one PET and one CT: non-attenuation-
-corrected PET, MIPs, localizers, CTs reconstructed at several slice thicknesses, dynamic or
-gated PET. `select_inputs` applies the model's input spec (config `[models.inputs.pet]`,
-`[models.inputs.ct]`; defaults below) to every series and gives each one a verdict: "used
-for channel X" or "ignored because ...". Both the assembler (is the study ready?) and the
+A study from a real scanner holds more than the model needs: non-attenuation-corrected PET,
+MIPs, localizers, CTs reconstructed at several slice thicknesses, dynamic or gated PET, MR
+localizers, ADC maps. `select_inputs` applies the model's input spec (config
+`[models.inputs.pet]`, `[models.inputs.ct]`, `[models.inputs.NAME]`; defaults below) to
+every series and gives each one a verdict: "used for channel X" or "ignored because ...".
+Both the assembler (is the study ready? `applies_to`: is it one for this model?) and the
 worker (which files?) and `dicomnode inspect` use it, on the same header facts.
+
+Every channel's rule may also hold SeriesDescription patterns (`series_description`: one
+must match, `exclude_series_description`: none may; case-insensitive shell globs).
 
 PET (channel "PET"), every rule must hold:
   * Modality PT; ImageType contains ORIGINAL; SeriesType has none of REPROJECTION, DYNAMIC,
@@ -21,6 +25,15 @@ CT (channel "CT"):
   * the PET's FrameOfReferenceUID; its slices (centres +- half a slice) cover the PET's
     slice centres; one orientation, no duplicate slice positions, no gaps.
   Several fit: SliceThickness closest to the PET's, then the most instances, then the latest.
+  Without a PET channel (a CT-only model) the CT rules that refer to the PET do not apply.
+
+Named channels (e.g. "FLAIR", "T1", "T1CE", "T2"; filled as stored), each by its own rule:
+  * the rule's Modality (default MR); its SeriesDescription patterns; ImageType not LOCALIZER;
+    one orientation, no duplicate slice positions, no gaps;
+  * the FrameOfReferenceUID of the grid channel's series (`same_frame_of_reference`);
+  * a series that fits two channels' rules fills neither: the patterns must tell them apart.
+  Several fit: the latest (SeriesDate/Time, then SeriesNumber: a repeated sequence replaces
+  the first), then the most instances.
 
 Header facts come from the files themselves (`pydicom.dcmread(stop_before_pixels=True)`),
 cached per file (path, size, mtime): 512 synthetic files take ~0.25 s cold on 2 CPU cores,
@@ -34,6 +47,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Iterable
 
@@ -41,10 +55,8 @@ import numpy as np
 import pydicom
 import pydicom.errors
 
-from dicomnode.config import CtInputSpec, InputSpec, PetInputSpec
-
-# The series modality behind each kind of model channel (config: models.channels).
-CHANNEL_SOURCES = {"CT": "CT", "PET": "PT"}
+from dicomnode.config import (CHANNEL_MODALITIES, TAG_KEYWORDS, CtInputSpec, InputSpec, ModelSettings,
+                              NamedInputSpec, PetInputSpec, SeriesPatterns, channel_modality)
 
 _POSITION_TOLERANCE_MM = 0.01  # absolute, plus 0.1 % of the slice spacing (as volumes.py)
 _CACHE_SIZE = 200_000
@@ -75,6 +87,7 @@ class InstanceFacts:
     slice_thickness: float | None
     orientation: tuple[float, ...] | None  # ImageOrientationPatient
     z: float | None  # ImagePositionPatient along the slice normal, mm
+    tags: tuple[tuple[str, str], ...] = ()  # (keyword, value) of config.TAG_KEYWORDS, for applies_to rules
 
 
 def _values(ds, keyword: str) -> tuple[str, ...]:  # noqa: ANN001
@@ -133,6 +146,7 @@ def facts_from_dataset(ds, path: str | Path = "") -> InstanceFacts:  # noqa: ANN
         slice_thickness=_float(ds, "SliceThickness"),
         orientation=orientation,
         z=z,
+        tags=tuple((k, str(ds.get(k, "") or "")) for k in TAG_KEYWORDS),
     )
 
 
@@ -343,9 +357,23 @@ def _image_type_reasons(series: SeriesFacts, required: list[str], excluded: list
     return reasons
 
 
+def _description_mismatch(series: SeriesFacts, rule: SeriesPatterns) -> str | None:
+    """How SeriesDescription fails the rule's case-insensitive globs, or None."""
+    text = series.description.lower()
+    if rule.series_description and not any(fnmatchcase(text, p.lower()) for p in rule.series_description):
+        return f"matches none of {', '.join(rule.series_description)}"
+    excluded = [p for p in rule.exclude_series_description if fnmatchcase(text, p.lower())]
+    return f"matches the excluded {excluded[0]}" if excluded else None
+
+
+def _description_reasons(series: SeriesFacts, rule: SeriesPatterns) -> list[str]:
+    mismatch = _description_mismatch(series, rule)
+    return [f'SeriesDescription "{series.description}" {mismatch}'] if mismatch else []
+
+
 def _pet_reasons(series: SeriesFacts, spec: PetInputSpec) -> tuple[list[str], str | None, Geometry | None]:
     """(reasons it cannot be used, why it must be waited for, geometry)."""
-    reasons = _image_type_reasons(series, spec.image_type, spec.excluded_image_types)
+    reasons = _description_reasons(series, spec) + _image_type_reasons(series, spec.image_type, spec.excluded_image_types)
     series_type = series.all_values("series_type")
     bad_types = sorted(series_type & {v.upper() for v in spec.excluded_series_types})
     if bad_types:
@@ -378,15 +406,12 @@ def _pet_reasons(series: SeriesFacts, spec: PetInputSpec) -> tuple[list[str], st
 
 def _ct_reasons(series: SeriesFacts, spec: CtInputSpec, pet: SeriesFacts | None,
                 pet_geometry: Geometry | None) -> tuple[list[str], Geometry | None]:
-    reasons = _image_type_reasons(series, spec.image_type, spec.excluded_image_types)
+    reasons = _description_reasons(series, spec) + _image_type_reasons(series, spec.image_type, spec.excluded_image_types)
     geometry, problem = _geometry(series)
     if problem:
         reasons.append(problem)
     if pet is not None and spec.same_frame_of_reference:
-        pet_for = pet.distinct("frame_of_reference_uid")
-        ct_for = series.distinct("frame_of_reference_uid")
-        if len(ct_for) != 1 or ct_for != pet_for or "" in ct_for:
-            reasons.append(f"FrameOfReferenceUID {'/'.join(sorted(ct_for)) or 'missing'} is not the PET's")
+        reasons.extend(_frame_of_reference_reasons(series, pet, "PET"))
     if spec.cover_pet and geometry is not None and pet_geometry is not None:
         half = (geometry.spacing or series.slice_thickness or 0.0) / 2.0 + _POSITION_TOLERANCE_MM
         if geometry.z_min - half > pet_geometry.z_min or geometry.z_max + half < pet_geometry.z_max:
@@ -395,6 +420,29 @@ def _ct_reasons(series: SeriesFacts, spec: CtInputSpec, pet: SeriesFacts | None,
                 f"{pet_geometry.z_min:.1f} to {pet_geometry.z_max:.1f} mm"
             )
     return reasons, geometry
+
+
+def _named_reasons(series: SeriesFacts, rule: NamedInputSpec) -> tuple[str | None, list[str]]:
+    """(how SeriesDescription fails the rule or None, the other reasons it cannot fill the channel)."""
+    reasons = _image_type_reasons(series, rule.image_type, rule.excluded_image_types)
+    _, problem = _geometry(series)
+    return _description_mismatch(series, rule), reasons + ([problem] if problem else [])
+
+
+def _misses(series: SeriesFacts, missed: dict[str, tuple[str | None, list[str]]]) -> list[str]:
+    """Why a series fills none of the named channels of its modality; said once where they agree."""
+    other = list(dict.fromkeys(r for _, reasons in missed.values() for r in reasons))
+    if all(mismatch for mismatch, _ in missed.values()):
+        each = "; ".join(f"{c}: {mismatch}" for c, (mismatch, _) in missed.items())
+        return [f'SeriesDescription "{series.description}" fits no channel ({each})', *other]
+    return [f"for channel {c}: {', '.join(([m] if m else []) + reasons)}" for c, (m, reasons) in missed.items()]
+
+
+def _frame_of_reference_reasons(series: SeriesFacts, reference: SeriesFacts, channel: str) -> list[str]:
+    ours, theirs = series.distinct("frame_of_reference_uid"), reference.distinct("frame_of_reference_uid")
+    if len(ours) != 1 or ours != theirs or "" in ours:
+        return [f"FrameOfReferenceUID {'/'.join(sorted(ours)) or 'missing'} is not the {channel}'s"]
+    return []
 
 
 def _show(series: SeriesFacts, attribute: str) -> str:
@@ -410,90 +458,168 @@ def _none_fits(channel: str, candidates: list[SeriesFacts], reasons: dict[str, l
     return f"no {channel} series fits the model's {channel} input spec ({why})"
 
 
-def select_inputs(series: list[SeriesFacts], channels: Iterable[str], spec: InputSpec | None = None) -> Selection:
-    """Give every series a verdict and choose one series per channel ("CT", "PET")."""
+@dataclass
+class _Choosing:
+    """What select_inputs has found so far."""
+
+    reasons: dict[str, list[str]]  # series uid -> why it is not used
+    chosen: dict[str, SeriesFacts] = field(default_factory=dict)
+    waiting_reason: dict[str, str] = field(default_factory=dict)
+    waiting: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def select_inputs(series: list[SeriesFacts], channels: Iterable[str], spec: InputSpec | None = None,
+                  grid: str | None = None) -> Selection:
+    """Give every series a verdict and choose one series per channel: "PET", "CT" and named
+    channels (`spec`'s [models.inputs.NAME]); `grid` (default: PET if a channel, else the
+    first) is the channel whose frame of reference the named channels must share."""
     spec = spec or InputSpec()
     channels = list(dict.fromkeys(channels))
-    reasons: dict[str, list[str]] = {s.series_uid: [] for s in series}
-    waiting_reason: dict[str, str] = {}
-    chosen: dict[str, SeriesFacts] = {}
-    waiting: list[str] = []
-    missing: list[str] = []
-    wanted = {CHANNEL_SOURCES[c] for c in channels}
+    state = _Choosing({s.series_uid: [] for s in series})
+    wanted = {channel_modality(c, spec) for c in channels}
     for s in series:
         if s.modality not in wanted:
-            reasons[s.series_uid].append(
+            state.reasons[s.series_uid].append(
                 f"modality {s.modality or '(missing)'} is not an input of the model (channels {', '.join(channels)})"
             )
-
-    # PET first: the CT is matched to it.
-    pets = [s for s in series if s.modality == "PT"]
-    pet_geometry: dict[str, Geometry | None] = {}
-    pet_ref: SeriesFacts | None = None
-    if "PET" in channels:
-        fitting: list[SeriesFacts] = []
-        growing: list[SeriesFacts] = []
-        for s in pets:
-            why, wait, geometry = _pet_reasons(s, spec.pet)
-            reasons[s.series_uid].extend(why)
-            pet_geometry[s.series_uid] = geometry
-            if not why and wait:
-                waiting_reason[s.series_uid] = wait
-                growing.append(s)
-            elif not why:
-                fitting.append(s)
-        if growing:
-            waiting.extend(waiting_reason[s.series_uid] for s in growing)
-        if fitting:
-            fitting.sort(key=lambda s: (s.count, s.latest_key), reverse=True)
-            chosen["PET"] = pet_ref = fitting[0]
-            for other in fitting[1:]:
-                reasons[other.series_uid].append(
-                    f"{pet_ref.label()} is preferred (rule: most instances, then the latest)"
-                )
-        elif growing:
-            pet_ref = max(growing, key=lambda s: (s.count, s.latest_key))
-        else:
-            missing.append(_none_fits("PET", pets, reasons) if pets else "no PET series in the study")
-
+    pet_ref, pet_geometry = _choose_pet(series, spec.pet, state) if "PET" in channels else (None, None)
     if "CT" in channels:
-        cts = [s for s in series if s.modality == "CT"]
-        fitting = []
-        ref_geometry = pet_geometry.get(pet_ref.series_uid) if pet_ref is not None and "PET" in chosen else None
-        for s in cts:
-            why, _ = _ct_reasons(s, spec.ct, pet_ref, ref_geometry)
-            reasons[s.series_uid].extend(why)
-            if not why:
-                fitting.append(s)
-        if fitting:
-            pet_thickness = pet_ref.slice_thickness if pet_ref is not None else None
+        _choose_ct(series, spec.ct, pet_ref if "PET" in state.chosen else None, pet_geometry, state)
+    named = [c for c in channels if c not in CHANNEL_MODALITIES]
+    if named:
+        grid = grid or ("PET" if "PET" in channels else channels[0])
+        _choose_named(series, named, spec, grid, state)
+    return Selection(verdicts=_verdicts(series, state), chosen=state.chosen, waiting=state.waiting, missing=state.missing)
 
-            def rank(s: SeriesFacts) -> tuple:
-                thickness = s.slice_thickness
-                distance = abs(thickness - pet_thickness) if thickness is not None and pet_thickness is not None else float("inf")
-                return (-distance, s.count, s.latest_key)
 
-            fitting.sort(key=rank, reverse=True)
-            chosen["CT"] = best = fitting[0]
-            for other in fitting[1:]:
-                reasons[other.series_uid].append(
-                    f"{best.label()} is preferred (rule: SliceThickness closest to the PET's"
-                    f"{f' {pet_thickness:g} mm' if pet_thickness is not None else ''}, then most instances, then the latest)"
-                )
-        else:
-            missing.append(_none_fits("CT", cts, reasons) if cts else "no CT series in the study")
+def _choose_pet(series: list[SeriesFacts], spec: PetInputSpec, state: _Choosing) -> tuple[SeriesFacts | None, Geometry | None]:
+    """The PET (first: the CT is matched to it); returns it (or the one still arriving) and its geometry."""
+    pets = [s for s in series if s.modality == "PT"]
+    geometry: dict[str, Geometry | None] = {}
+    fitting: list[SeriesFacts] = []
+    growing: list[SeriesFacts] = []
+    for s in pets:
+        why, wait, geometry[s.series_uid] = _pet_reasons(s, spec)
+        state.reasons[s.series_uid].extend(why)
+        if not why and wait:
+            state.waiting_reason[s.series_uid] = wait
+            growing.append(s)
+        elif not why:
+            fitting.append(s)
+    state.waiting.extend(state.waiting_reason[s.series_uid] for s in growing)
+    if fitting:
+        fitting.sort(key=lambda s: (s.count, s.latest_key), reverse=True)
+        state.chosen["PET"] = best = fitting[0]
+        for other in fitting[1:]:
+            state.reasons[other.series_uid].append(f"{best.label()} is preferred (rule: most instances, then the latest)")
+        return best, geometry[best.series_uid]
+    if growing:
+        return max(growing, key=lambda s: (s.count, s.latest_key)), None
+    state.missing.append(_none_fits("PET", pets, state.reasons) if pets else "no PET series in the study")
+    return None, None
 
-    used = {s.series_uid: channel for channel, s in chosen.items()}
+
+def _choose_ct(series: list[SeriesFacts], spec: CtInputSpec, pet: SeriesFacts | None, pet_geometry: Geometry | None,
+               state: _Choosing) -> None:
+    cts = [s for s in series if s.modality == "CT"]
+    fitting = []
+    for s in cts:
+        why, _ = _ct_reasons(s, spec, pet, pet_geometry)
+        state.reasons[s.series_uid].extend(why)
+        if not why:
+            fitting.append(s)
+    if not fitting:
+        state.missing.append(_none_fits("CT", cts, state.reasons) if cts else "no CT series in the study")
+        return
+    pet_thickness = pet.slice_thickness if pet is not None else None
+
+    def rank(s: SeriesFacts) -> tuple:
+        thickness = s.slice_thickness
+        distance = abs(thickness - pet_thickness) if thickness is not None and pet_thickness is not None else float("inf")
+        return (-distance, s.count, s.latest_key)
+
+    fitting.sort(key=rank, reverse=True)
+    state.chosen["CT"] = best = fitting[0]
+    rule = (f"SliceThickness closest to the PET's {pet_thickness:g} mm, then most instances, then the latest"
+            if pet_thickness is not None else "most instances, then the latest")
+    for other in fitting[1:]:
+        state.reasons[other.series_uid].append(f"{best.label()} is preferred (rule: {rule})")
+
+
+def _choose_named(series: list[SeriesFacts], names: list[str], spec: InputSpec, grid: str, state: _Choosing) -> None:
+    """Named channels (MR and other "as stored" series) by their [models.inputs.NAME] rules.
+    The grid channel's series gives the frame of reference (a named grid channel comes first)."""
+    reference = state.chosen.get(grid)
+    fits: dict[str, list[str]] = {}
+    for s in series:
+        missed = {}
+        for c in names:
+            rule = spec.named(c)
+            if s.modality == rule.modality:
+                mismatch, why = _named_reasons(s, rule)
+                if mismatch or why:
+                    missed[c] = (mismatch, why)
+                else:
+                    fits.setdefault(s.series_uid, []).append(c)
+        if missed and s.series_uid not in fits:
+            state.reasons[s.series_uid].extend(_misses(s, missed))
+    for uid, matched in fits.items():
+        if len(matched) > 1:
+            state.reasons[uid].append(f"fits channels {' and '.join(matched)}: their series_description patterns "
+                                      "must tell them apart")
+    for c in sorted(names, key=lambda c: c != grid):
+        rule = spec.named(c)
+        candidates = [s for s in series if fits.get(s.series_uid) == [c]]
+        if reference is not None and rule.same_frame_of_reference:
+            elsewhere = {s.series_uid: _frame_of_reference_reasons(s, reference, f"{grid} series") for s in candidates}
+            for uid, why in elsewhere.items():
+                state.reasons[uid].extend(why)
+            candidates = [s for s in candidates if not elsewhere[s.series_uid]]
+        if not candidates:
+            of_modality = [s for s in series if s.modality == rule.modality]
+            state.missing.append(_none_fits(c, of_modality, state.reasons) if of_modality
+                                 else f"no {rule.modality} series in the study for channel {c}")
+            continue
+        candidates.sort(key=lambda s: (s.latest_key, s.count), reverse=True)
+        state.chosen[c] = best = candidates[0]
+        reference = reference or best
+        for other in candidates[1:]:
+            state.reasons[other.series_uid].append(f"{best.label()} is preferred for channel {c} "
+                                                   "(rule: the latest, then the most instances)")
+
+
+def _verdicts(series: list[SeriesFacts], state: _Choosing) -> list[Verdict]:
+    used = {s.series_uid: channel for channel, s in state.chosen.items()}
     verdicts = []
     for s in sorted(series, key=lambda s: (s.series_number is None, s.series_number or 0, s.series_uid)):
         if s.series_uid in used:
-            state, channel, why = USED, used[s.series_uid], ()
-        elif s.series_uid in waiting_reason and not reasons[s.series_uid]:
-            state, channel, why = WAITING, "PET", (waiting_reason[s.series_uid],)
+            verdict_state, channel, why = USED, used[s.series_uid], ()
+        elif s.series_uid in state.waiting_reason and not state.reasons[s.series_uid]:
+            verdict_state, channel, why = WAITING, "PET", (state.waiting_reason[s.series_uid],)
         else:
-            state, channel, why = IGNORED, None, tuple(reasons[s.series_uid]) or ("not chosen",)
-        verdicts.append(Verdict(s.series_uid, s.modality, s.series_number, s.description, s.count, state, channel, why, s.label()))
-    return Selection(verdicts=verdicts, chosen=chosen, waiting=waiting, missing=missing)
+            verdict_state, channel, why = IGNORED, None, tuple(state.reasons[s.series_uid]) or ("not chosen",)
+        verdicts.append(Verdict(s.series_uid, s.modality, s.series_number, s.description, s.count, verdict_state,
+                                channel, why, s.label()))
+    return verdicts
+
+
+def applies_to(series: list[SeriesFacts], settings: ModelSettings) -> str | None:
+    """None when the model applies to the study of `series` (config [models.applies_to]), else why not."""
+    present = {s.modality for s in series}
+    rule = settings.applies_to
+    if rule.modalities is not None:
+        lacking = [m for m in rule.modalities if m not in present]
+        if lacking:
+            return f"model {settings.name} applies to studies with {', '.join(rule.modalities)}: no {', '.join(lacking)}"
+    elif not present & set(settings.required_modalities):
+        return f"model {settings.name} takes {', '.join(settings.required_modalities)}: none in the study"
+    for keyword, patterns in rule.tags.items():
+        values = {dict(i.tags).get(keyword, "") for s in series for i in s.instances[:1]}
+        if not any(fnmatchcase(v.lower(), p.lower()) for v in values for p in patterns):
+            shown = ", ".join(f'"{v}"' for v in sorted(values)) or "(none)"
+            return f"model {settings.name} applies to {keyword} {' or '.join(patterns)}: the study has {shown}"
+    return None
 
 
 # --- sources of facts ---------------------------------------------------------------------

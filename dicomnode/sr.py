@@ -132,20 +132,8 @@ def build_sr(
     ]
     groups.append(_study_group(measures, algorithm))
 
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(entropy_srcs=["dicomnode", manufacturer, model_name, model_version]),
-        name="dicomnode",
-        manufacturer_name=manufacturer,
-        model_name=f"{model_name} {model_version}",
-    )
-    observation_context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=device,
-        )
-    )
     report = hd.sr.MeasurementReport(
-        observation_context=observation_context,
+        observation_context=device_observation_context(manufacturer, model_name, model_version),
         procedure_reported=_procedure_reported(pet_header if pet_header is not None else source[0]),
         imaging_measurements=groups,
         title=TITLE,
@@ -169,6 +157,20 @@ def build_sr(
     if sr.StudyInstanceUID != source[0].StudyInstanceUID:
         raise SrError("SR study differs from the source images")
     return sr
+
+
+def device_observation_context(manufacturer: str, model_name: str, model_version: str) -> hd.sr.ObservationContext:
+    """The node as the observer (TID 1004); one model version keeps one device UID."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=generate_uid(entropy_srcs=["dicomnode", manufacturer, model_name, model_version]),
+        name="dicomnode",
+        manufacturer_name=manufacturer,
+        model_name=f"{model_name} {model_version}",
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device,
+                                                      observer_identifying_attributes=device)
+    )
 
 
 def write_sr(sr: hd.sr.Comprehensive3DSR, path: Path | str) -> Path:

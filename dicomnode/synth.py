@@ -31,6 +31,9 @@ same SUVbw through `dicomnode.suv`:
                        * weight_g / dose), RadionuclideTotalDose in MBq (300).
     "midnight"         injected 23:30 the day before, scanned 00:30: only
                        RadiopharmaceuticalStartTime, no RadiopharmaceuticalStartDateTime.
+
+The header helpers (study_dataset, image_dataset, ct_slice, write_series, write_labels) also
+write the registry models' MR and CT studies (dicomnode/synth_registry.py).
 """
 
 from __future__ import annotations
@@ -124,22 +127,22 @@ def write_study(
     out_dir = Path(out_dir)
     times = _times(variant)
     phantom = ph.random_phantom(seed, n_lesions=n_lesions)
-    study = _study_dataset(patient_id, patient_name, times.ct_start)
+    study = study_dataset(patient_id, patient_name, times.ct_start)
     frame_of_reference_uid = generate_uid()
 
     ct_series_uid = generate_uid()
-    ct_files = _write_series(
+    ct_files = write_series(
         out_dir / "CT",
         "ct",
         [
-            _ct_slice(study, frame_of_reference_uid, ct_series_uid, ph.CT_GRID, k, plane, times.ct_start)
+            ct_slice(study, frame_of_reference_uid, ct_series_uid, ph.CT_GRID, k, plane, times.ct_start)
             for k, plane in enumerate(ph.ct_hu(phantom, ph.CT_GRID))
         ],
     )
 
     pt_series_uid = generate_uid()
     values = ph.pet_suv(phantom, ph.PET_GRID).astype(np.float64) * _rescaled_per_suv(variant)
-    pt_files = _write_series(
+    pt_files = write_series(
         out_dir / "PT",
         "pt",
         [
@@ -151,7 +154,7 @@ def write_study(
     truth_dir = out_dir / "truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
     truth_labels = truth_dir / "lesions.nii.gz"
-    _write_labels(ph.lesion_masks(phantom, ph.PET_GRID), ph.PET_GRID, truth_labels)
+    write_labels(ph.lesion_masks(phantom, ph.PET_GRID), ph.PET_GRID, truth_labels)
     truth_json = truth_dir / "truth.json"
     truth_json.write_text(
         json.dumps(
@@ -222,7 +225,7 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _study_dataset(patient_id: str, patient_name: str, ct_start: datetime = CT_START) -> Dataset:
+def study_dataset(patient_id: str, patient_name: str, ct_start: datetime = CT_START) -> Dataset:
     """Patient, General Study and Patient Study attributes shared by every image of the study."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -243,7 +246,7 @@ def _study_dataset(patient_id: str, patient_name: str, ct_start: datetime = CT_S
     return ds
 
 
-def _image_dataset(
+def image_dataset(
     study: Dataset,
     frame_of_reference_uid: str,
     series_uid: str,
@@ -284,8 +287,8 @@ def _image_dataset(
     return ds
 
 
-def _ct_slice(study, frame_of_reference_uid, series_uid, grid, k, hu, ct_start=CT_START) -> Dataset:
-    ds = _image_dataset(study, frame_of_reference_uid, series_uid, grid, k, hu)
+def ct_slice(study, frame_of_reference_uid, series_uid, grid, k, hu, ct_start=CT_START) -> Dataset:
+    ds = image_dataset(study, frame_of_reference_uid, series_uid, grid, k, hu)
     ds.SOPClassUID = CTImageStorage
     ds.Modality = "CT"
     ds.SeriesNumber = 2
@@ -314,7 +317,7 @@ def _ct_slice(study, frame_of_reference_uid, series_uid, grid, k, hu, ct_start=C
 def _pt_slice(study, frame_of_reference_uid, series_uid, grid, k, values, variant="bqml", times=None) -> Dataset:
     """One PET slice; `values` are the rescaled pixel values (Bq/ml, or counts for philips-cnts)."""
     times = times or _times(variant)
-    ds = _image_dataset(study, frame_of_reference_uid, series_uid, grid, k, values)
+    ds = image_dataset(study, frame_of_reference_uid, series_uid, grid, k, values)
     ds.SOPClassUID = PositronEmissionTomographyImageStorage
     ds.Modality = "PT"
     ds.SeriesNumber = 3
@@ -402,7 +405,7 @@ def _apply_variant(ds: Dataset, k: int, variant: str, times: _Times, decay_const
         ds.DecayFactor = f"{float(ds.DecayFactor) * math.exp(decay_constant * uptake_s):.6f}"
 
 
-def _write_series(series_dir: Path, prefix: str, datasets: list[Dataset]) -> list[Path]:
+def write_series(series_dir: Path, prefix: str, datasets: list[Dataset]) -> list[Path]:
     series_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for k, ds in enumerate(datasets):
@@ -416,7 +419,7 @@ def _write_series(series_dir: Path, prefix: str, datasets: list[Dataset]) -> lis
     return paths
 
 
-def _write_labels(labels: np.ndarray, grid: ph.Grid, path: Path) -> None:
+def write_labels(labels: np.ndarray, grid: ph.Grid, path: Path) -> None:
     image = sitk.GetImageFromArray(labels.astype(np.uint8))
     image.SetSpacing(tuple(float(s) for s in reversed(grid.spacing)))  # (x, y, z)
     image.SetOrigin(tuple(float(o) for o in grid.origin))

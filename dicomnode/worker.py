@@ -17,10 +17,12 @@ import socket
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from datetime import timedelta
 
 from sqlalchemy.orm import sessionmaker
 
+from dicomnode import admin
 from dicomnode.config import Config
 from dicomnode.db import make_sessionmaker
 from dicomnode.processing import DeliveryPending, JobError, process
@@ -34,27 +36,67 @@ class Shutdown(BaseException):
 
 
 class ModelCache:
-    """Loads each configured model the first time a job needs it, then keeps it."""
+    """The worker's loaded models, kept between jobs; the least recently used go first.
+
+    Within `[node] model_memory_gb` (None: no limit), after a model is loaded the least
+    recently used others are unloaded until the loaded models fit. A model's memory is its
+    `memory_bytes()` (inference/memory.py): measured with torch.cuda's allocator statistics on
+    a GPU (the network on the device plus the peak of its predictions so far), estimated on the
+    CPU (parameters and fold weights plus one sliding-window patch through the network).
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self._models: dict[str, object] = {}
+        gb = config.node.model_memory_gb
+        self.budget_bytes = None if gb is None else int(gb * 1e9)
+        self._models: OrderedDict[str, object] = OrderedDict()  # least recently used first
 
     def get(self, name: str):  # noqa: ANN201 - inference.SegmentationModel
-        if name not in self._models:
-            from inference import SegmentationModel  # torch is imported here, in the worker only
-
-            settings = self.config.model(name)
-            started = time.monotonic()
-            self._models[name] = SegmentationModel(
-                settings.path,
-                folds=settings.folds,
-                checkpoint_name=settings.checkpoint,
-                device=settings.device,
-                use_mirroring=settings.use_mirroring,
-            )
-            log.info("model %s loaded in %.1f s (folds %s)", name, time.monotonic() - started, settings.folds)
+        if name in self._models:
+            self._models.move_to_end(name)
+            return self._models[name]
+        self._models[name] = self._load(name)
+        self._fit(name)
         return self._models[name]
+
+    def loaded(self) -> list[str]:
+        """Names of the loaded models, least recently used first."""
+        return list(self._models)
+
+    def memory_bytes(self) -> int:
+        return sum(model.memory_bytes() for model in self._models.values())
+
+    def _load(self, name: str):  # noqa: ANN202
+        from inference import SegmentationModel  # torch is imported here, in the worker only
+
+        settings = self.config.model(name)
+        started = time.monotonic()
+        model = SegmentationModel(
+            settings.path,
+            folds=settings.folds,
+            checkpoint_name=settings.checkpoint,
+            device=settings.device,
+            use_mirroring=settings.use_mirroring,
+            tile_step_size=settings.tile_step_size,
+            configuration=settings.configuration,
+            trainer=settings.trainer,
+            plans=settings.plans,
+        )
+        log.info("model %s loaded in %.1f s (folds %s, %s, %.2f GB %s)", name, time.monotonic() - started,
+                 settings.folds, model.device, model.memory_bytes() / 1e9, model.footprint.basis)
+        return model
+
+    def _fit(self, newest: str) -> None:
+        if self.budget_bytes is None:
+            return
+        while self.memory_bytes() > self.budget_bytes and len(self._models) > 1:
+            name, model = self._models.popitem(last=False)
+            model.unload()
+            log.info("model %s unloaded (least recently used; models now take %.2f of %.2f GB)",
+                     name, self.memory_bytes() / 1e9, self.budget_bytes / 1e9)
+        if self.memory_bytes() > self.budget_bytes:
+            log.warning("model %s alone takes %.2f GB, more than model_memory_gb = %.2f",
+                        newest, self.memory_bytes() / 1e9, self.budget_bytes / 1e9)
 
 
 class Heartbeat(threading.Thread):
@@ -89,7 +131,9 @@ class Worker:
         heartbeat = Heartbeat(self.sessions, job.id, self.owner, self.lease)
         heartbeat.start()
         try:
-            message = process(self.config, self.sessions, job, self.models.get(job.model))
+            model = self.models.get(job.model)
+            self.report_alive()  # a model may have just loaded
+            message = process(self.config, self.sessions, job, model)
         except Shutdown:
             release(self.sessions, job.id, self.owner, "worker shutting down")
             raise
@@ -109,6 +153,10 @@ class Worker:
             heartbeat.stopped.set()
         return True
 
+    def report_alive(self, every: float = 0.0) -> None:
+        """The worker's row for `dicomnode status`: alive, and the models it holds."""
+        admin.heartbeat(self.sessions, "worker", {"owner": self.owner, "models": sorted(self.models._models)}, every=every)
+
     def run_forever(self) -> None:
         def _stop(signum, _frame):  # noqa: ANN001
             raise Shutdown(signal.Signals(signum).name)
@@ -118,6 +166,7 @@ class Worker:
         log.info("worker %s waiting for jobs", self.owner)
         try:
             while True:
+                self.report_alive(every=admin.HEARTBEAT_SECONDS)
                 if not self.run_one():
                     time.sleep(self.poll_seconds)
         except Shutdown as exc:

@@ -1,19 +1,13 @@
-"""Load an nnU-Net v2 model folder once and segment numpy volumes with it.
+"""Load an nnU-Net v2 model once and segment numpy volumes with it.
 
-The model folder is the nnU-Net v2 *release* layout (what `nnUNetv2_export_model_to_zip`
-produces and what GLOW-FDG publishes)::
-
-    model_dir/
-        dataset.json
-        plans.json
-        fold_0/checkpoint_final.pth
-        ...
-        fold_4/checkpoint_final.pth
-
-Loading goes through nnU-Net's own `nnUNetPredictor.initialize_from_trained_model_folder`, so a
-real model dropped in place takes exactly the same code path as the bundled demo model.
-Preprocessing (normalisation, resampling to the model's spacing), sliding-window inference,
-fold ensembling and resampling back to the input grid are all nnU-Net's.
+The model folder is either layout nnU-Net uses (see inference/layout.py): the release layout
+(dataset.json, plans.json, fold_k/checkpoint_final.pth, as GLOW-FDG publishes) or the results
+layout (DatasetXXX/Trainer__Plans__configuration/fold_k, as TotalSegmentator downloads).
+The checkpoint's trainer class is found in the model folder's own .py files or in nnunetv2
+(inference/trainers.py) and builds the network; the network, plans and fold weights are
+handed to nnU-Net's `nnUNetPredictor.manual_initialization`, so preprocessing (normalisation,
+resampling to the model's spacing), sliding-window inference, fold ensembling and resampling
+back to the input grid are all nnU-Net's own.
 
 No DICOM here: this module must never import pydicom, pynetdicom or highdicom.
 """
@@ -21,6 +15,7 @@ No DICOM here: this module must never import pydicom, pynetdicom or highdicom.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
@@ -28,7 +23,11 @@ from typing import Sequence
 
 import numpy as np
 
-_PLAN_FILES = ("dataset.json", "plans.json")
+from .layout import resolve_model_folder
+from .memory import Footprint
+from .trainers import TrainerNotFound, build_network, find_trainer_class
+
+log = logging.getLogger("inference")
 
 
 def _available_cpus() -> int:
@@ -39,21 +38,29 @@ def _available_cpus() -> int:
 
 
 def _resolve_device(device: str) -> str:
+    """"cpu" or "cuda[:N]"; "auto" and "cuda" fall back to the CPU, with a warning, when torch
+    sees no GPU."""
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         return "cpu"
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device")
-        return device
-    raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+    if device not in ("auto", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+    if torch.cuda.is_available():
+        return "cuda" if device == "auto" else device
+    log.warning("device %r: torch sees no CUDA GPU, running on the CPU instead", device)
+    return "cpu"
 
 
-def _fold_dir_name(fold: int | str) -> str:
-    return f"fold_{fold}"
+def _plain_labels(labels: dict) -> dict[str, int]:
+    # nnU-Net allows region-based labels (a tuple/list of values per name); the label map we
+    # return holds the region index in that case, which is the first listed value's order.
+    out: dict[str, int] = {}
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            value = value[0]
+        out[str(name)] = int(value)
+    return out
 
 
 class SegmentationModel:
@@ -65,6 +72,9 @@ class SegmentationModel:
         labels: label name -> value, from dataset.json (e.g. {"background": 0, "lesion": 1}).
         device: "cpu" or "cuda[:N]", where the network runs.
         folds: the folds that are ensembled.
+        folder: where the files are (inference.layout.ModelFolder).
+        trainer_name, configuration: from the checkpoint; trainer_class: the class that built
+            the network (from the model folder or nnunetv2).
     """
 
     def __init__(
@@ -76,26 +86,33 @@ class SegmentationModel:
         use_mirroring: bool = False,
         tile_step_size: float = 0.5,
         threads: int | None = None,
+        configuration: str | None = None,
+        trainer: str | None = None,
+        plans: str | None = None,
     ) -> None:
-        self.model_dir = Path(model_dir).resolve()
+        self.folder = resolve_model_folder(model_dir, configuration, trainer, plans)
+        self.model_dir = self.folder.root
+        self.name = Path(model_dir).name
         self.folds = tuple(int(f) if str(f).isdigit() else str(f) for f in folds)
         if not self.folds:
             raise ValueError("at least one fold is needed")
         self.checkpoint_name = checkpoint_name
-        self._check_layout()
-
-        with open(self.model_dir / "dataset.json", encoding="utf-8") as f:
-            dataset_json = json.load(f)
+        missing = [f"fold_{f}/{checkpoint_name}" for f in self.folds
+                   if not self.folder.checkpoint(f, checkpoint_name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.model_dir} is not a complete nnU-Net v2 model folder; "
+                                    "missing: " + ", ".join(missing))
+        dataset_json = json.loads((self.model_dir / "dataset.json").read_text(encoding="utf-8"))
+        plans_json = json.loads((self.model_dir / "plans.json").read_text(encoding="utf-8"))
         channels = dataset_json.get("channel_names", dataset_json.get("modality"))
         if not channels:
             raise ValueError(f"{self.model_dir / 'dataset.json'} has no channel_names")
         self.channel_names: list[str] = [channels[k] for k in sorted(channels, key=int)]
-        self.labels: dict[str, int] = self._plain_labels(dataset_json["labels"])
+        self.labels: dict[str, int] = _plain_labels(dataset_json["labels"])
         if max(self.labels.values()) > 255:
             raise ValueError("label values above 255 do not fit the uint8 label map")
 
         import torch
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
         self.device = _resolve_device(device)
         if self.device == "cpu":
@@ -106,28 +123,64 @@ class SegmentationModel:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
         self._lift_nnunet_thread_cap(self.threads)
-        on_gpu = self.device.startswith("cuda")
+        self.use_mirroring = use_mirroring
+        self.tile_step_size = tile_step_size
+        self._lock = threading.Lock()
+        self._load(dataset_json, plans_json)
+
+    # ------------------------------------------------------------------ loading
+    def _load(self, dataset_json: dict, plans_json: dict) -> None:
+        import torch
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+        checkpoints = [torch.load(self.folder.checkpoint(f, self.checkpoint_name), map_location="cpu",
+                                  weights_only=False) for f in self.folds]
+        first = checkpoints[0]
+        self.trainer_name = self._checked("trainer", self.folder.trainer, first["trainer_name"])
+        self.configuration = self._checked("configuration", self.folder.configuration,
+                                           first["init_args"]["configuration"])
+        if self.configuration not in plans_json.get("configurations", {}):
+            raise ValueError(f"{self.model_dir / 'plans.json'} has no configuration {self.configuration!r} "
+                             f"(it has {sorted(plans_json.get('configurations', {}))})")
+        plans_manager = PlansManager(plans_json)
+        configuration_manager = plans_manager.get_configuration(self.configuration)
+        try:
+            self.trainer_class = find_trainer_class(self.trainer_name, self.folder.code_folders())
+        except TrainerNotFound as exc:
+            raise TrainerNotFound(f"{self.model_dir}: {exc}") from None
+        n_in = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+        n_out = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+        network = build_network(self.trainer_class, plans_manager, configuration_manager, dataset_json, n_in, n_out)
+        parameters = [c["network_weights"] for c in checkpoints]
+        network.load_state_dict(parameters[0])
 
         self._predictor = nnUNetPredictor(
-            tile_step_size=tile_step_size,
+            tile_step_size=self.tile_step_size,
             use_gaussian=True,
-            use_mirroring=use_mirroring,
-            perform_everything_on_device=on_gpu,
+            use_mirroring=self.use_mirroring,
+            perform_everything_on_device=self.device.startswith("cuda"),
             device=torch.device(self.device),
             verbose=False,
             verbose_preprocessing=False,
             allow_tqdm=False,
         )
-        self._predictor.initialize_from_trained_model_folder(
-            str(self.model_dir), use_folds=self.folds, checkpoint_name=checkpoint_name
-        )
-        self.use_mirroring = use_mirroring
-        self.tile_step_size = tile_step_size
-        self.model_spacing = tuple(float(s) for s in self._predictor.configuration_manager.spacing)
-        self.patch_size = tuple(int(s) for s in self._predictor.configuration_manager.patch_size)
-        self._lock = threading.Lock()
+        self.footprint = Footprint(self.device)
+        with self.footprint.measure_resident():
+            self._predictor.manual_initialization(
+                network.to(self.device), plans_manager, configuration_manager, parameters, dataset_json,
+                self.trainer_name, first.get("inference_allowed_mirroring_axes"))
+        self.footprint.estimate(network, parameters, configuration_manager, n_in, n_out)
+        self.model_spacing = tuple(float(s) for s in configuration_manager.spacing)
+        self.patch_size = tuple(int(s) for s in configuration_manager.patch_size)
 
-    # ------------------------------------------------------------------ helpers
+    def _checked(self, what: str, configured: str | None, in_checkpoint: str) -> str:
+        if configured is not None and configured != in_checkpoint:
+            raise ValueError(f"{self.model_dir}: {what} {configured!r} configured (or in the folder name), "
+                             f"but the checkpoints were trained with {what} {in_checkpoint!r}")
+        return in_checkpoint
+
     @staticmethod
     def _lift_nnunet_thread_cap(threads: int) -> None:
         """nnU-Net caps torch's threads during prediction at `nnUNet_def_n_proc` (default 8),
@@ -137,36 +190,24 @@ class SegmentationModel:
         if getattr(pfr, "default_num_processes", threads) < threads:
             pfr.default_num_processes = threads
 
-    def _check_layout(self) -> None:
-        if not self.model_dir.is_dir():
-            raise FileNotFoundError(f"model folder {self.model_dir} does not exist")
-        missing = [name for name in _PLAN_FILES if not (self.model_dir / name).is_file()]
-        missing += [
-            f"{_fold_dir_name(f)}/{self.checkpoint_name}"
-            for f in self.folds
-            if not (self.model_dir / _fold_dir_name(f) / self.checkpoint_name).is_file()
-        ]
-        if missing:
-            raise FileNotFoundError(
-                f"{self.model_dir} is not a complete nnU-Net v2 model folder; missing: "
-                + ", ".join(missing)
-            )
+    def memory_bytes(self) -> int:
+        """What this model holds while loaded, plus its working set (see inference/memory.py)."""
+        return self.footprint.total_bytes()
 
-    @staticmethod
-    def _plain_labels(labels: dict) -> dict[str, int]:
-        # nnU-Net allows region-based labels (a tuple/list of values per name); the label map we
-        # return holds the region index in that case, which is the first listed value's order.
-        out: dict[str, int] = {}
-        for name, value in labels.items():
-            if isinstance(value, (list, tuple)):
-                value = value[0]
-            out[str(name)] = int(value)
-        return out
+    def unload(self) -> None:
+        """Free the network and the fold weights (and the GPU memory they held)."""
+        with self._lock:
+            self._predictor = None
+            self.footprint.release()
+
+    @property
+    def loaded(self) -> bool:
+        return self._predictor is not None
 
     def __repr__(self) -> str:
         return (
             f"SegmentationModel({str(self.model_dir)!r}, folds={self.folds}, device={self.device!r}, "
-            f"channels={self.channel_names}, labels={self.labels})"
+            f"trainer={self.trainer_name!r}, channels={self.channel_names}, labels={self.labels})"
         )
 
     # ------------------------------------------------------------------ predict
@@ -183,6 +224,23 @@ class SegmentationModel:
         Returns:
             (z, y, x) uint8 label map on the input grid, values as in `labels`.
         """
+        data, spacing = self._checked_input(channels, spacing_zyx)
+        # nnU-Net's SimpleITK reader hands the predictor (c, z, y, x) arrays with spacing in
+        # (z, y, x) order, which is exactly what we get; the properties dict is modified in place.
+        properties = {"spacing": list(spacing)}
+        with self._lock:
+            if self._predictor is None:
+                raise RuntimeError(f"model {self.name} was unloaded")
+            with self.footprint.measure_working_set():
+                seg = self._predictor.predict_single_npy_array(data, properties, None, None, False)
+        seg = np.asarray(seg)
+        if seg.shape != data.shape[1:]:
+            raise RuntimeError(
+                f"nnU-Net returned shape {seg.shape}, expected the input grid {data.shape[1:]}"
+            )
+        return seg.astype(np.uint8, copy=False)
+
+    def _checked_input(self, channels, spacing_zyx) -> tuple[np.ndarray, tuple[float, float, float]]:
         channels = np.asarray(channels)
         if channels.ndim != 4:
             raise ValueError(
@@ -191,7 +249,7 @@ class SegmentationModel:
         n_expected = len(self.channel_names)
         if channels.shape[0] != n_expected:
             raise ValueError(
-                f"model {self.model_dir.name} expects {n_expected} input channels "
+                f"model {self.name} expects {n_expected} input channels "
                 f"{self.channel_names}, got {channels.shape[0]} (array shape {channels.shape})"
             )
         if min(channels.shape[1:]) < 1:
@@ -202,15 +260,4 @@ class SegmentationModel:
         data = np.ascontiguousarray(channels, dtype=np.float32)
         if not np.isfinite(data).all():
             raise ValueError("channels contain NaN or infinite values")
-
-        # nnU-Net's SimpleITK reader hands the predictor (c, z, y, x) arrays with spacing in
-        # (z, y, x) order, which is exactly what we get; the properties dict is modified in place.
-        properties = {"spacing": list(spacing)}
-        with self._lock:
-            seg = self._predictor.predict_single_npy_array(data, properties, None, None, False)
-        seg = np.asarray(seg)
-        if seg.shape != data.shape[1:]:
-            raise RuntimeError(
-                f"nnU-Net returned shape {seg.shape}, expected the input grid {data.shape[1:]}"
-            )
-        return seg.astype(np.uint8, copy=False)
+        return data, spacing

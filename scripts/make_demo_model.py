@@ -79,25 +79,33 @@ def phantom_case(seed: int):
     return channels, lesion_masks(ph, PET_GRID), ph
 
 
-def write_raw_dataset(raw_root: Path, n_cases: int) -> Path:
-    import numpy as np
-    import SimpleITK as sitk
-
-    from dicomnode.phantom import PET_GRID
-
-    ds = raw_root / DATASET_NAME
+def fresh_raw_dataset(raw_root: Path, dataset_name: str) -> Path:
+    """An empty nnU-Net raw dataset folder with imagesTr/ and labelsTr/."""
+    ds = raw_root / dataset_name
     if ds.exists():
         shutil.rmtree(ds)
     (ds / "imagesTr").mkdir(parents=True)
     (ds / "labelsTr").mkdir()
-    sz, sy, sx = PET_GRID.spacing
+    return ds
 
-    def write(arr, path):
-        img = sitk.GetImageFromArray(arr)
-        img.SetSpacing((sx, sy, sz))
-        img.SetOrigin(PET_GRID.origin)
-        sitk.WriteImage(img, str(path), useCompression=True)
 
+def write_nifti(arr, grid, path: Path) -> None:
+    """A (z, y, x) array on a dicomnode.phantom.Grid as a compressed NIfTI file."""
+    import SimpleITK as sitk
+
+    sz, sy, sx = grid.spacing
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((sx, sy, sz))
+    img.SetOrigin(grid.origin)
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def write_raw_dataset(raw_root: Path, n_cases: int) -> Path:
+    import numpy as np
+
+    from dicomnode.phantom import PET_GRID
+
+    ds = fresh_raw_dataset(raw_root, DATASET_NAME)
     n_lesions = 0
     for i in range(n_cases):
         seed = TRAIN_SEED0 + i
@@ -105,8 +113,8 @@ def write_raw_dataset(raw_root: Path, n_cases: int) -> Path:
         n_lesions += len(ph.lesions)
         case = f"phantom_{seed:05d}"
         for c in range(channels.shape[0]):
-            write(channels[c], ds / "imagesTr" / f"{case}_{c:04d}.nii.gz")
-        write((labels > 0).astype(np.uint8), ds / "labelsTr" / f"{case}.nii.gz")
+            write_nifti(channels[c], PET_GRID, ds / "imagesTr" / f"{case}_{c:04d}.nii.gz")
+        write_nifti((labels > 0).astype(np.uint8), PET_GRID, ds / "labelsTr" / f"{case}.nii.gz")
     dataset_json = {
         "channel_names": CHANNEL_NAMES,
         "labels": LABELS,
@@ -125,21 +133,27 @@ def write_raw_dataset(raw_root: Path, n_cases: int) -> Path:
 
 
 # --------------------------------------------------------------------------- planning
-def plan_and_preprocess(pre_root: Path, n_proc: int) -> Path:
+def plan_and_preprocess(pre_root: Path, n_proc: int, dataset_id: int = DATASET_ID,
+                        dataset_name: str = DATASET_NAME, planner: str = PLANNER,
+                        plans_name: str = PLANS_NAME,
+                        target_spacing: tuple[float, float, float] | None = TARGET_SPACING) -> Path:
+    """nnU-Net fingerprint, planning and preprocessing of one dataset; the plans' widths and
+    batch size shrunk to CPU size. Returns the plans file."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
         extract_fingerprints,
         plan_experiments,
         preprocess,
     )
 
-    extract_fingerprints([DATASET_ID], num_processes=n_proc, check_dataset_integrity=True,
+    extract_fingerprints([dataset_id], num_processes=n_proc, check_dataset_integrity=True,
                          clean=True, verbose=False)
     # ResEnc L planner, with the 3d_fullres spacing forced to GLOW-FDG's. Passing the spacing to
     # the planner (rather than editing it afterwards) makes nnU-Net derive patch size and network
     # topology for the image shape at that spacing (64 x 128 x 128 for the phantoms).
-    plan_experiments([DATASET_ID], experiment_planner_class_name=PLANNER,
-                     overwrite_target_spacing=list(TARGET_SPACING), overwrite_plans_name=PLANS_NAME)
-    plans_file = pre_root / DATASET_NAME / f"{PLANS_NAME}.json"
+    plan_experiments([dataset_id], experiment_planner_class_name=planner,
+                     overwrite_target_spacing=list(target_spacing) if target_spacing else None,
+                     overwrite_plans_name=plans_name)
+    plans_file = pre_root / dataset_name / f"{plans_name}.json"
     plans = json.loads(plans_file.read_text())
     cfg = plans["configurations"][CONFIGURATION]
     arch = cfg["architecture"]
@@ -152,27 +166,32 @@ def plan_and_preprocess(pre_root: Path, n_proc: int) -> Path:
     kw["features_per_stage"] = [min(FIRST_STAGE_FEATURES * 2 ** i, FEATURES_PER_STAGE_CAP)
                                 for i in range(n_stages)]
     cfg["batch_size"] = BATCH_SIZE
-    cfg["spacing"] = list(TARGET_SPACING)
+    if target_spacing:
+        cfg["spacing"] = list(target_spacing)
     plans_file.write_text(json.dumps(plans, indent=4))
     log(f"edited 3d_fullres: network {arch['network_class_name'].rsplit('.', 1)[-1]}, "
         f"features {kw['features_per_stage']}, blocks {kw.get('n_blocks_per_stage')}, "
         f"patch {cfg['patch_size']}, batch {cfg['batch_size']}, spacing {cfg['spacing']}")
-    preprocess([DATASET_ID], plans_identifier=PLANS_NAME, configurations=(CONFIGURATION,),
+    preprocess([dataset_id], plans_identifier=plans_name, configurations=(CONFIGURATION,),
                num_processes=(n_proc,), verbose=False)
     return plans_file
 
 
 # --------------------------------------------------------------------------- training
-def make_trainer_class(iterations: int, iters_per_epoch: int):
+def make_trainer_class(iterations: int, iters_per_epoch: int, base=None, name: str = "DemoPetCtTrainer",
+                       oversample_foreground: float = 1.0):
+    """A subclass of `base` (default nnUNetTrainer) with a short schedule, called `name`."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    class DemoPetCtTrainer(nnUNetTrainer):
-        """nnUNetTrainer with a short schedule and full foreground oversampling.
+    base = base or nnUNetTrainer
 
-        Only the schedule and the sampling differ from nnUNetTrainer; the network comes from the
-        plans through the inherited `build_network_architecture`, so the weights are exactly
-        what nnUNetTrainer builds at inference time.
+    class DemoPetCtTrainer(base):
+        """The base trainer with a short schedule and full foreground oversampling.
+
+        Only the schedule and the sampling differ from the base trainer; the network comes from
+        its inherited `build_network_architecture`, so the weights are exactly what the base
+        trainer builds at inference time.
         """
 
         # explicit signature: nnUNetTrainer records its init arguments by inspecting it
@@ -183,14 +202,15 @@ def make_trainer_class(iterations: int, iters_per_epoch: int):
             self.num_epochs = max(1, round(iterations / iters_per_epoch))
             self.num_val_iterations_per_epoch = 2
             # default 0.33: with so few iterations 2 of 5 folds learned to predict nothing
-            self.oversample_foreground_percent = 1.0
+            self.oversample_foreground_percent = oversample_foreground
             self.save_every = 10 ** 6  # only checkpoint_final matters here
 
+    DemoPetCtTrainer.__name__ = DemoPetCtTrainer.__qualname__ = name
     return DemoPetCtTrainer
 
 
 def train_fold(trainer_cls, plans_file: Path, pre_root: Path, fold: int,
-               train_patch: list[int] | None) -> tuple[Path, float]:
+               train_patch: list[int] | None, dataset_name: str = DATASET_NAME) -> tuple[Path, float]:
     import torch
 
     plans = json.loads(plans_file.read_text())
@@ -199,7 +219,7 @@ def train_fold(trainer_cls, plans_file: Path, pre_root: Path, fold: int,
         # convolutional and the patch must only be divisible by the strides, see README.
         plans["configurations"][CONFIGURATION]["patch_size"] = list(train_patch)
     plans["continue_training"] = False  # nnunetv2 2.8's run_training passes this inside the plans
-    dataset_json = json.loads((pre_root / DATASET_NAME / "dataset.json").read_text())
+    dataset_json = json.loads((pre_root / dataset_name / "dataset.json").read_text())
     trainer = trainer_cls(plans=plans, configuration=CONFIGURATION, fold=fold,
                           dataset_json=dataset_json, device=torch.device("cpu"))
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
@@ -225,10 +245,10 @@ def _half_weights(weights: dict) -> dict:
     return out
 
 
-def export_checkpoint(src: Path, dst: Path, trained_with: str) -> None:
+def export_checkpoint(src: Path, dst: Path, trained_with: str, trainer_name: str = "nnUNetTrainer") -> None:
     """Copy a checkpoint for inference only: no optimizer state, weights stored as float16
     (half the size; torch's load_state_dict casts them back into the float32 network),
-    trainer_name nnUNetTrainer.
+    `trainer_name` recorded (default nnUNetTrainer).
 
     nnUNetPredictor looks `trainer_name` up inside the installed nnunetv2.training.nnUNetTrainer
     package and only calls its `build_network_architecture` (from the plans). The demo trainer is
@@ -241,7 +261,7 @@ def export_checkpoint(src: Path, dst: Path, trained_with: str) -> None:
     slim = {
         "network_weights": _half_weights(ckpt["network_weights"]),
         "init_args": ckpt["init_args"],
-        "trainer_name": "nnUNetTrainer",
+        "trainer_name": trainer_name,
         "trained_with": trained_with,
         "current_epoch": ckpt.get("current_epoch"),
         "inference_allowed_mirroring_axes": ckpt.get("inference_allowed_mirroring_axes"),

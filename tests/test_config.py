@@ -59,3 +59,78 @@ def test_unknown_destination_of_model(tmp_path: Path):
 def test_missing_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "absent.toml")
+
+
+MR_MODEL = '''
+channels = ["FLAIR", "T1", "T1CE", "T2"]
+grid = "T1CE"
+configuration = "3d_fullres"
+tile_step_size = 0.7
+label_codes = "codes.json"
+[models.inputs.FLAIR]
+series_description = ["*flair*"]
+[models.inputs.T1]
+series_description = ["*t1*"]
+exclude_series_description = ["*post*"]
+[models.inputs.T1CE]
+series_description = ["*t1*post*"]
+[models.inputs.T2]
+series_description = ["*t2*"]
+exclude_series_description = ["*flair*"]
+[models.applies_to]
+tags = { StudyDescription = ["*brain*"] }
+'''
+
+
+def test_named_mr_channels(tmp_path: Path):
+    model = load_config(write_config(tmp_path, extra=MR_MODEL)).models[0]
+    assert model.channels == ["FLAIR", "T1", "T1CE", "T2"] and model.grid == "T1CE"
+    assert model.required_modalities == ["MR"]  # derived from the channels
+    assert model.inputs.named("T1").exclude_series_description == ["*post*"]
+    assert model.inputs.named("T1").modality == "MR" and model.inputs.named("CT") is None
+    assert model.label_codes == tmp_path / "codes.json"  # relative to the config file
+    assert model.applies_to.tags == {"StudyDescription": ["*brain*"]} and model.tile_step_size == 0.7
+
+
+def test_defaults_follow_the_channels(tmp_path: Path):
+    ct_only = load_config(write_config(tmp_path, extra='channels = ["CT"]')).models[0]
+    assert ct_only.grid == "CT" and ct_only.required_modalities == ["CT"]
+    petct = load_config(write_config(tmp_path)).models[0]
+    assert petct.grid == "PET" and petct.required_modalities == ["CT", "PT"]
+
+
+def test_inline_label_codes(tmp_path: Path):
+    extra = '''channels = ["CT"]
+[models.label_codes.5]
+name = "liver"
+category = ["123037004", "SCT", "Anatomical Structure"]
+type = ["10200004", "SCT", "Liver"]
+'''
+    [(value, code)] = load_config(write_config(tmp_path, extra=extra)).models[0].label_codes.items()
+    assert value == 5 and code.name == "liver" and (code.type.value, code.type.scheme) == ("10200004", "SCT")
+
+
+@pytest.mark.parametrize("edit, key, message", [
+    (('grid = "T1CE"', 'grid = "T3"'), r"models\[0\]\.grid", "needs a T3 channel"),
+    (("[models.inputs.T2]", "[models.inputs.T3]"), r"models\[0\]\.inputs", r"channel 'T2' needs a \[models\.inputs\.T2\] table"),
+    (("StudyDescription", "StudyDescr"), r"models\[0\]\.applies_to\.tags\.StudyDescr", "StudyDescription"),
+    (('series_description = ["*t2*"]', "series_desc = 1"), r"unknown key 'models\[0\]\.inputs\.T2\.series_desc'", ""),
+    (('tile_step_size = 0.7', 'tile_step_size = 0'), r"models\[0\]\.tile_step_size", "greater than 0"),
+    (('channels = ["FLAIR", "T1", "T1CE", "T2"]', 'channels = ["FLAIR", "T1", "T1CE", "T2", "T1"]'),
+     r"models\[0\]\.channels", "distinct"),
+])
+def test_model_errors_name_the_key(tmp_path: Path, edit, key, message):
+    path = write_config(tmp_path, extra=MR_MODEL.replace(*edit))
+    with pytest.raises(ConfigError, match=f"{key}.*{message}"):
+        load_config(path)
+
+
+def test_label_code_needs_value_scheme_and_meaning(tmp_path: Path):
+    extra = 'channels = ["CT"]\n[models.label_codes.1]\nname = "liver"\ncategory = ["123037004", "SCT"]\ntype = ["10200004", "SCT", "Liver"]\n'
+    with pytest.raises(ConfigError, match=r"key 'models\[0\]\.label_codes\.1\.category'.*\[value, scheme designator, meaning\]"):
+        load_config(write_config(tmp_path, extra=extra))
+
+
+def test_inputs_table_for_no_channel(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"\[models\.inputs\.FLAIR\] names no channel of the model"):
+        load_config(write_config(tmp_path, extra='[models.inputs.FLAIR]\nseries_description = ["*flair*"]'))

@@ -1,0 +1,107 @@
+"""Throughput of the warm worker against nnU-Net's own CLI on the same five studies.
+
+Five synthetic PET/CT studies (dicomnode.synth, seeds 0..4) are segmented with the demo model
+(models/demo-petct, 5 folds, no mirroring, CPU) two ways:
+
+* node: the worker's path for each study, with the model loaded once (the worker's
+  ModelCache): series selection, volumes, SUVbw, CT onto the PET grid, then prediction;
+* nnU-Net CLI: `nnUNetv2_predict` once per study on the NIfTI files `dicomnode inspect
+  --export` writes for it (the node's exact inputs), as a site running nnU-Net per study
+  would: each call starts Python, loads the 5 folds and predicts.
+
+The time to write the NIfTIs is not counted for the CLI. Prints a table and the throughput
+ratio.
+
+    .venv/bin/python bench/bench_models.py [--studies 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dicomnode.config import ModelSettings  # noqa: E402
+from dicomnode.inspect import export_inputs, inspect_path  # noqa: E402
+from dicomnode.processing import assemble_inputs  # noqa: E402
+from dicomnode.synth import write_study  # noqa: E402
+
+MODEL_DIR = REPO / "models" / "demo-petct"
+DATASET = "Dataset900_DemoPetCt"  # the results layout nnUNetv2_predict wants, linked to the model
+RESULTS_NAME = "nnUNetTrainer__nnUNetResEncUNetLPlans__3d_fullres"
+FOLDS = ["0", "1", "2", "3", "4"]
+BIN = Path(sys.executable).parent
+
+
+def node_seconds(studies: list[Path], settings: ModelSettings) -> tuple[float, list[float]]:
+    """(load seconds, seconds per study) through the worker's path with a warm model."""
+    from inference import SegmentationModel
+
+    started = time.perf_counter()
+    model = SegmentationModel(MODEL_DIR, folds=settings.folds, device="cpu", use_mirroring=False)
+    load = time.perf_counter() - started
+    per_study = []
+    for study in studies:
+        started = time.perf_counter()
+        selection = inspect_path(study, settings).studies[0].selection
+        inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, ["CT", "PET"], "PET")
+        model.predict(inputs.channels, inputs.spacing)
+        per_study.append(time.perf_counter() - started)
+    return load, per_study
+
+
+def cli_seconds(studies: list[Path], settings: ModelSettings, work: Path) -> list[float]:
+    results = work / "nnUNet_results"
+    (results / DATASET).mkdir(parents=True)
+    (results / DATASET / RESULTS_NAME).symlink_to(MODEL_DIR)
+    env = {**os.environ, "nnUNet_results": str(results), "nnUNet_raw": str(work), "nnUNet_preprocessed": str(work),
+           "nnUNet_compile": "f"}
+    per_study = []
+    for k, study in enumerate(studies):
+        images, out = work / f"images{k}", work / f"predicted{k}"
+        export = export_inputs(inspect_path(study, settings).studies[0], settings, work / f"export{k}")
+        images.mkdir()
+        shutil.copy(export["CT"], images / "study_0000.nii.gz")
+        shutil.copy(export["PET"], images / "study_0001.nii.gz")
+        started = time.perf_counter()
+        subprocess.run([str(BIN / "nnUNetv2_predict"), "-i", str(images), "-o", str(out), "-d", DATASET,
+                        "-c", "3d_fullres", "-p", "nnUNetResEncUNetLPlans", "-tr", "nnUNetTrainer",
+                        "-f", *FOLDS, "--disable_tta", "-device", "cpu", "-npp", "1", "-nps", "1"],
+                       check=True, capture_output=True, env=env, timeout=900)
+        per_study.append(time.perf_counter() - started)
+    return per_study
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", type=int, default=5)
+    args = parser.parse_args(argv)
+    settings = ModelSettings(name="demo-petct", path=MODEL_DIR, folds=[int(f) for f in FOLDS], use_mirroring=False)
+    with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
+        work = Path(tmp)
+        studies = [write_study(work / f"study{seed}", seed=seed).root for seed in range(args.studies)]
+        load, node = node_seconds(studies, settings)
+        cli = cli_seconds(studies, settings, work)
+    print(f"demo-petct, {len(FOLDS)} folds, no mirroring, CPU ({len(os.sched_getaffinity(0))} cores)\n")
+    print("| study | node, warm (s) | nnUNetv2_predict (s) |\n|---|---|---|")
+    for k, (a, b) in enumerate(zip(node, cli)):
+        print(f"| {k} | {a:.1f} | {b:.1f} |")
+    node_total, cli_total = load + sum(node), sum(cli)
+    print(f"| all, node incl. one model load ({load:.1f} s) | {node_total:.1f} | {cli_total:.1f} |\n")
+    print(f"throughput: node {60 * len(node) / node_total:.2f} studies/min, nnUNetv2_predict "
+          f"{60 * len(cli) / cli_total:.2f} studies/min; ratio {cli_total / node_total:.2f}x "
+          f"(median per study {statistics.median(node):.1f} s vs {statistics.median(cli):.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
