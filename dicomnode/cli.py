@@ -253,18 +253,27 @@ def jobs_list(
     console.print(_job_rows(jobs))
 
 
+def _shown_as_json(detail, missing: str, as_json: bool) -> bool:  # noqa: ANN001 - an admin dataclass or None
+    """Exit 1 saying `missing` when there is no `detail`; print it as JSON and return True when
+    --json asked for it."""
+    from dicomnode.admin import as_json as to_json
+
+    if detail is None:
+        console.print(f"[red]{missing}[/red]")
+        raise typer.Exit(1)
+    if as_json:
+        print(to_json(detail))
+    return as_json
+
+
 @jobs_app.command("show")
 def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
     """One job: its deliveries and its timeline (each step with the time since the one before and
     since the study's first instance), and the error text."""
-    from dicomnode.admin import as_json as to_json, job_detail
+    from dicomnode.admin import job_detail
 
     job = job_detail(_sessions(_config(config)), job_id)
-    if job is None:
-        console.print(f"[red]no job {job_id}[/red]")
-        raise typer.Exit(1)
-    if as_json:
-        print(to_json(job))
+    if _shown_as_json(job, f"no job {job_id}", as_json):
         return
     console.print(f"job {job.id}: [bold]{job.state}[/bold]  study {job.study}  model {job.model}  run {job.run}  "
                   f"attempts {job.attempts}/{job.max_attempts}" + (f"  worker {job.lease_owner}" if job.lease_owner else ""))
@@ -354,14 +363,10 @@ def studies_list(
 @studies_app.command("show")
 def studies_show(study_uid: str, config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
     """One study: its series with the verdict of the latest job, its jobs and its events."""
-    from dicomnode.admin import as_json as to_json, study_detail
+    from dicomnode.admin import study_detail
 
     study = study_detail(_sessions(_config(config)), study_uid)
-    if study is None:
-        console.print(f"[red]no study {study_uid} in the index[/red]")
-        raise typer.Exit(1)
-    if as_json:
-        print(to_json(study))
+    if _shown_as_json(study, f"no study {study_uid} in the index", as_json):
         return
     console.print(f"study {study.study}: {study.instances} instances, first received {_when(study.first_received)}, "
                   f"last {_when(study.last_received)} UTC")

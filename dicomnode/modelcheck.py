@@ -117,14 +117,11 @@ def _label_problems(settings: ModelSettings, labels: dict[str, int], root) -> li
 
 def _dry_run(settings: ModelSettings) -> str:
     """Load the model and segment a small synthetic array; a line saying how it went."""
-    from inference import SegmentationModel
+    from dicomnode.worker import load_model
     from inference.check import dry_run
 
     try:
-        model = SegmentationModel(settings.path, folds=settings.folds, checkpoint_name=settings.checkpoint,
-                                  device=settings.device, use_mirroring=False,
-                                  tile_step_size=settings.tile_step_size, configuration=settings.configuration,
-                                  trainer=settings.trainer, plans=settings.plans)
+        model = load_model(settings, use_mirroring=False)
         try:
             result = dry_run(model)
         finally:

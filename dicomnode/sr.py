@@ -138,25 +138,42 @@ def build_sr(
         imaging_measurements=groups,
         title=TITLE,
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[*headers, seg],
+    sr = report_document(report, [*headers, seg], series_number=series_number, series_description=series_description,
+                         model_name=model_name, model_version=model_version, manufacturer=manufacturer)
+    if sr.StudyInstanceUID != source[0].StudyInstanceUID:
+        raise SrError("SR study differs from the source images")
+    return sr
+
+
+def report_document(
+    report: hd.sr.MeasurementReport,
+    evidence: Sequence[Dataset],
+    *,
+    series_number: int,
+    series_description: str,
+    model_name: str,
+    model_version: str,
+    manufacturer: str,
+) -> hd.sr.Comprehensive3DSR:
+    """The Comprehensive 3D SR document of a TID 1500 `report`, in a new series of the evidence's
+    study: complete (everything found is reported), PRELIMINARY and UNVERIFIED (an automatic
+    result nobody has verified)."""
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
         content=report[0],
         series_instance_uid=hd.UID(),
         series_number=series_number,
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=manufacturer,
-        is_complete=True,  # every lesion found is reported
-        is_final=False,  # an automatic result nobody has verified: PRELIMINARY, UNVERIFIED
+        is_complete=True,
+        is_final=False,
         is_verified=False,
         series_description=series_description,
         manufacturer_model_name=model_name,
         software_versions=model_version,
         device_serial_number="0",
     )
-    if sr.StudyInstanceUID != source[0].StudyInstanceUID:
-        raise SrError("SR study differs from the source images")
-    return sr
 
 
 def device_observation_context(manufacturer: str, model_name: str, model_version: str) -> hd.sr.ObservationContext:

@@ -33,7 +33,7 @@ from pydicom.sr.coding import Code
 from dicomnode.config import LabelCode
 from dicomnode.measures import SegmentMeasures
 from dicomnode.seg import _with_type2_attributes
-from dicomnode.sr import UNIT_ML, SrError, device_observation_context
+from dicomnode.sr import UNIT_ML, SrError, device_observation_context, report_document
 
 TITLE = codes.DCM.ImagingMeasurementReport
 VOLUME = codes.SCT.Volume
@@ -71,23 +71,9 @@ def build_volume_sr(
         imaging_measurements=groups,
         title=TITLE,
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[*(_with_type2_attributes(ds) for ds in source), seg],
-        content=report[0],
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=manufacturer,
-        is_complete=True,
-        is_final=False,  # an automatic result nobody has verified: PRELIMINARY, UNVERIFIED
-        is_verified=False,
-        series_description=series_description,
-        manufacturer_model_name=model_name,
-        software_versions=model_version,
-        device_serial_number="0",
-    )
-    return sr
+    return report_document(report, [*(_with_type2_attributes(ds) for ds in source), seg], series_number=series_number,
+                           series_description=series_description, model_name=model_name, model_version=model_version,
+                           manufacturer=manufacturer)
 
 
 def _segment_group(

@@ -23,7 +23,7 @@ from datetime import timedelta
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode import admin
-from dicomnode.config import Config
+from dicomnode.config import Config, ModelSettings
 from dicomnode.db import make_sessionmaker
 from dicomnode.processing import DeliveryPending, JobError, process
 from dicomnode.queue import RetryPolicy, claim, defer, fail, release, renew_lease, succeed
@@ -33,6 +33,24 @@ log = logging.getLogger("dicomnode.worker")
 
 class Shutdown(BaseException):
     """Raised in the worker's main thread by SIGTERM/SIGINT."""
+
+
+def load_model(settings: ModelSettings, use_mirroring: bool | None = None):  # noqa: ANN201 - inference.SegmentationModel
+    """The model of a `[[models]]` entry, loaded as configured (`use_mirroring` overrides the
+    setting, e.g. for a quick dry run)."""
+    from inference import SegmentationModel  # torch is imported here, in the worker only
+
+    return SegmentationModel(
+        settings.path,
+        folds=settings.folds,
+        checkpoint_name=settings.checkpoint,
+        device=settings.device,
+        use_mirroring=settings.use_mirroring if use_mirroring is None else use_mirroring,
+        tile_step_size=settings.tile_step_size,
+        configuration=settings.configuration,
+        trainer=settings.trainer,
+        plans=settings.plans,
+    )
 
 
 class ModelCache:
@@ -67,21 +85,9 @@ class ModelCache:
         return sum(model.memory_bytes() for model in self._models.values())
 
     def _load(self, name: str):  # noqa: ANN202
-        from inference import SegmentationModel  # torch is imported here, in the worker only
-
         settings = self.config.model(name)
         started = time.monotonic()
-        model = SegmentationModel(
-            settings.path,
-            folds=settings.folds,
-            checkpoint_name=settings.checkpoint,
-            device=settings.device,
-            use_mirroring=settings.use_mirroring,
-            tile_step_size=settings.tile_step_size,
-            configuration=settings.configuration,
-            trainer=settings.trainer,
-            plans=settings.plans,
-        )
+        model = load_model(settings)
         log.info("model %s loaded in %.1f s (folds %s, %s, %.2f GB %s)", name, time.monotonic() - started,
                  settings.folds, model.device, model.memory_bytes() / 1e9, model.footprint.basis)
         return model

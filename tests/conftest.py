@@ -13,6 +13,7 @@ from dicomnode.receiver import Receiver
 from dicomnode.synth import SyntheticStudy, write_study
 from dicomnode.volumes import load_series
 from nodeutil import node_config
+from storescp import StoreSCP
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +43,17 @@ def node(tmp_path: Path):
     receiver.start()
     yield config, sessions, receiver
     receiver.stop()
+
+
+@pytest.fixture
+def scp_factory():
+    """make(sop_classes, ...) starts a StoreSCP on a free loopback port; all are closed after the test."""
+    servers = []
+
+    def make(*args, **kwargs) -> StoreSCP:  # noqa: ANN002, ANN003
+        servers.append(StoreSCP(*args, **kwargs))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()

@@ -9,8 +9,19 @@ from dicomnode.localpacs import LocalOrthanc
 REPO = Path(__file__).resolve().parents[1]
 
 
+DEMO_MODEL = f"""
+[[models]]
+name = "demo-petct"
+path = "{REPO / 'models' / 'demo-petct'}"
+folds = [0, 1, 2, 3, 4]
+device = "auto"
+use_mirroring = false
+"""
+
+
 def write_node_config(folder: Path, pacs: LocalOrthanc, port: int, *, quiet_seconds: float = 2.0,
-                      model_dir: Path = REPO / "models" / "demo-petct") -> Path:
+                      models: str = DEMO_MODEL, node: str = "") -> Path:
+    """`models`: the [[models]] entries (default: the demo model); `node`: more [node] lines."""
     path = folder / "config.toml"
     path.write_text(f"""
 [node]
@@ -22,18 +33,11 @@ allowed_calling_aets = ["{pacs.aet}", "STORESCU"]
 study_quiet_seconds = {quiet_seconds}
 sweep_seconds = 0.5
 retry_backoff_seconds = 2
-
+{node}
 [[destinations]]
 name = "pacs"
 ae_title = "{pacs.aet}"
 host = "127.0.0.1"
 port = {pacs.dicom_port}
-
-[[models]]
-name = "demo-petct"
-path = "{model_dir}"
-folds = [0, 1, 2, 3, 4]
-device = "auto"
-use_mirroring = false
-""")
+{models}""")
     return path

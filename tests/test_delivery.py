@@ -31,7 +31,6 @@ from dicomnode.worker import Worker
 
 from dicomtools import dciodvfy_errors
 from nodeutil import node_config, tiny_instance
-from storescp import StoreSCP
 
 LEASE = timedelta(seconds=60)
 POLICY = RetryPolicy(max_attempts=3, backoff_seconds=10)
@@ -158,19 +157,6 @@ def test_defer_returns_the_attempt_and_retry_resets_failed_deliveries(sessions, 
 
 
 # ---------------------------------------------------------------- over the network
-
-
-@pytest.fixture
-def scp_factory():
-    servers = []
-
-    def make(*args, **kwargs) -> StoreSCP:  # noqa: ANN002, ANN003
-        servers.append(StoreSCP(*args, **kwargs))
-        return servers[-1]
-
-    yield make
-    for server in servers:
-        server.close()
 
 
 def _job_with_results(tmp_path: Path, port: int, node: str = ""):

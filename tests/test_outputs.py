@@ -35,19 +35,6 @@ from storescp import StoreSCP
 ALL = [SegmentationStorage, Comprehensive3DSRStorage, RTStructureSetStorage, SecondaryCaptureImageStorage]
 
 
-@pytest.fixture
-def scp_factory():
-    servers = []
-
-    def make(*args, **kwargs) -> StoreSCP:  # noqa: ANN002, ANN003
-        servers.append(StoreSCP(*args, **kwargs))
-        return servers[-1]
-
-    yield make
-    for server in servers:
-        server.close()
-
-
 def _destination(name: str, scp: StoreSCP, settings: str = "") -> str:
     return f'[[destinations]]\nname = "{name}"\nae_title = "TESTSCP"\nhost = "127.0.0.1"\nport = {scp.port}\n{settings}\n'
 

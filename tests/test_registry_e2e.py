@@ -22,6 +22,7 @@ from dicomnode.localnode import dice, start_node
 from dicomnode.localpacs import LocalOrthanc, free_port, orthanc_binary
 from dicomnode.synth_registry import write_registry_study
 from dicomtools import dciodvfy_errors
+from e2e import write_node_config
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"glioma-mr": REPO / "models" / "glioma-mr", "lymph-ct": REPO / "models" / "lymph-ct",
@@ -106,27 +107,8 @@ channels = ["CT"]
 tags = {{ StudyDescription = ["*volumetry*", "*organ*"] }}
 """,
     }
-    path = folder / "config.toml"
-    path.write_text(f"""
-[node]
-ae_title = "DICOMNODE"
-bind = "127.0.0.1"
-port = {port}
-data_dir = "var"
-allowed_calling_aets = ["STORESCU"]
-study_quiet_seconds = 2
-sweep_seconds = 0.5
-max_attempts = 1
-
-[[destinations]]
-name = "pacs"
-ae_title = "{pacs.aet}"
-host = "127.0.0.1"
-port = {pacs.dicom_port}
-
-{"".join(models[name] for name in sorted(BUILT))}
-""")
-    return path
+    return write_node_config(folder, pacs, port, node="max_attempts = 1",
+                             models="".join(models[name] for name in sorted(BUILT)))
 
 
 @pytest.fixture(scope="module")
