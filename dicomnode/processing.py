@@ -166,6 +166,17 @@ def results_needed(config: Config, settings: ModelSettings) -> list[str]:
     return [kind for kind in RESULT_FILES if kind in kinds]
 
 
+RESULT_SERIES_OFFSET = {"SEG": 1, "SR": 2, "RTSTRUCT": 3, "SC": 4}
+
+
+def result_series_number(kind: str, run: int, model_position: int) -> int:
+    """SeriesNumber of a result object: 900 + 1000 per model before it in the config + 10 per
+    earlier run + 1 SEG / 2 SR / 3 RTSTRUCT / 4 SC, so run 1 of the first model gives 901..904,
+    run 2 911..914, the second model 1901..; no two results of a study share a number until a
+    model's 100th run."""
+    return 900 + 1000 * model_position + 10 * (run - 1) + RESULT_SERIES_OFFSET[kind]
+
+
 def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Path:  # noqa: ANN001 - inference.SegmentationModel
     """Write the job's result objects (results_needed) into its result folder once and return the
     folder. Each file is renamed into place when complete; a later run (a retried delivery, a
@@ -184,7 +195,10 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Pat
     out.mkdir(parents=True, exist_ok=True)
     (out / "measures.json").write_text(json.dumps(findings.as_json(), indent=2))
     written = []
-    for kind, ds in _result_objects(missing, out, job, settings, getattr(model, "model_dir", None), inputs, findings):
+    position = [m.name for m in config.models].index(settings.name)
+    numbers = {kind: result_series_number(kind, job.run_number, position) for kind in RESULT_SERIES_OFFSET}
+    for kind, ds in _result_objects(missing, out, job, settings, getattr(model, "model_dir", None), inputs, findings,
+                                    numbers):
         partial = out / f".{RESULT_FILES[kind]}.partial"
         ds.save_as(partial, enforce_file_format=True)
         partial.replace(out / RESULT_FILES[kind])
@@ -254,7 +268,7 @@ def _model_labels(sessions: sessionmaker, job: Job, settings: ModelSettings, mod
 
 
 def _result_objects(missing: list[str], out: Path, job: Job, settings: ModelSettings, model_root: Path | None, inputs: Inputs,
-                    findings: Findings):  # noqa: ANN202 - (kind, dataset) pairs
+                    findings: Findings, numbers: dict[str, int]):  # noqa: ANN202 - (kind, dataset) pairs
     """Build the missing result objects in RESULT_FILES order, (kind, dataset); the SR references
     the SEG, built here or read back from the folder. The RTSTRUCT and the SC (PET MIP) are of
     PET lesions only (config refuses them for a model without a PET channel)."""
@@ -272,26 +286,26 @@ def _result_objects(missing: list[str], out: Path, job: Job, settings: ModelSett
     if "SEG" in missing:
         if lesions:
             seg = build_seg((findings.labels > 0).astype(np.uint8), source, **model, folds=list(settings.folds),
-                            series_number=900 + run, series_description=f"{name} lesions (run {run})"[:64])
+                            series_number=numbers["SEG"], series_description=f"{name} lesions (run {run})"[:64])
         else:
             seg = build_seg(findings.labels, source, **model, folds=list(settings.folds), segments=findings.segments,
-                            series_number=900 + run, series_description=f"{name} segments (run {run})"[:64])
+                            series_number=numbers["SEG"], series_description=f"{name} segments (run {run})"[:64])
         yield "SEG", seg
     elif "SR" in missing:
         seg = segread(out / RESULT_FILES["SEG"])
     if "SR" in missing and lesions:
         yield "SR", build_sr(findings.measures, findings.labels, seg, source,
-                             pet_header=inputs.pet_header, **model, series_number=950 + run,
+                             pet_header=inputs.pet_header, **model, series_number=numbers["SR"],
                              series_description=f"{name} PET measurements (run {run})"[:64])
     elif "SR" in missing:
         yield "SR", build_volume_sr(findings.measures, seg, source, segment_codes=findings.segments, **model,
-                                    series_number=950 + run, series_description=f"{name} volumes (run {run})"[:64])
+                                    series_number=numbers["SR"], series_description=f"{name} volumes (run {run})"[:64])
     if "RTSTRUCT" in missing:
-        yield "RTSTRUCT", build_rtstruct(findings.labels, source, **model, series_number=970 + run,
+        yield "RTSTRUCT", build_rtstruct(findings.labels, source, **model, series_number=numbers["RTSTRUCT"],
                                          series_description=f"{name} lesion contours (run {run})"[:64])
     if "SC" in missing:
         yield "SC", build_capture(inputs.suv, findings.labels, findings.measures, source, inputs.spacing, **model,
-                                  series_number=980 + run, series_description=f"{name} PET MIP (run {run})"[:64])
+                                  series_number=numbers["SC"], series_description=f"{name} PET MIP (run {run})"[:64])
 
 
 class DeliveryPending(Exception):

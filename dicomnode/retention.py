@@ -3,7 +3,9 @@ after its work is done.
 
 A study's work is done when the latest job of every model that has one succeeded (so every
 delivery was sent) and no instance arrived after those jobs were queued. A queued, running or
-failed latest job keeps everything (a failed one until an operator retries it). The index
+failed latest job keeps everything (a failed one until an operator retries it). A study that
+never got a job (no model applies to it, or its series never became complete) is done when its
+last instance arrived: it goes `retention_hours` after that, its verdicts staying in the index. The index
 keeps the study, its series, jobs, deliveries and events (the CLI still shows its history);
 the instances' rows and files go, with a "purged" event. Files are removed before rows, so a
 crash in between is finished by the next sweep; an instance that arrives during a purge is
@@ -35,14 +37,18 @@ class Done:
     study_uid: str
     finished_at: datetime  # the last of its latest jobs to succeed
     queued_at: datetime  # the first of its latest jobs to be queued: instances up to then may go
-    job_ids: tuple[int, ...]  # every job of the study (their result folders may go)
+    job_ids: tuple[int, ...]  # every job of the study (their result folders may go); none: never a job
 
 
 def _done(session, study_uid: str) -> Done | None:  # noqa: ANN001 - a Session
     jobs = list(session.scalars(select(Job).where(Job.study_uid == study_uid).order_by(Job.id)))
     latest = list({job.model: job for job in jobs}.values())  # per model, its last job
     study = session.get(Study, study_uid)
-    if not latest or any(job.state != SUCCEEDED or job.finished_at is None for job in latest):
+    if not latest:
+        if study is None:
+            return None
+        return Done(study_uid, study.last_received_at, study.last_received_at, ())
+    if any(job.state != SUCCEEDED or job.finished_at is None for job in latest):
         return None
     queued_at = min(job.created_at for job in latest)
     if study is not None and study.last_received_at > queued_at:
@@ -86,9 +92,15 @@ def purge(config: Config, sessions: sessionmaker, done: Done) -> int:
     _remove_empty_folders(results, config.results_dir)
     with sessions.begin() as session:
         session.execute(delete(Instance).where(Instance.study_uid == done.study_uid, Instance.received_at <= done.queued_at))
-        log_event(session, "purged", f"{len(paths)} instances and the results of jobs {', '.join(map(str, done.job_ids))} "
-                  f"removed {config.node.retention_hours:g} h after the last job succeeded", study_uid=done.study_uid)
+        log_event(session, "purged", f"{len(paths)} instances {_what_went(config, done)}", study_uid=done.study_uid)
     return len(paths)
+
+
+def _what_went(config: Config, done: Done) -> str:
+    hours = f"{config.node.retention_hours:g} h"
+    if not done.job_ids:
+        return f"removed {hours} after the last one arrived (the study never became a job)"
+    return f"and the results of jobs {', '.join(map(str, done.job_ids))} removed {hours} after the last job succeeded"
 
 
 def sweep(config: Config, sessions: sessionmaker, now: datetime | None = None) -> list[str]:
@@ -98,8 +110,7 @@ def sweep(config: Config, sessions: sessionmaker, now: datetime | None = None) -
     purged = []
     for done in due(sessions, timedelta(hours=config.node.retention_hours), now):
         count = purge(config, sessions, done)
-        log.info("study %s: %d instances and the results of jobs %s removed (retention)", done.study_uid, count,
-                 ", ".join(map(str, done.job_ids)))
+        log.info("study %s: %d instances %s (retention)", done.study_uid, count, _what_went(config, done))
         purged.append(done.study_uid)
     return purged
 

@@ -127,16 +127,36 @@ class Worker:
         self.policy = RetryPolicy(config.node.max_attempts, config.node.retry_backoff_seconds)
         self.models = ModelCache(config)
         self.poll_seconds = poll_seconds
+        self.stop_requested: str | None = None  # the signal's name once SIGTERM/SIGINT came
+        self._claiming = False  # a stop signal now would leave a claimed job unreleased: deferred
+
+    def request_stop(self, reason: str) -> None:
+        """SIGTERM/SIGINT: stop now (Shutdown), unless a job is being claimed; then run_one stops
+        as soon as it holds the job, so the job is released rather than left to its lease."""
+        self.stop_requested = reason
+        if not self._claiming:
+            raise Shutdown(reason)
 
     def run_one(self) -> bool:
         """Claim and run one job; False when none was waiting."""
-        job = claim(self.sessions, self.owner, self.lease)
-        if job is None:
-            return False
-        log.info("job %d study %s model %s: attempt %d", job.id, job.study_uid, job.model, job.attempts)
-        heartbeat = Heartbeat(self.sessions, job.id, self.owner, self.lease)
-        heartbeat.start()
+        self._claiming = True
         try:
+            job = claim(self.sessions, self.owner, self.lease)
+        except BaseException:
+            self._claiming = False
+            raise
+        if job is None:
+            self._claiming = False
+            if self.stop_requested:
+                raise Shutdown(self.stop_requested)
+            return False
+        heartbeat = Heartbeat(self.sessions, job.id, self.owner, self.lease)
+        try:
+            self._claiming = False
+            if self.stop_requested:  # came while claiming
+                raise Shutdown(self.stop_requested)
+            log.info("job %d study %s model %s: attempt %d", job.id, job.study_uid, job.model, job.attempts)
+            heartbeat.start()
             model = self.models.get(job.model)
             self.report_alive()  # a model may have just loaded
             message = process(self.config, self.sessions, job, model)
@@ -161,11 +181,11 @@ class Worker:
 
     def report_alive(self, every: float = 0.0) -> None:
         """The worker's row for `dicomnode status`: alive, and the models it holds."""
-        admin.heartbeat(self.sessions, "worker", {"owner": self.owner, "models": sorted(self.models._models)}, every=every)
+        admin.heartbeat(self.sessions, "worker", {"owner": self.owner, "models": sorted(self.models.loaded())}, every=every)
 
     def run_forever(self) -> None:
         def _stop(signum, _frame):  # noqa: ANN001
-            raise Shutdown(signal.Signals(signum).name)
+            self.request_stop(signal.Signals(signum).name)
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)

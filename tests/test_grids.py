@@ -173,7 +173,7 @@ def test_job_results_reference_the_grid_series(grid, synth_study, tmp_path: Path
 
 
 def test_late_series_makes_a_new_run_with_a_new_result_series(synth_study, tmp_path: Path):
-    """A series arriving after the first job's results: run 2 with SEG series 902 / SR 952; run 1's files stay."""
+    """A series arriving after the first job's results: run 2 with SEG series 911 / SR 912; run 1's files stay."""
     config = node_config(tmp_path, node="study_quiet_seconds = 0", extra='version = "test-1"')
     sessions = make_sessionmaker(config.database_url)
     index_files(sessions, synth_study.ct_files + synth_study.pt_files)
@@ -185,7 +185,7 @@ def test_late_series_makes_a_new_run_with_a_new_result_series(synth_study, tmp_p
     with sessions.begin() as session:
         session.get(Job, first_id).state = "succeeded"
     first_seg = pydicom.dcmread(first_out / "seg.dcm")
-    assert first_seg.SeriesNumber == 901
+    assert first_seg.SeriesNumber == 901 and pydicom.dcmread(first_out / "sr.dcm").SeriesNumber == 902
 
     def later(_k, ds):
         ds.SliceThickness = ds.SpacingBetweenSlices = "3"
@@ -200,6 +200,6 @@ def test_late_series_makes_a_new_run_with_a_new_result_series(synth_study, tmp_p
     assert second_out != first_out
     seg = pydicom.dcmread(second_out / "seg.dcm")
     sr = pydicom.dcmread(second_out / "sr.dcm")
-    assert seg.SeriesNumber == 902 and sr.SeriesNumber == 952
+    assert seg.SeriesNumber == 911 and sr.SeriesNumber == 912
     assert seg.SeriesInstanceUID != first_seg.SeriesInstanceUID
     assert pydicom.dcmread(first_out / "seg.dcm").SOPInstanceUID == first_seg.SOPInstanceUID

@@ -1,6 +1,6 @@
 """Retention on a database and files built here: exactly the studies whose latest jobs all
-succeeded long enough ago lose their spooled instances and result folders; the index keeps
-their history."""
+succeeded long enough ago, or that never became a job and have been quiet long enough, lose
+their spooled instances and result folders; the index keeps their history."""
 
 from datetime import timedelta
 from pathlib import Path
@@ -59,8 +59,9 @@ def site(tmp_path: Path):
 
 def test_retention_removes_exactly_the_done_studies(site):
     config, sessions = site
-    s = {name: generate_uid() for name in ("old", "recent", "failed", "rerun", "late", "waiting", "no_job")}
-    files = {name: _receive(config, sessions, uid, at=NOW - timedelta(hours=200)) for name, uid in s.items()}
+    s = {name: generate_uid() for name in ("old", "recent", "failed", "rerun", "late", "waiting", "no_job", "no_job_recent")}
+    files = {name: _receive(config, sessions, uid, at=NOW - timedelta(hours=70 if name == "no_job_recent" else 200))
+             for name, uid in s.items()}
     jobs = {
         "old": [_job(config, sessions, s["old"], "succeeded", 100)],
         "recent": [_job(config, sessions, s["recent"], "succeeded", 71)],
@@ -71,27 +72,28 @@ def test_retention_removes_exactly_the_done_studies(site):
     files["late"] += _receive(config, sessions, s["late"], count=1, at=NOW - timedelta(hours=90))  # after its job: a new run is due
     jobs["waiting"] = [_job(config, sessions, s["waiting"], "queued", 100)]
 
-    assert sorted(retention.sweep(config, sessions, now=NOW)) == sorted([s["old"], s["rerun"]])
+    assert sorted(retention.sweep(config, sessions, now=NOW)) == sorted([s["old"], s["rerun"], s["no_job"]])
 
-    for name in ("old", "rerun"):
+    for name in ("old", "rerun", "no_job"):
         assert not any(path.exists() for path in files[name])
         assert not (config.spool_dir / s[name]).exists() and not (config.results_dir / s[name]).exists()
-    for name in ("recent", "failed", "late", "waiting", "no_job"):
+    for name in ("recent", "failed", "late", "waiting", "no_job_recent"):
         assert all(path.exists() for path in files[name]), name
         for job_id in jobs.get(name, []):
             if name != "waiting":
                 assert (config.results_dir / s[name] / f"job-{job_id}" / "seg.dcm").exists(), name
     with sessions() as session:
         held = set(session.scalars(select(Instance.study_uid)))
-        assert held == {s[n] for n in ("recent", "failed", "late", "waiting", "no_job")}
+        assert held == {s[n] for n in ("recent", "failed", "late", "waiting", "no_job_recent")}
         assert session.get(Study, s["old"]).instances_received == 2  # the history stays
         assert session.get(Job, jobs["old"][0]).state == "succeeded"
         purged = {e.study_uid: e.message for e in session.scalars(select(Event).where(Event.kind == "purged"))}
-    assert set(purged) == {s["old"], s["rerun"]}
+    assert set(purged) == {s["old"], s["rerun"], s["no_job"]}
     assert purged[s["rerun"]].startswith(f"2 instances and the results of jobs {jobs['rerun'][0]}, {jobs['rerun'][1]} removed")
+    assert purged[s["no_job"]] == "2 instances removed 72 h after the last one arrived (the study never became a job)"
 
     assert retention.sweep(config, sessions, now=NOW) == []  # nothing left to do
-    assert retention.sweep(config, sessions, now=NOW + timedelta(hours=2)) == [s["recent"]]
+    assert sorted(retention.sweep(config, sessions, now=NOW + timedelta(hours=2))) == sorted([s["recent"], s["no_job_recent"]])
 
 
 def test_an_instance_arriving_during_the_purge_is_kept(site):

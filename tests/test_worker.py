@@ -188,3 +188,32 @@ def test_sigterm_during_a_job_leaves_it_claimable(tmp_path: Path, synth_study):
     again = claim(sessions, "another-worker", timedelta(minutes=10))
     assert (again.id, again.attempts) == (job_id, 1)
     assert f"worker {socket.gethostname()}:{worker.pid} stopping (SIGTERM)" in (tmp_path / "worker.log").read_text()
+
+
+def test_a_stop_signal_while_claiming_releases_the_claimed_job(tmp_path: Path, monkeypatch):
+    """SIGTERM landing just after claim() committed (before run_one holds the job) is deferred:
+    run_one then stops with the job released, not left running until its lease expires."""
+    import dicomnode.worker as worker_module
+
+    config, sessions = _setup(tmp_path, free_port())
+    study = write_study(tmp_path / "study", seed=0)
+    _index_folder(sessions, study.ct_files + study.pt_files)
+    [job_id] = assembler.sweep(sessions, config)
+    worker = Worker(config, sessions)
+
+    def claim_then_signal(*args, **kwargs):
+        job = claim(*args, **kwargs)
+        worker.request_stop("SIGTERM")  # what the signal handler calls; deferred while claiming
+        return job
+
+    monkeypatch.setattr(worker_module, "claim", claim_then_signal)
+    with pytest.raises(worker_module.Shutdown, match="SIGTERM"):
+        worker.run_one()
+    assert worker.models.loaded() == []  # stopped before loading the model
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.attempts, job.lease_owner) == ("queued", 0, None)
+        last = session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id.desc())).first()
+    assert (last.kind, last.message) == ("released", "worker shutting down")
+    with pytest.raises(worker_module.Shutdown):  # outside a claim the stop is immediate
+        worker.request_stop("SIGINT")
