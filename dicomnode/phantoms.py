@@ -206,7 +206,8 @@ def organ_case(seed: int) -> Case:
         "spleen": sp.ellipsoid(_jitter(rng, (60, 30, 35), 6), _scaled(rng, (22, 35, 40)), rng.uniform(20, 40)),
         "kidney_right": sp.ellipsoid(_jitter(rng, (-48, 40, -25), 5), _scaled(rng, (20, 24, 45)), -20),
         "kidney_left": sp.ellipsoid(_jitter(rng, (48, 40, -20), 5), _scaled(rng, (20, 24, 45)), 20),
-        "gallbladder": sp.ellipsoid(_jitter(rng, (-35, -48, -15), 5), _scaled(rng, (14, 14, 28))),
+        # in its fossa under the liver, the fundus below the liver's edge (about 35 mL)
+        "gallbladder": sp.ellipsoid(_jitter(rng, (-30, -25, -5), 5), _scaled(rng, (16, 16, 32))),
         "stomach": sp.ellipsoid(_jitter(rng, (30, -30, 30), 6), _scaled(rng, (32, 24, 35)), rng.uniform(-20, 20)),
         "aorta": ((sp.xx - 12 - rng.uniform(-3, 3)) / 11.0) ** 2 + ((sp.yy - 25) / 11.0) ** 2 <= 1.0,
     }

@@ -18,6 +18,7 @@ class name and kwargs) and 2.8 (plans_manager, configuration_manager, ...).
 from __future__ import annotations
 
 import inspect
+import sys
 import threading
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +28,17 @@ _IMPORT_LOCK = threading.Lock()  # sys.path and sys.modules are process-wide
 
 class TrainerNotFound(LookupError):
     """The trainer class named by a checkpoint is nowhere to be found."""
+
+
+def source_file(cls: type) -> str:
+    """The .py file `cls` was defined in. `inspect.getfile` cannot tell for a class from a model
+    folder (its module is gone from sys.modules), so the file comes from its methods' code."""
+    for value in vars(cls).values():
+        code = getattr(getattr(value, "__func__", value), "__code__", None)
+        if code is not None:
+            return code.co_filename
+    module = sys.modules.get(cls.__module__)
+    return getattr(module, "__file__", None) or f"module {cls.__module__}"
 
 
 def find_trainer_class(name: str, code_folders: Sequence[Path]) -> type:
@@ -51,7 +63,7 @@ def find_trainer_class(name: str, code_folders: Sequence[Path]) -> type:
         looked.append(f"nnunetv2's trainers ({package})")
         raise TrainerNotFound(f"trainer class {name!r} not found; looked in: " + "; ".join(looked))
     if not (isinstance(found, type) and issubclass(found, nnUNetTrainer)):
-        raise TrainerNotFound(f"{name!r} in {inspect.getfile(found)} is not an nnUNetTrainer subclass")
+        raise TrainerNotFound(f"{name!r} in {source_file(found)} is not an nnUNetTrainer subclass")
     return found
 
 

@@ -7,7 +7,6 @@ network class from the folder. CPU, no mirroring, held-out seeds (>= 1000).
 
 from __future__ import annotations
 
-import inspect
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 
 from dicomnode import phantoms
 from inference.layout import resolve_model_folder
+from inference.trainers import TrainerNotFound, find_trainer_class, source_file
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -90,10 +90,10 @@ def test_custom_trainer_and_network_come_from_the_model_folder(monkeypatch):
 
     lymph, organs = _model("lymph-ct"), _model("organs-ct")
     assert lymph.trainer_name == "nnUNetTrainer_DGST"
-    assert Path(inspect.getfile(lymph.trainer_class)) == MODELS / "lymph-ct" / "nnUNetTrainer_DGST.py"
+    assert Path(source_file(lymph.trainer_class)) == MODELS / "lymph-ct" / "nnUNetTrainer_DGST.py"
     network_class = type(organs._predictor.network)
     assert (organs.trainer_name, network_class.__name__) == ("STUNetTrainer", "STUNet")
-    assert Path(inspect.getfile(network_class)) == ORGANS_RUN / "stunet.py"
+    assert Path(source_file(network_class)) == ORGANS_RUN / "stunet.py"
     # nothing installed: the folders' modules are gone from sys.modules, nnunetv2 has no such code
     assert not {"nnUNetTrainer_DGST", "STUNetTrainer", "stunet"} & set(sys.modules)
     package = Path(nnunetv2.__path__[0])
@@ -103,3 +103,9 @@ def test_custom_trainer_and_network_come_from_the_model_folder(monkeypatch):
     with pytest.raises(RuntimeError, match="Could not find requested nnunet trainer nnUNetTrainer_DGST"):
         nnUNetPredictor(device=torch.device("cpu")).initialize_from_trained_model_folder(
             str(MODELS / "lymph-ct"), use_folds=(0,))
+
+
+def test_a_class_of_the_trainers_name_that_is_no_trainer_is_refused_naming_its_file(tmp_path: Path):
+    (tmp_path / "MyTrainer.py").write_text("class MyTrainer:\n    def run_training(self):\n        pass\n")
+    with pytest.raises(TrainerNotFound, match=f"'MyTrainer' in {tmp_path / 'MyTrainer.py'} is not an nnUNetTrainer subclass"):
+        find_trainer_class("MyTrainer", [tmp_path])

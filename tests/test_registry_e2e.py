@@ -171,6 +171,8 @@ def test_study_gets_a_multilabel_seg_from_its_model(run, kind):
     grid_files = study.files[GRID_SERIES[kind]]
     assert seg.StudyInstanceUID == study.study_instance_uid and seg.FrameOfReferenceUID == study.frame_of_reference_uid
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.series[GRID_SERIES[kind]]
+    position = sorted(BUILT).index(STUDIES[kind])  # models are configured in this order
+    assert seg.SeriesNumber == 901 + 1000 * position  # run 1 of the model: no clash with another model's
 
     expected = _expected_codes(kind)
     assert len(seg.SegmentSequence) == len(expected)
@@ -189,6 +191,7 @@ def test_study_gets_a_multilabel_seg_from_its_model(run, kind):
 
     sr_path = _download(pacs, node, study, "SR", work)
     assert dciodvfy_errors(sr_path) == []
+    assert dcmread(sr_path, stop_before_pixels=True).SeriesNumber == 902 + 1000 * position
     groups = hd.sr.srread(sr_path).content.get_volumetric_roi_measurement_groups()
     voxel_ml = float(np.prod([float(v) for v in (*sources[0].PixelSpacing, sources[1].ImagePositionPatient[2]
                                                   - sources[0].ImagePositionPatient[2])])) / 1000.0
