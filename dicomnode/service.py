@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -71,6 +72,7 @@ class WorkerSupervisor:
 
 
 def sweep(config: Config, sessions) -> None:  # noqa: ANN001
+    started = time.monotonic()
     try:
         heartbeat(sessions, "receiver")  # for `dicomnode status`: this process is alive
         expired = queue.requeue_expired(sessions)
@@ -79,6 +81,18 @@ def sweep(config: Config, sessions) -> None:  # noqa: ANN001
         assembler.sweep(sessions, config)
     except Exception:
         log.exception("sweep failed; will try again at the next one")
+    took = time.monotonic() - started
+    if took > config.node.sweep_seconds:
+        log.warning("sweep took %.1f s, longer than sweep_seconds = %g (slow disk or database?)", took,
+                    config.node.sweep_seconds)
+
+
+class _SkippedRunsFilter(logging.Filter):
+    """Drops APScheduler's "skipped: maximum number of running instances reached", logged once per
+    interval while a sweep runs long; `sweep` logs one line with the time it took instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "maximum number of running instances reached" not in record.getMessage()
 
 
 RETENTION_SWEEP_SECONDS = 600.0
@@ -116,6 +130,7 @@ def serve(config: Config, with_worker: bool = True) -> None:
     receiver.start()
     heartbeat(sessions, "receiver", {"ae_title": config.node.ae_title, "address": f"{config.node.bind}:{receiver.port}"})
     scheduler = BackgroundScheduler(timezone="UTC")
+    logging.getLogger("apscheduler.scheduler").addFilter(_SkippedRunsFilter())
     scheduler.add_job(sweep, "interval", seconds=config.node.sweep_seconds, args=(config, sessions), id="sweep",
                       max_instances=1, coalesce=True)
     scheduler.add_job(retention_sweep, "interval", seconds=RETENTION_SWEEP_SECONDS, args=(config, sessions),

@@ -145,7 +145,10 @@ def _download(pacs: LocalOrthanc, node, study, modality: str, work: Path) -> Pat
             [instance] = pacs.wait_for_series(study.study_instance_uid, modality, timeout=5)["Instances"]
             return pacs.download_instance(instance, work / f"{study.kind}-{modality}.dcm")
         except TimeoutError:
-            jobs = json.loads(node.cli("jobs", "list", "--study", study.study_instance_uid, "--json").stdout)
+            try:
+                jobs = json.loads(node.cli("jobs", "list", "--study", study.study_instance_uid, "--json").stdout)
+            except subprocess.TimeoutExpired:  # the CLI stalled on a loaded machine: poll on until the deadline
+                jobs = []
             failed = [f"{j['model']}: {j['error']}" for j in jobs if j["state"] == "failed"]
             if failed or time.monotonic() > deadline:
                 pytest.fail(f"{study.kind}: no {modality} in Orthanc; jobs {failed or jobs}")

@@ -92,3 +92,26 @@ def test_sigterm_while_a_job_runs_queues_it_again_and_exits(tmp_path: Path, synt
     assert job.state == "queued" and job.attempts == 0 and job.lease_owner is None
     assert events[-2:] == ["started", "released"]
     assert queue.claim(sessions, "next-worker", timedelta(minutes=1)).id == job_id  # re-claimable at once
+
+
+def test_a_sweep_longer_than_its_interval_is_logged_once_with_its_time(tmp_path: Path, caplog):
+    """APScheduler's "skipped" warning, once per interval while a sweep runs long, is dropped;
+    the sweep itself logs one line saying how long it took."""
+    import logging
+
+    from dicomnode import service
+    from nodeutil import node_config
+
+    config = node_config(tmp_path, node="sweep_seconds = 0.000001")
+    sessions = make_sessionmaker(config.database_url)
+    with caplog.at_level(logging.WARNING, logger="dicomnode.service"):
+        service.sweep(config, sessions)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "dicomnode.service"]
+    assert line.startswith("sweep took ") and "longer than sweep_seconds = 1e-06" in line
+
+    skipped = logging.LogRecord("apscheduler.scheduler", logging.WARNING, __file__, 1,
+                                'Execution of job "%s" skipped: maximum number of running instances reached (%d)',
+                                ("sweep (trigger: interval[0:00:00.500000])", 1), None)
+    other = logging.LogRecord("apscheduler.scheduler", logging.WARNING, __file__, 1, "Run time of job was missed", (), None)
+    keep = service._SkippedRunsFilter()
+    assert (keep.filter(skipped), keep.filter(other)) == (False, True)
