@@ -37,6 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_
 from skimage.measure import find_contours
 
 from dicomnode.preview import PALETTE
+from dicomnode.seg import source_grid_problem
 
 # Detached Study Management (retired, but what RTReferencedStudySequence items carry by convention).
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
@@ -196,13 +197,6 @@ def _observation(number: int, interpreted_type: str) -> Dataset:
 
 
 def _check_fits(lesion_labels: np.ndarray, source: Sequence[Dataset]) -> None:
-    if not source:
-        raise RtStructError("no source images")
-    first = source[0]
-    expected = (len(source), int(first.Rows), int(first.Columns))
-    if lesion_labels.shape != expected:
-        raise RtStructError(f"lesion labels shape {lesion_labels.shape} does not match the source grid {expected}")
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
-        values = {str(ds.get(keyword, "")) for ds in source}
-        if len(values) != 1 or "" in values:
-            raise RtStructError(f"source images need one common {keyword}, got {sorted(values)}")
+    problem = source_grid_problem(lesion_labels.shape, source, "lesion labels")
+    if problem:
+        raise RtStructError(problem)

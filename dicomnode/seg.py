@@ -145,19 +145,28 @@ def write_seg(seg: hd.seg.Segmentation, path: Path | str) -> Path:
     return path
 
 
-def _check_fits(labels: np.ndarray, source: Sequence[Dataset]) -> None:
+def source_grid_problem(shape: tuple[int, ...], source: Sequence[Dataset], what: str = "labels") -> str | None:
+    """Why an array of `shape` (z, y, x) cannot lie on `source` (one series' slices, in order),
+    or None when it can: the shared check of every object drawn on the source images."""
     if not source:
-        raise SegError("no source images")
-    if labels.ndim != 3:
-        raise SegError(f"labels must be (z, y, x), got shape {labels.shape}")
+        return "no source images"
     first = source[0]
     expected = (len(source), int(first.Rows), int(first.Columns))
-    if labels.shape != expected:
-        raise SegError(f"labels shape {labels.shape} does not match the source grid {expected}")
+    if shape != expected:
+        return f"{what} shape {shape} does not match the source grid {expected}"
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         values = {str(ds.get(keyword, "")) for ds in source}
         if len(values) != 1 or "" in values:
-            raise SegError(f"source images need one common {keyword}, got {sorted(values)}")
+            return f"source images need one common {keyword}, got {sorted(values)}"
+    return None
+
+
+def _check_fits(labels: np.ndarray, source: Sequence[Dataset]) -> None:
+    if source and labels.ndim != 3:
+        raise SegError(f"labels must be (z, y, x), got shape {labels.shape}")
+    problem = source_grid_problem(labels.shape, source)
+    if problem:
+        raise SegError(problem)
 
 
 def _with_type2_attributes(ds: Dataset) -> Dataset:

@@ -95,6 +95,9 @@ class _SkippedRunsFilter(logging.Filter):
         return "maximum number of running instances reached" not in record.getMessage()
 
 
+_SKIPPED_RUNS = _SkippedRunsFilter()  # one instance: adding it again (a second serve in a process) is a no-op
+
+
 RETENTION_SWEEP_SECONDS = 600.0
 
 
@@ -130,7 +133,7 @@ def serve(config: Config, with_worker: bool = True) -> None:
     receiver.start()
     heartbeat(sessions, "receiver", {"ae_title": config.node.ae_title, "address": f"{config.node.bind}:{receiver.port}"})
     scheduler = BackgroundScheduler(timezone="UTC")
-    logging.getLogger("apscheduler.scheduler").addFilter(_SkippedRunsFilter())
+    logging.getLogger("apscheduler.scheduler").addFilter(_SKIPPED_RUNS)
     scheduler.add_job(sweep, "interval", seconds=config.node.sweep_seconds, args=(config, sessions), id="sweep",
                       max_instances=1, coalesce=True)
     scheduler.add_job(retention_sweep, "interval", seconds=RETENTION_SWEEP_SECONDS, args=(config, sessions),

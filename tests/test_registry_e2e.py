@@ -57,6 +57,20 @@ def _folds(model_dir: Path) -> list[int]:
     return sorted(int(p.parent.name.removeprefix("fold_")) for p in model_dir.rglob("fold_*/checkpoint_final.pth"))
 
 
+def _ct_model(name: str, common: str, study_descriptions: list[str]) -> str:
+    """A CT-only `[[models]]` entry applying to studies with these StudyDescription patterns."""
+    return f"""
+[[models]]
+name = "{name}"
+path = "{MODELS[name]}"
+folds = {_folds(MODELS[name])}
+{common}
+channels = ["CT"]
+[models.applies_to]
+tags = {{ StudyDescription = {json.dumps(study_descriptions)} }}
+"""
+
+
 def _config(folder: Path, pacs: LocalOrthanc, port: int) -> Path:
     glioma_codes = "\n".join(
         f'[models.label_codes.{v}]\nname = "{name}"\ncategory = ["49755003", "SCT", "Morphologically Abnormal Structure"]\n'
@@ -86,26 +100,8 @@ modalities = ["MR"]
 tags = {{ StudyDescription = ["*brain*", "*head*"] }}
 {glioma_codes}
 """,
-        "lymph-ct": f"""
-[[models]]
-name = "lymph-ct"
-path = "{MODELS['lymph-ct']}"
-folds = {_folds(MODELS['lymph-ct'])}
-{common}
-channels = ["CT"]
-[models.applies_to]
-tags = {{ StudyDescription = ["*staging*"] }}
-""",
-        "organs-ct": f"""
-[[models]]
-name = "organs-ct"
-path = "{MODELS['organs-ct']}"
-folds = {_folds(MODELS['organs-ct'])}
-{common}
-channels = ["CT"]
-[models.applies_to]
-tags = {{ StudyDescription = ["*volumetry*", "*organ*"] }}
-""",
+        "lymph-ct": _ct_model("lymph-ct", common, ["*staging*"]),
+        "organs-ct": _ct_model("organs-ct", common, ["*volumetry*", "*organ*"]),
     }
     return write_node_config(folder, pacs, port, node="max_attempts = 1",
                              models="".join(models[name] for name in sorted(BUILT)))
