@@ -8,7 +8,6 @@ an SCP that accepts only uncompressed SEGs decompressed, voxel for voxel."""
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -227,14 +226,14 @@ def test_failed_status_once_is_sent_again_and_stored_once(tmp_path: Path, scp_fa
 def test_lost_response_is_sent_again_and_stored_once(tmp_path: Path, scp_factory):
     """The PACS stores the SEG but its response comes after the sender gave up: the sender sends
     the same file (same SOP Instance UID) again over a fresh association; the PACS keeps one."""
-    scp = scp_factory([SegmentationStorage, Comprehensive3DSRStorage], delays=[2.5])
-    config, sessions, job_id, worker, files = _job_with_results(tmp_path, scp.port, node="network_timeout_seconds = 1")
+    scp = scp_factory([SegmentationStorage, Comprehensive3DSRStorage], late=1)
+    config, sessions, job_id, worker, files = _job_with_results(tmp_path, scp.port, node="network_timeout_seconds = 3")
     seg_uid, sr_uid = (str(dcmread(f).SOPInstanceUID) for f in files)
     assert worker.run_one()
     with sessions() as session:
         job = session.get(Job, job_id)
     assert job.state == SUCCEEDED, job.error
-    time.sleep(2)  # the first, late answer's handler finishes
+    assert scp.wait_answered(3)  # the first, late answer's handler finishes too
     assert sorted(scp.requests) == sorted([seg_uid, seg_uid, sr_uid]) and sorted(scp.stored) == sorted([seg_uid, sr_uid])
     assert [(d.state, d.attempts) for d in delivery.deliveries(sessions, job_id)] == [("sent", 2), ("sent", 1)]
     [seg_event, _] = [e.message for e in _events(sessions, job_id) if e.kind == "delivered"]

@@ -103,7 +103,9 @@ def test_patient_details_only_when_allowed(node_factory, caplog, allowed):
         assoc = ae.associate("127.0.0.1", port, ae_title=config.node.ae_title)
         assert assoc.send_c_store(ds).Status == 0
         assoc.release()
-        time.sleep(0.5)  # the association's closing line
+        deadline = time.monotonic() + 30
+        while "instances stored" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.1)  # the association's closing line
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert f"study {ds.StudyInstanceUID}: 1 instances stored" in text
     assert (str(ds.PatientName) in text and ds.PatientID in text) is allowed
