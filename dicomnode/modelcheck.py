@@ -51,6 +51,7 @@ def check_models(config: Config, names: list[str] | None = None, *, dry_run: boo
 
 def check_model(config: Config, settings: ModelSettings, *, dry_run: bool = True) -> ModelReport:
     from inference.check import check_model_folder
+    from inference.labels import LabelsError, output_labels
     from inference.layout import resolve_model_folder
 
     report = ModelReport(settings.name, str(settings.path), list(settings.channels))
@@ -65,7 +66,10 @@ def check_model(config: Config, settings: ModelSettings, *, dry_run: bool = True
     except (OSError, ValueError):
         root, dataset = None, {}  # already a folder problem
     if dataset:
-        report.labels = {k: v for k, v in dataset.get("labels", {}).items() if isinstance(v, int)}
+        try:
+            report.labels = output_labels(dataset)
+        except LabelsError:
+            pass  # already a folder problem
         report.problems += _order_problems(settings, dataset) + _label_problems(settings, report.labels, root)
     if not config.destinations_for(settings):
         report.problems.append("outputs: no destination receives this model's results (config [[destinations]])")

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .labels import LabelsError, output_labels
 from .layout import ModelFolder, resolve_model_folder
 from .trainers import TrainerNotFound, find_trainer_class
 
@@ -106,8 +107,10 @@ def _channel_problems(dataset_json: dict, n_inputs: int | None) -> list[Problem]
     channels = dataset_json.get("channel_names", dataset_json.get("modality"))
     if not channels:
         return [Problem("dataset.json", "no channel_names")]
-    if "labels" not in dataset_json:
-        return [Problem("dataset.json", "no labels")]
+    try:
+        output_labels(dataset_json)
+    except LabelsError as exc:
+        return [Problem("dataset.json", str(exc).removeprefix("dataset.json "))]
     if n_inputs is not None and n_inputs != len(channels):
         names = [channels[k] for k in sorted(channels, key=int)]
         return [Problem("channels", f"the model takes {len(channels)} channels {names}, "

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .labels import output_labels
 from .layout import resolve_model_folder
 from .memory import Footprint
 from .trainers import TrainerNotFound, build_network, find_trainer_class
@@ -52,24 +53,14 @@ def _resolve_device(device: str) -> str:
     return "cpu"
 
 
-def _plain_labels(labels: dict) -> dict[str, int]:
-    # nnU-Net allows region-based labels (a tuple/list of values per name); the label map we
-    # return holds the region index in that case, which is the first listed value's order.
-    out: dict[str, int] = {}
-    for name, value in labels.items():
-        if isinstance(value, (list, tuple)):
-            value = value[0]
-        out[str(name)] = int(value)
-    return out
-
-
 class SegmentationModel:
     """An nnU-Net v2 model (one or more folds), loaded once, predicting on numpy arrays.
 
     Attributes:
         channel_names: input channel names from dataset.json, in channel order
             (for GLOW-FDG / autoPET-style models: CT in HU, then PET in SUVbw).
-        labels: label name -> value, from dataset.json (e.g. {"background": 0, "lesion": 1}).
+        labels: label name -> value of the label map, from dataset.json (e.g. {"background": 0,
+            "lesion": 1}; region-based models as inference.labels names their values).
         device: "cpu" or "cuda[:N]", where the network runs.
         folds: the folds that are ensembled.
         folder: where the files are (inference.layout.ModelFolder).
@@ -108,7 +99,7 @@ class SegmentationModel:
         if not channels:
             raise ValueError(f"{self.model_dir / 'dataset.json'} has no channel_names")
         self.channel_names: list[str] = [channels[k] for k in sorted(channels, key=int)]
-        self.labels: dict[str, int] = _plain_labels(dataset_json["labels"])
+        self.labels: dict[str, int] = output_labels(dataset_json)
         if max(self.labels.values()) > 255:
             raise ValueError("label values above 255 do not fit the uint8 label map")
 

@@ -87,6 +87,19 @@ def test_uncoded_labels(tmp_path: Path):
     assert report["problems"] == ["labels: label_codes names label value(s) [3], which the model does not have"]
 
 
+def test_region_based_labels_are_listed_by_the_values_the_map_holds(tmp_path: Path):
+    def regions(dataset: dict) -> dict:
+        return {**dataset, "labels": {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3},
+                "regions_class_order": [1, 2, 3]}
+
+    code, report = _check(tmp_path, _model_folder(tmp_path, dataset_edit=regions))
+    assert report["labels"] == {"background": 0, "whole tumor without tumor core": 1,
+                                "tumor core without enhancing tumor": 2, "enhancing tumor": 3}
+    assert code == 1 and report["problems"] == [
+        "labels: model m: no code for labels 1 (whole tumor without tumor core), 2 (tumor core without enhancing tumor), "
+        "3 (enhancing tumor) (config label_codes or the model folder's label_codes.json)"]
+
+
 def test_channels_without_patterns_and_channel_order(tmp_path: Path):
     folder = _model_folder(tmp_path)
     mr = 'channels = ["FLAIR", "T1"]\n[models.inputs.FLAIR]\nseries_description = ["*flair*"]\n[models.inputs.T1]\n'
