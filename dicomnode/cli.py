@@ -7,8 +7,9 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -48,7 +49,20 @@ def _config(path: Path) -> Config:
 def _sessions(config: Config):  # noqa: ANN202
     from dicomnode.db import make_sessionmaker
 
-    return make_sessionmaker(config.database_url)
+    with _schema_checked():
+        return make_sessionmaker(config.database_url)
+
+
+@contextmanager
+def _schema_checked() -> Iterator[None]:
+    """A database this version cannot use (dicomnode.schema) is a one-line error, exit status 2."""
+    from dicomnode.schema import SchemaError
+
+    try:
+        yield
+    except SchemaError as exc:
+        console.print(f"[red]database error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -57,7 +71,9 @@ def serve(config: Path = ConfigOption, log_level: str = "INFO", no_worker: bool 
     _setup_logging(log_level)
     from dicomnode.service import serve as run
 
-    run(_config(config), with_worker=not no_worker)
+    settings = _config(config)
+    with _schema_checked():
+        run(settings, with_worker=not no_worker)
 
 
 @app.command()

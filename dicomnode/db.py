@@ -1,7 +1,7 @@
 """The node's database: one schema for the index (studies, series, instances), the queue
 (jobs, deliveries, events) and the node's running components. SQLite in WAL mode by default;
 any SQLAlchemy URL (PostgreSQL for several GPU workers) works, as nothing here relies on
-SQLite-only SQL.
+SQLite-only SQL. The schema is made and kept up to date by dicomnode.schema's migrations.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class Event(Base):
     at: Mapped[datetime] = mapped_column(Timestamp, index=True)
     study_uid: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
     job_id: Mapped[int | None] = mapped_column(Integer, index=True, nullable=True)
-    kind: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(32), index=True)
     message: Mapped[str] = mapped_column(Text, default="")
 
 
@@ -172,7 +172,9 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    from dicomnode.schema import upgrade_schema  # its migrations import this module
+
+    upgrade_schema(engine)
     return engine
 
 
