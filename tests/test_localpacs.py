@@ -159,7 +159,7 @@ def test_upload_and_find_study(pacs_pair, ct_files):
     assert inst["SOPClassUID"] == CT_IMAGE_STORAGE
 
     # wait_for_series finds what is there and reports what it saw when it is not.
-    assert first.wait_for_series(ref.StudyInstanceUID, "CT", timeout=5)["ID"] == series[0]["ID"]
+    assert first.wait_for_series(ref.StudyInstanceUID, "CT", timeout=60)["ID"] == series[0]["ID"]
     with pytest.raises(TimeoutError, match=r"CT 'tiny CT' \(3 instances\)"):
         first.wait_for_series(ref.StudyInstanceUID, "SEG", timeout=0.3, poll=0.1)
     with pytest.raises(TimeoutError, match="not in the PACS"):
