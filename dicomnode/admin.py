@@ -26,6 +26,7 @@ from dicomnode.config import Config
 from dicomnode.db import Component, Delivery, Event, Instance, Job, Study, utcnow
 from dicomnode.index import series_of_study
 from dicomnode.queue import QUEUED, RUNNING, STATES
+from dicomnode.schema import current_revision
 
 HEARTBEAT_SECONDS = 10.0  # a worker says it is alive at most this often (the receiver: every sweep)
 ERROR_KINDS = ("failed", "retry-scheduled", "delivery-failed", "lease-expired")
@@ -167,6 +168,7 @@ class NodeStatus:
     disk: DiskUse
     models: list[ModelStatus]
     last_errors: list[EventRow]  # newest first
+    schema: str | None  # the database's schema revision (dicomnode.schema)
 
 
 def tree_bytes(folder: Path) -> int:
@@ -213,6 +215,7 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
         disk=disk_use(config),
         models=models,
         last_errors=[EventRow(e.at, e.kind, e.message, e.study_uid, e.job_id) for e in recent],
+        schema=current_revision(sessions.kw["bind"]),
     )
 
 

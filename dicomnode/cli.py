@@ -237,6 +237,7 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
     console.print(f"disk of {d.data_dir}: {decimal(d.used_bytes)} used of {decimal(d.total_bytes)}, [bold]{decimal(d.free_bytes)} free[/bold]; "
                   f"spool {decimal(d.spool_bytes)}, results {decimal(d.results_bytes)}"
                   + (f", database {decimal(d.database_bytes)}" if d.database_bytes is not None else ""))
+    console.print(f"database schema: revision {node.schema}")
     console.print(_table("models", ("model", "loaded by"), ((m.name, ", ".join(m.loaded_by) or "not loaded") for m in node.models)))
     if node.last_errors:
         console.print(_table("last errors", ("at", "event", "job", "message"),

@@ -25,6 +25,7 @@ from dicomnode.db import Component, Delivery, Job, make_sessionmaker, utcnow
 from dicomnode.index import ReceivedInstance, record_instance
 from dicomnode.localnode import start_node
 from dicomnode.queue import STATES, RetryPolicy, cancel, claim, enqueue, fail, log_event, succeed
+from dicomnode.schema import head_revision
 from dicomnode.selection import Verdict
 from dicomnode.sender import Outcome
 
@@ -295,11 +296,13 @@ def test_status_reads_components_queue_disk_and_errors(site: Site):
     assert (disk["spool_bytes"], disk["results_bytes"]) == (12345, 1000)
     assert disk["database_bytes"] >= (config.node.data_dir / "dicomnode.db").stat().st_size > 0
     assert 0 < disk["free_bytes"] <= disk["total_bytes"]
+    assert status["schema"] == head_revision()
     [error] = status["last_errors"]
     assert (error["kind"], error["job_id"], error["message"]) == ("failed", site.jobs["failed"], "cannot compute SUVbw: PatientWeight: missing")
 
     table = _cli(site, "status", code=1)
     assert "gpu-2:77" in table and "12.3 kB" in table and "not running" in table and "queued 1" in table
+    assert f"database schema: revision {head_revision()}" in table
 
 
 def _status(config_path: Path) -> tuple[int, dict[str, dict]]:
