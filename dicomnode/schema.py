@@ -11,8 +11,9 @@ revisions under dicomnode/migrations that the database has not had yet, one proc
   at a revision this code lacks        SchemaError: a newer dicomnode upgraded it, and this
                                        one would misread it.
 
-One process at a time: an exclusive lock on the SQLite file (flock, which SQLite's own
-locks do not touch), or a PostgreSQL advisory lock held for the upgrade's transaction.
+One process at a time: an exclusive flock on `<database>.lock` beside the SQLite file (not on
+the database file itself: closing any descriptor of a file drops the POSIX locks SQLite holds on
+it), or a PostgreSQL advisory lock held for the upgrade's transaction.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def _one_process_at_a_time(engine: Engine) -> Iterator[None]:
     if not database or database == ":memory:":
         yield  # PostgreSQL: the advisory lock; an in-memory database has one process anyway
         return
-    with open(database, "ab") as handle:  # an empty file is an empty SQLite database
+    with open(f"{database}.lock", "ab") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
