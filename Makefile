@@ -11,10 +11,11 @@ export TCP_NODELAY := 1
 .PHONY: demo test system-packages demo-model registry-models bench lint-imports clean
 
 system-packages:
-	@if ! { { command -v Orthanc || test -x /usr/sbin/Orthanc; } && command -v storescu && command -v dciodvfy && command -v systemd-analyze; } >/dev/null; then \
+	@if ! { { command -v Orthanc || test -x /usr/sbin/Orthanc; } && command -v storescu && command -v dciodvfy && command -v systemd-analyze \
+			&& ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1; then \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc dcmtk dicom3tools systemd >/dev/null || exit 1; \
-		$(SUDO) systemctl disable --now orthanc >/dev/null 2>&1 || true; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc dcmtk dicom3tools systemd postgresql >/dev/null || exit 1; \
+		$(SUDO) systemctl disable --now orthanc postgresql >/dev/null 2>&1 || true; \
 	fi
 
 $(STAMP): pyproject.toml

@@ -1,7 +1,7 @@
 """The node's database: one schema for the index (studies, series, instances), the queue
 (jobs, deliveries, events) and the node's running components. SQLite in WAL mode by default;
-any SQLAlchemy URL (PostgreSQL for several GPU workers) works, as nothing here relies on
-SQLite-only SQL. The schema is made and kept up to date by dicomnode.schema's migrations.
+PostgreSQL (for several GPU workers) through its SQLAlchemy URL, as nothing here relies on
+SQLite-only SQL (tests/test_postgresql.py). The schema is made and kept up to date by dicomnode.schema's migrations.
 """
 
 from __future__ import annotations

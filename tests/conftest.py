@@ -13,6 +13,7 @@ from dicomnode.receiver import Receiver
 from dicomnode.synth import SyntheticStudy, write_study
 from dicomnode.volumes import load_series
 from nodeutil import node_config
+from selectionutil import copy_series
 from storescp import StoreSCP
 
 
@@ -20,6 +21,20 @@ from storescp import StoreSCP
 def synth_study(tmp_path_factory: pytest.TempPathFactory) -> SyntheticStudy:
     """One synthetic PET/CT study (seed 0), written once per test session. Treat as read-only."""
     return write_study(tmp_path_factory.mktemp("synth") / "study", seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory, synth_study):
+    """16 slices of the synthetic PET and the CT slices at the same positions (one study, one
+    frame of reference): complete and consistent, and quick to send. (study UID, CT files, PET files)"""
+    root = tmp_path_factory.mktemp("small")
+
+    def pet(_k, ds):
+        ds.NumberOfSlices = 16
+
+    _, ct_files = copy_series(synth_study.ct_files[24:40], root / "CT", series_number=2, description="CT")
+    _, pt_files = copy_series(synth_study.pt_files[24:40], root / "PT", pet, series_number=3, description="PET AC")
+    return synth_study.study_instance_uid, ct_files, pt_files
 
 
 @pytest.fixture(scope="module")

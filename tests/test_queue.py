@@ -1,4 +1,3 @@
-import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from dicomnode.queue import (
     FAILED, QUEUED, RUNNING, SUCCEEDED, RetryPolicy, claim, enqueue, fail, release, renew_lease,
     requeue_expired, retry, succeed,
 )
+from queueutil import claim_concurrently
 
 LEASE = timedelta(seconds=60)
 
@@ -39,20 +39,7 @@ def test_claim_runs_oldest_first_and_succeeds(sessions):
 
 def test_concurrent_claims_never_share_a_job(sessions):
     ids = {enqueue(sessions, f"1.2.{i}", "m", RetryPolicy()) for i in range(30)}
-    claimed: list[int] = []
-    lock = threading.Lock()
-
-    def work(owner: str) -> None:
-        while (job := claim(sessions, owner, LEASE)) is not None:
-            with lock:
-                claimed.append(job.id)
-
-    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sorted(claimed) == sorted(ids)
+    assert sorted(claim_concurrently(lambda: sessions)) == sorted(ids)
 
 
 def test_expired_lease_is_requeued(sessions):

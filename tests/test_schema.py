@@ -4,7 +4,6 @@ and let several processes open a new database at once."""
 
 from __future__ import annotations
 
-import multiprocessing
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +21,7 @@ from dicomnode.config import load_config
 from dicomnode.db import Base, Event, Job, make_engine, make_sessionmaker
 from dicomnode.schema import BASELINE, SchemaError, alembic_config, current_revision, head_revision
 from nodeutil import write_config
+from schemautil import open_at_once
 
 AT = datetime(2026, 11, 23, 8, 30, tzinfo=timezone.utc)
 
@@ -97,14 +97,8 @@ def test_a_database_from_a_newer_dicomnode_is_refused_with_its_reason(tmp_path: 
     assert "database error:" in result.stdout and "a newer dicomnode has upgraded it" in " ".join(result.stdout.split())
 
 
-def _open(url: str) -> str | None:
-    return current_revision(make_engine(url))
-
-
 def test_processes_opening_a_new_database_at_once_upgrade_it_once(tmp_path: Path):
-    url = f"sqlite:///{tmp_path / 'node.db'}"
-    with multiprocessing.get_context("spawn").Pool(4) as pool:
-        revisions = pool.map(_open, [url] * 4)
-    assert revisions == [head_revision()] * 4
+    """The lock: without it, a second process's CREATE TABLE fails on the first's tables."""
+    assert open_at_once(f"sqlite:///{tmp_path / 'node.db'}") == [head_revision()] * 4
     with sqlite3.connect(tmp_path / "node.db") as connection:
         assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [(head_revision(),)]

@@ -20,24 +20,9 @@ from dicomnode.db import Event, Job, Study, make_sessionmaker, utcnow
 from dicomnode.receiver import Receiver
 
 from nodeutil import node_config
-from selectionutil import copy_series
 
 QUIET_S = 2.0
 PAUSE_S = 1.0  # between the associations: shorter than the quiet time
-
-
-@pytest.fixture(scope="module")
-def small_study(tmp_path_factory, synth_study):
-    """16 slices of the synthetic PET and the CT slices at the same positions (one study, one
-    frame of reference): complete and consistent, and quick to send."""
-    root = tmp_path_factory.mktemp("timing")
-
-    def pet(_k, ds):
-        ds.NumberOfSlices = 16
-
-    _, ct_files = copy_series(synth_study.ct_files[24:40], root / "CT", series_number=2, description="CT")
-    _, pt_files = copy_series(synth_study.pt_files[24:40], root / "PT", pet, series_number=3, description="PET AC")
-    return synth_study.study_instance_uid, ct_files, pt_files
 
 
 @pytest.fixture

@@ -1,0 +1,95 @@
+"""The node on PostgreSQL (`[node] database_url = "postgresql+psycopg://..."`, for several GPU
+workers on one queue), on a real server from Debian's postgresql package: the migrations make
+the models' schema, concurrent openers upgrade once, the receiver and assembler index and queue
+a study, and workers racing for jobs each get a job exactly once."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import func, select
+
+from dicomnode import assembler
+from dicomnode.config import Destination
+from dicomnode.db import Base, Event, Instance, Job, Study, make_engine, make_sessionmaker
+from dicomnode.queue import RetryPolicy, enqueue
+from dicomnode.receiver import Receiver
+from dicomnode.schema import current_revision, head_revision
+from dicomnode.sender import store_each
+from nodeutil import node_config
+from pgserver import PostgresServer, postgres_bin
+from queueutil import claim_concurrently
+from schemautil import open_at_once
+
+pytestmark = pytest.mark.skipif(postgres_bin() is None and not os.environ.get("CI"),
+                                reason="PostgreSQL not installed (make system-packages installs it)")
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    # Not under pytest's tmp folders: they are private to root, and the server runs as postgres.
+    folder = Path(tempfile.mkdtemp(prefix="dicomnode-pg-"))
+    folder.chmod(0o755)
+    server = PostgresServer(folder / "cluster")
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_migrations_make_exactly_the_models_schema(postgres):
+    engine = make_engine(postgres.new_database())
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    assert current_revision(engine) == head_revision()
+    engine.dispose()
+
+
+def test_processes_opening_a_new_database_at_once_upgrade_it_once(postgres):
+    """The advisory lock: without it, the second process's CREATE TABLE fails on the first's tables."""
+    assert open_at_once(postgres.new_database()) == [head_revision()] * 4
+
+
+def test_a_study_is_indexed_and_queued(postgres, tmp_path: Path, small_study):
+    uid, ct_files, pt_files = small_study
+    config = node_config(tmp_path, node=f'database_url = "{postgres.new_database()}"\nstudy_quiet_seconds = 2')
+    sessions = make_sessionmaker(config.database_url)
+    receiver = Receiver(config, sessions)
+    receiver.start()
+    try:
+        node = Destination(name="node", ae_title=config.node.ae_title, host="127.0.0.1", port=config.node.port)
+        outcomes = store_each(node, ct_files + pt_files, "MODALITY")
+    finally:
+        receiver.stop()
+    assert [o.status for o in outcomes] == [0x0000] * len(ct_files + pt_files)
+    with sessions() as session:
+        study = session.get(Study, uid)
+        stored = session.scalar(select(func.count()).select_from(Instance).where(Instance.study_uid == uid))
+    assert (study.instances_received, stored) == (len(ct_files) + len(pt_files),) * 2
+    assert study.last_received_at.tzinfo is not None  # timestamptz, read back aware
+    [job_id] = assembler.sweep(sessions, config, now=study.last_received_at + timedelta(seconds=2.1))
+    with sessions() as session:
+        job = session.get(Job, job_id)
+    assert (job.study_uid, job.model, job.state) == (uid, "demo-petct", "queued")
+
+
+def test_workers_racing_for_jobs_each_get_a_job_once(postgres):
+    """Four workers, each with its own connections, claim until the queue is empty."""
+    url = postgres.new_database()
+    sessions = make_sessionmaker(url)
+    queued = {enqueue(sessions, f"1.2.826.0.1.{n}", "demo-petct", RetryPolicy()) for n in range(40)}
+    claimed = claim_concurrently(lambda: make_sessionmaker(url))
+    assert sorted(claimed) == sorted(queued)  # every job, none twice
+    with sessions() as session:
+        owners = Counter(session.scalars(select(Job.lease_owner)))
+        started = session.scalar(select(func.count()).select_from(Event).where(Event.kind == "started"))
+        states = set(session.scalars(select(Job.state)))
+    assert sum(owners.values()) == 40 and set(owners) <= {f"w{n}" for n in range(4)}
+    assert (started, states) == (40, {"running"})
