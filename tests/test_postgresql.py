@@ -1,7 +1,7 @@
 """The node on PostgreSQL (`[node] database_url = "postgresql+psycopg://..."`, for several GPU
 workers on one queue), on a real server from Debian's postgresql package: the migrations make
-the models' schema, concurrent openers upgrade once, the receiver and assembler index and queue
-a study, and workers racing for jobs each get a job exactly once."""
+the models' schema, concurrent openers upgrade once, a study goes from the receiver through the
+worker to the PACS, and workers racing for jobs each get a job exactly once."""
 
 from __future__ import annotations
 
@@ -15,16 +15,18 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 from sqlalchemy import func, select
 
 from dicomnode import assembler
 from dicomnode.config import Destination
-from dicomnode.db import Base, Event, Instance, Job, Study, make_engine, make_sessionmaker
+from dicomnode.db import Base, Delivery, Event, Instance, Job, Study, make_engine, make_sessionmaker
 from dicomnode.queue import RetryPolicy, enqueue
 from dicomnode.receiver import Receiver
 from dicomnode.schema import current_revision, head_revision
 from dicomnode.sender import store_each
-from nodeutil import node_config
+from dicomnode.worker import Worker
+from nodeutil import REPO, node_config
 from pgserver import PostgresServer, postgres_bin
 from queueutil import claim_concurrently
 from schemautil import open_at_once
@@ -57,9 +59,12 @@ def test_processes_opening_a_new_database_at_once_upgrade_it_once(postgres):
     assert open_at_once(postgres.new_database()) == [head_revision()] * 4
 
 
-def test_a_study_is_indexed_and_queued(postgres, tmp_path: Path, small_study):
+def test_a_study_goes_through_the_node(postgres, tmp_path: Path, small_study, scp_factory):
+    """Received, indexed, queued, segmented on the demo model and delivered, all on PostgreSQL."""
     uid, ct_files, pt_files = small_study
-    config = node_config(tmp_path, node=f'database_url = "{postgres.new_database()}"\nstudy_quiet_seconds = 2')
+    pacs = scp_factory([SegmentationStorage, Comprehensive3DSRStorage])
+    config = node_config(tmp_path, model_path=str(REPO / "models" / "demo-petct"), node=f'database_url = "{postgres.new_database()}"\nstudy_quiet_seconds = 2',
+                         extra=f'[[destinations]]\nname = "pacs"\nae_title = "TESTSCP"\nhost = "127.0.0.1"\nport = {pacs.port}\n')
     sessions = make_sessionmaker(config.database_url)
     receiver = Receiver(config, sessions)
     receiver.start()
@@ -75,9 +80,18 @@ def test_a_study_is_indexed_and_queued(postgres, tmp_path: Path, small_study):
     assert (study.instances_received, stored) == (len(ct_files) + len(pt_files),) * 2
     assert study.last_received_at.tzinfo is not None  # timestamptz, read back aware
     [job_id] = assembler.sweep(sessions, config, now=study.last_received_at + timedelta(seconds=2.1))
+
+    assert Worker(config, sessions).run_one()
     with sessions() as session:
         job = session.get(Job, job_id)
-    assert (job.study_uid, job.model, job.state) == (uid, "demo-petct", "queued")
+        deliveries = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
+        kinds = list(session.scalars(select(Event.kind).where(Event.job_id == job_id).order_by(Event.id)))
+    assert (job.study_uid, job.model, job.state, job.attempts) == (uid, "demo-petct", "succeeded", 1), job.error
+    assert [(Path(d.path).name, d.state) for d in deliveries] == [("seg.dcm", "sent"), ("sr.dcm", "sent")]
+    assert sorted(pacs.stored) == sorted(d.sop_instance_uid for d in deliveries)
+    assert all(pacs.received[d.sop_instance_uid].StudyInstanceUID == uid for d in deliveries)
+    assert kinds[0] == "queued" and kinds[-1] == "succeeded"
+    assert kinds.index("started") < kinds.index("inference-done") < kinds.index("succeeded")
 
 
 def test_workers_racing_for_jobs_each_get_a_job_once(postgres):
