@@ -11,6 +11,8 @@ revisions under dicomnode/migrations that the database has not had yet, one proc
   at a revision this code lacks        SchemaError: a newer dicomnode upgraded it, and this
                                        one would misread it.
 
+The upgrade is one transaction: a revision that fails leaves the database as it was.
+
 One process at a time: an exclusive flock on `<database>.lock` beside the SQLite file (not on
 the database file itself: closing any descriptor of a file drops the POSIX locks SQLite holds on
 it), or a PostgreSQL advisory lock held for the upgrade's transaction.
@@ -59,6 +61,10 @@ def upgrade_schema(engine: Engine) -> None:
     with _one_process_at_a_time(engine), engine.begin() as connection:
         if engine.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
+        elif engine.dialect.name == "sqlite":
+            # pysqlite runs DDL outside any transaction unless one is open: open it, so a
+            # revision that fails leaves the database as it was, not half migrated
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         current = _checked(MigrationContext.configure(connection).get_current_revision())
         if current == head_revision():
             return  # another process upgraded it while this one waited

@@ -4,6 +4,7 @@ and let several processes open a new database at once."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +17,7 @@ from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
+from dicomnode import schema
 from dicomnode.cli import app
 from dicomnode.config import load_config
 from dicomnode.db import Base, Event, Job, make_engine, make_sessionmaker
@@ -102,3 +104,35 @@ def test_processes_opening_a_new_database_at_once_upgrade_it_once(tmp_path: Path
     assert open_at_once(f"sqlite:///{tmp_path / 'node.db'}") == [head_revision()] * 4
     with sqlite3.connect(tmp_path / "node.db") as connection:
         assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [(head_revision(),)]
+
+
+@pytest.fixture
+def broken_revision(tmp_path: Path, monkeypatch):
+    """The migrations plus a revision 0003 that creates an index and then fails."""
+    folder = tmp_path / "migrations"
+    shutil.copytree(schema.MIGRATIONS, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "versions" / "0003_broken.py").write_text(
+        'from alembic import op\n\nrevision = "0003"\ndown_revision = "0002"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        "def upgrade():\n"
+        '    op.create_index("ix_jobs_model", "jobs", ["model"])\n'
+        '    op.execute("INSERT INTO no_such_table VALUES (1)")\n')
+    monkeypatch.setattr(schema, "MIGRATIONS", folder)
+    schema._scripts.cache_clear(), schema._known_revisions.cache_clear()
+    yield
+    schema._scripts.cache_clear(), schema._known_revisions.cache_clear()
+
+
+def test_a_failing_revision_leaves_the_database_as_it_was(tmp_path: Path, broken_revision):
+    path = tmp_path / "node.db"
+    _at_revision(path, "0002")
+    with pytest.raises(Exception, match="no such table: no_such_table"):
+        make_engine(f"sqlite:///{path}")
+    assert "ix_jobs_model" not in _indexes(path, "jobs")  # 0003's first step undone
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert connection.execute("SELECT count(*) FROM jobs").fetchone() == (1,)
+    new = tmp_path / "new.db"
+    with pytest.raises(Exception, match="no such table: no_such_table"):
+        make_engine(f"sqlite:///{new}")
+    with sqlite3.connect(new) as connection:  # not even 0001's tables: all revisions or none
+        assert connection.execute("SELECT name FROM sqlite_master").fetchall() == []
