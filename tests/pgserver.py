@@ -46,7 +46,11 @@ class PostgresServer:
             [str(bin_dir / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(folder),
              "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=100"],
             stdout=subprocess.DEVNULL, stderr=open(folder / "server.log", "wb"), **as_owner)  # noqa: SIM115
-        self._wait_ready(folder / "server.log")
+        try:
+            self._wait_ready(folder / "server.log")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def _wait_ready(self, log: Path, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

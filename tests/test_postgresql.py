@@ -40,10 +40,12 @@ def postgres():
     # Not under pytest's tmp folders: they are private to root, and the server runs as postgres.
     folder = Path(tempfile.mkdtemp(prefix="dicomnode-pg-"))
     folder.chmod(0o755)
-    server = PostgresServer(folder / "cluster")
-    yield server
-    server.stop()
-    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        server = PostgresServer(folder / "cluster")
+        yield server
+        server.stop()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_migrations_make_exactly_the_models_schema(postgres):
