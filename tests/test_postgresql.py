@@ -1,10 +1,11 @@
 """The node on PostgreSQL (`[node] database_url = "postgresql+psycopg://..."`, for several GPU
 workers on one queue), on a real server from Debian's postgresql package: the migrations make
 the models' schema, concurrent openers upgrade once, a study goes from the receiver through the
-worker to the PACS, and workers racing for jobs each get a job exactly once."""
+worker to the PACS (then the admin CLI, the metrics and retention read it), and workers racing for jobs each get a job exactly once."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,10 +18,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 from sqlalchemy import func, select
+from typer.testing import CliRunner
 
-from dicomnode import assembler
+from dicomnode import assembler, retention
+from dicomnode.cli import app
 from dicomnode.config import Destination
 from dicomnode.db import Base, Delivery, Event, Instance, Job, Study, make_engine, make_sessionmaker
+from dicomnode.metrics import DatabaseCollector
 from dicomnode.queue import RetryPolicy, enqueue
 from dicomnode.receiver import Receiver
 from dicomnode.schema import current_revision, head_revision
@@ -94,6 +98,18 @@ def test_a_study_goes_through_the_node(postgres, tmp_path: Path, small_study, sc
     assert all(pacs.received[d.sop_instance_uid].StudyInstanceUID == uid for d in deliveries)
     assert kinds[0] == "queued" and kinds[-1] == "succeeded"
     assert kinds.index("started") < kinds.index("inference-done") < kinds.index("succeeded")
+
+    # What an admin reads: the CLI's status and the metrics; then retention, 72 h after the job
+    status = CliRunner().invoke(app, ["status", "--json", "--config", str(config.source)])
+    report = json.loads(status.stdout)
+    assert (report["queue"]["succeeded"], report["schema"], report["disk"]["database_bytes"]) == (1, head_revision(), None)
+    metrics = {m.name: m for m in DatabaseCollector(config, sessions).collect()}
+    assert [s.value for s in metrics["dicomnode_jobs"].samples if s.labels == {"state": "succeeded"}] == [1]
+    assert [s.value for s in metrics["dicomnode_inference_seconds"].samples if s.name.endswith("_count")] == [1]
+    assert retention.sweep(config, sessions, now=job.finished_at + timedelta(hours=73)) == [uid]
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance).where(Instance.study_uid == uid)) == 0
+    assert not (config.spool_dir / uid).exists() and not (config.results_dir / uid).exists()
 
 
 def test_workers_racing_for_jobs_each_get_a_job_once(postgres):
