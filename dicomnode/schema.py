@@ -56,7 +56,7 @@ def current_revision(engine: Engine) -> str | None:
 
 def upgrade_schema(engine: Engine) -> None:
     """Apply the revisions the database lacks (see the module docstring); SchemaError if it is newer."""
-    if _known_current(engine) == head_revision():
+    if _checked(current_revision(engine)) == head_revision():
         return
     with _one_process_at_a_time(engine), engine.begin() as connection:
         if engine.dialect.name == "postgresql":
@@ -75,10 +75,6 @@ def upgrade_schema(engine: Engine) -> None:
             current = BASELINE
         command.upgrade(alembic, "head")
         log.info("database %s: schema upgraded from %s to %s", _where(engine), current or "empty", head_revision())
-
-
-def _known_current(engine: Engine) -> str | None:
-    return _checked(current_revision(engine))
 
 
 def _checked(revision: str | None) -> str | None:

@@ -62,7 +62,7 @@ def check_model_folder(
         checkpoints += [checkpoint] if checkpoint else []
         problems += [problem] if problem else []
     if dataset_json is not None:
-        problems += _channel_problems(dataset_json, n_inputs)
+        problems += _dataset_json_problems(dataset_json, n_inputs)
     if checkpoints:
         problems += _configuration_problems(folder, checkpoints[0], plans_json, configuration)
         problems += _trainer_problems(folder, checkpoints[0])
@@ -103,7 +103,8 @@ def _read_checkpoint(folder: ModelFolder, fold, checkpoint_name: str) -> tuple[d
     return checkpoint, None
 
 
-def _channel_problems(dataset_json: dict, n_inputs: int | None) -> list[Problem]:
+def _dataset_json_problems(dataset_json: dict, n_inputs: int | None) -> list[Problem]:
+    """The first of: no channel names, labels nnU-Net cannot read, a channel count other than configured."""
     channels = dataset_json.get("channel_names", dataset_json.get("modality"))
     if not channels:
         return [Problem("dataset.json", "no channel_names")]

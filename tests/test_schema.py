@@ -117,9 +117,15 @@ def broken_revision(tmp_path: Path, monkeypatch):
         '    op.create_index("ix_jobs_model", "jobs", ["model"])\n'
         '    op.execute("INSERT INTO no_such_table VALUES (1)")\n')
     monkeypatch.setattr(schema, "MIGRATIONS", folder)
-    schema._scripts.cache_clear(), schema._known_revisions.cache_clear()
+    _forget_scripts()
     yield
-    schema._scripts.cache_clear(), schema._known_revisions.cache_clear()
+    _forget_scripts()
+
+
+def _forget_scripts() -> None:
+    """schema caches the migrations folder it read: read the (patched or restored) one again."""
+    schema._scripts.cache_clear()
+    schema._known_revisions.cache_clear()
 
 
 def test_a_failing_revision_leaves_the_database_as_it_was(tmp_path: Path, broken_revision):
