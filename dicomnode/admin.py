@@ -29,7 +29,7 @@ from dicomnode.queue import QUEUED, RUNNING, STATES
 from dicomnode.schema import current_revision
 
 HEARTBEAT_SECONDS = 10.0  # a worker says it is alive at most this often (the receiver: every sweep)
-ERROR_KINDS = ("failed", "retry-scheduled", "delivery-failed", "lease-expired")
+ERROR_KINDS = ("failed", "retry-scheduled", "delivery-failed", "lease-expired", "assembly-failed")
 EXPECTED_COMPONENTS = ("receiver", "worker")
 
 

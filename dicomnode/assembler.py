@@ -30,6 +30,8 @@ from dicomnode.selection import SeriesFacts, applies_to, select_inputs, series_f
 log = logging.getLogger("dicomnode.assembler")
 
 VERDICT = "series-verdict"
+INCOMPLETE = "incomplete"
+ASSEMBLY_FAILED = "assembly-failed"
 
 
 def missing_modalities(series: list[SeriesFacts], model: ModelSettings) -> list[str]:
@@ -38,25 +40,38 @@ def missing_modalities(series: list[SeriesFacts], model: ModelSettings) -> list[
 
 
 def sweep(sessions: sessionmaker, config: Config, now: datetime | None = None) -> list[int]:
-    """Queue a job for every quiet, complete study that needs one; return the new job ids."""
+    """Queue a job for every quiet, complete study that needs one; return the new job ids. A study
+    that cannot be assembled (a bug, a database error) is that study's problem: it is said once per
+    arrival as an "assembly-failed" event and the sweep goes on with the next study."""
     now = now or utcnow()
     quiet_since = now - timedelta(seconds=config.node.study_quiet_seconds)
     created: list[int] = []
     with sessions() as session:
         quiet_studies = list(session.scalars(select(Study).where(Study.last_received_at <= quiet_since)))
     for study in quiet_studies:
-        series: list[SeriesFacts] | None = None
-        for model in config.models:
-            with sessions() as session:
-                latest = session.scalar(
-                    select(Job).where(Job.study_uid == study.study_uid, Job.model == model.name).order_by(Job.id.desc()).limit(1)
-                )
-                if latest is not None and (latest.state == QUEUED or latest.created_at >= study.last_received_at):
-                    continue  # already queued, or nothing new since the last job
-                series = series if series is not None else series_from_index(session, study.study_uid)
-            job_id = _queue_if_ready(sessions, config, study, model, series, latest)
-            if job_id is not None:
-                created.append(job_id)
+        try:
+            created.extend(_sweep_study(sessions, config, study))
+        except Exception as exc:  # noqa: BLE001 - one study never stops the others
+            message = f"could not be checked for completeness: {type(exc).__name__}: {exc}"
+            if _note_once(sessions, study, ASSEMBLY_FAILED, message):
+                log.exception("study %s: %s", study.study_uid, message)
+    return created
+
+
+def _sweep_study(sessions: sessionmaker, config: Config, study: Study) -> list[int]:
+    created = []
+    series: list[SeriesFacts] | None = None
+    for model in config.models:
+        with sessions() as session:
+            latest = session.scalar(
+                select(Job).where(Job.study_uid == study.study_uid, Job.model == model.name).order_by(Job.id.desc()).limit(1)
+            )
+            if latest is not None and (latest.state == QUEUED or latest.created_at >= study.last_received_at):
+                continue  # already queued, or nothing new since the last job
+            series = series if series is not None else series_from_index(session, study.study_uid)
+        job_id = _queue_if_ready(sessions, config, study, model, series, latest)
+        if job_id is not None:
+            created.append(job_id)
     return created
 
 
@@ -85,13 +100,19 @@ def _queue_if_ready(sessions: sessionmaker, config: Config, study: Study, model:
 
 def _note_incomplete(sessions: sessionmaker, study: Study, message: str) -> None:
     """Say once (per new arrival) why a quiet study is not processed."""
+    if _note_once(sessions, study, INCOMPLETE, message):
+        log.info("study %s: %s", study.study_uid, message)
+
+
+def _note_once(sessions: sessionmaker, study: Study, kind: str, message: str) -> bool:
+    """Write the study's event unless it was written since the study's last arrival; True if written now."""
     with sessions.begin() as session:
         said = session.scalar(
             select(Event.id).where(
-                Event.study_uid == study.study_uid, Event.kind == "incomplete", Event.message == message,
+                Event.study_uid == study.study_uid, Event.kind == kind, Event.message == message,
                 Event.at >= study.last_received_at,
             ).limit(1)
         )
         if said is None:
-            log_event(session, "incomplete", message, study_uid=study.study_uid)
-            log.info("study %s: %s", study.study_uid, message)
+            log_event(session, kind, message, study_uid=study.study_uid)
+        return said is None

@@ -104,6 +104,10 @@ def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid
         raise JobError(f"cannot build input volumes: {exc}") from exc
     except SuvError as exc:
         raise JobError(f"cannot compute SUVbw: {exc}") from exc
+    for c in channel_names:
+        if not np.isfinite(arrays[c]).all():
+            raise JobError(f"channel {c} ({volumes[c].modality} series {volumes[c].series_instance_uid}) holds NaN or "
+                           "infinite values: check its RescaleSlope/RescaleIntercept and pixel data")
     channels = np.stack([arrays[c].astype(np.float32, copy=False) for c in channel_names])
     pet = volumes.get("PET")
     return Inputs(channels=channels, spacing=tuple(reference.spacing), grid=reference,

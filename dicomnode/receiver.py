@@ -5,8 +5,10 @@ any failure answers with a failure status and a logged reason (below the disk wa
 association requests are rejected too, transient, "local limit exceeded"):
   0xA700 out of resources (disk or database could not take it, or free space is below the
          watermark of dicomnode.diskspace: nothing is written; the sender may retry)
-  0xA900 data set does not match the SOP class of the request
-  0xC000 cannot understand (unreadable data set, missing or invalid UIDs)
+  0xA900 data set does not match the SOP class or instance of the request
+  0xC000 cannot understand: whatever dicomnode.validation finds (the data set not in the
+         negotiated syntax or cut short, invalid UIDs, a malformed attribute the later stages
+         read, pixel data shorter than the image attributes say)
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ from dicomnode.diskspace import Watermark
 from dicomnode.index import ReceivedInstance, record_instance
 from dicomnode.metrics import ReceiverCounters
 from dicomnode.netutil import NODELAY_HANDLER, server_tls_context
-from dicomnode.spool import InvalidUID, Spool, check_uid
+from dicomnode.spool import Spool
+from dicomnode.validation import CANNOT_UNDERSTAND, Refused, check_instance
 
 log = logging.getLogger("dicomnode.receiver")
 
@@ -80,10 +83,10 @@ def decodable(syntaxes: list[UID]) -> list[UID]:
 # Uncompressed first: pynetdicom's acceptor takes the first of ours that the requestor proposed.
 TRANSFER_SYNTAXES = UNCOMPRESSED_SYNTAXES + decodable(LOSSLESS_SYNTAXES)
 
+IMAGE_CLASSES = frozenset(STORAGE_CLASSES)  # their pixel data is read by the pipeline: it must be whole
+
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 
 # A-ASSOCIATE-RJ (result, source, diagnostic): transient, presentation related, local limit exceeded.
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
@@ -135,27 +138,19 @@ class Receiver:
     def _store(self, event) -> int:  # noqa: ANN001 - pynetdicom event
         calling = event.assoc.requestor.ae_title
         request_sop = str(event.request.AffectedSOPInstanceUID or "")
+        syntax = UID(event.context.transfer_syntax)
         try:
             ds = event.dataset
-            study_uid = check_uid("StudyInstanceUID", ds.get("StudyInstanceUID"))
-            series_uid = check_uid("SeriesInstanceUID", ds.get("SeriesInstanceUID"))
-            sop_uid = check_uid("SOPInstanceUID", ds.get("SOPInstanceUID"))
-            sop_class = str(ds.get("SOPClassUID", ""))
-            modality = str(ds.get("Modality", ""))
-            series_number = ds.get("SeriesNumber")
-            description = str(ds.get("SeriesDescription", ""))
-        except InvalidUID as exc:
-            log.warning("refused instance %s from %s: %s (0xC000)", request_sop, calling, exc)
-            return CANNOT_UNDERSTAND
+            facts = check_instance(ds, event.request.DataSet.getvalue()[:8], syntax,
+                                   str(event.request.AffectedSOPClassUID), request_sop, IMAGE_CLASSES)
+        except Refused as refused:
+            log.warning("refused instance %s from %s: %s (0x%04X)", request_sop, calling, refused.reason, refused.status)
+            return refused.status
         except Exception as exc:  # pydicom raises many kinds on a malformed data set
             log.warning("refused instance %s from %s: unreadable data set: %s (0xC000)", request_sop, calling, exc)
             return CANNOT_UNDERSTAND
-        if sop_uid != request_sop or sop_class != str(event.request.AffectedSOPClassUID):
-            log.warning(
-                "refused instance %s from %s: data set SOP class/instance %s/%s differ from the request's (0xA900)",
-                request_sop, calling, sop_class, sop_uid,
-            )
-            return DOES_NOT_MATCH_SOP_CLASS
+        study_uid, series_uid, sop_uid = facts.study_uid, facts.series_uid, facts.sop_instance_uid
+        sop_class, modality = str(ds.SOPClassUID), facts.modality
         if self.watermark.low():  # logged once per crossing by the watermark
             return OUT_OF_RESOURCES
         try:
@@ -173,8 +168,8 @@ class Receiver:
                     sop_class_uid=sop_class,
                     transfer_syntax_uid=str(event.context.transfer_syntax),
                     modality=modality,
-                    series_number=int(series_number) if series_number not in (None, "") else None,
-                    series_description=description,
+                    series_number=facts.series_number,
+                    series_description=facts.series_description,
                     path=str(path),
                     calling_aet=calling,
                 ),

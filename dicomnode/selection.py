@@ -53,7 +53,7 @@ from typing import Iterable
 
 import numpy as np
 import pydicom
-import pydicom.errors
+from pydicom.multival import MultiValue
 
 from dicomnode.config import (CHANNEL_MODALITIES, TAG_KEYWORDS, CtInputSpec, InputSpec, ModelSettings,
                               NamedInputSpec, PetInputSpec, SeriesPatterns, channel_modality)
@@ -91,7 +91,7 @@ class InstanceFacts:
 
 
 def _values(ds, keyword: str) -> tuple[str, ...]:  # noqa: ANN001
-    value = ds.get(keyword)
+    value = _get(ds, keyword)
     if value is None or value == "":
         return ()
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
@@ -99,54 +99,108 @@ def _values(ds, keyword: str) -> tuple[str, ...]:  # noqa: ANN001
     return tuple(str(v).strip().upper() for v in value if str(v).strip())
 
 
-def _int(ds, keyword: str) -> int | None:  # noqa: ANN001
+def _get(ds, keyword: str) -> object:  # noqa: ANN001
+    """The attribute's value; FactsError naming it when pydicom cannot read it (an odd-length US,
+    a value cut short): whatever goes wrong, it is this attribute of this instance."""
     try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+        return ds.get(keyword)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a malformed element
+        raise FactsError(f"{keyword}: cannot be read: {first_sentence(exc)}") from exc
+
+
+def first_sentence(exc: Exception) -> str:
+    """pydicom's messages run to several sentences of advice; the first says what is wrong."""
+    text = str(exc)
+    return text.split(". ")[0] if ". " in text else text
+
+
+def _text(ds, keyword: str) -> str:  # noqa: ANN001
+    value = _get(ds, keyword)
+    return str(value) if value is not None else ""
+
+
+def numbers(ds, keyword: str, count: int | None = 1) -> list[float] | None:  # noqa: ANN001
+    """A numeric attribute's values (None when absent or empty); FactsError naming the attribute
+    when it is present but not `count` finite numbers (any count for None)."""
+    value = _get(ds, keyword)
+    if value is None or value == "":
         return None
-
-
-def _float(ds, keyword: str) -> float | None:  # noqa: ANN001
+    items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
     try:
-        value = ds.get(keyword)
-        return float(value) if value not in (None, "") else None
+        floats = [float(v) for v in items]
     except (TypeError, ValueError):
+        raise FactsError(f"{keyword}: {_shown(value)} is not {'a number' if count == 1 else 'numbers'}") from None
+    if count is not None and len(floats) != count:
+        raise FactsError(f"{keyword}: {_shown(value)} has {len(floats)} values, not {count}")
+    if not all(np.isfinite(floats)):
+        raise FactsError(f"{keyword}: {_shown(value)} is not finite")
+    return floats
+
+
+def _shown(value: object) -> str:
+    text = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple, MultiValue)) else str(value)
+    return repr(text[:40])
+
+
+def _int(ds, keyword: str) -> int | None:  # noqa: ANN001
+    """An integer attribute series selection relies on; FactsError when present but malformed."""
+    found = numbers(ds, keyword)
+    if found is None:
+        return None
+    if found[0] != int(found[0]):
+        raise FactsError(f"{keyword}: {found[0]:g} is not a whole number")
+    return int(found[0])
+
+
+def _informative_int(ds, keyword: str) -> int | None:  # noqa: ANN001
+    """An integer attribute that only names things (SeriesNumber): None when absent or malformed."""
+    try:
+        return _int(ds, keyword)
+    except FactsError:
         return None
 
 
 def facts_from_dataset(ds, path: str | Path = "") -> InstanceFacts:  # noqa: ANN001 - pydicom Dataset
+    """The facts series selection needs. FactsError names the attribute when one it relies on is
+    present but malformed (not a number, the wrong count of values, unreadable bytes); only
+    attributes that merely name things (SeriesNumber, SeriesDescription, dates) are then taken as
+    missing. The receiver refuses an instance this raises for (0xC000), so what it acknowledges
+    the assembler and the worker can read."""
     orientation = z = None
-    try:
-        iop = [float(v) for v in ds.ImageOrientationPatient]
-        ipp = [float(v) for v in ds.ImagePositionPatient]
-        if len(iop) == 6 and len(ipp) == 3:
-            orientation = tuple(iop)
-            (a1, a2, a3), (b1, b2, b3) = iop[:3], iop[3:]
-            normal = (a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1)
-            z = normal[0] * ipp[0] + normal[1] * ipp[1] + normal[2] * ipp[2]
-    except (AttributeError, TypeError, ValueError):
-        pass
+    iop = numbers(ds, "ImageOrientationPatient", 6)
+    ipp = numbers(ds, "ImagePositionPatient", 3)
+    if iop is not None and ipp is not None:
+        orientation = tuple(iop)
+        (a1, a2, a3), (b1, b2, b3) = iop[:3], iop[3:]
+        normal = (a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1)
+        z = normal[0] * ipp[0] + normal[1] * ipp[1] + normal[2] * ipp[2]
     frames = [_int(ds, k) for k in ("NumberOfTimeSlices", "NumberOfTimeSlots", "NumberOfFrames")]
+    thickness = numbers(ds, "SliceThickness")
+    try:
+        description = _text(ds, "SeriesDescription")
+        series_datetime = f"{_get(ds, 'SeriesDate') or ''}{_get(ds, 'SeriesTime') or ''}"
+        tags = tuple((k, _text(ds, k)) for k in TAG_KEYWORDS)
+    except FactsError:
+        description, series_datetime, tags = "", "", ()
     return InstanceFacts(
         path=str(path),
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        series_uid=str(ds.get("SeriesInstanceUID", "")),
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-        modality=str(ds.get("Modality", "") or "").strip().upper(),
-        series_number=_int(ds, "SeriesNumber"),
-        series_description=str(ds.get("SeriesDescription", "") or ""),
-        series_datetime=f"{ds.get('SeriesDate', '') or ''}{ds.get('SeriesTime', '') or ''}",
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        modality=_text(ds, "Modality").strip().upper(),
+        series_number=_informative_int(ds, "SeriesNumber"),
+        series_description=description,
+        series_datetime=series_datetime,
         image_type=_values(ds, "ImageType"),
         corrected_image=_values(ds, "CorrectedImage"),
         series_type=_values(ds, "SeriesType"),
-        frame_of_reference_uid=str(ds.get("FrameOfReferenceUID", "") or ""),
+        frame_of_reference_uid=_text(ds, "FrameOfReferenceUID"),
         number_of_slices=_int(ds, "NumberOfSlices"),
         time_frames=max([f for f in frames if f is not None] or [1]),
-        slice_thickness=_float(ds, "SliceThickness"),
+        slice_thickness=thickness[0] if thickness else None,
         orientation=orientation,
         z=z,
-        tags=tuple((k, str(ds.get(k, "") or "")) for k in TAG_KEYWORDS),
+        tags=tags,
     )
 
 
@@ -160,7 +214,7 @@ def read_facts(path: str | Path) -> InstanceFacts:
     try:
         stat = os.stat(key)
     except OSError as exc:
-        raise FactsError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise FactsError(f"cannot be opened: {exc.strerror or exc}") from exc
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None and hit[0] == stat.st_size and hit[1] == stat.st_mtime_ns:
@@ -169,8 +223,10 @@ def read_facts(path: str | Path) -> InstanceFacts:
     try:
         ds = pydicom.dcmread(key, stop_before_pixels=True, defer_size="4 KB")
         facts = facts_from_dataset(ds, key)
-    except (OSError, pydicom.errors.InvalidDicomError, ValueError, TypeError, AttributeError) as exc:
-        raise FactsError(f"cannot read {path}: {exc}") from exc
+    except FactsError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises, it is that file's problem
+        raise FactsError(f"not readable as DICOM: {first_sentence(exc)}") from exc
     with _cache_lock:
         _cache[key] = (stat.st_size, stat.st_mtime_ns, facts)
         while len(_cache) > _CACHE_SIZE:
@@ -183,11 +239,12 @@ def read_facts(path: str | Path) -> InstanceFacts:
 
 @dataclass
 class SeriesFacts:
-    """One series: its instances' facts (one per SOP Instance UID) and the files that could not be read."""
+    """One series: its instances' facts (one per SOP Instance UID) and the instances whose files
+    could not be read, (SOP Instance UID, why)."""
 
     series_uid: str
     instances: list[InstanceFacts]
-    unreadable: list[str] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
     last_received_at: datetime | None = None
     # From the index when a file cannot be read: what the series is called there.
     indexed_modality: str = ""
@@ -261,10 +318,16 @@ class Geometry:
     spacing: float | None  # None for one slice
 
 
+def _unreadable(series: SeriesFacts) -> str:
+    sop_uid, why = series.unreadable[0]
+    more = len(series.unreadable) - 1
+    return f"unreadable instance {sop_uid}: {why}" + (f" (and {more} more)" if more else "")
+
+
 def _geometry(series: SeriesFacts) -> tuple[Geometry | None, str | None]:
     """The series' slice positions as one regular stack, or the reason they are not."""
     if series.unreadable:
-        return None, f"{len(series.unreadable)} file(s) cannot be read"
+        return None, _unreadable(series)
     if not series.instances:
         return None, "no instances"
     if any(i.z is None for i in series.instances):
@@ -373,6 +436,8 @@ def _description_reasons(series: SeriesFacts, rule: SeriesPatterns) -> list[str]
 
 def _pet_reasons(series: SeriesFacts, spec: PetInputSpec) -> tuple[list[str], str | None, Geometry | None]:
     """(reasons it cannot be used, why it must be waited for, geometry)."""
+    if series.unreadable:  # the other facts would be of the readable part only
+        return [_unreadable(series)], None, None
     reasons = _description_reasons(series, spec) + _image_type_reasons(series, spec.image_type, spec.excluded_image_types)
     series_type = series.all_values("series_type")
     bad_types = sorted(series_type & {v.upper() for v in spec.excluded_series_types})
@@ -406,6 +471,8 @@ def _pet_reasons(series: SeriesFacts, spec: PetInputSpec) -> tuple[list[str], st
 
 def _ct_reasons(series: SeriesFacts, spec: CtInputSpec, pet: SeriesFacts | None,
                 pet_geometry: Geometry | None) -> tuple[list[str], Geometry | None]:
+    if series.unreadable:
+        return [_unreadable(series)], None
     reasons = _description_reasons(series, spec) + _image_type_reasons(series, spec.image_type, spec.excluded_image_types)
     geometry, problem = _geometry(series)
     if problem:
@@ -424,6 +491,8 @@ def _ct_reasons(series: SeriesFacts, spec: CtInputSpec, pet: SeriesFacts | None,
 
 def _named_reasons(series: SeriesFacts, rule: NamedInputSpec) -> tuple[str | None, list[str]]:
     """(how SeriesDescription fails the rule or None, the other reasons it cannot fill the channel)."""
+    if series.unreadable:
+        return None, [_unreadable(series)]
     reasons = _image_type_reasons(series, rule.image_type, rule.excluded_image_types)
     _, problem = _geometry(series)
     return _description_mismatch(series, rule), reasons + ([problem] if problem else [])
@@ -636,7 +705,7 @@ def series_from_index(session, study_uid: str) -> list[SeriesFacts]:  # noqa: AN
     ).all()
     indexed = {s.series_uid: s for s in session.scalars(select(Series).where(Series.study_uid == study_uid))}
     by_series: dict[str, SeriesFacts] = {}
-    for series_uid, _sop, path in rows:
+    for series_uid, sop_uid, path in rows:
         s = by_series.get(series_uid)
         if s is None:
             row = indexed.get(series_uid)
@@ -647,8 +716,8 @@ def series_from_index(session, study_uid: str) -> list[SeriesFacts]:  # noqa: AN
             )
         try:
             s.instances.append(read_facts(path))
-        except FactsError:
-            s.unreadable.append(path)
+        except FactsError as exc:
+            s.unreadable.append((sop_uid, str(exc)))
     return list(by_series.values())
 
 

@@ -60,6 +60,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, DT, TM
 
+from dicomnode.selection import first_sentence
+
 MAX_DECAY_TIME = timedelta(hours=24)
 # RadionuclideTotalDose unit rule (step 3): >= 1e5 is Bq, <= 1e4 is MBq, in between is refused.
 SMALLEST_DOSE_BQ = 1e5
@@ -132,10 +134,22 @@ def pet_suv_volume(volume) -> np.ndarray:
         (t for t in (_acquisition_time(ds) for ds in volume.datasets) if t is not None),
         default=None,
     )
-    factors = np.array(
-        [suv_bw_factor(ds, earliest_acquisition=earliest).factor for ds in volume.datasets]
-    )
+    factors = np.array([_slice_factor(ds, earliest) for ds in volume.datasets])
     return (volume.array * factors[:, None, None]).astype(np.float32)
+
+
+def _slice_factor(ds: Dataset, earliest: datetime | None) -> float:
+    """One slice's factor; a header pydicom cannot read, or a factor that is not finite, is a SuvError."""
+    try:
+        factor = suv_bw_factor(ds, earliest_acquisition=earliest).factor
+    except SuvError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an attribute pydicom cannot read or convert
+        raise SuvError("header", f"slice {ds.get('SOPInstanceUID', '?')} cannot be read: "
+                                 f"{type(exc).__name__}: {first_sentence(exc)}") from exc
+    if not math.isfinite(factor):
+        raise SuvError("Factor", f"{factor} for slice {ds.get('SOPInstanceUID', '?')} is not finite")
+    return factor
 
 
 # --- step 1: Units ------------------------------------------------------------------------

@@ -20,9 +20,10 @@ from typing import Iterable
 
 import numpy as np
 import pydicom
-import pydicom.errors
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+
+from dicomnode.selection import first_sentence
 
 CT_PADDING_HU = -1024.0
 _ORIENTATION_TOLERANCE = 1e-4
@@ -72,8 +73,19 @@ class Volume:
 
 
 def load_series(paths: Iterable[Path | str]) -> Volume:
-    """One series' files (any order) -> Volume; VolumeError says why they do not form one."""
+    """One series' files (any order) -> Volume; VolumeError says why they do not form one (a
+    malformed header too: whatever pydicom raises for it becomes a VolumeError naming it)."""
     datasets = [_read(p) for p in paths]
+    try:
+        return _volume(datasets)
+    except VolumeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an attribute pydicom cannot read or convert
+        raise VolumeError(f"malformed header in series {datasets[0].get('SeriesInstanceUID', '?') if datasets else '?'}: "
+                          f"{type(exc).__name__}: {first_sentence(exc)}") from exc
+
+
+def _volume(datasets: list[Dataset]) -> Volume:
     if not datasets:
         raise VolumeError("no files given")
     _check_same_series(datasets)
@@ -126,7 +138,7 @@ def resample_to(volume: Volume, reference: Volume, default_value: float) -> Volu
 def _read(path: Path | str) -> Dataset:
     try:
         return pydicom.dcmread(str(path))
-    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, InvalidDicomError and whatever a damaged file raises
         raise VolumeError(f"cannot read {path}: {exc}") from exc
 
 
@@ -200,7 +212,12 @@ def _rescaled_plane(ds: Dataset) -> np.ndarray:
         raise VolumeError(f"cannot decode the pixels of {ds.get('SOPInstanceUID', '?')}: {exc}") from exc
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    plane = stored.astype(np.float64) * slope + intercept
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        plane = stored.astype(np.float64) * slope + intercept
+    if not np.isfinite(plane).all():
+        raise VolumeError(f"slice {ds.get('SOPInstanceUID', '?')} of series {ds.get('SeriesInstanceUID', '?')}: "
+                          f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} and the pixel values give NaN or "
+                          "infinite values")
     if ds.get("Modality") == "CT" and "PixelPaddingValue" in ds:
         plane[_padding_mask(ds, stored)] = CT_PADDING_HU
     return plane.astype(np.float32)

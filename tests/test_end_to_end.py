@@ -16,13 +16,20 @@ import SimpleITK as sitk
 from pydicom import dcmread
 from scipy import ndimage
 
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicomnode.db import Event, make_sessionmaker
+from dicomnode.index import ReceivedInstance, record_instance
+from dicomnode.localnode import dice, seg_on_source_grid, start_node
 from dicomnode.localpacs import LocalOrthanc, free_port, orthanc_binary
 from dicomnode.phantom import PET_GRID, pet_suv
+from dicomnode.spool import Spool
 from dicomnode.synth import write_study
 
 from dicomtools import dciodvfy_errors
-from dicomnode.localnode import dice, seg_on_source_grid, start_node
 from e2e import REPO, write_node_config
+from malformed import CASES, send_raw, valid_pet, write_case
 
 pytestmark = [
     pytest.mark.e2e,
@@ -133,3 +140,38 @@ def test_storescu_sends_study_straight_to_node(site):
     )
     assert result.returncode == 0, result.stderr
     _check_seg(pacs, study, work)
+
+
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
+def test_malformed_instances_never_stop_a_valid_study(site):
+    """The fuzz's cases go to the running node, each answered with its status; an unreadable
+    instance that an older version acknowledged lies in the spool and the index; then a valid
+    study is sent and gets its SEG, and the poisoned study is held back saying why."""
+    pacs, node, work = site
+    poisoned = generate_uid()
+    files = [write_case(case, work / "fuzz", poisoned) for case in CASES]
+    statuses = send_raw(node.port, "DICOMNODE", "STORESCU", [(path, syntax) for path, _, syntax in files])
+    assert [s in case.expect for s, case in zip(statuses, CASES)] == [True] * len(CASES), statuses
+
+    [odd] = [case for case in CASES if case.name == "odd-length-us-number-of-slices"]
+    for modality in ("CT", "PT"):  # a CT and a PET series, the PET instance unreadable
+        ds = valid_pet(poisoned, generate_uid())
+        if modality == "CT":
+            ds.Modality, ds.SOPClassUID = "CT", "1.2.840.10008.5.1.4.1.1.2"
+        data, _ = odd.make(ds)
+        path = Spool(work / "var" / "spool").write(poisoned, ds.SeriesInstanceUID, ds.SOPInstanceUID, data)
+        record_instance(make_sessionmaker(f"sqlite:///{work / 'var' / 'dicomnode.db'}"), ReceivedInstance(
+            poisoned, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", modality, None, "",
+            str(path), "OLDNODE"))
+
+    study = write_study(work / "study-after-fuzz", seed=13)
+    result = subprocess.run(
+        ["storescu", "-aet", "STORESCU", "-aec", "DICOMNODE", "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(node.port), str(study.root)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    _check_seg(pacs, study, work)
+    sessions = make_sessionmaker(f"sqlite:///{work / 'var' / 'dicomnode.db'}")
+    with sessions() as session:
+        said = list(session.scalars(select(Event.message).where(Event.study_uid == poisoned, Event.kind == "incomplete")))
+    assert len(said) == 1 and "unreadable instance" in said[0] and "NumberOfSlices: cannot be read" in said[0], said

@@ -149,3 +149,31 @@ def test_refusal_names_its_reason_in_the_job_and_in_inspect(case, synth_study, d
     shown = CliRunner().invoke(app, ["jobs", "show", str(job_id), "--config", str(config.source)])
     assert shown.exit_code == 0, shown.output
     assert expected in " ".join(shown.output.split())
+
+
+def test_values_that_rescale_to_infinity_fail_the_job_once_naming_the_series(synth_study, demo_model, tmp_path: Path):
+    """A RescaleSlope that is a finite number (so the receiver takes it) but makes the stored values
+    infinite is an input problem: the job fails at volume building, naming the series and the
+    attribute, with no retries and no model run."""
+    folder = tmp_path / "study"
+    for series, source in (("CT", synth_study.ct_dir), ("PT", synth_study.pt_dir)):
+        shutil.copytree(source, folder / series)
+    hot = sorted((folder / "PT").glob("*.dcm"))[30]
+    ds = pydicom.dcmread(hot)
+    ds.RescaleSlope = "1e308"
+    ds.save_as(hot, enforce_file_format=True)
+    config = node_config(tmp_path, model_path=str(MODEL), node="study_quiet_seconds = 0\nretry_backoff_seconds = 0",
+                         extra='version = "test"')
+    sessions = make_sessionmaker(config.database_url)
+    index_files(sessions, sorted(folder.rglob("*.dcm")))
+    [job_id] = assembler.sweep(sessions, config)
+    worker = Worker(config, sessions)
+    worker.models._models["demo-petct"] = demo_model
+    assert worker.run_one()
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        kinds = list(session.scalars(select(Event.kind).where(Event.job_id == job_id)))
+    assert job.state == "failed" and job.attempts == 1
+    assert "cannot build input volumes" in job.error and "RescaleSlope 1e+308" in job.error
+    assert synth_study.pt_series_instance_uid in job.error and ds.SOPInstanceUID in job.error
+    assert "inference-done" not in kinds and "retry-scheduled" not in kinds

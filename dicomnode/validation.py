@@ -1,0 +1,161 @@
+"""What the receiver checks before it acknowledges an instance: an acknowledged instance is a
+promise that the later stages can use it, so whatever they read must read here.
+
+`check_instance` raises `Refused(status, reason)` for:
+  * a data set not encoded in the VR form of the negotiated transfer syntax (Explicit VR bytes
+    on an Implicit VR context, or the other way round: pydicom would guess and read on);
+  * Study, Series, SOP Instance or SOP Class UIDs that are not UIDs as sent (a leading space,
+    a letter: pydicom strips what it reads, the file keeps it);
+  * any element that cannot be read in the negotiated syntax, or whose value is shorter than
+    its length says (a data set cut short: pydicom reads what is there without a word);
+  * an attribute series selection or volume building relies on that is malformed
+    (dicomnode.selection.facts_from_dataset; PixelSpacing, RescaleSlope, RescaleIntercept);
+  * image pixel data shorter than Rows x Columns x SamplesPerPixel x BitsAllocated x frames, or
+    encapsulated pixel data whose fragments cannot be parsed;
+all as 0xC000 (cannot understand). A data set whose SOP class or instance differs from the
+request's is 0xA900. Nothing here writes anything.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments, parse_basic_offsets
+from pydicom.pixels.utils import get_expected_length
+from pydicom.tag import Tag
+from pydicom.uid import UID
+from pydicom.valuerep import VR
+
+from dicomnode.selection import FactsError, InstanceFacts, facts_from_dataset, first_sentence, numbers
+from dicomnode.spool import UID as UID_PATTERN
+
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+IDENTITY_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+# Numeric attributes volume building reads (selection's are checked by facts_from_dataset): keyword -> values
+VOLUME_NUMBERS = {"PixelSpacing": 2, "RescaleSlope": 1, "RescaleIntercept": 1}
+_VRS = {vr.value.encode() for vr in VR}
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+class Refused(Exception):
+    """The instance cannot be acknowledged: `status` to answer, `reason` to log."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def check_instance(ds: Dataset, head: bytes, transfer_syntax: UID, request_class: str, request_instance: str,
+                   image_classes: frozenset[str] | set[str] = frozenset()) -> InstanceFacts:
+    """Check one received data set (`head`: its first bytes as sent, for the VR form) and return
+    its facts; Refused says why it cannot be acknowledged. `image_classes`: SOP classes whose
+    pixel data the pipeline reads (it must be there, and whole)."""
+    if not transfer_syntax.is_deflated:
+        _check_vr_form(head, transfer_syntax)
+    as_sent = {keyword: _as_sent(ds, keyword) for keyword in IDENTITY_UIDS}  # before reading converts them
+    _check_elements(ds)
+    for keyword, text in as_sent.items():
+        _check_uid(keyword, text)
+    try:
+        facts = facts_from_dataset(ds)
+        for keyword, count in VOLUME_NUMBERS.items():
+            numbers(ds, keyword, count)
+    except FactsError as exc:
+        raise Refused(CANNOT_UNDERSTAND, str(exc)) from None
+    sop_class = str(ds.SOPClassUID)
+    if facts.sop_instance_uid != request_instance or sop_class != request_class:
+        raise Refused(DOES_NOT_MATCH_SOP_CLASS, f"data set SOP class/instance {sop_class}/{facts.sop_instance_uid} "
+                                                "differ from the request's")
+    if sop_class in image_classes or "PixelData" in ds:
+        _check_pixel_data(ds, transfer_syntax, required=sop_class in image_classes)
+    return facts
+
+
+def _check_vr_form(head: bytes, syntax: UID) -> None:
+    """The first element's header must be in the syntax's VR form: bytes 4-5 are a VR in explicit VR
+    and are not one in implicit VR (the test pydicom and dcmtk use to guess the form)."""
+    if len(head) < 8:
+        return  # too short to tell: the element check below refuses what cannot be read
+    looks_explicit = head[4:6] in _VRS
+    if looks_explicit == syntax.is_implicit_VR:
+        found = "Explicit VR" if looks_explicit else "Implicit VR"
+        raise Refused(CANNOT_UNDERSTAND, f"data set is encoded in {found} but the negotiated transfer syntax is "
+                                         f"{syntax.name}")
+
+
+def _as_sent(ds: Dataset, keyword: str) -> str | None:
+    """A UID's text as sent (None: absent). pydicom strips the spaces and NULs it reads; the stored
+    file keeps them. One trailing byte of padding to an even length is allowed."""
+    tag = Tag(keyword)
+    if tag not in ds:
+        return None
+    value = ds.get_item(tag).value
+    if isinstance(value, bytes):
+        raw = value[:-1] if value.endswith((b"\x00", b" ")) else value
+        return raw.decode("latin-1")
+    return str(value or "")
+
+
+def _check_uid(keyword: str, text: str | None) -> None:
+    if text is None:
+        raise Refused(CANNOT_UNDERSTAND, f"{keyword} missing")
+    if not text or len(text) > 64 or not UID_PATTERN.match(text):
+        raise Refused(CANNOT_UNDERSTAND, f"{keyword} {text[:80]!r} is not a valid DICOM UID")
+
+
+def _check_elements(ds: Dataset, where: str = "") -> None:
+    """Read every element (in sequences too) in the negotiated syntax; a value shorter than its
+    length (the data set was cut short) or one pydicom cannot convert is named."""
+    for tag in list(ds.keys()):
+        item = ds.get_item(tag)
+        name = f"{where}{Tag(tag)}"
+        if isinstance(item, RawDataElement) and item.length != _UNDEFINED_LENGTH and item.value is not None \
+                and len(item.value) < item.length:
+            raise Refused(CANNOT_UNDERSTAND, f"element {name} {_keyword(tag)}: {len(item.value)} of its "
+                                             f"{item.length} bytes: the data set is cut short")
+        try:
+            element = ds[tag]
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a malformed element
+            raise Refused(CANNOT_UNDERSTAND, f"element {name} {_keyword(tag)} cannot be read: {first_sentence(exc)}") from None
+        if element.VR == "SQ":
+            for index, child in enumerate(element.value or []):
+                _check_elements(child, f"{name}[{index}].")
+
+
+def _keyword(tag: int) -> str:
+    return keyword_for_tag(tag) or "(private)"
+
+
+def _check_pixel_data(ds: Dataset, syntax: UID, required: bool) -> None:
+    if "PixelData" not in ds:
+        if required:
+            raise Refused(CANNOT_UNDERSTAND, "PixelData missing")
+        return
+    for keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel"):
+        value = ds.get(keyword)
+        if not isinstance(value, int) or value <= 0:
+            raise Refused(CANNOT_UNDERSTAND, f"{keyword} {value!r} does not describe the pixel data")
+    data = ds.PixelData
+    if syntax.is_encapsulated:
+        try:
+            buffer = BytesIO(data)
+            parse_basic_offsets(buffer)
+            fragments = sum(1 for _ in generate_fragments(buffer))
+        except Exception as exc:  # noqa: BLE001
+            raise Refused(CANNOT_UNDERSTAND, f"encapsulated PixelData cannot be parsed: {exc}") from None
+        if fragments == 0:
+            raise Refused(CANNOT_UNDERSTAND, "encapsulated PixelData holds no fragment")
+        return
+    try:
+        expected = get_expected_length(ds, unit="bytes")
+    except Exception as exc:  # noqa: BLE001
+        raise Refused(CANNOT_UNDERSTAND, f"image attributes do not describe the pixel data: {exc}") from None
+    if len(data) < expected:
+        raise Refused(CANNOT_UNDERSTAND, f"PixelData has {len(data)} bytes; Rows x Columns x SamplesPerPixel x "
+                                         f"BitsAllocated x frames need {expected}")
