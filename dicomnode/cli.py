@@ -95,8 +95,8 @@ def synth(
                              "distractors), lymph (CT, topogram), organs (CT)."),
 ) -> None:
     """Write a synthetic study (series and truth) to OUT: PET/CT with lesions by default."""
-    from dicomnode.synth import VARIANTS, write_study
-    from dicomnode.synth_registry import KINDS, write_registry_study
+    from dicomnode.synth.petct import VARIANTS, write_study
+    from dicomnode.synth.registry import KINDS, write_registry_study
 
     if kind in KINDS:
         registry = write_registry_study(out, kind, seed=seed)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the demo PET/CT lesion model (models/demo-petct) with nnU-Net v2's own pipeline.
 
-Synthetic training cases come from dicomnode.phantom: CT (HU) resampled onto the PET grid as
+Synthetic training cases come from dicomnode.synth.petct_phantom: CT (HU) resampled onto the PET grid as
 channel 0 and PET (SUVbw) as channel 1, exactly what the node feeds the model at inference.
 nnU-Net then does everything else itself: dataset fingerprint, ResEnc-L planning (with the
 3d_fullres target spacing forced to GLOW-FDG's 3.0 x 2.04 x 2.04 mm and the widths shrunk so
@@ -72,7 +72,7 @@ def phantom_case(seed: int):
     """(channels (2, z, y, x) float32, lesion label map (z, y, x) uint8 1..n, phantom)."""
     import numpy as np
 
-    from dicomnode.phantom import PET_GRID, ct_hu, lesion_masks, pet_suv, random_phantom
+    from dicomnode.synth.petct_phantom import PET_GRID, ct_hu, lesion_masks, pet_suv, random_phantom
 
     ph = random_phantom(seed)
     channels = np.stack([ct_hu(ph, PET_GRID).astype(np.float32), pet_suv(ph, PET_GRID)])
@@ -90,7 +90,7 @@ def fresh_raw_dataset(raw_root: Path, dataset_name: str) -> Path:
 
 
 def write_nifti(arr, grid, path: Path) -> None:
-    """A (z, y, x) array on a dicomnode.phantom.Grid as a compressed NIfTI file."""
+    """A (z, y, x) array on a dicomnode.synth.petct_phantom.Grid as a compressed NIfTI file."""
     import SimpleITK as sitk
 
     sz, sy, sx = grid.spacing
@@ -103,7 +103,7 @@ def write_nifti(arr, grid, path: Path) -> None:
 def write_raw_dataset(raw_root: Path, n_cases: int) -> Path:
     import numpy as np
 
-    from dicomnode.phantom import PET_GRID
+    from dicomnode.synth.petct_phantom import PET_GRID
 
     ds = fresh_raw_dataset(raw_root, DATASET_NAME)
     n_lesions = 0
@@ -121,7 +121,7 @@ def write_raw_dataset(raw_root: Path, n_cases: int) -> Path:
         "numTraining": n_cases,
         "file_ending": ".nii.gz",
         "name": "DemoPetCt",
-        "description": "Synthetic PET/CT phantoms (dicomnode.phantom): CT in HU resampled onto the "
+        "description": "Synthetic PET/CT phantoms (dicomnode.synth.petct_phantom): CT in HU resampled onto the "
         "PET grid, PET in SUVbw; label 1 = planted FDG-avid lesion. Demo only, not a clinical model.",
         "reference": "dicomnode scripts/make_demo_model.py",
         "release": "demo",
@@ -279,7 +279,7 @@ def evaluate(model_dir: Path, n_cases: int, folds=tuple(range(N_FOLDS)), threads
     import numpy as np
     from scipy import ndimage
 
-    from dicomnode.phantom import PET_GRID
+    from dicomnode.synth.petct_phantom import PET_GRID
     from inference import SegmentationModel
 
     t0 = time.perf_counter()
@@ -339,7 +339,7 @@ def write_readme(out: Path, info: dict) -> None:
     text = f"""# demo-petct: synthetic PET/CT lesion model (nnU-Net v2, ResEnc)
 
 A tiny nnU-Net v2 model that segments the hot spherical "lesions" of the synthetic phantoms in
-`dicomnode/phantom.py`. It exists so the node can be run and tested end to end without the real
+`dicomnode/synth/petct_phantom.py`. It exists so the node can be run and tested end to end without the real
 model. **Not a clinical model**: it has only ever seen synthetic phantoms.
 
 It has the nnU-Net v2 release layout, the same as the published GLOW-FDG weights:

@@ -2,7 +2,7 @@
 """Build the registry's tiny stand-in models (models/lymph-ct, glioma-mr, organs-ct) with nnU-Net v2.
 
 Each stand-in has the on-disk format of a published model the node must run, trained here on
-the synthetic cases of dicomnode/phantoms.py with nnU-Net's own fingerprinting, planning
+the synthetic cases of dicomnode/registry_cases.py with nnU-Net's own fingerprinting, planning
 (nnU-Net's default planner, widths and batch shrunk to CPU size), preprocessing and trainer:
 
     lymph-ct   LN-Seg-FM's format: release layout, CT only, a custom trainer class
@@ -63,7 +63,7 @@ ORGAN_CODES = {
 class Spec:
     name: str
     dataset_id: int
-    case: str  # function name in dicomnode.phantoms
+    case: str  # function name in dicomnode.synth.registry_cases
     channels: tuple[str, ...]
     trainer: str  # class name; its .py in `code_dir` or nnunetv2's
     folds: tuple[int, ...]
@@ -108,9 +108,9 @@ SPECS = {
 
 
 def make_case(spec: Spec, seed: int):
-    from dicomnode import phantoms
+    from dicomnode.synth import registry_cases
 
-    return getattr(phantoms, spec.case)(seed)
+    return getattr(registry_cases, spec.case)(seed)
 
 
 # --------------------------------------------------------------------------- raw data
@@ -132,7 +132,7 @@ def write_raw_dataset(spec: Spec, raw_root: Path, n_cases: int) -> dict:
         "file_ending": ".nii.gz",
         "name": spec.name,
         "description": f"Stand-in for {spec.format_note.split(':')[0]}, trained on synthetic cases "
-                       f"(dicomnode.phantoms.{spec.case}). Not a clinical model.",
+                       f"(dicomnode.synth.registry_cases.{spec.case}). Not a clinical model.",
         "reference": "dicomnode scripts/make_registry_models.py",
         "licence": "same as dicomnode",
     }
@@ -207,7 +207,7 @@ def without_augmentation(trainer_cls):
 def write_label_codes(spec: Spec, out: Path) -> None:
     if spec.name != "organs-ct":
         return
-    from dicomnode.phantoms import ORGAN_LABELS
+    from dicomnode.synth.registry_cases import ORGAN_LABELS
 
     table = {str(value): {"name": name, "category": ANATOMY, "type": ORGAN_CODES[name]}
              for value, name in ORGAN_LABELS.items()}
@@ -250,7 +250,7 @@ def write_readme(spec: Spec, out: Path, info: dict, ev: dict) -> None:
     augmentation = "" if spec.augmentation else ", no data augmentation as in nnU-Net's `nnUNetTrainerNoDA`"
     text = f"""# {spec.name}: tiny stand-in with the on-disk format of a published model
 
-{spec.format_note}. Trained here on synthetic cases (`dicomnode.phantoms.{spec.case}`, seeds
+{spec.format_note}. Trained here on synthetic cases (`dicomnode.synth.registry_cases.{spec.case}`, seeds
 {TRAIN_SEED0}..{TRAIN_SEED0 + info['n_cases'] - 1}) so the node can run this format end to end
 without the real weights. **Not a clinical model.** A site replaces this folder by the real
 one and changes nothing else.

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from dicomnode.db import make_sessionmaker
 from dicomnode.receiver import Receiver
-from dicomnode.synth import SyntheticStudy, write_study
+from dicomnode.synth.petct import SyntheticStudy, write_study
 from dicomnode.volumes import load_series
 from nodeutil import node_config
 from selectionutil import copy_series

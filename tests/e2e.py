@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dicomnode.localpacs import LocalOrthanc
+from dicomnode.testing.orthanc import LocalOrthanc
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PositronEmissionTomographyImageStorage, generate_uid
 
 from dicomnode.config import load_config
-from dicomnode.localpacs import free_port
+from dicomnode.testing.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

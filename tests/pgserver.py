@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 
-from dicomnode.localpacs import free_port
+from dicomnode.testing.ports import free_port
 
 USER = "dicomnode"
 

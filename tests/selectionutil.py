@@ -11,7 +11,7 @@ from pydicom.uid import generate_uid
 
 from dicomnode.db import utcnow
 from dicomnode.index import ReceivedInstance, record_instance
-from dicomnode.synth import SyntheticStudy, write_study
+from dicomnode.synth.petct import SyntheticStudy, write_study
 
 
 def copy_series(files: list[Path], folder: Path, edit=None, *, series_number: int, description: str) -> tuple[str, list[Path]]:

@@ -7,7 +7,7 @@ import threading
 
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 
-from dicomnode.localpacs import free_port
+from dicomnode.testing.ports import free_port
 
 
 class StoreSCP:

@@ -23,7 +23,7 @@ from dicomnode.assembler import VERDICT
 from dicomnode.config import Config, load_config
 from dicomnode.db import Component, Delivery, Job, make_sessionmaker, utcnow
 from dicomnode.index import ReceivedInstance, record_instance
-from dicomnode.localnode import start_node
+from dicomnode.testing.node import start_node
 from dicomnode.queue import STATES, RetryPolicy, cancel, claim, enqueue, fail, log_event, succeed
 from dicomnode.schema import head_revision
 from dicomnode.selection import Verdict

@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 from dicomnode.processing import JobError, assemble_inputs
-from dicomnode.synth_registry import write_registry_study
+from dicomnode.synth.registry import write_registry_study
 
 MR_CHANNELS = ["FLAIR", "T1", "T1CE", "T2"]
 

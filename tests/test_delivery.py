@@ -21,7 +21,7 @@ from sqlalchemy import select
 
 from dicomnode import delivery
 from dicomnode.db import Delivery, Event, Job, make_sessionmaker, utcnow
-from dicomnode.localpacs import free_port
+from dicomnode.testing.ports import free_port
 from dicomnode.processing import result_dir
 from dicomnode.queue import FAILED, QUEUED, SUCCEEDED, RetryPolicy, claim, defer, enqueue, fail, retry
 from dicomnode.seg import build_seg, write_seg

@@ -21,11 +21,12 @@ from sqlalchemy import select
 
 from dicomnode.db import Event, make_sessionmaker
 from dicomnode.index import ReceivedInstance, record_instance
-from dicomnode.localnode import dice, seg_on_source_grid, start_node
-from dicomnode.localpacs import LocalOrthanc, free_port, orthanc_binary
-from dicomnode.phantom import PET_GRID, pet_suv
+from dicomnode.testing.node import dice, seg_on_source_grid, start_node
+from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
+from dicomnode.testing.ports import free_port
+from dicomnode.synth.petct_phantom import PET_GRID, pet_suv
 from dicomnode.spool import Spool
-from dicomnode.synth import write_study
+from dicomnode.synth.petct import write_study
 
 from dicomtools import dciodvfy_errors
 from e2e import REPO, write_node_config

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from dicomnode.localpacs import orthanc_binary
+from dicomnode.testing.orthanc import orthanc_binary
 
 TOOLS = ["storescu", "echoscu", "storescp", "dcmcjpeg", "dcmcjpls", "dcmcrle", "dciodvfy", "systemd-analyze", "systemd-sysusers"]
 

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from dicomnode import assembler
-from dicomnode import phantom as ph
+from dicomnode.synth import petct_phantom as ph
 from dicomnode.cli import app
 from dicomnode.config import ConfigError, ModelSettings, load_config
 from dicomnode.db import Event, Job, make_sessionmaker, utcnow

@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from dicomnode import phantom as ph
+from dicomnode.synth import petct_phantom as ph
 from dicomnode.cli import app
-from dicomnode.synth import suv_to_bqml_factor
+from dicomnode.synth.petct import suv_to_bqml_factor
 
 from nodeutil import write_config
 from selectionutil import distractor_study

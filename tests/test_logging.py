@@ -17,10 +17,10 @@ from sqlalchemy import select
 
 from dicomnode.config import Destination, load_config
 from dicomnode.db import Job, make_sessionmaker
-from dicomnode.localnode import start_node
-from dicomnode.localpacs import free_port
+from dicomnode.testing.node import start_node
+from dicomnode.testing.ports import free_port
 from dicomnode.sender import send_files
-from dicomnode.synth import write_study
+from dicomnode.synth.petct import write_study
 
 from nodeutil import REPO, tiny_instance, write_config
 

@@ -14,8 +14,8 @@ from pynetdicom.sop_class import CTImageStorage
 from dicomnode import delivery
 from dicomnode.config import load_config
 from dicomnode.db import make_sessionmaker
-from dicomnode.localnode import start_node
-from dicomnode.localpacs import free_port
+from dicomnode.testing.node import start_node
+from dicomnode.testing.ports import free_port
 from dicomnode.queue import RetryPolicy, claim, enqueue
 from dicomnode.sender import Outcome
 

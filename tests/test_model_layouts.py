@@ -1,4 +1,4 @@
-"""The registry's stand-in model folders load in their own formats and segment their phantoms.
+"""The registry's stand-in model folders load in their own formats and segment their registry_cases.
 
 lymph-ct: release layout with a custom trainer shipped in the folder; glioma-mr: four MR
 channels; organs-ct: nnU-Net's results layout, one fold, a custom trainer building a custom
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicomnode import phantoms
+from dicomnode.synth import registry_cases
 from inference.layout import resolve_model_folder
 from inference.trainers import TrainerNotFound, find_trainer_class, source_file
 
@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 ORGANS_RUN = MODELS / "organs-ct" / "Dataset090_Organs" / "STUNetTrainer__nnUNetPlans__3d_fullres"
 CASES = {  # model folder -> (phantom, folds)
-    "lymph-ct": (phantoms.lymph_node_case, (0,)),
-    "glioma-mr": (phantoms.glioma_case, (0,)),
-    "organs-ct": (phantoms.organ_case, (0,)),
+    "lymph-ct": (registry_cases.lymph_node_case, (0,)),
+    "glioma-mr": (registry_cases.glioma_case, (0,)),
+    "organs-ct": (registry_cases.organ_case, (0,)),
 }
 TEST_SEED = 1003
 MIN_DICE = 0.6

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from dicomnode.localnode import dice, start_node
-from dicomnode.localpacs import LocalOrthanc, free_port, orthanc_binary
-from dicomnode.synth_registry import write_registry_study
+from dicomnode.testing.node import dice, start_node
+from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
+from dicomnode.testing.ports import free_port
+from dicomnode.synth.registry import write_registry_study
 from dicomtools import dciodvfy_errors
 from e2e import write_node_config
 

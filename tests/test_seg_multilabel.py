@@ -15,7 +15,7 @@ from dicomnode.config import LabelCode, ModelSettings
 from dicomnode.labelcodes import LESION, LabelCodesError, label_codes
 from dicomnode.measures import measure_segments
 from dicomnode.seg import SegError, build_seg, write_seg
-from dicomnode.synth_registry import write_registry_study
+from dicomnode.synth.registry import write_registry_study
 from dicomnode.volume_sr import build_volume_sr
 from dicomnode.volumes import load_series
 from dicomtools import dciodvfy_errors

@@ -10,7 +10,7 @@ import pytest
 
 from dicomnode.config import ModelSettings, load_config
 from dicomnode.selection import applies_to, select_inputs, series_from_paths
-from dicomnode.synth_registry import write_registry_study
+from dicomnode.synth.registry import write_registry_study
 
 from nodeutil import write_config
 from test_config import MR_MODEL

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from dicomnode import queue
 from dicomnode.config import Destination, load_config
 from dicomnode.db import Event, Job, make_sessionmaker
-from dicomnode.localnode import start_node
+from dicomnode.testing.node import start_node
 from dicomnode.sender import send_files
 
 from nodeutil import tiny_instance, write_config

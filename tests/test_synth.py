@@ -9,9 +9,9 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from dicomnode import phantom as ph
+from dicomnode.synth import petct_phantom as ph
 from dicomnode.suv import pet_suv_volume
-from dicomnode.synth import write_study
+from dicomnode.synth.petct import write_study
 from dicomnode.volumes import load_series
 from dicomtools import dciodvfy_errors
 

@@ -12,7 +12,7 @@ from pydicom import dcmread
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
-from dicomnode.synth_registry import KINDS, write_registry_study
+from dicomnode.synth.registry import KINDS, write_registry_study
 from dicomnode.volumes import load_series
 from dicomtools import dciodvfy_errors
 

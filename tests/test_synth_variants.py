@@ -14,10 +14,10 @@ import pytest
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
-from dicomnode import phantom as ph
+from dicomnode.synth import petct_phantom as ph
 from dicomnode.cli import app
 from dicomnode.suv import pet_suv_volume
-from dicomnode.synth import VARIANTS, write_study
+from dicomnode.synth.petct import VARIANTS, write_study
 from dicomnode.volumes import load_series
 
 from dicomtools import dciodvfy_errors

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode import phantom as ph
+from dicomnode.synth import petct_phantom as ph
 from dicomnode.volumes import VolumeError, load_series, resample_to
 
 

@@ -22,9 +22,10 @@ from dicomnode import assembler
 from dicomnode.cli import app
 from dicomnode.db import Delivery, Event, Job, make_sessionmaker, utcnow
 from dicomnode.index import ReceivedInstance, record_instance
-from dicomnode.localpacs import LocalOrthanc, free_port
+from dicomnode.testing.orthanc import LocalOrthanc
+from dicomnode.testing.ports import free_port
 from dicomnode.queue import claim
-from dicomnode.synth import write_study
+from dicomnode.synth.petct import write_study
 from dicomnode.worker import Worker
 
 from nodeutil import REPO, node_config

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from dicomnode.phantom import Grid
+from dicomnode.synth.petct_phantom import Grid
 
 TRAIN_SEEDS = range(0, 1000)
 FIRST_TEST_SEED = 1000

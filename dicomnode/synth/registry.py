@@ -1,6 +1,6 @@
 """Synthetic studies for the registry's stand-in models: glioma MR, CT lymph nodes, CT organs.
 
-`write_registry_study(out_dir, kind, seed)` writes a `dicomnode.phantoms` case as the study a
+`write_registry_study(out_dir, kind, seed)` writes a `dicomnode.synth.registry_cases` case as the study a
 scanner would send, with the distractions the node's series selection must cope with:
 
     glioma  MR "MR BRAIN tumour": t2_flair_tra, t1_mprage_tra, t1_mprage_tra_post_gd,
@@ -30,9 +30,9 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 
-from dicomnode import phantoms
-from dicomnode.phantom import Grid
-from dicomnode.synth import ct_slice, image_dataset, study_dataset, write_labels, write_series
+from dicomnode.synth import registry_cases
+from dicomnode.synth.petct_phantom import Grid
+from dicomnode.synth.petct import ct_slice, image_dataset, study_dataset, write_labels, write_series
 
 KINDS = ("glioma", "lymph", "organs")
 SCAN_START = datetime(2024, 5, 6, 9, 0, 0)
@@ -62,7 +62,7 @@ class RegistryStudy:
     series: dict[str, str]  # SeriesDescription -> SeriesInstanceUID
     files: dict[str, list[Path]]  # SeriesDescription -> files
     channel_series: dict[str, str]  # case channel -> SeriesDescription of the series that shows it
-    case: phantoms.Case
+    case: registry_cases.Case
     truth_labels: Path
     truth_json: Path
 
@@ -72,7 +72,7 @@ class RegistryStudy:
 
 
 def _glioma_plans() -> list[SeriesPlan]:
-    grid = phantoms.GLIOMA_GRID
+    grid = registry_cases.GLIOMA_GRID
     t1_grid = Grid.centred((grid.shape[0], 80, 80), (grid.spacing[0], 2.0, 2.0))
     t2_grid = Grid.centred((36, *grid.shape[1:]), (4.0, *grid.spacing[1:]))
     return [
@@ -86,12 +86,12 @@ def _glioma_plans() -> list[SeriesPlan]:
 
 
 STUDIES = {
-    "glioma": (phantoms.glioma_case, "MR BRAIN tumour", "BRAIN", _glioma_plans),
-    "lymph": (phantoms.lymph_node_case, "CT lymph node staging", "ABDOMEN", lambda: [
+    "glioma": (registry_cases.glioma_case, "MR BRAIN tumour", "BRAIN", _glioma_plans),
+    "lymph": (registry_cases.lymph_node_case, "CT lymph node staging", "ABDOMEN", lambda: [
         SeriesPlan("", "Topogram 0.6 T20f", 1, "CT", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), slices=1),
         SeriesPlan("CT", "Abdomen 2.0 Br40 venous", 2, "CT", image_type=("ORIGINAL", "PRIMARY", "AXIAL")),
     ]),
-    "organs": (phantoms.organ_case, "CT ABDOMEN organ volumetry", "ABDOMEN", lambda: [
+    "organs": (registry_cases.organ_case, "CT ABDOMEN organ volumetry", "ABDOMEN", lambda: [
         SeriesPlan("CT", "Abdomen 3.0 Br40 portal venous", 2, "CT", image_type=("ORIGINAL", "PRIMARY", "AXIAL")),
     ]),
 }
@@ -129,7 +129,7 @@ def write_registry_study(out_dir: Path, kind: str, seed: int = 1000, *, patient_
                          channel_series, case, truth_dir / "labels.nii.gz", truth_dir / "truth.json")
 
 
-def _series_volume(case: phantoms.Case, plan: SeriesPlan) -> tuple[np.ndarray, Grid]:
+def _series_volume(case: registry_cases.Case, plan: SeriesPlan) -> tuple[np.ndarray, Grid]:
     """The series' pixels (rescaled values) and grid: the case channel, resampled when the
     series has its own grid; a distractor is the first channel's middle slices."""
     source = case.channels[plan.channel or next(iter(case.channels))]

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,7 +25,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LocalOrthanc", "OrthancError", "free_port", "orthanc_binary"]
+from dicomnode.testing.ports import free_port
+
+__all__ = ["LocalOrthanc", "OrthancError", "orthanc_binary"]
 
 # Where Debian puts the server (/usr/sbin is often not on a normal user's PATH).
 _BINARY_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc")
@@ -34,13 +35,6 @@ _BINARY_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/O
 
 class OrthancError(RuntimeError):
     """Orthanc did not start, or a REST call failed."""
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (bind to port 0 and read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def orthanc_binary() -> str | None:

@@ -33,7 +33,7 @@ same SUVbw through `dicomnode.suv`:
                        RadiopharmaceuticalStartTime, no RadiopharmaceuticalStartDateTime.
 
 The header helpers (study_dataset, image_dataset, ct_slice, write_series, write_labels) also
-write the registry models' MR and CT studies (dicomnode/synth_registry.py).
+write the registry models' MR and CT studies (dicomnode/synth/registry.py).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicomnode import phantom as ph
+from dicomnode.synth import petct_phantom as ph
 
 # Acquisition scenario: F-18 FDG, 300 MBq, 75 kg, PET started 60 min after injection.
 INJECTION = datetime(2024, 3, 15, 8, 10, 0)
