@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{'toy' if args.toy else 'ResEnc L'}: patch {network['patch_size']}, widths {network['features_per_stage']}, "
           f"{N_FOLDS} folds, volume {'x'.join(map(str, shape))} at {SPACING} mm, tile step 0.5; {gpu}")
-    print(f"| mirroring | s per study | peak GPU memory GB |\n|---|---|---|")
+    print("| mirroring | s per study | peak GPU memory GB |\n|---|---|---|")
     for mirroring in (False, True):
         predictor, n_params = make_predictor(plans, device, mirroring)
         run(predictor, shape, device, 1)  # warm-up: cuDNN autotuning, allocator

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import socket
-import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,14 +22,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
-from dicomnode.db import Component, Delivery, Event, Instance, Job, Study, utcnow
-from dicomnode.index import series_of_study
+from dicomnode.store.tables import Component, Delivery, Event, Instance, Job, Study, utcnow
+from dicomnode.store.index import series_of_study
 from dicomnode.queue import QUEUED, RUNNING, STATES
-from dicomnode.schema import current_revision
+from dicomnode.store.components import EXPECTED, HEARTBEAT_SECONDS, Role
+from dicomnode.store.schema import current_revision
 
-HEARTBEAT_SECONDS = 10.0  # a worker says it is alive at most this often (the receiver: every sweep)
 ERROR_KINDS = ("failed", "retry-scheduled", "delivery-failed", "lease-expired", "assembly-failed")
-EXPECTED_COMPONENTS = ("receiver", "worker")
 
 
 def as_json(value) -> str:  # noqa: ANN001 - a dataclass, or a list of them
@@ -40,31 +38,6 @@ def as_json(value) -> str:  # noqa: ANN001 - a dataclass, or a list of them
 
 
 # --- components: which processes are alive ---------------------------------------------------
-
-_last_written: dict[tuple[int, str], tuple[float, dict | None]] = {}  # (database, component): when, what
-
-
-def heartbeat(sessions: sessionmaker, component: str, detail: dict | None = None, *, every: float = 0.0) -> None:
-    """Record that this process's `component` ("receiver", "worker") is alive; `detail` (the
-    listening address, the models loaded) replaces the last one, None keeps it. Skipped when
-    this process wrote the same less than `every` seconds ago."""
-    key = (id(sessions), component)
-    last = _last_written.get(key)
-    kept = detail if detail is not None else last[1] if last else None
-    if last is not None and time.monotonic() - last[0] < every and kept == last[1]:
-        return
-    _last_written[key] = (time.monotonic(), kept)
-    now = utcnow()
-    host, pid = socket.gethostname(), os.getpid()
-    with sessions.begin() as session:
-        row = session.scalar(select(Component).where(Component.name == component, Component.host == host, Component.pid == pid))
-        if row is None:
-            row = Component(name=component, host=host, pid=pid, started_at=now, detail="{}")
-            session.add(row)
-        row.last_seen_at = now
-        if detail is not None:
-            row.detail = json.dumps(detail)
-
 
 @dataclass
 class ComponentStatus:
@@ -118,7 +91,7 @@ def components(sessions: sessionmaker, stale_after: float, now: datetime | None 
     for statuses in by_place.values():
         listed.extend([s for s in statuses if s.up] or statuses[:1])
     seen = {s.name for s in listed}
-    listed.extend(ComponentStatus(name, False, "never seen") for name in EXPECTED_COMPONENTS if name not in seen)
+    listed.extend(ComponentStatus(name, False, "never seen") for name in EXPECTED if name not in seen)
     return listed
 
 
@@ -168,7 +141,7 @@ class NodeStatus:
     disk: DiskUse
     models: list[ModelStatus]
     last_errors: list[EventRow]  # newest first
-    schema: str | None  # the database's schema revision (dicomnode.schema)
+    schema: str | None  # the database's schema revision (dicomnode.store.schema)
 
 
 def tree_bytes(folder: Path) -> int:
@@ -205,7 +178,7 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
     waiting = None
     if oldest is not None:
         waiting = WaitingJob(oldest.id, oldest.study_uid, oldest.model, oldest.created_at, (now - oldest.created_at).total_seconds())
-    workers = [c for c in parts if c.name == "worker" and c.up]
+    workers = [c for c in parts if c.name == Role.WORKER and c.up]
     models = [ModelStatus(m.name, [f"{w.host}:{w.pid}" for w in workers if m.name in w.detail.get("models", [])]) for m in config.models]
     return NodeStatus(
         checked_at=now,

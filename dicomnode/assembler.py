@@ -23,8 +23,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, ModelSettings
-from dicomnode.db import Event, Job, Study, utcnow
-from dicomnode.queue import QUEUED, RetryPolicy, enqueue, log_event
+from dicomnode.store.tables import Event, Job, Study, utcnow
+from dicomnode.queue import QUEUED, RetryPolicy, enqueue
+from dicomnode.store.events import log_event
 from dicomnode.selection import SeriesFacts, applies_to, select_inputs, series_from_index
 
 log = logging.getLogger("dicomnode.assembler")

@@ -47,7 +47,7 @@ def _config(path: Path) -> Config:
 
 
 def _sessions(config: Config):  # noqa: ANN202
-    from dicomnode.db import make_sessionmaker
+    from dicomnode.store.engine import make_sessionmaker
 
     with _schema_checked():
         return make_sessionmaker(config.database_url)
@@ -55,8 +55,8 @@ def _sessions(config: Config):  # noqa: ANN202
 
 @contextmanager
 def _schema_checked() -> Iterator[None]:
-    """A database this version cannot use (dicomnode.schema) is a one-line error, exit status 2."""
-    from dicomnode.schema import SchemaError
+    """A database this version cannot use (dicomnode.store.schema) is a one-line error, exit status 2."""
+    from dicomnode.store.schema import SchemaError
 
     try:
         yield

@@ -28,8 +28,9 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.db import Delivery, utcnow
-from dicomnode.queue import RetryPolicy, log_event
+from dicomnode.store.tables import Delivery, utcnow
+from dicomnode.queue import RetryPolicy
+from dicomnode.store.events import log_event
 from dicomnode.sender import Outcome
 
 PENDING, SENT, FAILED, REPLACED = "pending", "sent", "failed", "replaced"

@@ -18,9 +18,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode import diskspace, queue
+from dicomnode import queue
+from dicomnode.store import diskspace
 from dicomnode.config import Config
-from dicomnode.db import Event, Job
+from dicomnode.store.tables import Event, Job
 
 INFERENCE_SECONDS = re.compile(r"^(\d+(?:\.\d+)?) s\b")  # the "inference-done" event: "12.3 s on cuda, ..."
 

@@ -19,8 +19,9 @@ import numpy as np
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, Destination, ModelSettings
-from dicomnode.db import Delivery, Job
-from dicomnode.queue import RetryPolicy, log_event
+from dicomnode.store.tables import Delivery, Job
+from dicomnode.queue import RetryPolicy
+from dicomnode.store.events import log_event
 from dicomnode.selection import Selection, select_inputs, series_from_index
 from dicomnode.sender import Outcome, store_each
 
@@ -65,7 +66,7 @@ def select_series(sessions: sessionmaker, job: Job, settings: ModelSettings) -> 
     from sqlalchemy import select
 
     from dicomnode.assembler import VERDICT
-    from dicomnode.db import Event
+    from dicomnode.store.tables import Event
 
     with sessions() as session:
         selection = select_inputs(series_from_index(session, job.study_uid), settings.channels, settings.inputs,

@@ -24,7 +24,8 @@ from typing import Sequence
 from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.db import Delivery, Event, Job, Study, utcnow
+from dicomnode.store.tables import Delivery, Job, Study, utcnow
+from dicomnode.store.events import log_event
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
@@ -38,10 +39,6 @@ class RetryPolicy:
     def delay(self, attempt: int) -> timedelta:
         """Wait before attempt `attempt + 1`: backoff, doubled after every failed attempt."""
         return timedelta(seconds=self.backoff_seconds * 2 ** max(attempt - 1, 0))
-
-
-def log_event(session, kind: str, message: str = "", *, study_uid=None, job_id=None, at=None) -> None:  # noqa: ANN001
-    session.add(Event(at=at or utcnow(), study_uid=study_uid, job_id=job_id, kind=kind, message=message))
 
 
 def enqueue(

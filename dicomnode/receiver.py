@@ -4,7 +4,7 @@ An instance is acknowledged (0x0000) only after it is fsynced into the spool and
 any failure answers with a failure status and a logged reason (below the disk watermark,
 association requests are rejected too, transient, "local limit exceeded"):
   0xA700 out of resources (disk or database could not take it, or free space is below the
-         watermark of dicomnode.diskspace: nothing is written; the sender may retry)
+         watermark of dicomnode.store.diskspace: nothing is written; the sender may retry)
   0xA900 data set does not match the SOP class or instance of the request
   0xC000 cannot understand: whatever dicomnode.validation finds (the data set not in the
          negotiated syntax or cut short, invalid UIDs, a malformed attribute the later stages
@@ -42,11 +42,11 @@ from pynetdicom.sop_class import (
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
-from dicomnode.diskspace import Watermark
-from dicomnode.index import ReceivedInstance, record_instance
+from dicomnode.store.diskspace import Watermark
+from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.metrics import ReceiverCounters
 from dicomnode.netutil import NODELAY_HANDLER, server_tls_context
-from dicomnode.spool import Spool
+from dicomnode.store.spool import Spool
 from dicomnode.validation import CANNOT_UNDERSTAND, Refused, check_instance
 
 log = logging.getLogger("dicomnode.receiver")

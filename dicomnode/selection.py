@@ -698,7 +698,7 @@ def series_from_index(session, study_uid: str) -> list[SeriesFacts]:  # noqa: AN
     """A received study's series, facts read from the spooled files (cached)."""
     from sqlalchemy import select
 
-    from dicomnode.db import Instance, Series
+    from dicomnode.store.tables import Instance, Series
 
     rows = session.execute(
         select(Instance.series_uid, Instance.sop_instance_uid, Instance.path).where(Instance.study_uid == study_uid)

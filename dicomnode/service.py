@@ -20,10 +20,11 @@ from datetime import datetime, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicomnode import assembler, queue, retention, systemd
-from dicomnode.admin import heartbeat
+from dicomnode import assembler, queue, systemd
+from dicomnode.store import retention
+from dicomnode.store.components import Role, heartbeat
 from dicomnode.config import Config
-from dicomnode.db import make_sessionmaker
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.metrics import Metrics
 from dicomnode.receiver import Receiver
 
@@ -74,7 +75,7 @@ class WorkerSupervisor:
 def sweep(config: Config, sessions) -> None:  # noqa: ANN001
     started = time.monotonic()
     try:
-        heartbeat(sessions, "receiver")  # for `dicomnode status`: this process is alive
+        heartbeat(sessions, Role.RECEIVER)  # for `dicomnode status`: this process is alive
         expired = queue.requeue_expired(sessions)
         if expired:
             log.warning("re-queued jobs %s whose lease expired", expired)
@@ -131,7 +132,7 @@ def serve(config: Config, with_worker: bool = True) -> None:
     metrics = Metrics(config, sessions)
     receiver = Receiver(config, sessions, metrics.receiver)
     receiver.start()
-    heartbeat(sessions, "receiver", {"ae_title": config.node.ae_title, "address": f"{config.node.bind}:{receiver.port}"})
+    heartbeat(sessions, Role.RECEIVER, {"ae_title": config.node.ae_title, "address": f"{config.node.bind}:{receiver.port}"})
     scheduler = BackgroundScheduler(timezone="UTC")
     logging.getLogger("apscheduler.scheduler").addFilter(_SKIPPED_RUNS)
     scheduler.add_job(sweep, "interval", seconds=config.node.sweep_seconds, args=(config, sessions), id="sweep",

@@ -30,7 +30,7 @@ from pydicom.uid import UID
 from pydicom.valuerep import VR
 
 from dicomnode.selection import FactsError, InstanceFacts, facts_from_dataset, first_sentence, numbers
-from dicomnode.spool import UID as UID_PATTERN
+from dicomnode.store.spool import UID as UID_PATTERN
 
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000

@@ -22,9 +22,9 @@ from datetime import timedelta
 
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode import admin
+from dicomnode.store.components import HEARTBEAT_SECONDS, Role, heartbeat
 from dicomnode.config import Config, ModelSettings
-from dicomnode.db import make_sessionmaker
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.processing import DeliveryPending, JobError, process
 from dicomnode.queue import RetryPolicy, claim, defer, fail, release, renew_lease, succeed
 
@@ -181,7 +181,7 @@ class Worker:
 
     def report_alive(self, every: float = 0.0) -> None:
         """The worker's row for `dicomnode status`: alive, and the models it holds."""
-        admin.heartbeat(self.sessions, "worker", {"owner": self.owner, "models": sorted(self.models.loaded())}, every=every)
+        heartbeat(self.sessions, Role.WORKER, {"owner": self.owner, "models": sorted(self.models.loaded())}, every=every)
 
     def run_forever(self) -> None:
         def _stop(signum, _frame):  # noqa: ANN001
@@ -192,7 +192,7 @@ class Worker:
         log.info("worker %s waiting for jobs", self.owner)
         try:
             while True:
-                self.report_alive(every=admin.HEARTBEAT_SECONDS)
+                self.report_alive(every=HEARTBEAT_SECONDS)
                 if not self.run_one():
                     time.sleep(self.poll_seconds)
         except Shutdown as exc:

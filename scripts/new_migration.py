@@ -1,9 +1,9 @@
-"""Write the next schema migration after a change to dicomnode/db.py's models.
+"""Write the next schema migration after a change to dicomnode/store/tables.py.
 
     .venv/bin/python scripts/new_migration.py "add jobs.priority"
 
 Alembic compares the models with a scratch SQLite database at the newest revision and writes
-dicomnode/migrations/versions/NNNN_<message>.py with the operations it found. Read it before
+dicomnode/store/migrations/versions/NNNN_<message>.py with the operations it found. Read it before
 committing (Alembic cannot tell a renamed column from a dropped and added one, and fills no
 data), add a downgrade that undoes it, and run tests/test_schema.py, which fails while the
 models and the migrations differ.
@@ -22,7 +22,7 @@ from sqlalchemy import create_engine
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicomnode.schema import MIGRATIONS, alembic_config, head_revision  # noqa: E402
+from dicomnode.store.schema import MIGRATIONS, alembic_config, head_revision  # noqa: E402
 
 
 def main() -> None:

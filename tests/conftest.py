@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from dicomnode.db import make_sessionmaker
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.receiver import Receiver
 from dicomnode.synth.petct import SyntheticStudy, write_study
 from dicomnode.volumes import load_series

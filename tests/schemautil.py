@@ -7,8 +7,8 @@ import multiprocessing
 
 
 def _open(url: str, barrier, results) -> None:  # noqa: ANN001 - multiprocessing proxies
-    from dicomnode.db import make_engine
-    from dicomnode.schema import current_revision
+    from dicomnode.store.engine import make_engine
+    from dicomnode.store.schema import current_revision
 
     barrier.wait(60)
     try:

@@ -18,14 +18,17 @@ from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from dicomnode import cli, delivery
-from dicomnode.admin import heartbeat, parse_since
+from dicomnode.store.components import heartbeat
+from dicomnode.admin import parse_since
 from dicomnode.assembler import VERDICT
 from dicomnode.config import Config, load_config
-from dicomnode.db import Component, Delivery, Job, make_sessionmaker, utcnow
-from dicomnode.index import ReceivedInstance, record_instance
+from dicomnode.store.tables import Component, Delivery, Job, utcnow
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.testing.node import start_node
-from dicomnode.queue import STATES, RetryPolicy, cancel, claim, enqueue, fail, log_event, succeed
-from dicomnode.schema import head_revision
+from dicomnode.queue import STATES, RetryPolicy, cancel, claim, enqueue, fail, succeed
+from dicomnode.store.events import log_event
+from dicomnode.store.schema import head_revision
 from dicomnode.selection import Verdict
 from dicomnode.sender import Outcome
 

@@ -6,8 +6,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicomnode import assembler
-from dicomnode.db import Event, Job, make_sessionmaker, utcnow
-from dicomnode.index import ReceivedInstance, record_instance, series_of_study
+from dicomnode.store.tables import Event, Job, utcnow
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.index import ReceivedInstance, record_instance, series_of_study
 
 from nodeutil import node_config, tiny_instance
 

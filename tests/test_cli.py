@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from dicomnode import cli
 from dicomnode.config import load_config
-from dicomnode.db import Instance, make_sessionmaker
+from dicomnode.store.tables import Instance
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.queue import RetryPolicy, claim, enqueue, fail
 
 from nodeutil import write_config, write_series

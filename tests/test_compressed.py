@@ -34,7 +34,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from dicomnode.db import Instance, make_sessionmaker
+from dicomnode.store.tables import Instance
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.receiver import STORAGE_CLASSES, TRANSFER_SYNTAXES, Receiver
 from dicomnode.volumes import load_series
 

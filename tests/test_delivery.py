@@ -20,7 +20,8 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, CTImageStorage, Secon
 from sqlalchemy import select
 
 from dicomnode import delivery
-from dicomnode.db import Delivery, Event, Job, make_sessionmaker, utcnow
+from dicomnode.store.tables import Delivery, Event, Job, utcnow
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.testing.ports import free_port
 from dicomnode.processing import result_dir
 from dicomnode.queue import FAILED, QUEUED, SUCCEEDED, RetryPolicy, claim, defer, enqueue, fail, retry

@@ -19,13 +19,14 @@ from scipy import ndimage
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicomnode.db import Event, make_sessionmaker
-from dicomnode.index import ReceivedInstance, record_instance
+from dicomnode.store.tables import Event
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.testing.node import dice, seg_on_source_grid, start_node
 from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
 from dicomnode.testing.ports import free_port
 from dicomnode.synth.petct_phantom import PET_GRID, pet_suv
-from dicomnode.spool import Spool
+from dicomnode.store.spool import Spool
 from dicomnode.synth.petct import write_study
 
 from dicomtools import dciodvfy_errors

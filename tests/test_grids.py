@@ -18,7 +18,8 @@ from dicomnode import assembler
 from dicomnode.synth import petct_phantom as ph
 from dicomnode.cli import app
 from dicomnode.config import ConfigError, ModelSettings, load_config
-from dicomnode.db import Event, Job, make_sessionmaker, utcnow
+from dicomnode.store.tables import Event, Job, utcnow
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.processing import assemble_inputs, make_results
 from dicomnode.seg import build_seg
 

@@ -16,7 +16,8 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
 from dicomnode.config import Destination, load_config
-from dicomnode.db import Job, make_sessionmaker
+from dicomnode.store.tables import Job
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.testing.node import start_node
 from dicomnode.testing.ports import free_port
 from dicomnode.sender import send_files

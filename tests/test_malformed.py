@@ -14,8 +14,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicomnode import assembler
-from dicomnode.db import Event, Instance, Job, Series, make_sessionmaker, utcnow
-from dicomnode.index import ReceivedInstance, record_instance
+from dicomnode.store.tables import Event, Instance, Job, Series, utcnow
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.index import ReceivedInstance, record_instance
 
 from malformed import CASES, SUCCESS, send_raw, valid_pet, write_case
 from nodeutil import node_config, tiny_instance

@@ -13,7 +13,7 @@ from pynetdicom.sop_class import CTImageStorage
 
 from dicomnode import delivery
 from dicomnode.config import load_config
-from dicomnode.db import make_sessionmaker
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.testing.node import start_node
 from dicomnode.testing.ports import free_port
 from dicomnode.queue import RetryPolicy, claim, enqueue

@@ -22,7 +22,8 @@ from pynetdicom.sop_class import (
 from sqlalchemy import select
 
 from dicomnode import delivery
-from dicomnode.db import Event, Job, make_sessionmaker
+from dicomnode.store.tables import Event, Job
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.processing import LABELS_FILE, result_dir
 from dicomnode.queue import FAILED, SUCCEEDED, RetryPolicy, enqueue, retry
 from dicomnode.worker import Worker

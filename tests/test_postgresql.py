@@ -20,14 +20,16 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from dicomnode import assembler, retention
+from dicomnode import assembler
+from dicomnode.store import retention
 from dicomnode.cli import app
 from dicomnode.config import Destination
-from dicomnode.db import Base, Delivery, Event, Instance, Job, Study, make_engine, make_sessionmaker
+from dicomnode.store.tables import Base, Delivery, Event, Instance, Job, Study
+from dicomnode.store.engine import make_engine, make_sessionmaker
 from dicomnode.metrics import DatabaseCollector
 from dicomnode.queue import RetryPolicy, enqueue
 from dicomnode.receiver import Receiver
-from dicomnode.schema import current_revision, head_revision
+from dicomnode.store.schema import current_revision, head_revision
 from dicomnode.sender import store_each
 from dicomnode.worker import Worker
 from nodeutil import REPO, node_config

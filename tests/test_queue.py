@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from dicomnode.db import Event, Job, make_sessionmaker, utcnow
+from dicomnode.store.tables import Event, Job, utcnow
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.queue import (
     FAILED, QUEUED, RUNNING, SUCCEEDED, RetryPolicy, claim, enqueue, fail, release, renew_lease,
     requeue_expired, retry, succeed,

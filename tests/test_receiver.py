@@ -12,7 +12,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
-from dicomnode.db import Instance, make_sessionmaker
+from dicomnode.store.tables import Instance
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.receiver import Receiver
 
 from nodeutil import node_config, tiny_instance, write_series

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from dicomnode import assembler
 from dicomnode.cli import app
-from dicomnode.db import Event, Job, make_sessionmaker
+from dicomnode.store.tables import Event, Job
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.queue import RetryPolicy, enqueue
 from dicomnode.worker import Worker
 

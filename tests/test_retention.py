@@ -9,11 +9,12 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
-from dicomnode import retention
-from dicomnode.db import Event, Instance, Job, Study, make_sessionmaker, utcnow
-from dicomnode.index import ReceivedInstance, record_instance
+from dicomnode.store import retention
+from dicomnode.store.tables import Event, Instance, Job, Study, utcnow
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.queue import RetryPolicy, claim, enqueue, fail, succeed
-from dicomnode.spool import Spool
+from dicomnode.store.spool import Spool
 
 from nodeutil import node_config
 

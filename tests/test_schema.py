@@ -1,4 +1,4 @@
-"""dicomnode.schema: the migrations make exactly the models' schema, upgrade an older database
+"""dicomnode.store.schema: the migrations make exactly the models' schema, upgrade an older database
 keeping its rows, adopt a database made before migrations, refuse one a newer dicomnode upgraded,
 and let several processes open a new database at once."""
 
@@ -17,11 +17,12 @@ from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
-from dicomnode import schema
+from dicomnode.store import schema
 from dicomnode.cli import app
 from dicomnode.config import load_config
-from dicomnode.db import Base, Event, Job, make_engine, make_sessionmaker
-from dicomnode.schema import BASELINE, SchemaError, alembic_config, current_revision, head_revision
+from dicomnode.store.tables import Base, Event, Job
+from dicomnode.store.engine import make_engine, make_sessionmaker
+from dicomnode.store.schema import BASELINE, SchemaError, alembic_config, current_revision, head_revision
 from nodeutil import write_config
 from schemautil import open_at_once
 

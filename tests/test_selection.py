@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from dicomnode import assembler
 from dicomnode.cli import app
 from dicomnode.config import InputSpec, PetInputSpec
-from dicomnode.db import Event, Job, make_sessionmaker, utcnow
+from dicomnode.store.tables import Event, Job, utcnow
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.selection import group_series, read_facts, select_inputs, series_from_paths
 
 from nodeutil import node_config

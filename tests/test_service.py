@@ -18,7 +18,8 @@ from sqlalchemy import select
 
 from dicomnode import queue
 from dicomnode.config import Destination, load_config
-from dicomnode.db import Event, Job, make_sessionmaker
+from dicomnode.store.tables import Event, Job
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.testing.node import start_node
 from dicomnode.sender import send_files
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.spool import TEMP_PREFIX, InvalidUID, Spool
+from dicomnode.store.spool import TEMP_PREFIX, InvalidUID, Spool
 
 
 def test_write_is_final_and_leaves_no_temporary(tmp_path: Path):

@@ -16,7 +16,8 @@ from pynetdicom.sop_class import CTImageStorage, PositronEmissionTomographyImage
 from sqlalchemy import func, select
 
 from dicomnode import assembler
-from dicomnode.db import Event, Job, Study, make_sessionmaker, utcnow
+from dicomnode.store.tables import Event, Job, Study, utcnow
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.receiver import Receiver
 
 from nodeutil import node_config

@@ -11,7 +11,7 @@ import trustme
 from pydicom.uid import generate_uid
 
 from dicomnode.config import Destination, DestinationTls
-from dicomnode.db import make_sessionmaker
+from dicomnode.store.engine import make_sessionmaker
 from dicomnode.receiver import Receiver
 from dicomnode.sender import store_each
 

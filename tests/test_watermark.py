@@ -13,8 +13,9 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
 
 from dicomnode.config import NodeSettings
-from dicomnode.db import Instance, make_sessionmaker
-from dicomnode.diskspace import GB, limit_bytes
+from dicomnode.store.tables import Instance
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.diskspace import GB, limit_bytes
 from dicomnode.metrics import ReceiverCounters
 from dicomnode.receiver import Receiver
 

@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from dicomnode import assembler
 from dicomnode.cli import app
-from dicomnode.db import Delivery, Event, Job, make_sessionmaker, utcnow
-from dicomnode.index import ReceivedInstance, record_instance
+from dicomnode.store.tables import Delivery, Event, Job, utcnow
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.testing.orthanc import LocalOrthanc
 from dicomnode.testing.ports import free_port
 from dicomnode.queue import claim

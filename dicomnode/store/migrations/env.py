@@ -1,9 +1,9 @@
-"""Alembic's entry point, run by dicomnode.schema on the connection it passes in
+"""Alembic's entry point, run by dicomnode.store.schema on the connection it passes in
 (`config.attributes["connection"]`); there is no alembic.ini and no URL of its own."""
 
 from alembic import context
 
-from dicomnode.db import Base
+from dicomnode.store.tables import Base
 
 connection = context.config.attributes["connection"]
 # Batch mode: SQLite cannot ALTER most things in place, so a changed table is copied over.

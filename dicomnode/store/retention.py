@@ -24,8 +24,8 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
-from dicomnode.db import Instance, Job, Study, utcnow
-from dicomnode.queue import SUCCEEDED, log_event
+from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.tables import Instance, Job, JobState, Study, utcnow
 
 log = logging.getLogger("dicomnode.retention")
 
@@ -48,7 +48,7 @@ def _done(session, study_uid: str) -> Done | None:  # noqa: ANN001 - a Session
         if study is None:
             return None
         return Done(study_uid, study.last_received_at, study.last_received_at, ())
-    if any(job.state != SUCCEEDED or job.finished_at is None for job in latest):
+    if any(job.state != JobState.SUCCEEDED or job.finished_at is None for job in latest):
         return None
     queued_at = min(job.created_at for job in latest)
     if study is not None and study.last_received_at > queued_at:
@@ -92,7 +92,7 @@ def purge(config: Config, sessions: sessionmaker, done: Done) -> int:
     _remove_empty_folders(results, config.results_dir)
     with sessions.begin() as session:
         session.execute(delete(Instance).where(Instance.study_uid == done.study_uid, Instance.received_at <= done.queued_at))
-        log_event(session, "purged", f"{len(paths)} instances {_what_went(config, done)}", study_uid=done.study_uid)
+        log_event(session, EventKind.PURGED, f"{len(paths)} instances {_what_went(config, done)}", study_uid=done.study_uid)
     return len(paths)
 
 

@@ -1,27 +1,17 @@
-"""The node's database: one schema for the index (studies, series, instances), the queue
-(jobs, deliveries, events) and the node's running components. SQLite in WAL mode by default;
-PostgreSQL (for several GPU workers) through its SQLAlchemy URL, as nothing here relies on
-SQLite-only SQL (tests/test_postgresql.py). The schema is made and kept up to date by dicomnode.schema's migrations.
+"""The node's tables: the index (studies, series, instances), the queue (jobs, deliveries,
+events) and the node's running components, with the states a job and a delivery go through.
+Called "tables" rather than "models": a model is an nnU-Net model here. The schema is made and
+kept up to date by the migrations (dicomnode.store.schema); dicomnode.store.engine opens it.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from pathlib import Path
 
-from sqlalchemy import (
-    DateTime,
-    ForeignKey,
-    Index,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    event,
-)
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from enum import StrEnum
+
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 
@@ -44,6 +34,26 @@ class Timestamp(TypeDecorator):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=timezone.utc)
         return value
+
+
+class JobState(StrEnum):
+    """A job's state (dicomnode.pipeline.queue draws the machine); stored as its value."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class DeliveryState(StrEnum):
+    """A delivery's state (dicomnode.pipeline.delivery draws the machine); stored as its value."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+    REPLACED = "replaced"  # refused for good; the destination's fallback object was sent instead
+    CANCELLED = "cancelled"  # its job was cancelled
 
 
 class Base(DeclarativeBase):
@@ -151,32 +161,3 @@ class Component(Base):
     detail: Mapped[str] = mapped_column(Text, default="{}")  # JSON: the listening address, the models loaded...
 
     __table_args__ = (UniqueConstraint("name", "host", "pid", name="uq_components_process"),)
-
-
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # noqa: ANN001
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    # FULL: a committed row survives power loss, as an acknowledged instance must.
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
-def make_engine(url: str) -> Engine:
-    if url.startswith("sqlite"):
-        database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
-    from dicomnode.schema import upgrade_schema  # its migrations import this module
-
-    upgrade_schema(engine)
-    return engine
-
-
-def make_sessionmaker(url: str) -> sessionmaker:
-    return sessionmaker(make_engine(url), expire_on_commit=False)

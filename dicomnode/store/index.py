@@ -8,7 +8,8 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db import Event, Instance, Series, Study, utcnow
+from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.tables import Instance, Series, Study, utcnow
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ def record_instance(sessions: sessionmaker, item: ReceivedInstance, now: datetim
         if study is None:
             study = Study(study_uid=item.study_uid, first_received_at=now, last_received_at=now, instances_received=0)
             session.add(study)
-            session.add(Event(at=now, study_uid=item.study_uid, kind="study-received", message=f"first instance from {item.calling_aet}"))
+            log_event(session, EventKind.STUDY_RECEIVED, f"first instance from {item.calling_aet}", study_uid=item.study_uid,
+                      at=now)
         study.last_received_at = now
         study.instances_received += 1
         series = session.get(Series, item.series_uid)

@@ -15,7 +15,7 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-UTC_TIME = sa.DateTime(timezone=True)  # dicomnode.db.Timestamp stores this type
+UTC_TIME = sa.DateTime(timezone=True)  # dicomnode.store.tables.Timestamp stores this type
 
 
 def upgrade() -> None:

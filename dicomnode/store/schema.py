@@ -1,7 +1,7 @@
 """Bring the node's database to the schema this version of dicomnode needs, keeping its data.
 
 Every process that opens the database (the service, each CLI command) first runs the Alembic
-revisions under dicomnode/migrations that the database has not had yet, one process at a time:
+revisions under dicomnode/store/migrations that the database has not had yet, one process at a time:
 
   empty database                       every revision, from the first;
   made before migrations (create_all)  stamped with the baseline revision, then upgraded;
@@ -34,7 +34,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dicomnode.schema")  # the name it had before it moved: journald filters and tests use it
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"  # the schema create_all made before migrations began

@@ -1,1 +1,0 @@
-"""The database schema's history as Alembic revisions; dicomnode.schema applies them."""

@@ -1,0 +1,62 @@
+"""The event log: every state change of a study or a job, in order, as a row of the `events`
+table. This is the timeline `dicomnode jobs show` prints and what `/metrics` and `status` count.
+
+Every kind of event is an `EventKind`; no module writes a kind as a bare string. A message is
+prose for people: a number another module needs is stored beside it as data
+(`log_event(..., data=...)`), never parsed back out of the message.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy.orm import Session
+
+from dicomnode.store.tables import Event, utcnow
+
+
+class EventKind(StrEnum):
+    """What happened; stored as its value (the names `dicomnode jobs show` prints)."""
+
+    # a study, before any job
+    STUDY_RECEIVED = "study-received"
+    INCOMPLETE = "incomplete"  # quiet, but not ready for a model: why (said once per arrival)
+    ASSEMBLY_FAILED = "assembly-failed"  # the study could not be checked: why (said once per arrival)
+    PURGED = "purged"  # retention removed its files
+    # a job: the queue
+    QUEUED = "queued"
+    SERIES_VERDICT = "series-verdict"  # one per series of the study, written with the job
+    STARTED = "started"
+    SUCCEEDED = "succeeded"
+    RETRY_SCHEDULED = "retry-scheduled"
+    FAILED = "failed"
+    LEASE_EXPIRED = "lease-expired"
+    RELEASED = "released"
+    RETRY_REQUESTED = "retry-requested"
+    CANCELLED = "cancelled"
+    DELIVERY_PENDING = "delivery-pending"  # results ready, deliveries backing off: the job waits
+    # a job: its work
+    INPUTS_BUILT = "inputs-built"
+    INFERENCE_DONE = "inference-done"
+    LABELS_REUSED = "labels-reused"
+    MEASURED = "measured"
+    RESULTS_WRITTEN = "results-written"
+    RESULTS_REUSED = "results-reused"
+    # a job: its deliveries
+    DELIVERIES_PLANNED = "deliveries-planned"
+    DELIVERED = "delivered"
+    DELIVERY_FAILED = "delivery-failed"
+    FALLBACK_PLANNED = "fallback-planned"
+
+
+# What `dicomnode status` lists as the last errors.
+ERROR_KINDS = (EventKind.FAILED, EventKind.RETRY_SCHEDULED, EventKind.DELIVERY_FAILED, EventKind.LEASE_EXPIRED,
+               EventKind.ASSEMBLY_FAILED)
+
+
+def log_event(session: Session, kind: EventKind, message: str = "", *, study_uid: str | None = None,
+              job_id: int | None = None, at: datetime | None = None) -> None:
+    """Add an event to `session` (written with the caller's transaction)."""
+    session.add(Event(at=at or utcnow(), study_uid=study_uid, job_id=job_id, kind=EventKind(kind).value,
+                      message=message))

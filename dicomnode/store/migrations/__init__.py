@@ -1,0 +1,1 @@
+"""The database schema's history as Alembic revisions; dicomnode.store.schema applies them."""
