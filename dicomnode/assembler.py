@@ -26,7 +26,8 @@ from dicomnode.config import Config, ModelSettings
 from dicomnode.store.tables import Event, Job, Study, utcnow
 from dicomnode.queue import QUEUED, RetryPolicy, enqueue
 from dicomnode.store.events import log_event
-from dicomnode.selection import SeriesFacts, applies_to, select_inputs, series_from_index
+from dicomnode.imaging.headers import SeriesFacts
+from dicomnode.selection import applies_to, select_inputs, series_from_index
 
 log = logging.getLogger("dicomnode.assembler")
 

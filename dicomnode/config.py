@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
+from enum import StrEnum
 from typing import Annotated, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
@@ -96,10 +97,18 @@ class NodeSettings(_Strict):
     model_memory_gb: float | None = Field(None, gt=0)
 
 
-# Result objects a job can send: the SEG, the TID 1500 SR, an RT Structure Set of the lesions
-# (for radiotherapy systems) and a secondary capture of the PET MIP with the lesions outlined
-# and the key figures burned in (for viewers that do not display a SEG).
-ResultKind = Literal["SEG", "SR", "RTSTRUCT", "SC"]
+class OutputKind(StrEnum):
+    """Result objects a job can send: the SEG, the TID 1500 SR, an RT Structure Set of the lesions
+    (for radiotherapy systems) and a secondary capture of the PET MIP with the lesions outlined and
+    the key figures burned in (for viewers that do not display a SEG)."""
+
+    SEG = "SEG"
+    SR = "SR"
+    RTSTRUCT = "RTSTRUCT"
+    SC = "SC"
+
+
+LESION_OUTPUTS = (OutputKind.RTSTRUCT, OutputKind.SC)  # drawn from PET lesions: a model needs a PET channel
 
 
 class Destination(_Strict):
@@ -108,19 +117,24 @@ class Destination(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: DestinationTls | None = None
-    outputs: list[ResultKind] = ["SEG", "SR"]  # what this destination gets, in this order
+    outputs: list[OutputKind] = [OutputKind.SEG, OutputKind.SR]  # what this destination gets, in this order
     # Sent instead of an object whose SOP class the destination refuses for good (no presentation
     # context for it, or status 0x0122), e.g. "SC" for a PACS without Segmentation Storage.
-    fallback: Literal["SC", "RTSTRUCT"] | None = None
+    fallback: Literal["SC", "RTSTRUCT"] | None = None  # an OutputKind once read (see _fallback_kind)
+
+    @field_validator("fallback", mode="after")
+    @classmethod
+    def _fallback_kind(cls, value: str | None) -> OutputKind | None:
+        return OutputKind(value) if value is not None else None
 
     @model_validator(mode="after")
     def _outputs_make_sense(self) -> "Destination":
         if not self.outputs:
             raise ValueError("outputs must name at least one of SEG, SR, RTSTRUCT, SC")
         if len(set(self.outputs)) != len(self.outputs):
-            raise ValueError(f"outputs must be distinct, got {self.outputs}")
+            raise ValueError(f"outputs must be distinct, got {[k.value for k in self.outputs]}")
         if self.fallback in self.outputs:
-            raise ValueError(f"fallback {self.fallback} is already one of the outputs {self.outputs}")
+            raise ValueError(f"fallback {self.fallback} is already one of the outputs {[k.value for k in self.outputs]}")
         return self
 
 
@@ -349,7 +363,7 @@ class Config(_Strict):
             if "PET" in model.channels:
                 continue
             for destination in self.destinations_for(model):
-                wanted = [kind for kind in [*destination.outputs, destination.fallback] if kind in ("RTSTRUCT", "SC")]
+                wanted = [kind for kind in [*destination.outputs, destination.fallback] if kind in LESION_OUTPUTS]
                 if wanted:
                     raise ValueError(f"destination {destination.name!r} wants {', '.join(wanted)} (PET lesion outputs) "
                                      f"but model {model.name!r} has no PET channel: give that model models.destinations "

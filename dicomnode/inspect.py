@@ -11,11 +11,14 @@ the SUVbw factor of the chosen PET with the attributes it came from, and warning
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
+import pydicom
+
 from dicomnode.config import ModelSettings
-from dicomnode.selection import Selection, select_inputs, series_from_paths
+from dicomnode.imaging.headers import series_from_paths
+from dicomnode.imaging.suv import SuvError, series_factors
+from dicomnode.selection import Selection, select_inputs
 
 EXPORT_NAMES = {"PET": "pet_suv.nii.gz", "CT": "ct_hu.nii.gz"}
 
@@ -82,7 +85,7 @@ def inspect_path(path: Path, model: ModelSettings) -> Report:
         warnings.append(f"{len(studies)} studies in the folder: the node processes each on its own")
     reports = []
     for study_uid, series in sorted(studies.items()):
-        selection = select_inputs(series, model.channels, model.inputs)
+        selection = select_inputs(series, model.channels, model.inputs, model.grid)
         report = StudyReport(study_uid, selection)
         report.warnings.extend(f"the node would wait: {w}" for w in selection.waiting)
         report.warnings.extend(f"the node would hold the study back: {m}" for m in selection.missing)
@@ -95,35 +98,20 @@ def inspect_path(path: Path, model: ModelSettings) -> Report:
 
 
 def suv_summary(pet_files: list[Path]) -> tuple[dict | None, str | None]:
-    """The SUVbw factor of the PET series' first slice (along z) and the attributes it used."""
-    import pydicom
-
-    from dicomnode.suv import SuvError, suv_bw_factor
-
+    """The SUVbw factor of the PET series' first slice (along z) and the attributes it used,
+    computed as the worker computes it (dicomnode.imaging.suv.series_factors)."""
     headers = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in pet_files]
     headers.sort(key=lambda ds: float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else 0.0)
-    times = [t for t in (_acquisition(ds) for ds in headers) if t is not None]
     try:
-        first = suv_bw_factor(headers[0], earliest_acquisition=min(times) if times else None)
-        factors = [suv_bw_factor(ds, earliest_acquisition=min(times) if times else None).factor for ds in headers]
+        factors = series_factors(headers)
     except SuvError as exc:
         return None, f"SUVbw cannot be computed: {exc}"
+    first = factors[0]
     summary = {"factor": first.factor, "attributes": dict(first.attributes)}
-    if max(factors) > min(factors) * (1 + 1e-9):
-        summary["factor_range"] = [min(factors), max(factors)]
+    values = [f.factor for f in factors]
+    if max(values) > min(values) * (1 + 1e-9):
+        summary["factor_range"] = [min(values), max(values)]
     return summary, None
-
-
-def _acquisition(ds) -> datetime | None:  # noqa: ANN001
-    date, time = str(ds.get("AcquisitionDate", "") or ""), str(ds.get("AcquisitionTime", "") or "")
-    if len(date) != 8 or len(time) < 6:
-        return None
-    whole, _, fraction = time.partition(".")
-    try:
-        value = datetime.strptime(date + whole[:6], "%Y%m%d%H%M%S")
-    except ValueError:
-        return None
-    return value.replace(microsecond=int((fraction + "000000")[:6])) if fraction.isdigit() else value
 
 
 def export_inputs(report: StudyReport, model: ModelSettings, out: Path) -> dict[str, str]:

@@ -9,7 +9,7 @@ For each `[[models]]` entry:
              modality must be told apart by series_description patterns; when dataset.json
              names the same channels as the config, in the same order;
   labels     every label of dataset.json except background has codes for its SEG segment
-             (dicomnode.labelcodes), and label_codes names no label the model lacks;
+             (dicomnode.results.labelcodes), and label_codes names no label the model lacks;
   outputs    the model's results go to at least one destination;
   dry run    (unless skipped, and only for a folder without problems) the model loads and
              segments a small synthetic array on the configured device (inference.check.dry_run).
@@ -23,7 +23,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from dicomnode.config import CHANNEL_MODALITIES, Config, ModelSettings, channel_modality
-from dicomnode.labelcodes import LabelCodesError, label_codes
+from dicomnode.results.labelcodes import LabelCodesError, label_codes
 
 
 @dataclass

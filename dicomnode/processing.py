@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -22,6 +22,18 @@ from dicomnode.config import Config, Destination, ModelSettings
 from dicomnode.store.tables import Delivery, Job
 from dicomnode.queue import RetryPolicy
 from dicomnode.store.events import log_event
+from dicomnode.store.files import write_durably
+from dicomnode.results.common import write_dicom
+from dicomnode.results.writer import (
+    RESULT_FILES,
+    RESULT_SERIES_OFFSET,
+    Algorithm,
+    Findings,
+    Source,
+    build_results,
+    result_series_number,
+    results_needed,
+)
 from dicomnode.selection import Selection, select_inputs, series_from_index
 from dicomnode.sender import Outcome, store_each
 
@@ -88,8 +100,8 @@ def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid
     its field of view: -1024 HU for the CT, SUV 0 for the PET, 0 for the rest (e.g. the CT onto
     the PET grid as GLOW-FDG was trained, or T1, T2 and FLAIR onto the T1 post contrast).
     `dicomnode inspect --export` writes the same."""
-    from dicomnode.suv import SuvError
-    from dicomnode.volumes import CT_PADDING_HU, VolumeError, resample_to
+    from dicomnode.imaging.suv import SuvError
+    from dicomnode.imaging.volumes import CT_PADDING_HU, VolumeError, resample_to
 
     padding = {"CT": CT_PADDING_HU, "PET": 0.0}  # outside a resampled channel's field of view; else 0
     lacking = [c for c in dict.fromkeys([*channel_names, grid]) if c not in paths]
@@ -121,8 +133,8 @@ def _channel_volume(channel: str, paths: list[Path]):  # noqa: ANN202 - volumes.
     """One channel's series as a volume: the PET in SUVbw, anything else as its rescaled values."""
     from dataclasses import replace
 
-    from dicomnode.suv import pet_suv_volume
-    from dicomnode.volumes import load_series
+    from dicomnode.imaging.suv import pet_suv_volume
+    from dicomnode.imaging.volumes import load_series
 
     volume = load_series(paths)
     return replace(volume, array=pet_suv_volume(volume).astype(np.float32)) if channel == "PET" else volume
@@ -156,30 +168,7 @@ def result_dir(config: Config, job: Job) -> Path:
     return config.results_dir / job.study_uid / f"job-{job.id}"
 
 
-# Result objects and their files in the job's result folder (config: destinations' outputs / fallback).
-RESULT_FILES = {"SEG": "seg.dcm", "SR": "sr.dcm", "RTSTRUCT": "rtstruct.dcm", "SC": "sc.dcm"}
 LABELS_FILE = "labels.npz"  # the model's label map: objects missing later are built without inference
-
-
-def results_needed(config: Config, settings: ModelSettings) -> list[str]:
-    """The result objects a job writes: the SEG and the SR always (kept on disk even for a node
-    without destinations), an RTSTRUCT or SC when a destination has it as an output or fallback."""
-    kinds = {"SEG", "SR"}
-    for destination in config.destinations_for(settings):
-        kinds.update(destination.outputs)
-        kinds.update([destination.fallback] if destination.fallback else [])
-    return [kind for kind in RESULT_FILES if kind in kinds]
-
-
-RESULT_SERIES_OFFSET = {"SEG": 1, "SR": 2, "RTSTRUCT": 3, "SC": 4}
-
-
-def result_series_number(kind: str, run: int, model_position: int) -> int:
-    """SeriesNumber of a result object: 900 + 1000 per model before it in the config + 10 per
-    earlier run + 1 SEG / 2 SR / 3 RTSTRUCT / 4 SC, so run 1 of the first model gives 901..904,
-    run 2 911..914, the second model 1901..; no two results of a study share a number until a
-    model's 100th run."""
-    return 900 + 1000 * model_position + 10 * (run - 1) + RESULT_SERIES_OFFSET[kind]
 
 
 def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Path:  # noqa: ANN001 - inference.SegmentationModel
@@ -202,36 +191,20 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Pat
     written = []
     position = [m.name for m in config.models].index(settings.name)
     numbers = {kind: result_series_number(kind, job.run_number, position) for kind in RESULT_SERIES_OFFSET}
-    for kind, ds in _result_objects(missing, out, job, settings, getattr(model, "model_dir", None), inputs, findings,
-                                    numbers):
-        partial = out / f".{RESULT_FILES[kind]}.partial"
-        ds.save_as(partial, enforce_file_format=True)
-        partial.replace(out / RESULT_FILES[kind])
+    version = settings.version or model_fingerprint(settings, getattr(model, "model_dir", None))
+    source = Source(inputs.grid.datasets, inputs.spacing, inputs.suv, inputs.pet_header)
+    algorithm = Algorithm(settings.name, version, tuple(settings.folds), job.run_number)
+    for kind, ds in build_results(missing, out, findings, source, algorithm, numbers):
+        write_dicom(ds, out / RESULT_FILES[kind])
         written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
     _event(sessions, job, "results-written", ", ".join(written))
     return out
 
 
-@dataclass(frozen=True)
-class Findings:
-    """What the result objects report. A model with a PET channel: its lesions (connected
-    components of the mask) with their SUV measures (`measures`: measures.StudyMeasures, `labels`:
-    lesion n = n, `segments` None: one lesion segment). A model without one: each label of its
-    label map as a segment with its codes (`measures`: measures.SegmentMeasures per label,
-    `labels`: the model's label map, `segments`: label value -> labelcodes' LabelCode)."""
-
-    measures: object
-    labels: np.ndarray
-    segments: dict | None = None
-
-    def as_json(self) -> object:
-        return asdict(self.measures) if self.segments is None else [asdict(m) for m in self.measures]
-
-
 def _measure(sessions: sessionmaker, job: Job, settings: ModelSettings, model, inputs: Inputs,  # noqa: ANN001
              labels: np.ndarray) -> Findings:
-    from dicomnode.labelcodes import LabelCodesError, label_codes
-    from dicomnode.measures import measure_lesions, measure_segments
+    from dicomnode.results.labelcodes import LabelCodesError, label_codes
+    from dicomnode.imaging.measures import measure_lesions, measure_segments
 
     if inputs.suv is not None:
         measures, lesion_labels = measure_lesions(labels > 0, inputs.suv, inputs.spacing, connectivity=settings.lesion_connectivity,
@@ -265,52 +238,8 @@ def _model_labels(sessions: sessionmaker, job: Job, settings: ModelSettings, mod
     labels = model.predict(inputs.channels, inputs.spacing)
     _event(sessions, job, "inference-done", f"{time.monotonic() - started:.1f} s on {model.device}, {int((labels > 0).sum())} foreground voxels")
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / f".{LABELS_FILE}.partial"
-    with partial.open("wb") as f:
-        np.savez_compressed(f, labels=labels)
-    partial.replace(saved)
+    write_durably(saved, lambda fh: np.savez_compressed(fh, labels=labels), out / f".{LABELS_FILE}.partial")
     return labels
-
-
-def _result_objects(missing: list[str], out: Path, job: Job, settings: ModelSettings, model_root: Path | None, inputs: Inputs,
-                    findings: Findings, numbers: dict[str, int]):  # noqa: ANN202 - (kind, dataset) pairs
-    """Build the missing result objects in RESULT_FILES order, (kind, dataset); the SR references
-    the SEG, built here or read back from the folder. The RTSTRUCT and the SC (PET MIP) are of
-    PET lesions only (config refuses them for a model without a PET channel)."""
-    from highdicom.seg import segread
-
-    from dicomnode.capture import build_capture
-    from dicomnode.rtstruct import build_rtstruct
-    from dicomnode.seg import build_seg
-    from dicomnode.sr import build_sr
-    from dicomnode.volume_sr import build_volume_sr
-
-    model = dict(model_name=settings.name, model_version=settings.version or model_fingerprint(settings, model_root))
-    run, name, source = job.run_number, settings.name, inputs.grid.datasets
-    lesions = findings.segments is None
-    if "SEG" in missing:
-        if lesions:
-            seg = build_seg((findings.labels > 0).astype(np.uint8), source, **model, folds=list(settings.folds),
-                            series_number=numbers["SEG"], series_description=f"{name} lesions (run {run})"[:64])
-        else:
-            seg = build_seg(findings.labels, source, **model, folds=list(settings.folds), segments=findings.segments,
-                            series_number=numbers["SEG"], series_description=f"{name} segments (run {run})"[:64])
-        yield "SEG", seg
-    elif "SR" in missing:
-        seg = segread(out / RESULT_FILES["SEG"])
-    if "SR" in missing and lesions:
-        yield "SR", build_sr(findings.measures, findings.labels, seg, source,
-                             pet_header=inputs.pet_header, **model, series_number=numbers["SR"],
-                             series_description=f"{name} PET measurements (run {run})"[:64])
-    elif "SR" in missing:
-        yield "SR", build_volume_sr(findings.measures, seg, source, segment_codes=findings.segments, **model,
-                                    series_number=numbers["SR"], series_description=f"{name} volumes (run {run})"[:64])
-    if "RTSTRUCT" in missing:
-        yield "RTSTRUCT", build_rtstruct(findings.labels, source, **model, series_number=numbers["RTSTRUCT"],
-                                         series_description=f"{name} lesion contours (run {run})"[:64])
-    if "SC" in missing:
-        yield "SC", build_capture(inputs.suv, findings.labels, findings.measures, source, inputs.spacing, **model,
-                                  series_number=numbers["SC"], series_description=f"{name} PET MIP (run {run})"[:64])
 
 
 class DeliveryPending(Exception):

@@ -9,7 +9,7 @@ promise that the later stages can use it, so whatever they read must read here.
   * any element that cannot be read in the negotiated syntax, or whose value is shorter than
     its length says (a data set cut short: pydicom reads what is there without a word);
   * an attribute series selection or volume building relies on that is malformed
-    (dicomnode.selection.facts_from_dataset; PixelSpacing, RescaleSlope, RescaleIntercept);
+    (dicomnode.imaging.headers.facts_from_dataset; PixelSpacing, RescaleSlope, RescaleIntercept);
   * image pixel data shorter than Rows x Columns x SamplesPerPixel x BitsAllocated x frames, or
     encapsulated pixel data whose fragments cannot be parsed;
 all as 0xC000 (cannot understand). A data set whose SOP class or instance differs from the
@@ -29,7 +29,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import VR
 
-from dicomnode.selection import FactsError, InstanceFacts, facts_from_dataset, first_sentence, numbers
+from dicomnode.imaging.headers import FactsError, InstanceFacts, facts_from_dataset, first_sentence, numbers
 from dicomnode.store.spool import UID as UID_PATTERN
 
 DOES_NOT_MATCH_SOP_CLASS = 0xA900

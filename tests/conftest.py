@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.receiver import Receiver
 from dicomnode.synth.petct import SyntheticStudy, write_study
-from dicomnode.volumes import load_series
+from dicomnode.imaging.volumes import load_series
 from nodeutil import node_config
 from selectionutil import copy_series
 from storescp import StoreSCP

@@ -8,10 +8,11 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from dicomnode.capture import CAVEAT, CaptureError, build_capture, key_figures
-from dicomnode.measures import measure_lesions
-from dicomnode.preview import PALETTE, default_zoom, panel_size
-from dicomnode.suv import pet_suv_volume
+from dicomnode.results.sc import CAVEAT, build_sc, key_figures
+from dicomnode.results.common import ResultError
+from dicomnode.imaging.measures import measure_lesions
+from dicomnode.results.preview import PALETTE, default_zoom, panel_size
+from dicomnode.imaging.suv import pet_suv_volume
 from dicomtools import dciodvfy_errors
 
 ARGS = dict(model_name="demo-petct", model_version="0.1.0", series_number=981, series_description="demo-petct PET MIP")
@@ -30,7 +31,7 @@ def lesions(suv, truth, pet):
 def _capture(suv, lesions, pet, folder):
     measures, labels = lesions
     path = folder / "sc.dcm"
-    build_capture(suv, labels, measures, pet.datasets, pet.spacing, **ARGS).save_as(path, enforce_file_format=True)
+    build_sc(suv, labels, measures, pet.datasets, pet.spacing, **ARGS).save_as(path, enforce_file_format=True)
     return path
 
 
@@ -93,5 +94,5 @@ def test_key_figures_burned_in(lesions):
 
 def test_labels_must_fit_the_pet(suv, lesions, pet):
     measures, labels = lesions
-    with pytest.raises(CaptureError, match="differs from the PET"):
-        build_capture(suv, labels[:-1], measures, pet.datasets, pet.spacing, **ARGS)
+    with pytest.raises(ResultError, match="differs from the PET"):
+        build_sc(suv, labels[:-1], measures, pet.datasets, pet.spacing, **ARGS)

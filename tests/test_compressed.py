@@ -37,7 +37,7 @@ from sqlalchemy import select
 from dicomnode.store.tables import Instance
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.receiver import STORAGE_CLASSES, TRANSFER_SYNTAXES, Receiver
-from dicomnode.volumes import load_series
+from dicomnode.imaging.volumes import load_series
 
 from nodeutil import node_config, tiny_instance
 

@@ -25,7 +25,8 @@ from dicomnode.store.engine import make_sessionmaker
 from dicomnode.testing.ports import free_port
 from dicomnode.processing import result_dir
 from dicomnode.queue import FAILED, QUEUED, SUCCEEDED, RetryPolicy, claim, defer, enqueue, fail, retry
-from dicomnode.seg import build_seg, write_seg
+from dicomnode.results.seg import build_seg
+from dicomnode.results.common import write_dicom
 from dicomnode.sender import Outcome, store_each
 from dicomnode.worker import Worker
 
@@ -276,7 +277,7 @@ def test_compressed_seg_reaches_a_destination_in_a_syntax_it_accepts(accepted, p
     again) with the same SOP Instance UID; either way the destination gets the same voxels."""
     from dicomnode.config import Destination
 
-    path = write_seg(build_seg(truth, pet.datasets, model_name="demo-petct", model_version="0.1.0", folds=[0],
+    path = write_dicom(build_seg(truth, pet.datasets, model_name="demo-petct", model_version="0.1.0", folds=[0],
                                series_number=901, series_description="lesions"), tmp_path / "seg.dcm")
     sent = dcmread(path)
     assert sent.file_meta.TransferSyntaxUID == JPEG2000Lossless

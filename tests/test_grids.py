@@ -21,7 +21,7 @@ from dicomnode.config import ConfigError, ModelSettings, load_config
 from dicomnode.store.tables import Event, Job, utcnow
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.processing import assemble_inputs, make_results
-from dicomnode.seg import build_seg
+from dicomnode.results.seg import build_seg
 
 from dicomtools import dciodvfy_errors
 from nodeutil import node_config, write_config

@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
 from dicomnode.testing.ports import free_port
-from dicomnode.preview import PALETTE, default_zoom, mip_png, panel_size, render_mip
+from dicomnode.results.preview import PALETTE, default_zoom, mip_png, panel_size, render_mip
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dicomnode.measures import PEAK_RADIUS_MM, measure_lesions
+from dicomnode.imaging.measures import PEAK_RADIUS_MM, measure_lesions
 
 
 def volume(shape=(11, 11, 11), background=1.0):

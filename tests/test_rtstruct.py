@@ -9,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 from skimage.draw import polygon
 
-from dicomnode.rtstruct import NO_LESIONS, RtStructError, build_rtstruct, write_rtstruct
+from dicomnode.results.rtstruct import NO_LESIONS, build_rtstruct
+from dicomnode.results.common import ResultError, write_dicom
 from dicomtools import dciodvfy_errors
 
 ARGS = dict(model_name="demo-petct", model_version="0.1.0", series_number=971, series_description="demo-petct contours")
@@ -17,7 +18,7 @@ ARGS = dict(model_name="demo-petct", model_version="0.1.0", series_number=971, s
 
 @pytest.fixture(scope="module")
 def rtstruct_path(pet, truth, tmp_path_factory):
-    return write_rtstruct(build_rtstruct(truth, pet.datasets, **ARGS), tmp_path_factory.mktemp("rt") / "rtstruct.dcm")
+    return write_dicom(build_rtstruct(truth, pet.datasets, **ARGS), tmp_path_factory.mktemp("rt") / "rtstruct.dcm")
 
 
 def test_rtstruct_passes_dciodvfy(rtstruct_path):
@@ -92,7 +93,7 @@ def test_contours_follow_pixel_spacing_and_orientation(pet, truth, tmp_path):
     for ds in source:
         ds.PixelSpacing = [2.0, 3.0]
         ds.ImageOrientationPatient = [-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    path = write_rtstruct(build_rtstruct(truth, source, **ARGS), tmp_path / "rt.dcm")
+    path = write_dicom(build_rtstruct(truth, source, **ARGS), tmp_path / "rt.dcm")
     assert dciodvfy_errors(path) == []
     ds = pydicom.dcmread(path)
     grid = _grid_from_headers(source)
@@ -103,7 +104,7 @@ def test_contours_follow_pixel_spacing_and_orientation(pet, truth, tmp_path):
 
 
 def test_all_negative_gives_one_empty_roi(pet, tmp_path):
-    path = write_rtstruct(build_rtstruct(np.zeros(pet.shape, np.int32), pet.datasets, **ARGS), tmp_path / "rt.dcm")
+    path = write_dicom(build_rtstruct(np.zeros(pet.shape, np.int32), pet.datasets, **ARGS), tmp_path / "rt.dcm")
     assert dciodvfy_errors(path) == []
     ds = pydicom.dcmread(path)
     [roi] = ds.StructureSetROISequence
@@ -113,5 +114,5 @@ def test_all_negative_gives_one_empty_roi(pet, tmp_path):
 
 
 def test_labels_must_fit_the_source(pet, truth):
-    with pytest.raises(RtStructError, match="does not match the source grid"):
+    with pytest.raises(ResultError, match="does not match the source grid"):
         build_rtstruct(truth[:, :-1], pet.datasets, **ARGS)

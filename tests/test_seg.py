@@ -8,7 +8,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.seg import SegError, build_seg, packed_size, write_seg
+from dicomnode.results.common import ResultError, write_dicom
+from dicomnode.results.seg import build_seg, packed_size
 from dicomtools import dciodvfy_errors
 
 SEG_ARGS = dict(
@@ -23,7 +24,7 @@ SEG_ARGS = dict(
 @pytest.fixture(scope="module")
 def seg_path(pet, truth, tmp_path_factory):
     seg = build_seg(truth, pet.datasets, **SEG_ARGS)
-    return write_seg(seg, tmp_path_factory.mktemp("seg") / "seg.dcm")
+    return write_dicom(seg, tmp_path_factory.mktemp("seg") / "seg.dcm")
 
 
 def test_seg_passes_dciodvfy(seg_path):
@@ -63,7 +64,7 @@ def test_seg_algorithm_and_codes(seg_path):
 
 def test_empty_result_still_gives_a_valid_seg(pet, tmp_path):
     empty = np.zeros(pet.shape, dtype=np.uint8)
-    path = write_seg(build_seg(empty, pet.datasets, **SEG_ARGS), tmp_path / "empty.dcm")
+    path = write_dicom(build_seg(empty, pet.datasets, **SEG_ARGS), tmp_path / "empty.dcm")
     assert dciodvfy_errors(path) == []
     seg = hd.seg.segread(path)
     assert seg.number_of_segments == 1
@@ -81,7 +82,7 @@ def test_sources_without_accession_number(pet, truth):
 
 
 def test_labels_must_fit_the_source(pet, truth):
-    with pytest.raises(SegError, match="does not match the source grid"):
+    with pytest.raises(ResultError, match="does not match the source grid"):
         build_seg(truth[:-1], pet.datasets, **SEG_ARGS)
 
 
@@ -97,7 +98,7 @@ def test_frames_compressed_only_when_smaller(pet, truth, tmp_path):
             assert len(seg.PixelData) < packed_size(labels.shape) / 2
         else:
             assert len(seg.PixelData) == packed_size(labels.shape) == 64 * 64 * 64 // 8
-        path = write_seg(seg, tmp_path / f"{syntax.name}.dcm")
+        path = write_dicom(seg, tmp_path / f"{syntax.name}.dcm")
         assert dciodvfy_errors(path) == []
         pixels = hd.seg.segread(path).get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
         np.testing.assert_array_equal(pixels[..., 0], (labels > 0).astype(pixels.dtype))

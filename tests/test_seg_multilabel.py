@@ -12,12 +12,13 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import LabelCode, ModelSettings
-from dicomnode.labelcodes import LESION, LabelCodesError, label_codes
-from dicomnode.measures import measure_segments
-from dicomnode.seg import SegError, build_seg, write_seg
+from dicomnode.results.labelcodes import LESION, LabelCodesError, label_codes
+from dicomnode.imaging.measures import measure_segments
+from dicomnode.results.common import ResultError, write_dicom
+from dicomnode.results.seg import build_seg
 from dicomnode.synth.registry import write_registry_study
-from dicomnode.volume_sr import build_volume_sr
-from dicomnode.volumes import load_series
+from dicomnode.results.segment_sr import build_segment_sr
+from dicomnode.imaging.volumes import load_series
 from dicomtools import dciodvfy_errors
 
 ANATOMY = ["123037004", "SCT", "Anatomical Structure"]
@@ -46,7 +47,7 @@ def organ_seg(organs, codes, tmp_path_factory):
     labels[labels == 4] = 0  # no gallbladder found
     seg = build_seg(labels, ct.datasets, model_name="organs-ct", model_version="1", folds=[0], series_number=901,
                     series_description="organs", segments=codes)
-    return labels, write_seg(seg, tmp_path_factory.mktemp("seg") / "seg.dcm")
+    return labels, write_dicom(seg, tmp_path_factory.mktemp("seg") / "seg.dcm")
 
 
 def test_each_label_is_a_segment_with_its_codes(organ_seg, codes):
@@ -76,7 +77,7 @@ def test_voxels_round_trip_and_absent_label_is_an_empty_segment(organ_seg, organ
 
 def test_label_without_segment_is_refused(organs, codes):
     study, ct = organs
-    with pytest.raises(SegError, match=r"label value \[5\] in the label map has no segment"):
+    with pytest.raises(ResultError, match=r"label value \[5\] in the label map has no segment"):
         build_seg(study.case.labels, ct.datasets, model_name="m", model_version="1", folds=[0], series_number=901,
                   series_description="x", segments={v: c for v, c in codes.items() if v != 5})
 
@@ -146,7 +147,7 @@ def test_volume_sr(organ_seg, organs, codes, tmp_path: Path):
     _, ct = organs
     seg = dcmread(seg_path)
     measures = measure_segments(labels, ct.spacing, {v: c.name for v, c in codes.items()})
-    sr = build_volume_sr(measures, seg, ct.datasets, segment_codes=codes, model_name="organs-ct", model_version="1",
+    sr = build_segment_sr(measures, seg, ct.datasets, segment_codes=codes, model_name="organs-ct", model_version="1",
                          series_number=951, series_description="organ volumes")
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)

@@ -17,7 +17,8 @@ from dicomnode.cli import app
 from dicomnode.config import InputSpec, PetInputSpec
 from dicomnode.store.tables import Event, Job, utcnow
 from dicomnode.store.engine import make_sessionmaker
-from dicomnode.selection import group_series, read_facts, select_inputs, series_from_paths
+from dicomnode.imaging.headers import group_series, read_facts, series_from_paths
+from dicomnode.selection import select_inputs
 
 from nodeutil import node_config
 from selectionutil import distractor_study, index_files
@@ -78,10 +79,10 @@ def test_pet_rules_dynamic_duplicates_and_too_many(scanner_study):
     [verdict] = [v for v in selection.verdicts if v.modality == "PT"]
     assert "DYNAMIC" in verdict.text and "not static: 4" in verdict.text
     assert not selection.ready and selection.missing[0].startswith("no PET series fits the model's PET input spec (PT #3")
-    duplicate = pet[:-1] + [dataclasses.replace(pet[-1], z=pet[0].z)]
+    duplicate = pet[:-1] + [dataclasses.replace(pet[-1], position=pet[0].position)]
     selection = select_inputs(group_series(duplicate + ct), ["CT", "PET"])
     assert "1 duplicate slice position(s)" in selection.verdicts[-1].text
-    extra = pet + [dataclasses.replace(pet[-1], sop_instance_uid="1.2.3.4", z=pet[-1].z + 3.0)]
+    extra = pet + [dataclasses.replace(pet[-1], sop_instance_uid="1.2.3.4", position=(*pet[-1].position[:2], pet[-1].position[2] + 3.0))]
     selection = select_inputs(group_series(extra + ct), ["CT", "PET"])
     assert "65 instances but NumberOfSlices is 64" in selection.verdicts[-1].text
     # A spec without the static rule takes the dynamic series (config [models.inputs.pet]).

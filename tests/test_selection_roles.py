@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from dicomnode.config import ModelSettings, load_config
-from dicomnode.selection import applies_to, select_inputs, series_from_paths
+from dicomnode.selection import applies_to, select_inputs
+from dicomnode.imaging.headers import series_from_paths
 from dicomnode.synth.registry import write_registry_study
 
 from nodeutil import write_config

@@ -8,11 +8,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.measures import measure_lesions
-from dicomnode.seg import build_seg
-from dicomnode.sr import SrError, build_sr, write_sr
-from dicomnode.suv import pet_suv_volume
-from dicomnode.volumes import load_series
+from dicomnode.imaging.measures import measure_lesions
+from dicomnode.results.seg import build_seg
+from dicomnode.results.common import ResultError, write_dicom
+from dicomnode.results.sr import build_sr
+from dicomnode.imaging.suv import pet_suv_volume
+from dicomnode.imaging.volumes import load_series
 from dicomtools import dciodvfy_errors
 
 MODEL = dict(model_name="demo-petct", model_version="0.1.0")
@@ -43,7 +44,7 @@ def measured(pet, truth):
 @pytest.fixture(scope="module")
 def sr_path(measured, seg, pet, tmp_path_factory):
     measures, labels = measured
-    return write_sr(build_sr(measures, labels, seg, pet.datasets, **SR_ARGS), tmp_path_factory.mktemp("sr") / "sr.dcm")
+    return write_dicom(build_sr(measures, labels, seg, pet.datasets, **SR_ARGS), tmp_path_factory.mktemp("sr") / "sr.dcm")
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def test_measures_match_the_phantom(measured, synth_study, pet):
 def test_empty_study_gives_a_valid_report(pet, seg, tmp_path):
     empty = np.zeros(pet.shape, dtype=np.uint8)
     measures, labels = measure_lesions(empty, pet_suv_volume(pet), pet.spacing)
-    path = write_sr(build_sr(measures, labels, seg, pet.datasets, **SR_ARGS), tmp_path / "empty.dcm")
+    path = write_dicom(build_sr(measures, labels, seg, pet.datasets, **SR_ARGS), tmp_path / "empty.dcm")
     assert dciodvfy_errors(path) == []
     sr = hd.sr.srread(path)
     measurement_report = hd.sr.MeasurementReport.from_sequence(sr.content)
@@ -189,21 +190,21 @@ def test_sources_without_accession_number(measured, seg, pet):
 
 def test_labels_must_fit(measured, seg, pet):
     measures, labels = measured
-    with pytest.raises(SrError, match="does not match the source grid"):
+    with pytest.raises(ResultError, match="does not match the source grid"):
         build_sr(measures, labels[:-1], seg, pet.datasets, **SR_ARGS)
     shifted = np.where(labels == 1, 0, labels)  # lesion 1 missing from the label map
-    with pytest.raises(SrError, match="lesion 1"):
+    with pytest.raises(ResultError, match="lesion 1"):
         build_sr(measures, shifted, seg, pet.datasets, **SR_ARGS)
 
 
 def test_seg_must_reference_the_source_series(measured, seg, synth_study):
     measures, labels = measured
     ct = load_series(synth_study.ct_files)
-    with pytest.raises(SrError, match="does not reference the source series"):
+    with pytest.raises(ResultError, match="does not reference the source series"):
         build_sr(measures, labels, seg, ct.datasets, **SR_ARGS)
 
 
 def test_unknown_segment_number_is_refused(measured, seg, pet):
     measures, labels = measured
-    with pytest.raises(SrError, match="not in the SEG"):
+    with pytest.raises(ResultError, match="not in the SEG"):
         build_sr(measures, labels, seg, pet.datasets, lesion_segment_numbers=[2] * measures.lesion_count, **SR_ARGS)

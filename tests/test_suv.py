@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomnode.suv import SuvError, suv_bw_factor
+from dicomnode.imaging.suv import SuvError, suv_bw_factor
 
 # 70 kg, 370 MBq F-18 injected at 10:00, series (and acquisition) at 11:00:
 # decayed dose = 3.7e8 * 2^(-3600 / 6586.2) = 2.53314180e8 Bq; factor = 70000 g / that.

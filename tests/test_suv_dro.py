@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from dicomnode.suv import pet_suv_volume, suv_bw_factor
-from dicomnode.volumes import load_series
+from dicomnode.imaging.suv import pet_suv_volume, suv_bw_factor
+from dicomnode.imaging.volumes import load_series
 
 REPO = Path(__file__).resolve().parents[1]
 DRO_ROOT = next(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomnode.suv import SuvError, suv_bw_factor
+from dicomnode.imaging.suv import SuvError, suv_bw_factor
 
 HAND_FACTOR = 70_000 / 2.5331418024164078e8
 PHILIPS = "Philips PET Private Group"

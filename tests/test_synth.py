@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 
 from dicomnode.synth import petct_phantom as ph
-from dicomnode.suv import pet_suv_volume
+from dicomnode.imaging.suv import pet_suv_volume
 from dicomnode.synth.petct import write_study
-from dicomnode.volumes import load_series
+from dicomnode.imaging.volumes import load_series
 from dicomtools import dciodvfy_errors
 
 

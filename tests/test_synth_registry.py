@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.synth.registry import KINDS, write_registry_study
-from dicomnode.volumes import load_series
+from dicomnode.imaging.volumes import load_series
 from dicomtools import dciodvfy_errors
 
 

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from dicomnode.synth import petct_phantom as ph
 from dicomnode.cli import app
-from dicomnode.suv import pet_suv_volume
+from dicomnode.imaging.suv import pet_suv_volume
 from dicomnode.synth.petct import VARIANTS, write_study
-from dicomnode.volumes import load_series
+from dicomnode.imaging.volumes import load_series
 
 from dicomtools import dciodvfy_errors
 from selectionutil import distractor_study

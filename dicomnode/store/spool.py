@@ -7,10 +7,11 @@ UIDs are checked before they become path components.
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 from pathlib import Path
+
+from dicomnode.store.files import fsync_dir, write_durably
 
 UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TEMP_PREFIX = ".incoming-"
@@ -25,14 +26,6 @@ def check_uid(name: str, value: object) -> str:
     if not text or len(text) > 64 or not UID.match(text):
         raise InvalidUID(f"{name} {text[:80]!r} is not a valid DICOM UID")
     return text
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -54,18 +47,9 @@ class Spool:
         new_folders = [p for p in (folder.parent, folder) if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
         temp = folder / f"{TEMP_PREFIX}{sop_instance_uid}-{secrets.token_hex(4)}"
-        try:
-            with open(temp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(temp, final)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(folder)
+        write_durably(final, lambda fh: fh.write(data), temp)
         for created in new_folders:  # make new folder entries durable too
-            _fsync_dir(created.parent)
+            fsync_dir(created.parent)
         return final
 
     def remove_leftovers(self) -> int:

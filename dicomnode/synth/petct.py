@@ -17,7 +17,7 @@ reproduces `phantom.pet_suv(...)`, with the dose decayed from injection to Serie
 (DecayCorrection START).
 
 `variant` writes the PET series as other scanners do; every variant's stored values give the
-same SUVbw through `dicomnode.suv`:
+same SUVbw through `dicomnode.imaging.suv`:
 
     "bqml"             the above (Units BQML, DecayCorrection START, dose in Bq).
     "ge-private-time"  Manufacturer GE; a post-processed series: SeriesDate/Time 25 min after

@@ -1,6 +1,6 @@
 """Lesion measures -> DICOM Comprehensive 3D SR, TID 1500 Measurement Report (highdicom).
 
-`build_sr(measures, lesion_labels, seg, source, ...)` writes what `dicomnode.measures`
+`build_sr(measures, lesion_labels, seg, source, ...)` writes what `dicomnode.imaging.measures`
 measured into a structured report that goes into the source study next to the SEG:
 
 - Document title: "PET Measurement Report" (DCM 126003, CID 7021 Measurement Report Document
@@ -26,9 +26,9 @@ measured into a structured report that goes into the source study next to the SE
   at least one measurement group.
 - Evidence (CurrentRequestedProcedureEvidenceSequence): the SEG and every source slice.
 
-The SEG holds ONE segment for all lesions (dicomnode.seg), so every lesion group references
+The SEG holds ONE segment for all lesions (dicomnode.results.seg), so every lesion group references
 segment 1 and the lesion is told apart by its tracking identifier ("lesion N" is the lesion
-number of `dicomnode.measures`: components of the segment, ordered by SUVmax). A SEG with one
+number of `dicomnode.imaging.measures`: components of the segment, ordered by SUVmax). A SEG with one
 segment per lesion can be referenced per lesion with `lesion_segment_numbers`.
 
 Not used: `ReferencedSegment.from_segmentation` (highdicom 0.28 looks for the Segment
@@ -38,7 +38,6 @@ groups, so it fails); the reference is built from the SEG's UIDs and the PET ser
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import highdicom as hd
@@ -49,8 +48,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from dicomnode import __version__
-from dicomnode.measures import LesionMeasures, StudyMeasures
-from dicomnode.seg import _with_type2_attributes
+from dicomnode.imaging.measures import LesionMeasures, StudyMeasures
+from dicomnode.results.common import ResultError, check_on_source, with_type2_attributes
 
 TITLE = Code("126003", "DCM", "PET Measurement Report")
 PROCEDURE_FDG_PET_CT = Code("443271005", "SCT", "PET/CT FDG imaging of whole body")
@@ -74,10 +73,6 @@ FINDING_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure  # as the SEG's se
 FINDING_TYPE = codes.SCT.Neoplasm
 
 _FDG_CODES = {("35321007", "SCT"), ("C-B1031", "SRT")}
-
-
-class SrError(ValueError):
-    """The measures, the label map, the SEG and the source images do not fit together."""
 
 
 def build_sr(
@@ -105,15 +100,15 @@ def build_sr(
     if lesion_segment_numbers is None:
         lesion_segment_numbers = [1] * measures.lesion_count
     if len(lesion_segment_numbers) != measures.lesion_count:
-        raise SrError(
+        raise ResultError(
             f"{len(lesion_segment_numbers)} segment numbers for {measures.lesion_count} lesions"
         )
     known_segments = {int(item.SegmentNumber) for item in seg.SegmentSequence}
     unknown = sorted(set(int(n) for n in lesion_segment_numbers) - known_segments)
     if unknown:
-        raise SrError(f"segment number(s) {unknown} not in the SEG (it has {sorted(known_segments)})")
+        raise ResultError(f"segment number(s) {unknown} not in the SEG (it has {sorted(known_segments)})")
 
-    headers = [_with_type2_attributes(ds) for ds in source]
+    headers = [with_type2_attributes(ds) for ds in source]
     algorithm = hd.sr.AlgorithmIdentification(
         name=model_name,
         version=model_version,
@@ -141,7 +136,7 @@ def build_sr(
     sr = report_document(report, [*headers, seg], series_number=series_number, series_description=series_description,
                          model_name=model_name, model_version=model_version, manufacturer=manufacturer)
     if sr.StudyInstanceUID != source[0].StudyInstanceUID:
-        raise SrError("SR study differs from the source images")
+        raise ResultError("SR study differs from the source images")
     return sr
 
 
@@ -188,13 +183,6 @@ def device_observation_context(manufacturer: str, model_name: str, model_version
         observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device,
                                                       observer_identifying_attributes=device)
     )
-
-
-def write_sr(sr: hd.sr.Comprehensive3DSR, path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sr.save_as(path, enforce_file_format=True)
-    return path
 
 
 # --- content ------------------------------------------------------------------------------
@@ -264,30 +252,24 @@ def _check_fits(
     measures: StudyMeasures, lesion_labels: np.ndarray, seg: Dataset, source: Sequence[Dataset]
 ) -> None:
     if not source:
-        raise SrError("no source images")
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        values = {str(ds.get(keyword, "")) for ds in source}
-        if len(values) != 1 or "" in values:
-            raise SrError(f"source images need one common {keyword}, got {sorted(values)}")
+        raise ResultError("no source images")
     if str(seg.StudyInstanceUID) != str(source[0].StudyInstanceUID):
-        raise SrError("the SEG belongs to another study than the source images")
+        raise ResultError("the SEG belongs to another study than the source images")
     referenced = {str(s.SeriesInstanceUID) for s in seg.get("ReferencedSeriesSequence", [])}
     if str(source[0].SeriesInstanceUID) not in referenced:
-        raise SrError(f"the SEG does not reference the source series (it references {sorted(referenced)})")
+        raise ResultError(f"the SEG does not reference the source series (it references {sorted(referenced)})")
     labels = np.asarray(lesion_labels)
-    expected = (len(source), int(source[0].Rows), int(source[0].Columns))
-    if labels.shape != expected:
-        raise SrError(f"lesion labels shape {labels.shape} does not match the source grid {expected}")
+    check_on_source(labels, source, "lesion labels")
     if measures.lesion_count != len(measures.lesions):
-        raise SrError(f"lesion_count {measures.lesion_count} but {len(measures.lesions)} lesions")
+        raise ResultError(f"lesion_count {measures.lesion_count} but {len(measures.lesions)} lesions")
     if [les.number for les in measures.lesions] != list(range(1, measures.lesion_count + 1)):
-        raise SrError("lesions must be numbered 1..N in order")
+        raise ResultError("lesions must be numbered 1..N in order")
     if labels.size and (labels.min() < 0 or labels.max() > measures.lesion_count):
-        raise SrError(f"lesion labels outside 0..{measures.lesion_count}")
+        raise ResultError(f"lesion labels outside 0..{measures.lesion_count}")
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=measures.lesion_count + 1)
     for lesion in measures.lesions:
         if counts[lesion.number] != lesion.voxels:
-            raise SrError(
+            raise ResultError(
                 f"lesion {lesion.number}: {lesion.voxels} voxels measured, "
                 f"{counts[lesion.number]} in the label map"
             )

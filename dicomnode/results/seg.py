@@ -3,7 +3,7 @@
 `build_seg(labels, source, ...)` encodes every non-zero voxel of `labels` as one BINARY
 segment ("lesion": Morphologically Abnormal Structure / Neoplasm, SNOMED CT) produced
 AUTOMATICally by an Artificial Intelligence algorithm (name, version, folds); with `segments`
-(label value -> name and codes, see dicomnode.labelcodes) each label value becomes a segment
+(label value -> name and codes, see dicomnode.results.labelcodes) each label value becomes a segment
 of its own, e.g. one per organ. The SEG gets a new series in the source study and the
 source's frame of reference.
 
@@ -22,7 +22,6 @@ Encoding choices (highdicom 0.28):
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import highdicom as hd
@@ -32,24 +31,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from dicomnode.config import LabelCode
-from dicomnode.labelcodes import LESION
+from dicomnode.results.labelcodes import LESION
+from dicomnode.results.common import ResultError, check_on_source, with_type2_attributes
 
-# Type 2 attributes highdicom copies from the first source image: absent ones break SEG creation.
-_TYPE2_FROM_SOURCE = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-)
-
-
-class SegError(ValueError):
-    """The label map and the source images do not fit together."""
 
 
 def build_seg(
@@ -67,9 +51,9 @@ def build_seg(
 ) -> hd.seg.Segmentation:
     """A BINARY SEG; `labels[k]` lies on `source[k]` (same slice order). Without `segments`: one
     segment `segment_label` (lesion codes) of `labels > 0`. With `segments` (label value -> name
-    and codes, dicomnode.labelcodes): one segment per label value, numbered 1, 2, ... in value
+    and codes, dicomnode.results.labelcodes): one segment per label value, numbered 1, 2, ... in value
     order, each empty where its label is absent."""
-    _check_fits(labels, source)
+    check_on_source(labels, source)
     if segments is None:
         segments, labels = {1: LESION.model_copy(update={"name": segment_label})}, (labels > 0).astype(np.uint8)
     pixels = _segment_numbers(labels, list(segments))
@@ -95,7 +79,7 @@ def build_seg(
         for number, code in enumerate(segments.values(), start=1)
     ]
     encode = dict(
-        source_images=[_with_type2_attributes(ds) for ds in source],
+        source_images=[with_type2_attributes(ds) for ds in source],
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -115,7 +99,7 @@ def build_seg(
     if len(seg.PixelData) >= packed_size((len(descriptions) * labels.shape[0], *labels.shape[1:])):
         seg = hd.seg.Segmentation(**encode, transfer_syntax_uid=ExplicitVRLittleEndian)
     if seg.FrameOfReferenceUID != source[0].FrameOfReferenceUID:
-        raise SegError("SEG frame of reference differs from the source images")
+        raise ResultError("SEG frame of reference differs from the source images")
     return seg
 
 
@@ -126,57 +110,13 @@ def packed_size(shape: Sequence[int]) -> int:
 
 
 def _segment_numbers(labels: np.ndarray, values: list[int]) -> np.ndarray:
-    """The label map with label value values[k] as segment number k + 1; SegError for a label
+    """The label map with label value values[k] as segment number k + 1; ResultError for a label
     value that has no segment."""
     present = set(np.unique(labels).tolist()) - {0}
     unknown = sorted(present - set(values))
     if unknown:
-        raise SegError(f"label value{'s' if len(unknown) > 1 else ''} {unknown} in the label map "
+        raise ResultError(f"label value{'s' if len(unknown) > 1 else ''} {unknown} in the label map "
                        f"ha{'ve' if len(unknown) > 1 else 's'} no segment (segments for {values})")
     lookup = np.zeros(max([*values, *present]) + 1, dtype=np.uint8)
     lookup[values] = np.arange(1, len(values) + 1)
     return lookup[labels]
-
-
-def write_seg(seg: hd.seg.Segmentation, path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    seg.save_as(path, enforce_file_format=True)
-    return path
-
-
-def source_grid_problem(shape: tuple[int, ...], source: Sequence[Dataset], what: str = "labels") -> str | None:
-    """Why an array of `shape` (z, y, x) cannot lie on `source` (one series' slices, in order),
-    or None when it can: the shared check of every object drawn on the source images."""
-    if not source:
-        return "no source images"
-    first = source[0]
-    expected = (len(source), int(first.Rows), int(first.Columns))
-    if shape != expected:
-        return f"{what} shape {shape} does not match the source grid {expected}"
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
-        values = {str(ds.get(keyword, "")) for ds in source}
-        if len(values) != 1 or "" in values:
-            return f"source images need one common {keyword}, got {sorted(values)}"
-    return None
-
-
-def _check_fits(labels: np.ndarray, source: Sequence[Dataset]) -> None:
-    if source and labels.ndim != 3:
-        raise SegError(f"labels must be (z, y, x), got shape {labels.shape}")
-    problem = source_grid_problem(labels.shape, source)
-    if problem:
-        raise SegError(problem)
-
-
-def _with_type2_attributes(ds: Dataset) -> Dataset:
-    """A header-only copy of `ds` with missing Type 2 attributes added empty."""
-    copy = Dataset()
-    copy.file_meta = getattr(ds, "file_meta", Dataset())
-    for element in ds:
-        if element.keyword != "PixelData":
-            copy.add(element)
-    for keyword in _TYPE2_FROM_SOURCE:
-        if keyword not in copy:
-            setattr(copy, keyword, "")
-    return copy

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -60,7 +61,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, DT, TM
 
-from dicomnode.selection import first_sentence
+from dicomnode.imaging.headers import first_sentence
 
 MAX_DECAY_TIME = timedelta(hours=24)
 # RadionuclideTotalDose unit rule (step 3): >= 1e5 is Bq, <= 1e4 is MBq, in between is refused.
@@ -125,17 +126,27 @@ def suv_bw_factor(ds: Dataset, *, earliest_acquisition: datetime | None = None) 
 
 
 def pet_suv_volume(volume) -> np.ndarray:
-    """SUVbw array for a PET `dicomnode.volumes.Volume` (one factor per slice header)."""
+    """SUVbw array for a PET `dicomnode.imaging.volumes.Volume` (one factor per slice header)."""
     if volume.modality != "PT":
         raise SuvError("Modality", f"{volume.modality or 'missing'} is not PT")
     if len(volume.datasets) != volume.array.shape[0]:
         raise SuvError("datasets", "the volume has no header for every slice")
-    earliest = min(
-        (t for t in (_acquisition_time(ds) for ds in volume.datasets) if t is not None),
-        default=None,
-    )
+    earliest = earliest_acquisition(volume.datasets)
     factors = np.array([_slice_factor(ds, earliest) for ds in volume.datasets])
     return (volume.array * factors[:, None, None]).astype(np.float32)
+
+
+def earliest_acquisition(headers: Sequence[Dataset]) -> datetime | None:
+    """The earliest AcquisitionDateTime (or AcquisitionDate/Time) of a PET series' slices: what
+    `suv_bw_factor` takes as `earliest_acquisition`. The worker and `dicomnode inspect` both use
+    it, so they compute the same factor."""
+    return min((t for t in (_acquisition_time(ds) for ds in headers) if t is not None), default=None)
+
+
+def series_factors(headers: Sequence[Dataset]) -> list[SuvFactor]:
+    """Each slice's SUVbw factor, with the series' earliest acquisition (SuvError names what is wrong)."""
+    earliest = earliest_acquisition(headers)
+    return [suv_bw_factor(ds, earliest_acquisition=earliest) for ds in headers]
 
 
 def _slice_factor(ds: Dataset, earliest: datetime | None) -> float:

@@ -1,8 +1,8 @@
 """Segment volumes -> DICOM Comprehensive 3D SR, TID 1500 Measurement Report, for models
 without a PET channel (organs, lymph nodes, glioma sub-regions).
 
-`build_volume_sr(measures, seg, source, ...)` reports what `dicomnode.measures.measure_segments`
-measured, next to the multi-label SEG (dicomnode.seg with `segments`):
+`build_segment_sr(measures, seg, source, ...)` reports what `dicomnode.imaging.measures.measure_segments`
+measured, next to the multi-label SEG (dicomnode.results.seg with `segments`):
 
 - Document title: "Imaging Measurement Report" (DCM 126000, CID 7021). Procedure reported
   (CID 100) from the source's modality: "CT unspecified body region" (LN 25045-6), "MRI
@@ -31,9 +31,9 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicomnode.config import LabelCode
-from dicomnode.measures import SegmentMeasures
-from dicomnode.seg import _with_type2_attributes
-from dicomnode.sr import UNIT_ML, SrError, device_observation_context, report_document
+from dicomnode.imaging.measures import SegmentMeasures
+from dicomnode.results.common import ResultError, with_type2_attributes
+from dicomnode.results.sr import UNIT_ML, device_observation_context, report_document
 
 TITLE = codes.DCM.ImagingMeasurementReport
 VOLUME = codes.SCT.Volume
@@ -41,7 +41,7 @@ PROCEDURES = {"CT": codes.cid100.CTUnspecifiedBodyRegion, "MR": codes.cid100.MRI
 IMAGING_PROCEDURE = codes.cid100.ImagingProcedure
 
 
-def build_volume_sr(
+def build_segment_sr(
     measures: Sequence[SegmentMeasures],
     seg: hd.seg.Segmentation | Dataset,
     source: Sequence[Dataset],
@@ -71,7 +71,7 @@ def build_volume_sr(
         imaging_measurements=groups,
         title=TITLE,
     )
-    return report_document(report, [*(_with_type2_attributes(ds) for ds in source), seg], series_number=series_number,
+    return report_document(report, [*(with_type2_attributes(ds) for ds in source), seg], series_number=series_number,
                            series_description=series_description, model_name=model_name, model_version=model_version,
                            manufacturer=manufacturer)
 
@@ -102,11 +102,11 @@ def _segment_group(
 def _check_fits(measures: Sequence[SegmentMeasures], seg: Dataset, source: Sequence[Dataset],
                 segment_codes: Mapping[int, LabelCode]) -> None:
     if not source:
-        raise SrError("no source images")
+        raise ResultError("no source images")
     if str(seg.StudyInstanceUID) != str(source[0].StudyInstanceUID):
-        raise SrError("the SEG belongs to another study than the source images")
+        raise ResultError("the SEG belongs to another study than the source images")
     labels = [str(item.SegmentLabel) for item in seg.SegmentSequence]
     names = [segment_codes[m.label].name[:64] if m.label in segment_codes else f"label {m.label} (no code)"
              for m in measures]
     if labels != names:
-        raise SrError(f"the measures' segments {names} are not the SEG's {labels}")
+        raise ResultError(f"the measures' segments {names} are not the SEG's {labels}")

@@ -1,7 +1,7 @@
 """Lesion label map -> DICOM RT Structure Set (RTSTRUCT), for radiotherapy planning systems.
 
 `build_rtstruct(lesion_labels, source, ...)` writes one ROI per lesion ("lesion N": the lesion
-numbers of `dicomnode.measures`, the SR's tracking identifiers) into a new series of the
+numbers of `dicomnode.imaging.measures`, the SR's tracking identifiers) into a new series of the
 source study, on the source's frame of reference:
 
 - Contours: per lesion and per source slice, the outlines of the lesion's pixels
@@ -27,7 +27,6 @@ highdicom has no RTSTRUCT, so this is pydicom; the IOD is checked by dciodvfy in
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -36,18 +35,14 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 from skimage.measure import find_contours
 
-from dicomnode.preview import PALETTE
-from dicomnode.seg import source_grid_problem
+from dicomnode.results.preview import PALETTE
+from dicomnode.results.common import check_on_source
 
 # Detached Study Management (retired, but what RTReferencedStudySequence items carry by convention).
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 NO_LESIONS = "no lesions"
 _PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
                       "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
-
-
-class RtStructError(ValueError):
-    """The label map and the source images do not fit together."""
 
 
 def build_rtstruct(
@@ -62,7 +57,7 @@ def build_rtstruct(
 ) -> Dataset:
     """An RT Structure Set with one ROI per lesion; `lesion_labels[k]` lies on `source[k]`
     (0 background, n = lesion n)."""
-    _check_fits(lesion_labels, source)
+    check_on_source(lesion_labels, source, "lesion labels")
     lesions = [int(n) for n in np.unique(lesion_labels) if n > 0]
     ds = _header(source[0], series_number, series_description, manufacturer, model_name, model_version)
     frame_of_reference = ds.FrameOfReferenceUID
@@ -77,13 +72,6 @@ def build_rtstruct(
         ds.ROIContourSequence = [_roi_contours(1, [])]
         ds.RTROIObservationsSequence = [_observation(1, "")]
     return ds
-
-
-def write_rtstruct(ds: Dataset, path: Path | str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
@@ -194,9 +182,3 @@ def _observation(number: int, interpreted_type: str) -> Dataset:
     item.RTROIInterpretedType = interpreted_type
     item.ROIInterpreter = ""
     return item
-
-
-def _check_fits(lesion_labels: np.ndarray, source: Sequence[Dataset]) -> None:
-    problem = source_grid_problem(lesion_labels.shape, source, "lesion labels")
-    if problem:
-        raise RtStructError(problem)

@@ -6,7 +6,7 @@ to square pixels so that slice spacing and in-plane spacing keep their true prop
 The lesion mask is projected the same way and its outline is drawn in colour just outside
 the projected lesions, so the uptake inside stays visible. A text band on top carries the
 title and key figures. Pure numpy + pillow (+ scipy.ndimage). The same image (render_preview)
-is the PNG preview and the pixels of the secondary capture (dicomnode.capture).
+is the PNG preview and the pixels of the secondary capture (dicomnode.results.sc).
 
 Layout (all integer pixels, so tests can reason about it):
 

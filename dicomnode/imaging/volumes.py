@@ -1,15 +1,11 @@
 """Single-frame DICOM series -> 3-D volume in patient coordinates, and resampling between grids.
 
-`load_series(paths)` reads every file with pydicom, sorts the slices by their position along
-the slice normal (never by InstanceNumber), checks that they form one regular axial grid and
-applies the per-slice RescaleSlope/Intercept. The headers stay with the volume (`datasets`, in
-the same slice order as `array`) so SUV conversion and SEG creation can use them.
-
-Reading: pydicom + numpy. On the synthetic study (64 files each, best of 30, 2 CPU cores)
-load_series takes ~55 ms for PET and CT; SimpleITK's ImageSeriesReader reads the pixels alone
-in 30-42 ms, but the headers are needed anyway (SUV, SEG references) and pixels + headers
-came to 56-64 ms. One pydicom pass is as fast and simpler, so SimpleITK is only used for
-resampling.
+`load_series(paths)` reads every file with pydicom, checks that the slices form one regular
+axial stack (dicomnode.imaging.geometry: the rule series selection applies too), orders them
+by position along the slice normal and applies the per-slice RescaleSlope/Intercept. The
+headers stay with the volume (`datasets`, in the same slice order as `array`) so SUV
+conversion and SEG creation can use them. One pydicom pass reads headers and pixels (the
+headers are needed anyway); SimpleITK is used for resampling.
 """
 
 from __future__ import annotations
@@ -23,11 +19,10 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
-from dicomnode.selection import first_sentence
+from dicomnode.imaging.geometry import GeometryError, slice_stack
+from dicomnode.imaging.headers import first_sentence
 
 CT_PADDING_HU = -1024.0
-_ORIENTATION_TOLERANCE = 1e-4
-_SPACING_TOLERANCE_MM = 0.01  # absolute, plus 0.1 % of the spacing
 
 
 class VolumeError(ValueError):
@@ -89,10 +84,14 @@ def _volume(datasets: list[Dataset]) -> Volume:
     if not datasets:
         raise VolumeError("no files given")
     _check_same_series(datasets)
-    row, col, normal = _axial_orientation(datasets)
-    datasets.sort(key=lambda ds: _position_along(ds, normal))
-    positions = np.array([_position_along(ds, normal) for ds in datasets])
-    slice_spacing = _uniform_spacing(positions, datasets)
+    try:
+        stack = slice_stack([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets],
+                            [[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    except GeometryError as exc:
+        raise VolumeError(f"series {datasets[0].get('SeriesInstanceUID', '?')}: {exc}") from None
+    datasets[:] = [datasets[i] for i in stack.order]
+    row, col, normal = stack.row, stack.col, stack.normal
+    slice_spacing = stack.spacing or _single_slice_spacing(datasets[0])
 
     array = np.stack([_rescaled_plane(ds) for ds in datasets]).astype(np.float32, copy=False)
     first = datasets[0]
@@ -157,52 +156,8 @@ def _check_same_series(datasets: list[Dataset]) -> None:
             raise VolumeError("multi-frame images are not supported")
 
 
-def _axial_orientation(datasets: list[Dataset]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row, column and normal unit vectors, shared by all slices and axis-aligned axial."""
-    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
-    if np.abs(orientations - orientations[0]).max() > _ORIENTATION_TOLERANCE:
-        raise VolumeError("mixed ImageOrientationPatient in one series")
-    row, col = orientations[0, :3], orientations[0, 3:]
-    normal = np.cross(row, col)
-    axis_aligned = all(
-        np.abs(np.abs(v) - np.eye(3)[axis]).max() < _ORIENTATION_TOLERANCE
-        for v, axis in ((row, 0), (col, 1), (normal, 2))
-    )
-    if not axis_aligned:
-        raise VolumeError(
-            f"oblique or non-axial ImageOrientationPatient {list(orientations[0])} is not supported"
-        )
-    return np.round(row), np.round(col), np.round(normal)
-
-
-def _position_along(ds: Dataset, normal: np.ndarray) -> float:
-    return float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient]))
-
-
-def _uniform_spacing(positions: np.ndarray, datasets: list[Dataset]) -> float:
-    """The slice spacing; raises on duplicate positions or gaps (positions sorted ascending)."""
-    if len(positions) == 1:
-        ds = datasets[0]
-        return float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
-    steps = np.diff(positions)
-    for i, step in enumerate(steps):
-        if step < _SPACING_TOLERANCE_MM:
-            raise VolumeError(
-                f"duplicate slice position {positions[i]:.3f} mm "
-                f"(instances {datasets[i].get('InstanceNumber')} and "
-                f"{datasets[i + 1].get('InstanceNumber')})"
-            )
-    spacing = float(np.median(steps))
-    tolerance = _SPACING_TOLERANCE_MM + 1e-3 * spacing
-    for i, step in enumerate(steps):
-        if abs(step - spacing) > tolerance:
-            missing = round(step / spacing) - 1
-            what = f"{missing} slice(s) missing" if missing >= 1 else "irregular spacing"
-            raise VolumeError(
-                f"gap in slice positions between {positions[i]:.3f} and {positions[i + 1]:.3f} mm: "
-                f"step {step:.3f} mm, expected {spacing:.3f} mm ({what})"
-            )
-    return spacing
+def _single_slice_spacing(ds: Dataset) -> float:
+    return float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
 
 
 def _rescaled_plane(ds: Dataset) -> np.ndarray:

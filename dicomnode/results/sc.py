@@ -1,7 +1,7 @@
 """Result -> DICOM Secondary Capture image, for PACS viewers that do not display a SEG.
 
-`build_capture(suv, lesion_labels, measures, source, ...)` renders the PNG preview's image
-(dicomnode.preview.render_preview: the coronal PET MIP in inverted grey, head up, patient's
+`build_sc(suv, lesion_labels, measures, source, ...)` renders the PNG preview's image
+(dicomnode.results.preview.render_preview: the coronal PET MIP in inverted grey, head up, patient's
 right on the viewer's left, each lesion outlined in its colour, the RTSTRUCT's ROI colours)
 with the key figures burned into its header band: lesion count, total MTV, total TLG, the
 highest SUVmax, the model's name and version, and a caveat that it is an unreviewed
@@ -19,14 +19,11 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicomnode.measures import StudyMeasures
-from dicomnode.preview import display_window, render_preview
+from dicomnode.imaging.measures import StudyMeasures
+from dicomnode.results.preview import display_window, render_preview
+from dicomnode.results.common import ResultError, check_on_source
 
 CAVEAT = "automatic segmentation, not reviewed: not for diagnosis"
-
-
-class CaptureError(ValueError):
-    """The PET, the lesion labels and the source images do not fit together."""
 
 
 def key_figures(measures: StudyMeasures, window: float) -> str:
@@ -41,7 +38,7 @@ def key_figures(measures: StudyMeasures, window: float) -> str:
     return f"{found} | MIP window SUVbw 0-{window:.1f}"
 
 
-def build_capture(
+def build_sc(
     suv: np.ndarray,
     lesion_labels: np.ndarray,
     measures: StudyMeasures,
@@ -84,9 +81,6 @@ def build_capture(
 
 
 def _check_fits(suv: np.ndarray, lesion_labels: np.ndarray, source: Sequence[Dataset]) -> None:
-    if not source:
-        raise CaptureError("no source images")
     if suv.shape != lesion_labels.shape:
-        raise CaptureError(f"lesion labels shape {lesion_labels.shape} differs from the PET's {suv.shape}")
-    if suv.shape[0] != len(source):
-        raise CaptureError(f"the PET has {suv.shape[0]} slices but there are {len(source)} source images")
+        raise ResultError(f"lesion labels shape {lesion_labels.shape} differs from the PET's {suv.shape}")
+    check_on_source(suv, source, "the PET")

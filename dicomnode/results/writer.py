@@ -1,0 +1,123 @@
+"""The result objects of one job, built together: which a job needs, their files and series
+numbers, and the builders called in order (the SR references the SEG, built in the same call
+or read back from the job's folder).
+
+Everything comes in as arguments (the findings, the source images, the model's identity), so
+this module knows nothing of jobs, queues or databases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from highdicom.seg import segread
+from pydicom.dataset import Dataset
+
+from dicomnode.config import Config, ModelSettings, OutputKind
+from dicomnode.results.rtstruct import build_rtstruct
+from dicomnode.results.sc import build_sc
+from dicomnode.results.seg import build_seg
+from dicomnode.results.segment_sr import build_segment_sr
+from dicomnode.results.sr import build_sr
+
+# Each result object's file in the job's result folder, in the order they are built and sent.
+RESULT_FILES = {OutputKind.SEG: "seg.dcm", OutputKind.SR: "sr.dcm", OutputKind.RTSTRUCT: "rtstruct.dcm",
+                OutputKind.SC: "sc.dcm"}
+RESULT_SERIES_OFFSET = {OutputKind.SEG: 1, OutputKind.SR: 2, OutputKind.RTSTRUCT: 3, OutputKind.SC: 4}
+
+
+def results_needed(config: Config, settings: ModelSettings) -> list[OutputKind]:
+    """The result objects a job writes: the SEG and the SR always (kept on disk even for a node
+    without destinations), an RTSTRUCT or SC when a destination has it as an output or fallback."""
+    kinds = {OutputKind.SEG, OutputKind.SR}
+    for destination in config.destinations_for(settings):
+        kinds.update(destination.outputs)
+        kinds.update([destination.fallback] if destination.fallback else [])
+    return [kind for kind in RESULT_FILES if kind in kinds]
+
+
+def result_series_number(kind: OutputKind, run: int, model_position: int) -> int:
+    """SeriesNumber of a result object: 900 + 1000 per model before it in the config + 10 per
+    earlier run + 1 SEG / 2 SR / 3 RTSTRUCT / 4 SC, so run 1 of the first model gives 901..904,
+    run 2 911..914, the second model 1901..; no two results of a study share a number until a
+    model's 100th run."""
+    return 900 + 1000 * model_position + 10 * (run - 1) + RESULT_SERIES_OFFSET[kind]
+
+
+@dataclass(frozen=True)
+class Findings:
+    """What the result objects report. A model with a PET channel: its lesions (connected
+    components of the mask) with their SUV measures (`measures`: measures.StudyMeasures, `labels`:
+    lesion n = n, `segments` None: one lesion segment). A model without one: each label of its
+    label map as a segment with its codes (`measures`: measures.SegmentMeasures per label,
+    `labels`: the model's label map, `segments`: label value -> labelcodes' LabelCode)."""
+
+    measures: object
+    labels: np.ndarray
+    segments: dict | None = None
+
+    def as_json(self) -> object:
+        return asdict(self.measures) if self.segments is None else [asdict(m) for m in self.measures]
+
+
+@dataclass(frozen=True)
+class Source:
+    """The images the results are drawn on: the grid series' headers in slice order (what the
+    SEG and the SR reference), the PET in SUVbw on that grid and its first header (None for a
+    model without PET), and the grid's (z, y, x) spacing in mm."""
+
+    datasets: Sequence[Dataset]
+    spacing: tuple[float, float, float]
+    suv: np.ndarray | None = None
+    pet_header: Dataset | None = None
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Who made the results: the model's name and version (SEG algorithm identification, SR
+    device), its folds and the run of the study."""
+
+    name: str
+    version: str
+    folds: tuple[int, ...]
+    run: int
+
+
+def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, source: Source, algorithm: Algorithm,
+                  numbers: dict[OutputKind, int]) -> Iterator[tuple[OutputKind, Dataset]]:
+    """Build `kinds` in RESULT_FILES order, yielding (kind, dataset); the SR references the SEG,
+    built here or read back from `out`. The RTSTRUCT and the SC (PET MIP) are of PET lesions only
+    (config refuses them for a model without a PET channel)."""
+    model = dict(model_name=algorithm.name, model_version=algorithm.version)
+    run, name, images = algorithm.run, algorithm.name, source.datasets
+    lesions = findings.segments is None
+    seg = None
+    if OutputKind.SEG in kinds:
+        if lesions:
+            seg = build_seg((findings.labels > 0).astype(np.uint8), images, **model, folds=list(algorithm.folds),
+                            series_number=numbers[OutputKind.SEG], series_description=f"{name} lesions (run {run})"[:64])
+        else:
+            seg = build_seg(findings.labels, images, **model, folds=list(algorithm.folds), segments=findings.segments,
+                            series_number=numbers[OutputKind.SEG], series_description=f"{name} segments (run {run})"[:64])
+        yield OutputKind.SEG, seg
+    elif OutputKind.SR in kinds:
+        seg = segread(out / RESULT_FILES[OutputKind.SEG])
+    if OutputKind.SR in kinds and lesions:
+        yield OutputKind.SR, build_sr(findings.measures, findings.labels, seg, images, pet_header=source.pet_header,
+                                      **model, series_number=numbers[OutputKind.SR],
+                                      series_description=f"{name} PET measurements (run {run})"[:64])
+    elif OutputKind.SR in kinds:
+        yield OutputKind.SR, build_segment_sr(findings.measures, seg, images, segment_codes=findings.segments, **model,
+                                              series_number=numbers[OutputKind.SR],
+                                              series_description=f"{name} volumes (run {run})"[:64])
+    if OutputKind.RTSTRUCT in kinds:
+        yield OutputKind.RTSTRUCT, build_rtstruct(findings.labels, images, **model,
+                                                  series_number=numbers[OutputKind.RTSTRUCT],
+                                                  series_description=f"{name} lesion contours (run {run})"[:64])
+    if OutputKind.SC in kinds:
+        yield OutputKind.SC, build_sc(source.suv, findings.labels, findings.measures, images, source.spacing, **model,
+                                      series_number=numbers[OutputKind.SC],
+                                      series_description=f"{name} PET MIP (run {run})"[:64])
