@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from dicomnode.config import ModelSettings  # noqa: E402
 from dicomnode.inspect import export_inputs, inspect_path  # noqa: E402
-from dicomnode.processing import assemble_inputs  # noqa: E402
+from dicomnode.pipeline.inputs import assemble_inputs  # noqa: E402
 from dicomnode.synth.petct import write_study  # noqa: E402
 
 MODEL_DIR = REPO / "models" / "demo-petct"

@@ -24,10 +24,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dicomnode.synth.petct import write_study  # noqa: E402
 from dicomnode.testing.node import start_node  # noqa: E402
 from dicomnode.testing.orthanc import LocalOrthanc
 from dicomnode.testing.ports import free_port  # noqa: E402
-from dicomnode.synth.petct import write_study  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 

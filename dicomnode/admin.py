@@ -22,13 +22,20 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
-from dicomnode.store.tables import Component, Delivery, Event, Instance, Job, Study, utcnow
-from dicomnode.store.index import series_of_study
-from dicomnode.queue import QUEUED, RUNNING, STATES
 from dicomnode.store.components import EXPECTED, HEARTBEAT_SECONDS, Role
+from dicomnode.store.events import ERROR_KINDS, EventKind
+from dicomnode.store.index import series_of_study
 from dicomnode.store.schema import current_revision
-
-ERROR_KINDS = ("failed", "retry-scheduled", "delivery-failed", "lease-expired", "assembly-failed")
+from dicomnode.store.tables import (
+    Component,
+    Delivery,
+    Event,
+    Instance,
+    Job,
+    JobState,
+    Study,
+    utcnow,
+)
 
 
 def as_json(value) -> str:  # noqa: ANN001 - a dataclass, or a list of them
@@ -83,7 +90,7 @@ def components(sessions: sessionmaker, stale_after: float, now: datetime | None 
     now = now or utcnow()
     with sessions() as session:
         rows = list(session.scalars(select(Component).order_by(Component.name, Component.host, Component.last_seen_at.desc())))
-        busy = {j.lease_owner: j for j in session.scalars(select(Job).where(Job.state == RUNNING, Job.lease_expires_at > now))}
+        busy = {j.lease_owner: j for j in session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at > now))}
     listed: list[ComponentStatus] = []
     by_place: dict[tuple[str, str], list[ComponentStatus]] = {}
     for row in rows:
@@ -173,7 +180,7 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
     parts = components(sessions, stale_after, now)
     with sessions() as session:
         counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        oldest = session.scalar(select(Job).where(Job.state == QUEUED).order_by(Job.created_at, Job.id).limit(1))
+        oldest = session.scalar(select(Job).where(Job.state == JobState.QUEUED).order_by(Job.created_at, Job.id).limit(1))
         recent = list(session.scalars(select(Event).where(Event.kind.in_(ERROR_KINDS)).order_by(Event.id.desc()).limit(errors)))
     waiting = None
     if oldest is not None:
@@ -183,7 +190,7 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
     return NodeStatus(
         checked_at=now,
         components=parts,
-        queue={state: counts.get(state, 0) for state in STATES},
+        queue={state: counts.get(state, 0) for state in JobState},
         oldest_waiting=waiting,
         disk=disk_use(config),
         models=models,
@@ -233,8 +240,8 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 def list_jobs(sessions: sessionmaker, state: str | None = None, since: datetime | None = None, study: str | None = None) -> list[JobRow]:
     """Jobs, newest first; `since`: created at or after."""
-    if state is not None and state not in STATES:
-        raise ValueError(f"no job state {state!r}: one of {', '.join(STATES)}")
+    if state is not None and state not in set(JobState):
+        raise ValueError(f"no job state {state!r}: one of {', '.join(JobState)}")
     query = select(Job).order_by(Job.id.desc())
     if state is not None:
         query = query.where(Job.state == state)
@@ -349,11 +356,9 @@ VERDICT_TEXT = re.compile(r"^.*? instances?: (.*) \[([0-9.]+)\]$")
 
 def _verdicts(session, study_uid: str) -> dict[str, tuple[str, int | None]]:  # noqa: ANN001
     """Series UID -> (the latest verdict's text, its job)."""
-    from dicomnode.assembler import VERDICT  # (with dicomnode.selection and pydicom: not for status and jobs)
-
     latest: dict[str, tuple[str, int | None]] = {}
     for message, job_id in session.execute(
-        select(Event.message, Event.job_id).where(Event.study_uid == study_uid, Event.kind == VERDICT).order_by(Event.id)
+        select(Event.message, Event.job_id).where(Event.study_uid == study_uid, Event.kind == EventKind.SERIES_VERDICT).order_by(Event.id)
     ):
         parsed = VERDICT_TEXT.match(message)
         if parsed:

@@ -80,7 +80,7 @@ def serve(config: Path = ConfigOption, log_level: str = "INFO", no_worker: bool 
 def worker(config: Path = ConfigOption, log_level: str = "INFO") -> None:
     """Run a worker: claim jobs and run the models (serve starts one itself)."""
     _setup_logging(log_level)
-    from dicomnode.worker import Worker
+    from dicomnode.pipeline.worker import Worker
 
     Worker(_config(config)).run_forever()
 
@@ -124,7 +124,8 @@ def _destination(cfg: Config, name: str):  # noqa: ANN202 - config.Destination
 @app.command()
 def echo(destination: str, config: Path = ConfigOption) -> None:
     """C-ECHO a configured destination."""
-    from dicomnode.sender import SendError, echo as c_echo
+    from dicomnode.sender import SendError
+    from dicomnode.sender import echo as c_echo
 
     cfg = _config(config)
     dest = _destination(cfg, destination)
@@ -146,7 +147,13 @@ def send(path: Path, destination: str, config: Path = ConfigOption) -> None:
 
     Exit status 0 when the destination stored every file, 1 otherwise (each refusal is listed)."""
     from pydicom.misc import is_dicom
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from dicomnode.sender import store_each
 
@@ -217,7 +224,8 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
     Exit status 0 when every component is up, 1 otherwise."""
     from rich.filesize import decimal
 
-    from dicomnode.admin import as_json as to_json, node_status
+    from dicomnode.admin import as_json as to_json
+    from dicomnode.admin import node_status
 
     cfg = _config(config)
     node = node_status(_sessions(cfg), cfg)
@@ -260,7 +268,8 @@ def jobs_list(
     as_json: bool = JsonOption,
 ) -> None:
     """Jobs, newest first."""
-    from dicomnode.admin import as_json as to_json, list_jobs
+    from dicomnode.admin import as_json as to_json
+    from dicomnode.admin import list_jobs
 
     try:
         jobs = list_jobs(_sessions(_config(config)), state=state, since=_since(since), study=study)
@@ -311,7 +320,7 @@ def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOpti
 @jobs_app.command("retry")
 def jobs_retry(job_id: int, config: Path = ConfigOption) -> None:
     """Queue a failed job again, with fresh attempts for it and its failed deliveries."""
-    from dicomnode.queue import retry
+    from dicomnode.pipeline.queue import retry
 
     if not retry(_sessions(_config(config)), job_id):
         console.print(f"[red]job {job_id} is not a failed job[/red]")
@@ -322,7 +331,7 @@ def jobs_retry(job_id: int, config: Path = ConfigOption) -> None:
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int, config: Path = ConfigOption) -> None:
     """Cancel a queued or failed job (and its pending deliveries); a running job is refused."""
-    from dicomnode.queue import RefusedError, cancel
+    from dicomnode.pipeline.queue import RefusedError, cancel
 
     try:
         cancel(_sessions(_config(config)), job_id)
@@ -340,14 +349,14 @@ def jobs_requeue(
 ) -> None:
     """Run a study again now, as a new job per model (the next run number: new result series),
     even when an earlier run succeeded."""
-    from dicomnode.queue import RefusedError, RetryPolicy, requeue
+    from dicomnode.pipeline.queue import RefusedError, RetryPolicy, requeue
 
     cfg = _config(config)
     if model is not None and model not in {m.name for m in cfg.models}:
         console.print(f"[red]no model named {model!r}[/red] (have: {', '.join(m.name for m in cfg.models)})")
         raise typer.Exit(2)
     sessions = _sessions(cfg)
-    policy = RetryPolicy(cfg.node.max_attempts, cfg.node.retry_backoff_seconds)
+    policy = RetryPolicy.for_jobs(cfg.node)
     refused = False
     for name in [model] if model else [m.name for m in cfg.models]:
         try:
@@ -369,7 +378,8 @@ def studies_list(
     as_json: bool = JsonOption,
 ) -> None:
     """Received studies, the latest first: their series and their latest job."""
-    from dicomnode.admin import as_json as to_json, list_studies
+    from dicomnode.admin import as_json as to_json
+    from dicomnode.admin import list_studies
 
     studies = list_studies(_sessions(_config(config)), since=_since(since))
     if as_json:
@@ -413,7 +423,7 @@ def inspect_cmd(
 
     from dicomnode.config import ModelSettings
     from dicomnode.inspect import export_inputs, inspect_path
-    from dicomnode.processing import JobError
+    from dicomnode.pipeline.errors import JobError
 
     if not path.exists():
         console.print(f"[red]no such file or folder: {path}[/red]")

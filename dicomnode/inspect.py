@@ -1,6 +1,6 @@
 """`dicomnode inspect`: what the node would do with a folder of DICOM files, without a node.
 
-For every study in the folder: each series and its verdict (dicomnode.selection's rules,
+For every study in the folder: each series and its verdict (dicomnode.pipeline.selection's rules,
 with the model's input spec), whether the node would queue a job or hold the study back,
 the SUVbw factor of the chosen PET with the attributes it came from, and warnings.
 `export_inputs` writes the model's input volumes as the worker builds them
@@ -18,7 +18,7 @@ import pydicom
 from dicomnode.config import ModelSettings
 from dicomnode.imaging.headers import series_from_paths
 from dicomnode.imaging.suv import SuvError, series_factors
-from dicomnode.selection import Selection, select_inputs
+from dicomnode.pipeline.selection import Selection, select_inputs
 
 EXPORT_NAMES = {"PET": "pet_suv.nii.gz", "CT": "ct_hu.nii.gz"}
 
@@ -119,7 +119,7 @@ def export_inputs(report: StudyReport, model: ModelSettings, out: Path) -> dict[
     model's grid (PET or CT, config `grid`); the PET SUV is written even for a CT-only model."""
     import SimpleITK as sitk
 
-    from dicomnode.processing import assemble_inputs
+    from dicomnode.pipeline.inputs import assemble_inputs
 
     selection = report.selection
     channels = [c for c in dict.fromkeys(model.channels) if c in selection.chosen]

@@ -13,15 +13,19 @@ from __future__ import annotations
 import re
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode import queue
-from dicomnode.store import diskspace
 from dicomnode.config import Config
-from dicomnode.store.tables import Event, Job
+from dicomnode.store import diskspace
+from dicomnode.store.events import EventKind
+from dicomnode.store.tables import Event, Job, JobState
 
 INFERENCE_SECONDS = re.compile(r"^(\d+(?:\.\d+)?) s\b")  # the "inference-done" event: "12.3 s on cuda, ..."
 
@@ -49,12 +53,12 @@ class DatabaseCollector(Collector):
     def collect(self):  # noqa: ANN201 - metric families
         with self.sessions() as session:
             by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-            completed = session.scalar(select(func.count(distinct(Job.study_uid))).where(Job.state == queue.SUCCEEDED))
-            failures = session.scalar(select(func.count()).select_from(Event).where(Event.kind == "delivery-failed"))
+            completed = session.scalar(select(func.count(distinct(Job.study_uid))).where(Job.state == JobState.SUCCEEDED))
+            failures = session.scalar(select(func.count()).select_from(Event).where(Event.kind == EventKind.DELIVERY_FAILED))
             inference = [float(m.group(1)) for m in map(INFERENCE_SECONDS.match, session.scalars(
-                select(Event.message).where(Event.kind == "inference-done"))) if m]
+                select(Event.message).where(Event.kind == EventKind.INFERENCE_DONE))) if m]
         jobs = GaugeMetricFamily("dicomnode_jobs", "Jobs by state", labels=["state"])
-        for state in dict.fromkeys([*queue.STATES, *by_state]):
+        for state in dict.fromkeys([*JobState, *by_state]):
             jobs.add_metric([state], by_state.get(state, 0))
         yield jobs
         yield CounterMetricFamily("dicomnode_studies_completed", "Studies with a succeeded job", value=completed)

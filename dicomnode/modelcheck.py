@@ -121,7 +121,7 @@ def _label_problems(settings: ModelSettings, labels: dict[str, int], root) -> li
 
 def _dry_run(settings: ModelSettings) -> str:
     """Load the model and segment a small synthetic array; a line saying how it went."""
-    from dicomnode.worker import load_model
+    from dicomnode.pipeline.model_cache import load_model
     from inference.check import dry_run
 
     try:

@@ -42,10 +42,10 @@ from pynetdicom.sop_class import (
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
-from dicomnode.store.diskspace import Watermark
-from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.metrics import ReceiverCounters
 from dicomnode.netutil import NODELAY_HANDLER, server_tls_context
+from dicomnode.store.diskspace import Watermark
+from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.store.spool import Spool
 from dicomnode.validation import CANNOT_UNDERSTAND, Refused, check_instance
 

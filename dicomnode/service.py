@@ -20,13 +20,14 @@ from datetime import datetime, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicomnode import assembler, queue, systemd
+from dicomnode import systemd
+from dicomnode.config import Config
+from dicomnode.metrics import Metrics
+from dicomnode.pipeline import assembler, queue
+from dicomnode.receiver import Receiver
 from dicomnode.store import retention
 from dicomnode.store.components import Role, heartbeat
-from dicomnode.config import Config
 from dicomnode.store.engine import make_sessionmaker
-from dicomnode.metrics import Metrics
-from dicomnode.receiver import Receiver
 
 log = logging.getLogger("dicomnode.service")
 

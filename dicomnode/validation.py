@@ -29,7 +29,13 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import VR
 
-from dicomnode.imaging.headers import FactsError, InstanceFacts, facts_from_dataset, first_sentence, numbers
+from dicomnode.imaging.headers import (
+    FactsError,
+    InstanceFacts,
+    facts_from_dataset,
+    first_sentence,
+    numbers,
+)
 from dicomnode.store.spool import UID as UID_PATTERN
 
 DOES_NOT_MATCH_SOP_CLASS = 0xA900

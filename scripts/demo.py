@@ -24,13 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dicomnode.config import load_config  # noqa: E402
+from dicomnode.imaging.suv import pet_suv_volume  # noqa: E402
+from dicomnode.imaging.volumes import load_series  # noqa: E402
+from dicomnode.results.preview import mip_png  # noqa: E402
+from dicomnode.synth.petct import write_study  # noqa: E402
 from dicomnode.testing.node import dice, seg_on_source_grid, start_node  # noqa: E402
 from dicomnode.testing.orthanc import LocalOrthanc
 from dicomnode.testing.ports import free_port  # noqa: E402
-from dicomnode.results.preview import mip_png  # noqa: E402
-from dicomnode.imaging.suv import pet_suv_volume  # noqa: E402
-from dicomnode.synth.petct import write_study  # noqa: E402
-from dicomnode.imaging.volumes import load_series  # noqa: E402
 
 OUT = REPO / "demo-out"
 

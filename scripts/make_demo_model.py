@@ -72,7 +72,13 @@ def phantom_case(seed: int):
     """(channels (2, z, y, x) float32, lesion label map (z, y, x) uint8 1..n, phantom)."""
     import numpy as np
 
-    from dicomnode.synth.petct_phantom import PET_GRID, ct_hu, lesion_masks, pet_suv, random_phantom
+    from dicomnode.synth.petct_phantom import (
+        PET_GRID,
+        ct_hu,
+        lesion_masks,
+        pet_suv,
+        random_phantom,
+    )
 
     ph = random_phantom(seed)
     channels = np.stack([ct_hu(ph, PET_GRID).astype(np.float32), pet_suv(ph, PET_GRID)])
@@ -455,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"nnU-Net work folder: {work_dir}")
     ncpu = max(1, len(os.sched_getaffinity(0)))
 
-    import torch
     import nnunetv2
+    import torch
 
     write_raw_dataset(dirs["nnUNet_raw"], args.cases)
     plans_file = plan_and_preprocess(dirs["nnUNet_preprocessed"], n_proc=ncpu)

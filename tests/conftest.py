@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
-
-from dicomnode.store.engine import make_sessionmaker
-from dicomnode.receiver import Receiver
-from dicomnode.synth.petct import SyntheticStudy, write_study
-from dicomnode.imaging.volumes import load_series
 from nodeutil import node_config
 from selectionutil import copy_series
 from storescp import StoreSCP
+
+from dicomnode.imaging.volumes import load_series
+from dicomnode.receiver import Receiver
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.synth.petct import SyntheticStudy, write_study
 
 
 @pytest.fixture(scope="session")

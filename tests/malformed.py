@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nodeutil import tiny_instance
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
@@ -30,8 +31,6 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import PositronEmissionTomographyImageStorage as PETStorage
-
-from nodeutil import tiny_instance
 
 SUCCESS, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0000, 0xA900, 0xC000
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.queue import claim
+from dicomnode.pipeline.queue import claim
 
 
 def claim_concurrently(sessions_of_worker: Callable[[], sessionmaker], workers: int = 4,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from dicomnode.store.tables import utcnow
 from dicomnode.store.index import ReceivedInstance, record_instance
+from dicomnode.store.tables import utcnow
 from dicomnode.synth.petct import SyntheticStudy, write_study
 
 

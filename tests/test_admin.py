@@ -13,26 +13,30 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from pydicom.uid import CTImageStorage, PositronEmissionTomographyImageStorage, SegmentationStorage, generate_uid
+from nodeutil import node_config, write_config
+from pydicom.uid import (
+    CTImageStorage,
+    PositronEmissionTomographyImageStorage,
+    SegmentationStorage,
+    generate_uid,
+)
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-from dicomnode import cli, delivery
-from dicomnode.store.components import heartbeat
+from dicomnode import cli
 from dicomnode.admin import parse_since
-from dicomnode.assembler import VERDICT
 from dicomnode.config import Config, load_config
-from dicomnode.store.tables import Component, Delivery, Job, utcnow
-from dicomnode.store.engine import make_sessionmaker
-from dicomnode.store.index import ReceivedInstance, record_instance
-from dicomnode.testing.node import start_node
-from dicomnode.queue import STATES, RetryPolicy, cancel, claim, enqueue, fail, succeed
-from dicomnode.store.events import log_event
-from dicomnode.store.schema import head_revision
-from dicomnode.selection import Verdict
+from dicomnode.pipeline import delivery
+from dicomnode.pipeline.queue import RetryPolicy, cancel, claim, enqueue, fail, succeed
+from dicomnode.pipeline.selection import Verdict
 from dicomnode.sender import Outcome
-
-from nodeutil import node_config, write_config
+from dicomnode.store.components import heartbeat
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.index import ReceivedInstance, record_instance
+from dicomnode.store.schema import head_revision
+from dicomnode.store.tables import Component, Delivery, Job, JobState, utcnow
+from dicomnode.testing.node import start_node
 
 LEASE = timedelta(minutes=10)
 REMOTE_WORKER = "gpu-2:77"  # a worker on another host, busy with the running job
@@ -64,7 +68,7 @@ def _verdicts(series: dict[str, str]) -> list[tuple[str, str]]:
     used = Verdict(series["PT"], "PT", 2, "PT series", 2, "used", "PET", label='PT #2 "PT series", 2 instances')
     ignored = Verdict(series["CT"], "CT", 1, "CT series", 3, "ignored", None, ("ImageType lacks AXIAL",),
                       label='CT #1 "CT series", 3 instances')
-    return [(VERDICT, used.message), (VERDICT, ignored.message)]
+    return [(EventKind.SERIES_VERDICT, used.message), (EventKind.SERIES_VERDICT, ignored.message)]
 
 
 def _succeed_with_deliveries(sessions, job_id: int, study: str) -> None:
@@ -135,7 +139,7 @@ def _seconds(a: str, b: str) -> float:
 def test_jobs_list_has_every_state_as_table_and_json(site: Site):
     listing = json.loads(_cli(site, "jobs", "list", "--json"))
     assert {j["state"]: j["id"] for j in listing} == site.jobs
-    assert set(site.jobs) == set(STATES)
+    assert set(site.jobs) == set(list(JobState))
     assert [j["id"] for j in listing] == sorted(site.jobs.values(), reverse=True)  # newest first
     failed = next(j for j in listing if j["state"] == "failed")
     assert (failed["study"], failed["attempts"], failed["max_attempts"]) == (site.studies["failed"], 1, 3)
@@ -174,7 +178,7 @@ def test_job_timeline_in_order_with_durations(site: Site):
     assert (shown["state"], shown["run"], shown["study"]) == ("succeeded", 1, site.studies["succeeded"])
     steps = shown["timeline"]
     assert [s["event"] for s in steps] == [
-        "study-received", "last-instance", "queued", VERDICT, VERDICT, "started", "inputs-built", "inference-done",
+        "study-received", "last-instance", "queued", EventKind.SERIES_VERDICT, EventKind.SERIES_VERDICT, "started", "inputs-built", "inference-done",
         "results-written", "delivered", "delivered", "succeeded"]
     assert steps[0]["since_previous_seconds"] is None and steps[0]["since_received_seconds"] == 0
     assert steps[1]["since_received_seconds"] == 1.0  # the PET, the study's last instances, a second after the CT
@@ -293,7 +297,7 @@ def test_status_reads_components_queue_disk_and_errors(site: Site):
     assert local_worker["up"] is False and "is not running" in local_worker["why"]
     assert busy_worker["up"] is True and busy_worker["why"].startswith(f"running job {site.jobs['running']}, lease renewed until")
     assert status["models"] == [{"name": "demo-petct", "loaded_by": ["gpu-2:77"]}]
-    assert status["queue"] == {state: 1 for state in STATES}
+    assert status["queue"] == {state: 1 for state in list(JobState)}
     assert (status["oldest_waiting"]["job_id"], status["oldest_waiting"]["study_uid"]) == (site.jobs["queued"], site.studies["queued"])
     disk = status["disk"]
     assert (disk["spool_bytes"], disk["results_bytes"]) == (12345, 1000)

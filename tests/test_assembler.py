@@ -2,15 +2,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
+from nodeutil import node_config, tiny_instance
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicomnode import assembler
-from dicomnode.store.tables import Event, Job, utcnow
+from dicomnode.pipeline import assembler
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.index import ReceivedInstance, record_instance, series_of_study
-
-from nodeutil import node_config, tiny_instance
+from dicomnode.store.tables import Event, Job, utcnow
 
 
 def _tiny_series(folder: Path, study: str, series: str, modality: str, frame_of_reference: str, count: int = 4) -> list[Path]:

@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+from dicomtools import dciodvfy_errors
 from scipy import ndimage
 
-from dicomnode.results.sc import CAVEAT, build_sc, key_figures
-from dicomnode.results.common import ResultError
 from dicomnode.imaging.measures import measure_lesions
-from dicomnode.results.preview import PALETTE, default_zoom, panel_size
 from dicomnode.imaging.suv import pet_suv_volume
-from dicomtools import dciodvfy_errors
+from dicomnode.results.common import ResultError
+from dicomnode.results.preview import PALETTE, default_zoom, panel_size
+from dicomnode.results.sc import CAVEAT, build_sc, key_figures
 
 ARGS = dict(model_name="demo-petct", model_version="0.1.0", series_number=981, series_description="demo-petct PET MIP")
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dicomnode.processing import JobError, assemble_inputs
+from dicomnode.pipeline.errors import JobError
+from dicomnode.pipeline.inputs import assemble_inputs
 from dicomnode.synth.registry import write_registry_study
 
 MR_CHANNELS = ["FLAIR", "T1", "T1CE", "T2"]

@@ -7,6 +7,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+from nodeutil import write_config, write_series
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -14,11 +15,9 @@ from typer.testing import CliRunner
 
 from dicomnode import cli
 from dicomnode.config import load_config
-from dicomnode.store.tables import Instance
+from dicomnode.pipeline.queue import RetryPolicy, claim, enqueue, fail
 from dicomnode.store.engine import make_sessionmaker
-from dicomnode.queue import RetryPolicy, claim, enqueue, fail
-
-from nodeutil import write_config, write_series
+from dicomnode.store.tables import Instance
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nodeutil import node_config, tiny_instance
 from pydicom import dcmread
 from pydicom.pixels import get_decoder, get_encoder
 from pydicom.uid import (
+    JPEG2000,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLossless,
@@ -34,12 +35,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
-from dicomnode.store.tables import Instance
-from dicomnode.store.engine import make_sessionmaker
-from dicomnode.receiver import STORAGE_CLASSES, TRANSFER_SYNTAXES, Receiver
 from dicomnode.imaging.volumes import load_series
-
-from nodeutil import node_config, tiny_instance
+from dicomnode.receiver import STORAGE_CLASSES, TRANSFER_SYNTAXES, Receiver
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Instance
 
 LOSSLESS = [JPEGLosslessSV1, JPEGLSLossless, JPEG2000Lossless, RLELossless]
 # syntax -> (dcmtk encoder command, or None for pydicom's encoder; storescu proposal option)

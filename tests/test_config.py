@@ -1,10 +1,9 @@
 from pathlib import Path
 
 import pytest
+from nodeutil import REPO, write_config
 
 from dicomnode.config import ConfigError, load_config
-
-from nodeutil import REPO, write_config
 
 
 def test_repo_config_resolves_paths_against_its_folder():

@@ -14,24 +14,28 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
-from pynetdicom.sop_class import Comprehensive3DSRStorage, CTImageStorage, SecondaryCaptureImageStorage, SegmentationStorage
-from sqlalchemy import select
-
-from dicomnode import delivery
-from dicomnode.store.tables import Delivery, Event, Job, utcnow
-from dicomnode.store.engine import make_sessionmaker
-from dicomnode.testing.ports import free_port
-from dicomnode.processing import result_dir
-from dicomnode.queue import FAILED, QUEUED, SUCCEEDED, RetryPolicy, claim, defer, enqueue, fail, retry
-from dicomnode.results.seg import build_seg
-from dicomnode.results.common import write_dicom
-from dicomnode.sender import Outcome, store_each
-from dicomnode.worker import Worker
-
 from dicomtools import dciodvfy_errors
 from nodeutil import node_config, tiny_instance
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    CTImageStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+from sqlalchemy import select
+
+from dicomnode.pipeline import delivery
+from dicomnode.pipeline.job import result_dir
+from dicomnode.pipeline.queue import RetryPolicy, claim, defer, enqueue, fail, retry
+from dicomnode.pipeline.worker import Worker
+from dicomnode.results.common import write_dicom
+from dicomnode.results.seg import build_seg
+from dicomnode.sender import Outcome, store_each
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Delivery, Event, Job, JobState, utcnow
+from dicomnode.testing.ports import free_port
 
 LEASE = timedelta(seconds=60)
 POLICY = RetryPolicy(max_attempts=3, backoff_seconds=10)
@@ -72,7 +76,7 @@ def _outcome(item: Delivery, tries: int = 1, error: str | None = None, permanent
 def test_plan_is_one_pending_delivery_per_object_per_destination_once(sessions, planned):
     job_id, files = planned
     assert delivery.plan(sessions, job_id, "1.2.3", files, ["pacs", "viewer"], POLICY) == 0  # idempotent
-    rows = delivery.deliveries(sessions, job_id)
+    rows = delivery.of_job(sessions, job_id)
     assert [(d.destination, Path(d.path).name, d.state, d.attempts, d.max_attempts) for d in rows] == [
         ("pacs", "seg.dcm", "pending", 0, 3), ("pacs", "sr.dcm", "pending", 0, 3),
         ("viewer", "seg.dcm", "pending", 0, 3), ("viewer", "sr.dcm", "pending", 0, 3)]
@@ -86,13 +90,13 @@ def test_transient_failures_back_off_then_fail_for_good(sessions, planned):
     item = delivery.due(sessions, job_id)[0]
     now = utcnow()
     assert delivery.record(sessions, item.id, _outcome(item, 0, "not established", status=None), POLICY, now=now) == "pending"
-    [row] = [d for d in delivery.deliveries(sessions, job_id) if d.id == item.id]
+    [row] = [d for d in delivery.of_job(sessions, job_id) if d.id == item.id]
     assert (row.attempts, row.last_error, row.not_before) == (1, "not established", now + timedelta(seconds=10))
     assert item.id not in {d.id for d in delivery.due(sessions, job_id, now=now)}
     assert item.id in {d.id for d in delivery.due(sessions, job_id, now=now + timedelta(seconds=10))}
     later = now + timedelta(seconds=10)
     assert delivery.record(sessions, item.id, _outcome(item, 2, "status 0xA700 after 2 tries", status=0xA700), POLICY, now=later) == "failed"
-    [row] = [d for d in delivery.deliveries(sessions, job_id) if d.id == item.id]
+    [row] = [d for d in delivery.of_job(sessions, job_id) if d.id == item.id]
     assert row.attempts == 3  # every C-STORE try counts
     summary = delivery.summary(sessions, job_id)
     assert (summary.pending, summary.sent, len(summary.failed)) == (3, 0, 1)
@@ -124,7 +128,7 @@ def test_refused_objects_replaced_by_one_fallback_delivery(sessions, planned, tm
     first = delivery.replace(sessions, seg.id, fallback, POLICY)
     assert delivery.replace(sessions, sr.id, fallback, POLICY) == first  # one SC for the destination
     assert delivery.replace(sessions, seg.id, fallback, POLICY) is None  # no longer failed
-    rows = delivery.deliveries(sessions, job_id)
+    rows = delivery.of_job(sessions, job_id)
     assert [(d.destination, Path(d.path).name, d.state) for d in rows] == [
         ("pacs", "seg.dcm", "replaced"), ("pacs", "sr.dcm", "replaced"), ("viewer", "seg.dcm", "pending"),
         ("viewer", "sr.dcm", "pending"), ("pacs", "sc.dcm", "pending")]
@@ -143,7 +147,7 @@ def test_defer_returns_the_attempt_and_retry_resets_failed_deliveries(sessions, 
     assert not defer(sessions, job_id, "w1", when, "again")  # no longer running
     with sessions() as session:
         job = session.get(Job, job_id)
-        assert (job.state, job.attempts, job.not_before, job.lease_owner) == (QUEUED, 0, when, None)
+        assert (job.state, job.attempts, job.not_before, job.lease_owner) == (JobState.QUEUED, 0, when, None)
         assert "pacs down" in job.error
     assert claim(sessions, "w1", LEASE) is None  # waits for the backoff
     with sessions.begin() as session:
@@ -151,9 +155,9 @@ def test_defer_returns_the_attempt_and_retry_resets_failed_deliveries(sessions, 
     assert claim(sessions, "w1", LEASE).attempts == 1
     item = delivery.due(sessions, job_id)[0]
     delivery.record(sessions, item.id, _outcome(item, 0, "refused", permanent=True, status=None), POLICY)
-    assert fail(sessions, job_id, "w1", "delivery failed", POLICY, retryable=False) == FAILED
+    assert fail(sessions, job_id, "w1", "delivery failed", POLICY, retryable=False) == JobState.FAILED
     assert retry(sessions, job_id)
-    rows = delivery.deliveries(sessions, job_id)
+    rows = delivery.of_job(sessions, job_id)
     assert all(d.state == "pending" for d in rows) and rows[0].attempts == 0
 
 
@@ -186,10 +190,10 @@ def test_sop_class_rejected_fails_the_delivery_at_once(tmp_path: Path, scp_facto
     assert worker.run_one()
     with sessions() as session:
         job = session.get(Job, job_id)
-    assert job.state == FAILED and job.attempts == 1
+    assert job.state == JobState.FAILED and job.attempts == 1
     assert "to pacs" in job.error and "seg.dcm" in job.error and "sr.dcm" in job.error
     assert "SOP class rejected" in job.error and "Segmentation Storage" in job.error
-    rows = delivery.deliveries(sessions, job_id)
+    rows = delivery.of_job(sessions, job_id)
     assert [(d.state, d.attempts) for d in rows] == [("failed", 1), ("failed", 1)]
     assert scp.requests == []
     assert not worker.run_one()  # not retried
@@ -204,9 +208,9 @@ def test_sop_class_rejected_for_one_object_only(tmp_path: Path, scp_factory):
     assert worker.run_one()
     with sessions() as session:
         job = session.get(Job, job_id)
-    assert job.state == FAILED and "seg.dcm" in job.error and "sr.dcm" not in job.error
+    assert job.state == JobState.FAILED and "seg.dcm" in job.error and "sr.dcm" not in job.error
     assert scp.stored == [dcmread(files[1]).SOPInstanceUID]
-    assert [d.state for d in delivery.deliveries(sessions, job_id)] == ["failed", "sent"]
+    assert [d.state for d in delivery.of_job(sessions, job_id)] == ["failed", "sent"]
 
 
 def test_failed_status_once_is_sent_again_and_stored_once(tmp_path: Path, scp_factory):
@@ -216,9 +220,9 @@ def test_failed_status_once_is_sent_again_and_stored_once(tmp_path: Path, scp_fa
     assert worker.run_one()
     with sessions() as session:
         job = session.get(Job, job_id)
-    assert job.state == SUCCEEDED and job.attempts == 1, job.error
+    assert job.state == JobState.SUCCEEDED and job.attempts == 1, job.error
     assert scp.requests == [seg_uid, seg_uid, sr_uid] and scp.stored == [seg_uid, sr_uid]
-    rows = delivery.deliveries(sessions, job_id)
+    rows = delivery.of_job(sessions, job_id)
     assert [(d.state, d.attempts, d.sop_instance_uid) for d in rows] == [("sent", 2, seg_uid), ("sent", 1, sr_uid)]
     delivered = [e.message for e in _events(sessions, job_id) if e.kind == "delivered"]
     assert len(delivered) == 2 and "attempt 2 of 5" in delivered[0] and "0xA700" in delivered[0]
@@ -234,10 +238,10 @@ def test_lost_response_is_sent_again_and_stored_once(tmp_path: Path, scp_factory
     assert worker.run_one()
     with sessions() as session:
         job = session.get(Job, job_id)
-    assert job.state == SUCCEEDED, job.error
+    assert job.state == JobState.SUCCEEDED, job.error
     assert scp.wait_answered(3)  # the first, late answer's handler finishes too
     assert sorted(scp.requests) == sorted([seg_uid, seg_uid, sr_uid]) and sorted(scp.stored) == sorted([seg_uid, sr_uid])
-    assert [(d.state, d.attempts) for d in delivery.deliveries(sessions, job_id)] == [("sent", 2), ("sent", 1)]
+    assert [(d.state, d.attempts) for d in delivery.of_job(sessions, job_id)] == [("sent", 2), ("sent", 1)]
     [seg_event, _] = [e.message for e in _events(sessions, job_id) if e.kind == "delivered"]
     assert "no response" in seg_event
 
@@ -251,14 +255,14 @@ def test_failures_across_passes_defer_the_job_without_holding_the_worker(tmp_pat
     assert worker.run_one()  # the SEG: 0xA700 twice (2 tries this pass), the SR stored
     with sessions() as session:
         job = session.get(Job, job_id)
-    assert (job.state, job.attempts) == (QUEUED, 0) and "0xA700" in job.error
-    assert [(d.state, d.attempts) for d in delivery.deliveries(sessions, job_id)] == [("pending", 2), ("sent", 1)]
+    assert (job.state, job.attempts) == (JobState.QUEUED, 0) and "0xA700" in job.error
+    assert [(d.state, d.attempts) for d in delivery.of_job(sessions, job_id)] == [("pending", 2), ("sent", 1)]
     assert worker.run_one()  # backoff 0: due again; one try left
     with sessions() as session:
         job = session.get(Job, job_id)
-    assert job.state == SUCCEEDED, job.error
+    assert job.state == JobState.SUCCEEDED, job.error
     assert scp.requests.count(seg_uid) == 3 and scp.stored.count(seg_uid) == 1
-    assert [(d.state, d.attempts) for d in delivery.deliveries(sessions, job_id)] == [("sent", 3), ("sent", 1)]
+    assert [(d.state, d.attempts) for d in delivery.of_job(sessions, job_id)] == [("sent", 3), ("sent", 1)]
     kinds = [e.kind for e in _events(sessions, job_id)]
     assert kinds.count("results-reused") == 2 and "delivery-pending" in kinds and kinds[-1] == "succeeded"
 

@@ -13,25 +13,23 @@ import highdicom as hd
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from pydicom import dcmread
-from scipy import ndimage
-
-from pydicom.uid import generate_uid
-from sqlalchemy import select
-
-from dicomnode.store.tables import Event
-from dicomnode.store.engine import make_sessionmaker
-from dicomnode.store.index import ReceivedInstance, record_instance
-from dicomnode.testing.node import dice, seg_on_source_grid, start_node
-from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
-from dicomnode.testing.ports import free_port
-from dicomnode.synth.petct_phantom import PET_GRID, pet_suv
-from dicomnode.store.spool import Spool
-from dicomnode.synth.petct import write_study
-
 from dicomtools import dciodvfy_errors
 from e2e import REPO, write_node_config
 from malformed import CASES, send_raw, valid_pet, write_case
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+from scipy import ndimage
+from sqlalchemy import select
+
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.index import ReceivedInstance, record_instance
+from dicomnode.store.spool import Spool
+from dicomnode.store.tables import Event
+from dicomnode.synth.petct import write_study
+from dicomnode.synth.petct_phantom import PET_GRID, pet_suv
+from dicomnode.testing.node import dice, seg_on_source_grid, start_node
+from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
+from dicomnode.testing.ports import free_port
 
 pytestmark = [
     pytest.mark.e2e,

@@ -11,21 +11,21 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from sqlalchemy import select
-from typer.testing import CliRunner
-
-from dicomnode import assembler
-from dicomnode.synth import petct_phantom as ph
-from dicomnode.cli import app
-from dicomnode.config import ConfigError, ModelSettings, load_config
-from dicomnode.store.tables import Event, Job, utcnow
-from dicomnode.store.engine import make_sessionmaker
-from dicomnode.processing import assemble_inputs, make_results
-from dicomnode.results.seg import build_seg
-
 from dicomtools import dciodvfy_errors
 from nodeutil import node_config, write_config
 from selectionutil import copy_series, index_files
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.config import ConfigError, ModelSettings, load_config
+from dicomnode.pipeline import assembler
+from dicomnode.pipeline.inputs import assemble_inputs
+from dicomnode.pipeline.job import make_results
+from dicomnode.results.seg import build_seg
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Event, Job, utcnow
+from dicomnode.synth import petct_phantom as ph
 
 
 class StandIn:

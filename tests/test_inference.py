@@ -32,7 +32,13 @@ def model():
 
 @pytest.fixture(scope="module")
 def case():
-    from dicomnode.synth.petct_phantom import PET_GRID, ct_hu, lesion_masks, pet_suv, random_phantom
+    from dicomnode.synth.petct_phantom import (
+        PET_GRID,
+        ct_hu,
+        lesion_masks,
+        pet_suv,
+        random_phantom,
+    )
 
     ph = random_phantom(HELD_OUT_SEED)
     channels = np.stack([ct_hu(ph, PET_GRID).astype(np.float32), pet_suv(ph, PET_GRID)])

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from typer.testing import CliRunner
-
-from dicomnode.synth import petct_phantom as ph
-from dicomnode.cli import app
-from dicomnode.synth.petct import suv_to_bqml_factor
-
 from nodeutil import write_config
 from selectionutil import distractor_study
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.synth import petct_phantom as ph
+from dicomnode.synth.petct import suv_to_bqml_factor
 
 runner = CliRunner()
 

@@ -11,9 +11,15 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from dicomnode.results.preview import (
+    PALETTE,
+    default_zoom,
+    mip_png,
+    panel_size,
+    render_mip,
+)
 from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
 from dicomnode.testing.ports import free_port
-from dicomnode.results.preview import PALETTE, default_zoom, mip_png, panel_size, render_mip
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -28,10 +34,13 @@ needs_orthanc = pytest.mark.skipif(
 
 def make_ct_series(directory: Path, n_slices: int = 3, rows: int = 16, cols: int = 12) -> list[Path]:
     """A tiny but valid CT series written with pydicom: one file per slice."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
-
     import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (
+        PYDICOM_IMPLEMENTATION_UID,
+        ExplicitVRLittleEndian,
+        generate_uid,
+    )
 
     directory.mkdir(parents=True, exist_ok=True)
     study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()

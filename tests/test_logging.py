@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from nodeutil import REPO, tiny_instance, write_config
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -16,14 +17,12 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
 from dicomnode.config import Destination, load_config
-from dicomnode.store.tables import Job
+from dicomnode.sender import send_files
 from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Job
+from dicomnode.synth.petct import write_study
 from dicomnode.testing.node import start_node
 from dicomnode.testing.ports import free_port
-from dicomnode.sender import send_files
-from dicomnode.synth.petct import write_study
-
-from nodeutil import REPO, tiny_instance, write_config
 
 MODEL = REPO / "models" / "demo-petct"
 NAME, PATIENT_ID, BIRTH_DATE, ACCESSION = "Quillfeather^Zebulon", "PID-7730418", "19471113", "ACC-5521907"

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from malformed import CASES, SUCCESS, send_raw, valid_pet, write_case
+from nodeutil import node_config, tiny_instance
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from dicomnode import assembler
-from dicomnode.store.tables import Event, Instance, Job, Series, utcnow
+from dicomnode.pipeline import assembler
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.index import ReceivedInstance, record_instance
-
-from malformed import CASES, SUCCESS, send_raw, valid_pet, write_case
-from nodeutil import node_config, tiny_instance
+from dicomnode.store.tables import Event, Instance, Job, Series, utcnow
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -6,20 +6,19 @@ import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
+from nodeutil import tiny_instance, write_config, write_series
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from dicomnode import delivery
 from dicomnode.config import load_config
+from dicomnode.pipeline import delivery
+from dicomnode.pipeline.queue import RetryPolicy, claim, enqueue
+from dicomnode.sender import Outcome
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.testing.node import start_node
 from dicomnode.testing.ports import free_port
-from dicomnode.queue import RetryPolicy, claim, enqueue
-from dicomnode.sender import Outcome
-
-from nodeutil import tiny_instance, write_config, write_series
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -54,7 +53,7 @@ def test_metrics_count_instances_rejections_jobs_and_disk(tmp_path: Path):
         assert claim(sessions, "test", timedelta(minutes=5)).id == first
         [result] = write_series(tmp_path / "result", study, "CT", 1)
         delivery.plan(sessions, first, study, [result], ["pacs"], policy)
-        [item] = delivery.deliveries(sessions, first)
+        [item] = delivery.of_job(sessions, first)
         delivery.record(sessions, item.id, Outcome(result, item.sop_instance_uid, item.sop_class_uid, 1, 0xA700, "status 0xA700"),
                         policy, study_uid=study)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dicomnode.config import load_config
-from dicomnode.worker import ModelCache
+from dicomnode.pipeline.model_cache import ModelCache
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "demo-petct"

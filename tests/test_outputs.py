@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dicomtools import dciodvfy_errors
+from nodeutil import REPO, node_config
 from pydicom import dcmread
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
@@ -19,19 +21,16 @@ from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
-from sqlalchemy import select
-
-from dicomnode import delivery
-from dicomnode.store.tables import Event, Job
-from dicomnode.store.engine import make_sessionmaker
-from dicomnode.processing import LABELS_FILE, result_dir
-from dicomnode.queue import FAILED, SUCCEEDED, RetryPolicy, enqueue, retry
-from dicomnode.worker import Worker
-
-from dicomtools import dciodvfy_errors
-from nodeutil import REPO, node_config
 from selectionutil import index_files
+from sqlalchemy import select
 from storescp import StoreSCP
+
+from dicomnode.pipeline import delivery
+from dicomnode.pipeline.job import LABELS_FILE, result_dir
+from dicomnode.pipeline.queue import RetryPolicy, enqueue, retry
+from dicomnode.pipeline.worker import Worker
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Event, Job, JobState
 
 ALL = [SegmentationStorage, Comprehensive3DSRStorage, RTStructureSetStorage, SecondaryCaptureImageStorage]
 
@@ -69,7 +68,7 @@ def test_each_destination_gets_its_outputs(tmp_path: Path, synth_study, truth, s
     job, out, events, sessions = _run_job(tmp_path, synth_study, truth, _destination("pacs", pacs)
                                           + _destination("rt", rt, 'outputs = ["RTSTRUCT"]')
                                           + _destination("viewer", viewer, 'outputs = ["SC", "SR"]'))
-    assert job.state == SUCCEEDED, job.error
+    assert job.state == JobState.SUCCEEDED, job.error
     files = {name: out / name for name in ("seg.dcm", "sr.dcm", "rtstruct.dcm", "sc.dcm")}
     assert pacs.stored == [_uid(files["seg.dcm"]), _uid(files["sr.dcm"])]
     assert rt.stored == [_uid(files["rtstruct.dcm"])]
@@ -79,7 +78,7 @@ def test_each_destination_gets_its_outputs(tmp_path: Path, synth_study, truth, s
     rtstruct = rt.received[_uid(files["rtstruct.dcm"])]
     assert [r.ROIName for r in rtstruct.StructureSetROISequence] == [f"lesion {n}" for n in range(1, 7)]
     assert ("labels-reused" in [kind for kind, _ in events]) and "inference-done" not in [kind for kind, _ in events]
-    assert [(d.destination, Path(d.path).name, d.state) for d in delivery.deliveries(sessions, job.id)] == [
+    assert [(d.destination, Path(d.path).name, d.state) for d in delivery.of_job(sessions, job.id)] == [
         ("pacs", "seg.dcm", "sent"), ("pacs", "sr.dcm", "sent"), ("rt", "rtstruct.dcm", "sent"),
         ("viewer", "sc.dcm", "sent"), ("viewer", "sr.dcm", "sent")]
 
@@ -87,7 +86,7 @@ def test_each_destination_gets_its_outputs(tmp_path: Path, synth_study, truth, s
 def test_only_the_objects_some_destination_needs_are_built(tmp_path: Path, synth_study, truth, scp_factory):
     pacs = scp_factory(ALL)
     job, out, _, _ = _run_job(tmp_path, synth_study, truth, _destination("pacs", pacs))
-    assert job.state == SUCCEEDED, job.error
+    assert job.state == JobState.SUCCEEDED, job.error
     assert sorted(p.name for p in out.iterdir()) == [LABELS_FILE, "measures.json", "seg.dcm", "sr.dcm"]
 
 
@@ -96,9 +95,9 @@ def test_seg_refused_sends_the_fallback_instead(tmp_path: Path, synth_study, tru
     is replaced; the secondary capture arrives in the same pass; the job succeeds saying so."""
     pacs = scp_factory([Comprehensive3DSRStorage, SecondaryCaptureImageStorage])
     job, out, events, sessions = _run_job(tmp_path, synth_study, truth, _destination("pacs", pacs, 'fallback = "SC"'))
-    assert job.state == SUCCEEDED, job.error
+    assert job.state == JobState.SUCCEEDED, job.error
     assert pacs.stored == [_uid(out / "sr.dcm"), _uid(out / "sc.dcm")]
-    rows = delivery.deliveries(sessions, job.id)
+    rows = delivery.of_job(sessions, job.id)
     assert [(Path(d.path).name, d.state, d.attempts) for d in rows] == [
         ("seg.dcm", "replaced", 1), ("sr.dcm", "sent", 1), ("sc.dcm", "sent", 1)]
     assert "SOP class rejected" in rows[0].last_error and "Segmentation Storage" in rows[0].last_error
@@ -112,8 +111,8 @@ def test_seg_refused_sends_the_fallback_instead(tmp_path: Path, synth_study, tru
 def test_fallback_refused_too_fails_the_job(tmp_path: Path, synth_study, truth, scp_factory):
     pacs = scp_factory([Comprehensive3DSRStorage])
     job, out, _, sessions = _run_job(tmp_path, synth_study, truth, _destination("pacs", pacs, 'fallback = "SC"'))
-    assert job.state == FAILED and "sc.dcm" in job.error and "Secondary Capture" in job.error
-    assert [(Path(d.path).name, d.state) for d in delivery.deliveries(sessions, job.id)] == [
+    assert job.state == JobState.FAILED and "sc.dcm" in job.error and "Secondary Capture" in job.error
+    assert [(Path(d.path).name, d.state) for d in delivery.of_job(sessions, job.id)] == [
         ("seg.dcm", "replaced"), ("sr.dcm", "sent"), ("sc.dcm", "failed")]
 
 
@@ -122,7 +121,7 @@ def test_fallback_added_later_is_built_from_the_saved_labels(tmp_path: Path, syn
     and retries: only the SC is built (no inference, the SEG keeps its UID), and sent instead."""
     pacs = scp_factory([Comprehensive3DSRStorage, SecondaryCaptureImageStorage])
     job, out, _, sessions = _run_job(tmp_path, synth_study, truth, _destination("pacs", pacs))
-    assert job.state == FAILED and "Segmentation Storage" in job.error
+    assert job.state == JobState.FAILED and "Segmentation Storage" in job.error
     seg_uid, sr_uid = _uid(out / "seg.dcm"), _uid(out / "sr.dcm")
     config = node_config(tmp_path, model_path=str(REPO / "models" / "demo-petct"), node="delivery_backoff_seconds = 0",
                          extra='version = "test"\n' + _destination("pacs", pacs, 'fallback = "SC"'))
@@ -133,7 +132,7 @@ def test_fallback_added_later_is_built_from_the_saved_labels(tmp_path: Path, syn
     with sessions() as session:
         job = session.get(Job, job.id)
         written = session.scalars(select(Event.message).where(Event.job_id == job.id, Event.kind == "results-written")).all()
-    assert job.state == SUCCEEDED, job.error
+    assert job.state == JobState.SUCCEEDED, job.error
     assert (_uid(out / "seg.dcm"), _uid(out / "sr.dcm")) == (seg_uid, sr_uid)
     assert written[-1].startswith("SC ") and "SEG" not in written[-1]
     assert pacs.stored == [sr_uid, _uid(out / "sc.dcm")]

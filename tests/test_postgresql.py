@@ -16,26 +16,26 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from nodeutil import REPO, node_config
+from pgserver import PostgresServer, postgres_bin
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
+from queueutil import claim_concurrently
+from schemautil import open_at_once
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from dicomnode import assembler
-from dicomnode.store import retention
 from dicomnode.cli import app
 from dicomnode.config import Destination
-from dicomnode.store.tables import Base, Delivery, Event, Instance, Job, Study
-from dicomnode.store.engine import make_engine, make_sessionmaker
 from dicomnode.metrics import DatabaseCollector
-from dicomnode.queue import RetryPolicy, enqueue
+from dicomnode.pipeline import assembler
+from dicomnode.pipeline.queue import RetryPolicy, enqueue
+from dicomnode.pipeline.worker import Worker
 from dicomnode.receiver import Receiver
-from dicomnode.store.schema import current_revision, head_revision
 from dicomnode.sender import store_each
-from dicomnode.worker import Worker
-from nodeutil import REPO, node_config
-from pgserver import PostgresServer, postgres_bin
-from queueutil import claim_concurrently
-from schemautil import open_at_once
+from dicomnode.store import retention
+from dicomnode.store.engine import make_engine, make_sessionmaker
+from dicomnode.store.schema import current_revision, head_revision
+from dicomnode.store.tables import Base, Delivery, Event, Instance, Job, Study
 
 pytestmark = pytest.mark.skipif(postgres_bin() is None and not os.environ.get("CI"),
                                 reason="PostgreSQL not installed (make system-packages installs it)")

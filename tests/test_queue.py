@@ -2,15 +2,22 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from queueutil import claim_concurrently
 from sqlalchemy import select
 
-from dicomnode.store.tables import Event, Job, utcnow
-from dicomnode.store.engine import make_sessionmaker
-from dicomnode.queue import (
-    FAILED, QUEUED, RUNNING, SUCCEEDED, RetryPolicy, claim, enqueue, fail, release, renew_lease,
-    requeue_expired, retry, succeed,
+from dicomnode.pipeline.queue import (
+    RetryPolicy,
+    claim,
+    enqueue,
+    fail,
+    release,
+    renew_lease,
+    requeue_expired,
+    retry,
+    succeed,
 )
-from queueutil import claim_concurrently
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Event, Job, JobState, utcnow
 
 LEASE = timedelta(seconds=60)
 
@@ -29,11 +36,11 @@ def test_claim_runs_oldest_first_and_succeeds(sessions):
     first = enqueue(sessions, "1.2.1", "m", RetryPolicy())
     second = enqueue(sessions, "1.2.2", "m", RetryPolicy())
     job = claim(sessions, "w1", LEASE)
-    assert (job.id, job.state, job.attempts, job.lease_owner) == (first, RUNNING, 1, "w1")
+    assert (job.id, job.state, job.attempts, job.lease_owner) == (first, JobState.RUNNING, 1, "w1")
     assert succeed(sessions, job.id, "w1", "done")
     assert claim(sessions, "w1", LEASE).id == second
     with sessions() as session:
-        assert session.get(Job, first).state == SUCCEEDED
+        assert session.get(Job, first).state == JobState.SUCCEEDED
         kinds = list(session.scalars(select(Event.kind).where(Event.job_id == first).order_by(Event.id)))
     assert kinds == ["queued", "started", "succeeded"]
 
@@ -63,7 +70,7 @@ def test_failures_back_off_then_fail_for_good(sessions):
     policy = RetryPolicy(max_attempts=2, backoff_seconds=3600)
     job_id = enqueue(sessions, "1.2.3", "m", policy)
     job = claim(sessions, "w1", LEASE)
-    assert fail(sessions, job.id, "w1", "PACS down", policy) == QUEUED
+    assert fail(sessions, job.id, "w1", "PACS down", policy) == JobState.QUEUED
     assert claim(sessions, "w1", LEASE) is None  # backing off
     with sessions.begin() as session:
         row = session.get(Job, job_id)
@@ -71,10 +78,10 @@ def test_failures_back_off_then_fail_for_good(sessions):
         assert row.not_before > utcnow() + timedelta(minutes=59)
         row.not_before = utcnow()
     job = claim(sessions, "w1", LEASE)
-    assert fail(sessions, job.id, "w1", "PACS still down", policy) == FAILED
+    assert fail(sessions, job.id, "w1", "PACS still down", policy) == JobState.FAILED
     with sessions() as session:
         row = session.get(Job, job_id)
-        assert (row.state, row.attempts, row.error) == (FAILED, 2, "PACS still down")
+        assert (row.state, row.attempts, row.error) == (JobState.FAILED, 2, "PACS still down")
     assert retry(sessions, job_id)
     assert claim(sessions, "w1", LEASE).attempts == 1
 
@@ -82,7 +89,7 @@ def test_failures_back_off_then_fail_for_good(sessions):
 def test_not_retryable_fails_at_once(sessions):
     enqueue(sessions, "1.2.3", "m", RetryPolicy(max_attempts=5))
     job = claim(sessions, "w1", LEASE)
-    assert fail(sessions, job.id, "w1", "PatientWeight missing", RetryPolicy(), retryable=False) == FAILED
+    assert fail(sessions, job.id, "w1", "PatientWeight missing", RetryPolicy(), retryable=False) == JobState.FAILED
 
 
 def test_release_returns_the_attempt(sessions):

@@ -6,19 +6,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from nodeutil import node_config, tiny_instance, write_series
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
-from dicomnode.store.tables import Instance
-from dicomnode.store.engine import make_sessionmaker
 from dicomnode.receiver import Receiver
-
-from nodeutil import node_config, tiny_instance, write_series
-
-
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Instance
 
 
 def _associate(config, calling="GOODSCU", called=None):

@@ -13,19 +13,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from nodeutil import REPO, node_config
 from pydicom.uid import generate_uid
+from selectionutil import index_files
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from dicomnode import assembler
 from dicomnode.cli import app
-from dicomnode.store.tables import Event, Job
+from dicomnode.pipeline import assembler
+from dicomnode.pipeline.queue import RetryPolicy, enqueue
+from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
-from dicomnode.queue import RetryPolicy, enqueue
-from dicomnode.worker import Worker
-
-from nodeutil import REPO, node_config
-from selectionutil import index_files
+from dicomnode.store.tables import Event, Job
 
 TILT = math.radians(10.0)
 OBLIQUE = [1, 0, 0, 0, f"{math.cos(TILT):.6f}", f"{-math.sin(TILT):.6f}"]

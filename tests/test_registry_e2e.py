@@ -16,14 +16,14 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+from dicomtools import dciodvfy_errors
+from e2e import write_node_config
 from pydicom import dcmread
 
+from dicomnode.synth.registry import write_registry_study
 from dicomnode.testing.node import dice, start_node
 from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
 from dicomnode.testing.ports import free_port
-from dicomnode.synth.registry import write_registry_study
-from dicomtools import dciodvfy_errors
-from e2e import write_node_config
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"glioma-mr": REPO / "models" / "glioma-mr", "lymph-ct": REPO / "models" / "lymph-ct",

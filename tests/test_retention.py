@@ -6,17 +6,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from nodeutil import node_config
 from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
+from dicomnode.pipeline.queue import RetryPolicy, claim, enqueue, fail, succeed
 from dicomnode.store import retention
-from dicomnode.store.tables import Event, Instance, Job, Study, utcnow
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.index import ReceivedInstance, record_instance
-from dicomnode.queue import RetryPolicy, claim, enqueue, fail, succeed
 from dicomnode.store.spool import Spool
-
-from nodeutil import node_config
+from dicomnode.store.tables import Event, Instance, Job, Study, utcnow
 
 POLICY = RetryPolicy(max_attempts=1)
 NOW = utcnow()

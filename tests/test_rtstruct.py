@@ -7,11 +7,11 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from dicomtools import dciodvfy_errors
 from skimage.draw import polygon
 
-from dicomnode.results.rtstruct import NO_LESIONS, build_rtstruct
 from dicomnode.results.common import ResultError, write_dicom
-from dicomtools import dciodvfy_errors
+from dicomnode.results.rtstruct import NO_LESIONS, build_rtstruct
 
 ARGS = dict(model_name="demo-petct", model_version="0.1.0", series_number=971, series_description="demo-petct contours")
 

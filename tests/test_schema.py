@@ -13,18 +13,24 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from nodeutil import write_config
+from schemautil import open_at_once
 from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
-from dicomnode.store import schema
 from dicomnode.cli import app
 from dicomnode.config import load_config
-from dicomnode.store.tables import Base, Event, Job
+from dicomnode.store import schema
 from dicomnode.store.engine import make_engine, make_sessionmaker
-from dicomnode.store.schema import BASELINE, SchemaError, alembic_config, current_revision, head_revision
-from nodeutil import write_config
-from schemautil import open_at_once
+from dicomnode.store.schema import (
+    BASELINE,
+    SchemaError,
+    alembic_config,
+    current_revision,
+    head_revision,
+)
+from dicomnode.store.tables import Base, Event, Job
 
 AT = datetime(2026, 11, 23, 8, 30, tzinfo=timezone.utc)
 

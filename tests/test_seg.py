@@ -7,10 +7,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from dicomtools import dciodvfy_errors
 
 from dicomnode.results.common import ResultError, write_dicom
 from dicomnode.results.seg import build_seg, packed_size
-from dicomtools import dciodvfy_errors
 
 SEG_ARGS = dict(
     model_name="demo-petct",

@@ -9,17 +9,17 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
+from dicomtools import dciodvfy_errors
 from pydicom import dcmread
 
 from dicomnode.config import LabelCode, ModelSettings
-from dicomnode.results.labelcodes import LESION, LabelCodesError, label_codes
 from dicomnode.imaging.measures import measure_segments
-from dicomnode.results.common import ResultError, write_dicom
-from dicomnode.results.seg import build_seg
-from dicomnode.synth.registry import write_registry_study
-from dicomnode.results.segment_sr import build_segment_sr
 from dicomnode.imaging.volumes import load_series
-from dicomtools import dciodvfy_errors
+from dicomnode.results.common import ResultError, write_dicom
+from dicomnode.results.labelcodes import LESION, LabelCodesError, label_codes
+from dicomnode.results.seg import build_seg
+from dicomnode.results.segment_sr import build_segment_sr
+from dicomnode.synth.registry import write_registry_study
 
 ANATOMY = ["123037004", "SCT", "Anatomical Structure"]
 ORGAN_TYPES = {"spleen": ["78961009", "SCT", "Spleen"], "kidney_right": ["9846003", "SCT", "Right kidney"],

@@ -9,19 +9,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from nodeutil import node_config
+from selectionutil import distractor_study, index_files
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from dicomnode import assembler
 from dicomnode.cli import app
 from dicomnode.config import InputSpec, PetInputSpec
-from dicomnode.store.tables import Event, Job, utcnow
-from dicomnode.store.engine import make_sessionmaker
 from dicomnode.imaging.headers import group_series, read_facts, series_from_paths
-from dicomnode.selection import select_inputs
-
-from nodeutil import node_config
-from selectionutil import distractor_study, index_files
+from dicomnode.pipeline import assembler
+from dicomnode.pipeline.selection import select_inputs
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Event, Job, utcnow
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +149,9 @@ def test_pet_still_arriving_holds_the_job_back_then_runs(tmp_path: Path, scanner
 
 
 def test_input_spec_in_config(tmp_path: Path):
-    from dicomnode.config import ConfigError, load_config
     from nodeutil import write_config
+
+    from dicomnode.config import ConfigError, load_config
 
     path = write_config(tmp_path, extra='[models.inputs.pet]\nstatic_only = false\ncorrected_image = ["ATTN"]\n')
     model = load_config(path).models[0]

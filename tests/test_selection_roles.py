@@ -7,14 +7,13 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
-from dicomnode.config import ModelSettings, load_config
-from dicomnode.selection import applies_to, select_inputs
-from dicomnode.imaging.headers import series_from_paths
-from dicomnode.synth.registry import write_registry_study
-
 from nodeutil import write_config
 from test_config import MR_MODEL
+
+from dicomnode.config import ModelSettings, load_config
+from dicomnode.imaging.headers import series_from_paths
+from dicomnode.pipeline.selection import applies_to, select_inputs
+from dicomnode.synth.registry import write_registry_study
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from nodeutil import tiny_instance, write_config
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
-
 from sqlalchemy import select
 
-from dicomnode import queue
 from dicomnode.config import Destination, load_config
-from dicomnode.store.tables import Event, Job
-from dicomnode.store.engine import make_sessionmaker
-from dicomnode.testing.node import start_node
+from dicomnode.pipeline import queue
 from dicomnode.sender import send_files
-
-from nodeutil import tiny_instance, write_config
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Event, Job
+from dicomnode.testing.node import start_node
 
 
 def _children(pid: int) -> list[int]:
@@ -100,8 +98,9 @@ def test_a_sweep_longer_than_its_interval_is_logged_once_with_its_time(tmp_path:
     the sweep itself logs one line saying how long it took."""
     import logging
 
-    from dicomnode import service
     from nodeutil import node_config
+
+    from dicomnode import service
 
     config = node_config(tmp_path, node="sweep_seconds = 0.000001")
     sessions = make_sessionmaker(config.database_url)

@@ -7,14 +7,14 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from dicomtools import dciodvfy_errors
 
 from dicomnode.imaging.measures import measure_lesions
-from dicomnode.results.seg import build_seg
-from dicomnode.results.common import ResultError, write_dicom
-from dicomnode.results.sr import build_sr
 from dicomnode.imaging.suv import pet_suv_volume
 from dicomnode.imaging.volumes import load_series
-from dicomtools import dciodvfy_errors
+from dicomnode.results.common import ResultError, write_dicom
+from dicomnode.results.seg import build_seg
+from dicomnode.results.sr import build_sr
 
 MODEL = dict(model_name="demo-petct", model_version="0.1.0")
 SR_ARGS = dict(MODEL, series_number=902, series_description="demo-petct measurements")

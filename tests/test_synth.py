@@ -8,12 +8,12 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
-from dicomnode.synth import petct_phantom as ph
-from dicomnode.imaging.suv import pet_suv_volume
-from dicomnode.synth.petct import write_study
-from dicomnode.imaging.volumes import load_series
 from dicomtools import dciodvfy_errors
+
+from dicomnode.imaging.suv import pet_suv_volume
+from dicomnode.imaging.volumes import load_series
+from dicomnode.synth import petct_phantom as ph
+from dicomnode.synth.petct import write_study
 
 
 def test_files_and_uids(synth_study):

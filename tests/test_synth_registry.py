@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from dicomtools import dciodvfy_errors
 from pydicom import dcmread
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
-from dicomnode.synth.registry import KINDS, write_registry_study
 from dicomnode.imaging.volumes import load_series
-from dicomtools import dciodvfy_errors
+from dicomnode.synth.registry import KINDS, write_registry_study
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -12,16 +12,15 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from typer.testing import CliRunner
-
-from dicomnode.synth import petct_phantom as ph
-from dicomnode.cli import app
-from dicomnode.imaging.suv import pet_suv_volume
-from dicomnode.synth.petct import VARIANTS, write_study
-from dicomnode.imaging.volumes import load_series
-
 from dicomtools import dciodvfy_errors
 from selectionutil import distractor_study
+from typer.testing import CliRunner
+
+from dicomnode.cli import app
+from dicomnode.imaging.suv import pet_suv_volume
+from dicomnode.imaging.volumes import load_series
+from dicomnode.synth import petct_phantom as ph
+from dicomnode.synth.petct import VARIANTS, write_study
 
 # What the SUV attributes must say for each variant: (attribute, expected part of its value).
 EXPECTED_PATH = {

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from nodeutil import REPO, write_config
 
 from dicomnode.config import load_config
-
-from nodeutil import REPO, write_config
 
 DEPLOY = REPO / "deploy"
 

@@ -10,17 +10,16 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from nodeutil import node_config
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, PositronEmissionTomographyImageStorage
 from sqlalchemy import func, select
 
-from dicomnode import assembler
-from dicomnode.store.tables import Event, Job, Study, utcnow
-from dicomnode.store.engine import make_sessionmaker
+from dicomnode.pipeline import assembler
 from dicomnode.receiver import Receiver
-
-from nodeutil import node_config
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Event, Job, Study, utcnow
 
 QUIET_S = 2.0
 PAUSE_S = 1.0  # between the associations: shorter than the quiet time

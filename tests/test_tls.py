@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import trustme
+from nodeutil import node_config, write_series
 from pydicom.uid import generate_uid
 
 from dicomnode.config import Destination, DestinationTls
-from dicomnode.store.engine import make_sessionmaker
 from dicomnode.receiver import Receiver
 from dicomnode.sender import store_each
-
-from nodeutil import node_config, write_series
+from dicomnode.store.engine import make_sessionmaker
 
 
 @pytest.fixture(scope="module")

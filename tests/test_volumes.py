@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.synth import petct_phantom as ph
 from dicomnode.imaging.volumes import VolumeError, load_series, resample_to
+from dicomnode.synth import petct_phantom as ph
 
 
 def _copy_series(files: list[Path], folder: Path, edit=None) -> list[Path]:

@@ -6,20 +6,19 @@ import logging
 from pathlib import Path
 
 import pytest
+from nodeutil import node_config, tiny_instance
+from prometheus_client import CollectorRegistry
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from prometheus_client import CollectorRegistry
 from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
 
 from dicomnode.config import NodeSettings
-from dicomnode.store.tables import Instance
-from dicomnode.store.engine import make_sessionmaker
-from dicomnode.store.diskspace import GB, limit_bytes
 from dicomnode.metrics import ReceiverCounters
 from dicomnode.receiver import Receiver
-
-from nodeutil import node_config, tiny_instance
+from dicomnode.store.diskspace import GB, limit_bytes
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Instance
 
 LOW = {"min_free_gb": 1e9}  # a billion GB: no disk has that much free
 

@@ -14,22 +14,21 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from nodeutil import REPO, node_config
 from pydicom import dcmread
 from sqlalchemy import select
 from typer.testing import CliRunner
 
-from dicomnode import assembler
 from dicomnode.cli import app
-from dicomnode.store.tables import Delivery, Event, Job, utcnow
+from dicomnode.pipeline import assembler
+from dicomnode.pipeline.queue import claim
+from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.index import ReceivedInstance, record_instance
+from dicomnode.store.tables import Delivery, Event, Job, utcnow
+from dicomnode.synth.petct import write_study
 from dicomnode.testing.orthanc import LocalOrthanc
 from dicomnode.testing.ports import free_port
-from dicomnode.queue import claim
-from dicomnode.synth.petct import write_study
-from dicomnode.worker import Worker
-
-from nodeutil import REPO, node_config
 
 MODEL = REPO / "models" / "demo-petct"
 pytestmark = pytest.mark.skipif(not (MODEL / "plans.json").exists(), reason="demo model not built")
@@ -195,7 +194,7 @@ def test_sigterm_during_a_job_leaves_it_claimable(tmp_path: Path, synth_study):
 def test_a_stop_signal_while_claiming_releases_the_claimed_job(tmp_path: Path, monkeypatch):
     """SIGTERM landing just after claim() committed (before run_one holds the job) is deferred:
     run_one then stops with the job released, not left running until its lease expires."""
-    import dicomnode.worker as worker_module
+    import dicomnode.pipeline.worker as worker_module
 
     config, sessions = _setup(tmp_path, free_port())
     study = write_study(tmp_path / "study", seed=0)

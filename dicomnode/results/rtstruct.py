@@ -35,8 +35,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 from skimage.measure import find_contours
 
-from dicomnode.results.preview import PALETTE
 from dicomnode.results.common import check_on_source
+from dicomnode.results.preview import PALETTE
 
 # Detached Study Management (retired, but what RTReferencedStudySequence items carry by convention).
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"

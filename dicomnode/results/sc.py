@@ -20,8 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode.imaging.measures import StudyMeasures
-from dicomnode.results.preview import display_window, render_preview
 from dicomnode.results.common import ResultError, check_on_source
+from dicomnode.results.preview import display_window, render_preview
 
 CAVEAT = "automatic segmentation, not reviewed: not for diagnosis"
 

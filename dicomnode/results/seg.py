@@ -31,9 +31,8 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from dicomnode.config import LabelCode
-from dicomnode.results.labelcodes import LESION
 from dicomnode.results.common import ResultError, check_on_source, with_type2_attributes
-
+from dicomnode.results.labelcodes import LESION
 
 
 def build_seg(

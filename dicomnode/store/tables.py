@@ -7,10 +7,17 @@ kept up to date by the migrations (dicomnode.store.schema); dicomnode.store.engi
 from __future__ import annotations
 
 from datetime import datetime, timezone
-
 from enum import StrEnum
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 

@@ -31,8 +31,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 
 from dicomnode.synth import registry_cases
+from dicomnode.synth.petct import (
+    ct_slice,
+    image_dataset,
+    study_dataset,
+    write_labels,
+    write_series,
+)
 from dicomnode.synth.petct_phantom import Grid
-from dicomnode.synth.petct import ct_slice, image_dataset, study_dataset, write_labels, write_series
 
 KINDS = ("glioma", "lymph", "organs")
 SCAN_START = datetime(2024, 5, 6, 9, 0, 0)

@@ -17,92 +17,31 @@ import socket
 import threading
 import time
 import traceback
-from collections import OrderedDict
 from datetime import timedelta
 
 from sqlalchemy.orm import sessionmaker
 
+from dicomnode.config import Config
+from dicomnode.pipeline.errors import DeliveryPending, JobError
+from dicomnode.pipeline.job import process
+from dicomnode.pipeline.model_cache import ModelCache
+from dicomnode.pipeline.queue import (
+    RetryPolicy,
+    claim,
+    defer,
+    fail,
+    release,
+    renew_lease,
+    succeed,
+)
 from dicomnode.store.components import HEARTBEAT_SECONDS, Role, heartbeat
-from dicomnode.config import Config, ModelSettings
 from dicomnode.store.engine import make_sessionmaker
-from dicomnode.processing import DeliveryPending, JobError, process
-from dicomnode.queue import RetryPolicy, claim, defer, fail, release, renew_lease, succeed
 
 log = logging.getLogger("dicomnode.worker")
 
 
 class Shutdown(BaseException):
     """Raised in the worker's main thread by SIGTERM/SIGINT."""
-
-
-def load_model(settings: ModelSettings, use_mirroring: bool | None = None):  # noqa: ANN201 - inference.SegmentationModel
-    """The model of a `[[models]]` entry, loaded as configured (`use_mirroring` overrides the
-    setting, e.g. for a quick dry run)."""
-    from inference import SegmentationModel  # torch is imported here, in the worker only
-
-    return SegmentationModel(
-        settings.path,
-        folds=settings.folds,
-        checkpoint_name=settings.checkpoint,
-        device=settings.device,
-        use_mirroring=settings.use_mirroring if use_mirroring is None else use_mirroring,
-        tile_step_size=settings.tile_step_size,
-        configuration=settings.configuration,
-        trainer=settings.trainer,
-        plans=settings.plans,
-    )
-
-
-class ModelCache:
-    """The worker's loaded models, kept between jobs; the least recently used go first.
-
-    Within `[node] model_memory_gb` (None: no limit), after a model is loaded the least
-    recently used others are unloaded until the loaded models fit. A model's memory is its
-    `memory_bytes()` (inference/memory.py): measured with torch.cuda's allocator statistics on
-    a GPU (the network on the device plus the peak of its predictions so far), estimated on the
-    CPU (parameters and fold weights plus one sliding-window patch through the network).
-    """
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        gb = config.node.model_memory_gb
-        self.budget_bytes = None if gb is None else int(gb * 1e9)
-        self._models: OrderedDict[str, object] = OrderedDict()  # least recently used first
-
-    def get(self, name: str):  # noqa: ANN201 - inference.SegmentationModel
-        if name in self._models:
-            self._models.move_to_end(name)
-            return self._models[name]
-        self._models[name] = self._load(name)
-        self._fit(name)
-        return self._models[name]
-
-    def loaded(self) -> list[str]:
-        """Names of the loaded models, least recently used first."""
-        return list(self._models)
-
-    def memory_bytes(self) -> int:
-        return sum(model.memory_bytes() for model in self._models.values())
-
-    def _load(self, name: str):  # noqa: ANN202
-        settings = self.config.model(name)
-        started = time.monotonic()
-        model = load_model(settings)
-        log.info("model %s loaded in %.1f s (folds %s, %s, %.2f GB %s)", name, time.monotonic() - started,
-                 settings.folds, model.device, model.memory_bytes() / 1e9, model.footprint.basis)
-        return model
-
-    def _fit(self, newest: str) -> None:
-        if self.budget_bytes is None:
-            return
-        while self.memory_bytes() > self.budget_bytes and len(self._models) > 1:
-            name, model = self._models.popitem(last=False)
-            model.unload()
-            log.info("model %s unloaded (least recently used; models now take %.2f of %.2f GB)",
-                     name, self.memory_bytes() / 1e9, self.budget_bytes / 1e9)
-        if self.memory_bytes() > self.budget_bytes:
-            log.warning("model %s alone takes %.2f GB, more than model_memory_gb = %.2f",
-                        newest, self.memory_bytes() / 1e9, self.budget_bytes / 1e9)
 
 
 class Heartbeat(threading.Thread):
@@ -124,7 +63,7 @@ class Worker:
         self.sessions = sessions or make_sessionmaker(config.database_url)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.lease = timedelta(seconds=config.node.lease_seconds)
-        self.policy = RetryPolicy(config.node.max_attempts, config.node.retry_backoff_seconds)
+        self.policy = RetryPolicy.for_jobs(config.node)
         self.models = ModelCache(config)
         self.poll_seconds = poll_seconds
         self.stop_requested: str | None = None  # the signal's name once SIGTERM/SIGINT came

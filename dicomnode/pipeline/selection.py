@@ -46,10 +46,23 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Iterable
 
-from dicomnode.config import (CHANNEL_MODALITIES, CtInputSpec, InputSpec, ModelSettings, NamedInputSpec, PetInputSpec,
-                              SeriesPatterns, channel_modality)
-from dicomnode.imaging.geometry import GeometryError, SliceStack, position_tolerance, slice_stack
-from dicomnode.imaging.headers import FactsError, SeriesFacts, read_facts
+from dicomnode.config import (
+    CHANNEL_MODALITIES,
+    CtInputSpec,
+    InputSpec,
+    ModelSettings,
+    NamedInputSpec,
+    PetInputSpec,
+    SeriesPatterns,
+    channel_modality,
+)
+from dicomnode.imaging.geometry import (
+    GeometryError,
+    SliceStack,
+    position_tolerance,
+    slice_stack,
+)
+from dicomnode.imaging.headers import SeriesFacts
 
 
 def _unreadable(series: SeriesFacts) -> str:
@@ -407,33 +420,3 @@ def applies_to(series: list[SeriesFacts], settings: ModelSettings) -> str | None
             shown = ", ".join(f'"{v}"' for v in sorted(values)) or "(none)"
             return f"model {settings.name} applies to {keyword} {' or '.join(patterns)}: the study has {shown}"
     return None
-
-
-# --- sources of facts ---------------------------------------------------------------------
-
-
-def series_from_index(session, study_uid: str) -> list[SeriesFacts]:  # noqa: ANN001 - sqlalchemy Session
-    """A received study's series, facts read from the spooled files (cached)."""
-    from sqlalchemy import select
-
-    from dicomnode.store.tables import Instance, Series
-
-    rows = session.execute(
-        select(Instance.series_uid, Instance.sop_instance_uid, Instance.path).where(Instance.study_uid == study_uid)
-    ).all()
-    indexed = {s.series_uid: s for s in session.scalars(select(Series).where(Series.study_uid == study_uid))}
-    by_series: dict[str, SeriesFacts] = {}
-    for series_uid, sop_uid, path in rows:
-        s = by_series.get(series_uid)
-        if s is None:
-            row = indexed.get(series_uid)
-            s = by_series[series_uid] = SeriesFacts(
-                series_uid, [], last_received_at=row.last_received_at if row else None,
-                indexed_modality=row.modality if row else "", indexed_number=row.series_number if row else None,
-                indexed_description=row.description if row else "",
-            )
-        try:
-            s.instances.append(read_facts(path))
-        except FactsError as exc:
-            s.unreadable.append((sop_uid, str(exc)))
-    return list(by_series.values())

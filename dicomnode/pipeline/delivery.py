@@ -28,12 +28,10 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.store.tables import Delivery, utcnow
-from dicomnode.queue import RetryPolicy
-from dicomnode.store.events import log_event
+from dicomnode.pipeline.queue import RetryPolicy
 from dicomnode.sender import Outcome
-
-PENDING, SENT, FAILED, REPLACED = "pending", "sent", "failed", "replaced"
+from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.tables import Delivery, DeliveryState, utcnow
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,7 @@ def plan(
                 session.add(_pending(job_id, destination, header, policy, now))
                 added.append(f"{header[0].name} to {destination}")
         if added:
-            log_event(session, "deliveries-planned", ", ".join(added), study_uid=study_uid, job_id=job_id, at=now)
+            log_event(session, EventKind.DELIVERIES_PLANNED, ", ".join(added), study_uid=study_uid, job_id=job_id, at=now)
     return len(added)
 
 
@@ -94,7 +92,7 @@ def replace(
     header = _header(fallback)
     with sessions.begin() as session:
         refused = session.get(Delivery, delivery_id)
-        if refused is None or refused.state != FAILED:
+        if refused is None or refused.state != DeliveryState.FAILED:
             return None
         planned = session.scalar(select(Delivery).where(
             Delivery.job_id == refused.job_id, Delivery.destination == refused.destination,
@@ -103,8 +101,8 @@ def replace(
             planned = _pending(refused.job_id, refused.destination, header, policy, now)
             session.add(planned)
             session.flush()
-        refused.state, refused.updated_at = REPLACED, now
-        log_event(session, "fallback-planned", f"{describe(refused)} refused for good ({refused.last_error}): "
+        refused.state, refused.updated_at = DeliveryState.REPLACED, now
+        log_event(session, EventKind.FALLBACK_PLANNED, f"{describe(refused)} refused for good ({refused.last_error}): "
                   f"{Path(fallback).name} to {refused.destination} instead", study_uid=study_uid, job_id=refused.job_id, at=now)
         return planned.id
 
@@ -118,12 +116,12 @@ def _pending(job_id: int, destination: str, header: tuple[Path, str, str], polic
     path, sop_instance_uid, sop_class_uid = header
     return Delivery(
         job_id=job_id, destination=destination, path=str(path), sop_instance_uid=sop_instance_uid,
-        sop_class_uid=sop_class_uid, state=PENDING, attempts=0, max_attempts=policy.max_attempts,
+        sop_class_uid=sop_class_uid, state=DeliveryState.PENDING, attempts=0, max_attempts=policy.max_attempts,
         not_before=now, created_at=now, updated_at=now,
     )
 
 
-def deliveries(sessions: sessionmaker, job_id: int) -> list[Delivery]:
+def of_job(sessions: sessionmaker, job_id: int) -> list[Delivery]:
     with sessions() as session:
         return list(session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
 
@@ -134,7 +132,7 @@ def due(sessions: sessionmaker, job_id: int, now: datetime | None = None) -> lis
     with sessions() as session:
         return list(session.scalars(
             select(Delivery)
-            .where(Delivery.job_id == job_id, Delivery.state == PENDING, Delivery.not_before <= now)
+            .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING, Delivery.not_before <= now)
             .order_by(Delivery.id)
         ))
 
@@ -150,40 +148,40 @@ def record(
     now = now or utcnow()
     with sessions.begin() as session:
         delivery = session.get(Delivery, delivery_id)
-        if delivery is None or delivery.state != PENDING:
+        if delivery is None or delivery.state != DeliveryState.PENDING:
             return delivery.state if delivery else "missing"
         delivery.attempts += max(outcome.tries, 1)
         delivery.updated_at = now
         what = describe(delivery)
         tally = f"attempt {delivery.attempts} of {delivery.max_attempts}"
         if outcome.ok:
-            delivery.state, delivery.sent_at, delivery.last_error = SENT, now, None
+            delivery.state, delivery.sent_at, delivery.last_error = DeliveryState.SENT, now, None
             before = f"; failed tries before: {', '.join(outcome.failed_tries)}" if outcome.failed_tries else ""
             status = f"status 0x{outcome.status:04X}" if outcome.status is not None else "stored"
-            kind, message = "delivered", f"{what}: {status}, {tally}{before}"
+            kind, message = EventKind.DELIVERED, f"{what}: {status}, {tally}{before}"
         else:
             delivery.last_error = outcome.error
             if outcome.permanent:
-                delivery.state = FAILED
-                kind, message = "delivery-failed", f"{what}: {outcome.error}; refused for good, not retried ({tally})"
+                delivery.state = DeliveryState.FAILED
+                kind, message = EventKind.DELIVERY_FAILED, f"{what}: {outcome.error}; refused for good, not retried ({tally})"
             elif delivery.attempts >= delivery.max_attempts:
-                delivery.state = FAILED
-                kind, message = "delivery-failed", f"{what}: {outcome.error}; no attempts left ({tally})"
+                delivery.state = DeliveryState.FAILED
+                kind, message = EventKind.DELIVERY_FAILED, f"{what}: {outcome.error}; no attempts left ({tally})"
             else:
                 delivery.not_before = now + policy.delay(delivery.attempts)
-                kind, message = "delivery-failed", f"{what}: {outcome.error}; {tally}, next try after {delivery.not_before:%H:%M:%S} UTC"
+                kind, message = EventKind.DELIVERY_FAILED, f"{what}: {outcome.error}; {tally}, next try after {delivery.not_before:%H:%M:%S} UTC"
         log_event(session, kind, message, study_uid=study_uid, job_id=delivery.job_id, at=now)
         return delivery.state
 
 
 def summary(sessions: sessionmaker, job_id: int) -> Summary:
-    rows = deliveries(sessions, job_id)
-    pending = [d for d in rows if d.state == PENDING]
+    rows = of_job(sessions, job_id)
+    pending = [d for d in rows if d.state == DeliveryState.PENDING]
     return Summary(
         pending=len(pending),
-        sent=sum(d.state == SENT for d in rows),
-        failed=tuple(f"{describe(d)}: {d.last_error}" for d in rows if d.state == FAILED),
+        sent=sum(d.state == DeliveryState.SENT for d in rows),
+        failed=tuple(f"{describe(d)}: {d.last_error}" for d in rows if d.state == DeliveryState.FAILED),
         next_due=min((d.not_before for d in pending), default=None),
         waiting=tuple(f"{describe(d)}: {d.last_error}" for d in pending if d.last_error),
-        replaced=tuple(f"{describe(d)}: {d.last_error}" for d in rows if d.state == REPLACED),
+        replaced=tuple(f"{describe(d)}: {d.last_error}" for d in rows if d.state == DeliveryState.REPLACED),
     )

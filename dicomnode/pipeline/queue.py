@@ -6,7 +6,7 @@
        +--- left) -------+
     running with an expired lease (worker died) --> queued again at the next sweep
     running --defer--> queued until a delivery's backoff is over (the attempt is not
-                       counted: each delivery counts its own, see dicomnode.delivery)
+                       counted: each delivery counts its own, see dicomnode.pipeline.delivery)
     queued or failed --cancel (operator)--> cancelled (its pending deliveries too); a running
                        job is not cancelled: its worker may be sending results right now
     a study --requeue (operator)--> a new job, the next run number, whatever earlier runs did
@@ -24,17 +24,25 @@ from typing import Sequence
 from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.store.tables import Delivery, Job, Study, utcnow
-from dicomnode.store.events import log_event
-
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+from dicomnode.config import NodeSettings
+from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.tables import Delivery, DeliveryState, Job, JobState, Study, utcnow
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
     max_attempts: int = 3
     backoff_seconds: float = 30.0
+
+    @classmethod
+    def for_jobs(cls, node: NodeSettings) -> "RetryPolicy":
+        """A job's attempts ([node] max_attempts, retry_backoff_seconds)."""
+        return cls(node.max_attempts, node.retry_backoff_seconds)
+
+    @classmethod
+    def for_deliveries(cls, node: NodeSettings) -> "RetryPolicy":
+        """A delivery's C-STORE tries ([node] delivery_max_attempts, delivery_backoff_seconds)."""
+        return cls(node.delivery_max_attempts, node.delivery_backoff_seconds)
 
     def delay(self, attempt: int) -> timedelta:
         """Wait before attempt `attempt + 1`: backoff, doubled after every failed attempt."""
@@ -54,7 +62,7 @@ def enqueue(
         job = Job(
             study_uid=study_uid,
             model=model,
-            state=QUEUED,
+            state=JobState.QUEUED,
             attempts=0,
             max_attempts=policy.max_attempts,
             run_number=(previous or 0) + 1,
@@ -63,7 +71,7 @@ def enqueue(
         )
         session.add(job)
         session.flush()
-        log_event(session, "queued", f"model {model}, run {job.run_number}{': ' + reason if reason else ''}", study_uid=study_uid, job_id=job.id, at=now)
+        log_event(session, EventKind.QUEUED, f"model {model}, run {job.run_number}{': ' + reason if reason else ''}", study_uid=study_uid, job_id=job.id, at=now)
         for kind, message in details:
             log_event(session, kind, message, study_uid=study_uid, job_id=job.id, at=now)
         return job.id
@@ -75,15 +83,15 @@ def claim(sessions: sessionmaker, owner: str, lease: timedelta) -> Job | None:
         now = utcnow()
         with sessions.begin() as session:
             candidate = session.scalar(
-                select(Job.id).where(Job.state == QUEUED, Job.not_before <= now).order_by(Job.id).limit(1)
+                select(Job.id).where(Job.state == JobState.QUEUED, Job.not_before <= now).order_by(Job.id).limit(1)
             )
             if candidate is None:
                 return None
             taken = session.execute(
                 update(Job)
-                .where(Job.id == candidate, Job.state == QUEUED)
+                .where(Job.id == candidate, Job.state == JobState.QUEUED)
                 .values(
-                    state=RUNNING,
+                    state=JobState.RUNNING,
                     attempts=Job.attempts + 1,
                     lease_owner=owner,
                     lease_expires_at=now + lease,
@@ -95,7 +103,7 @@ def claim(sessions: sessionmaker, owner: str, lease: timedelta) -> Job | None:
             if taken != 1:
                 continue  # another worker won the race; look again
             job = session.get(Job, candidate, populate_existing=True)
-            log_event(session, "started", f"attempt {job.attempts} of {job.max_attempts} by {owner}", study_uid=job.study_uid, job_id=job.id, at=now)
+            log_event(session, EventKind.STARTED, f"attempt {job.attempts} of {job.max_attempts} by {owner}", study_uid=job.study_uid, job_id=job.id, at=now)
             return job
 
 
@@ -105,7 +113,7 @@ def renew_lease(sessions: sessionmaker, job_id: int, owner: str, lease: timedelt
         return (
             session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.lease_owner == owner)
                 .values(lease_expires_at=utcnow() + lease)
             ).rowcount
             == 1
@@ -116,10 +124,10 @@ def succeed(sessions: sessionmaker, job_id: int, owner: str, message: str = "") 
     now = utcnow()
     with sessions.begin() as session:
         job = session.get(Job, job_id)
-        if job is None or job.state != RUNNING or job.lease_owner != owner:
+        if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
             return False
-        job.state, job.finished_at, job.lease_owner, job.lease_expires_at = SUCCEEDED, now, None, None
-        log_event(session, "succeeded", message, study_uid=job.study_uid, job_id=job.id, at=now)
+        job.state, job.finished_at, job.lease_owner, job.lease_expires_at = JobState.SUCCEEDED, now, None, None
+        log_event(session, EventKind.SUCCEEDED, message, study_uid=job.study_uid, job_id=job.id, at=now)
         return True
 
 
@@ -128,17 +136,17 @@ def fail(sessions: sessionmaker, job_id: int, owner: str, error: str, policy: Re
     now = utcnow()
     with sessions.begin() as session:
         job = session.get(Job, job_id)
-        if job is None or job.state != RUNNING or job.lease_owner != owner:
+        if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
             return job.state if job else "missing"
         job.error = error
         job.lease_owner, job.lease_expires_at = None, None
         if retryable and job.attempts < job.max_attempts:
-            job.state = QUEUED
+            job.state = JobState.QUEUED
             job.not_before = now + policy.delay(job.attempts)
-            log_event(session, "retry-scheduled", f"attempt {job.attempts} failed: {error}; next try after {job.not_before:%H:%M:%S} UTC", study_uid=job.study_uid, job_id=job.id, at=now)
+            log_event(session, EventKind.RETRY_SCHEDULED, f"attempt {job.attempts} failed: {error}; next try after {job.not_before:%H:%M:%S} UTC", study_uid=job.study_uid, job_id=job.id, at=now)
         else:
-            job.state, job.finished_at = FAILED, now
-            log_event(session, "failed", error, study_uid=job.study_uid, job_id=job.id, at=now)
+            job.state, job.finished_at = JobState.FAILED, now
+            log_event(session, EventKind.FAILED, error, study_uid=job.study_uid, job_id=job.id, at=now)
         return job.state
 
 
@@ -146,10 +154,10 @@ def requeue_expired(sessions: sessionmaker, now: datetime | None = None) -> list
     """Running jobs whose lease ran out (their worker died) go back to the queue."""
     now = now or utcnow()
     with sessions.begin() as session:
-        expired = list(session.scalars(select(Job).where(Job.state == RUNNING, Job.lease_expires_at < now)))
+        expired = list(session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)))
         for job in expired:
-            log_event(session, "lease-expired", f"worker {job.lease_owner} stopped renewing; re-queued", study_uid=job.study_uid, job_id=job.id, at=now)
-            job.state, job.lease_owner, job.lease_expires_at, job.not_before = QUEUED, None, None, utcnow()
+            log_event(session, EventKind.LEASE_EXPIRED, f"worker {job.lease_owner} stopped renewing; re-queued", study_uid=job.study_uid, job_id=job.id, at=now)
+            job.state, job.lease_owner, job.lease_expires_at, job.not_before = JobState.QUEUED, None, None, utcnow()
         return [job.id for job in expired]
 
 
@@ -158,16 +166,16 @@ def retry(sessions: sessionmaker, job_id: int) -> bool:
     now = utcnow()
     with sessions.begin() as session:
         job = session.get(Job, job_id)
-        if job is None or job.state != FAILED:
+        if job is None or job.state != JobState.FAILED:
             return False
-        job.state, job.attempts, job.not_before, job.finished_at = QUEUED, 0, now, None
+        job.state, job.attempts, job.not_before, job.finished_at = JobState.QUEUED, 0, now, None
         # Deliveries that failed get a fresh set of attempts too (the same files, the same UIDs).
         reset = session.execute(
             update(Delivery)
-            .where(Delivery.job_id == job_id, Delivery.state == "failed")
-            .values(state="pending", attempts=0, not_before=now, updated_at=now)
+            .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.FAILED)
+            .values(state=DeliveryState.PENDING, attempts=0, not_before=now, updated_at=now)
         ).rowcount
-        log_event(session, "retry-requested", "by operator" + (f"; {reset} failed deliveries pending again" if reset else ""),
+        log_event(session, EventKind.RETRY_REQUESTED, "by operator" + (f"; {reset} failed deliveries pending again" if reset else ""),
                   study_uid=job.study_uid, job_id=job.id, at=now)
         return True
 
@@ -178,12 +186,12 @@ def defer(sessions: sessionmaker, job_id: int, owner: str, not_before: datetime,
     now = utcnow()
     with sessions.begin() as session:
         job = session.get(Job, job_id)
-        if job is None or job.state != RUNNING or job.lease_owner != owner:
+        if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
             return False
-        job.state, job.lease_owner, job.lease_expires_at = QUEUED, None, None
+        job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
         job.not_before, job.error = max(not_before, now), reason
         job.attempts = max(job.attempts - 1, 0)
-        log_event(session, "delivery-pending", f"{reason}; job waits until {job.not_before:%H:%M:%S} UTC",
+        log_event(session, EventKind.DELIVERY_PENDING, f"{reason}; job waits until {job.not_before:%H:%M:%S} UTC",
                   study_uid=job.study_uid, job_id=job.id, at=now)
         return True
 
@@ -193,11 +201,11 @@ def release(sessions: sessionmaker, job_id: int, owner: str, reason: str) -> boo
     now = utcnow()
     with sessions.begin() as session:
         job = session.get(Job, job_id)
-        if job is None or job.state != RUNNING or job.lease_owner != owner:
+        if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
             return False
-        job.state, job.lease_owner, job.lease_expires_at, job.not_before = QUEUED, None, None, now
+        job.state, job.lease_owner, job.lease_expires_at, job.not_before = JobState.QUEUED, None, None, now
         job.attempts = max(job.attempts - 1, 0)
-        log_event(session, "released", reason, study_uid=job.study_uid, job_id=job.id, at=now)
+        log_event(session, EventKind.RELEASED, reason, study_uid=job.study_uid, job_id=job.id, at=now)
         return True
 
 
@@ -214,23 +222,23 @@ def cancel(sessions: sessionmaker, job_id: int) -> None:
         if job is None:
             raise RefusedError(f"no job {job_id}")
         cancelled = session.execute(  # compare-and-set: a worker may claim the job meanwhile
-            update(Job).where(Job.id == job_id, Job.state.in_((QUEUED, FAILED)))
-            .values(state=CANCELLED, finished_at=now)
+            update(Job).where(Job.id == job_id, Job.state.in_((JobState.QUEUED, JobState.FAILED)))
+            .values(state=JobState.CANCELLED, finished_at=now)
             .execution_options(synchronize_session=False)
         ).rowcount
         if cancelled != 1:
             session.refresh(job)
             raise RefusedError(_not_cancellable(job))
         dropped = session.execute(
-            update(Delivery).where(Delivery.job_id == job_id, Delivery.state == "pending")
-            .values(state=CANCELLED, updated_at=now)
+            update(Delivery).where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING)
+            .values(state=DeliveryState.CANCELLED, updated_at=now)
         ).rowcount
-        log_event(session, "cancelled", "by operator" + (f"; {dropped} pending deliveries cancelled" if dropped else ""),
+        log_event(session, EventKind.CANCELLED, "by operator" + (f"; {dropped} pending deliveries cancelled" if dropped else ""),
                   study_uid=job.study_uid, job_id=job_id, at=now)
 
 
 def _not_cancellable(job: Job) -> str:
-    if job.state == RUNNING:
+    if job.state == JobState.RUNNING:
         return (f"job {job.id} is running (worker {job.lease_owner}) and may be sending results: "
                 "cancel it once it has finished or gone back to the queue")
     return f"job {job.id} is {job.state}: only queued or failed jobs can be cancelled"
@@ -243,7 +251,7 @@ def requeue(sessions: sessionmaker, study_uid: str, model: str, policy: RetryPol
     with sessions() as session:
         if session.get(Study, study_uid) is None:
             raise RefusedError(f"no study {study_uid} in the index")
-        active = session.scalar(select(Job).where(Job.study_uid == study_uid, Job.model == model, Job.state.in_((QUEUED, RUNNING))))
+        active = session.scalar(select(Job).where(Job.study_uid == study_uid, Job.model == model, Job.state.in_((JobState.QUEUED, JobState.RUNNING))))
         if active is not None:
             raise RefusedError(f"job {active.id} of study {study_uid} for model {model} is already {active.state}")
     return enqueue(sessions, study_uid, model, policy, "requeued by operator")

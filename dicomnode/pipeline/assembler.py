@@ -3,7 +3,7 @@
 Every configured model whose `[models.applies_to]` rules fit the study (modalities present,
 tag patterns such as StudyDescription) gets its own job: a study several models apply to
 gets several. A study becomes a job for a model once no instance has arrived for
-`study_quiet_seconds`, every modality the model needs is present, and `dicomnode.selection`
+`study_quiet_seconds`, every modality the model needs is present, and `dicomnode.pipeline.selection`
 finds a consistent series for each of the model's channels (PET: all NumberOfSlices
 instances; CT: no gaps or duplicate positions, covering the PET; MR and other named
 channels: their SeriesDescription patterns, no gaps, the grid series' frame of reference). A PET series still arriving holds the study back,
@@ -23,17 +23,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, ModelSettings
-from dicomnode.store.tables import Event, Job, Study, utcnow
-from dicomnode.queue import QUEUED, RetryPolicy, enqueue
-from dicomnode.store.events import log_event
 from dicomnode.imaging.headers import SeriesFacts
-from dicomnode.selection import applies_to, select_inputs, series_from_index
+from dicomnode.pipeline.facts import series_from_index
+from dicomnode.pipeline.queue import RetryPolicy, enqueue
+from dicomnode.pipeline.selection import applies_to, select_inputs
+from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.tables import Event, Job, JobState, Study, utcnow
 
 log = logging.getLogger("dicomnode.assembler")
 
-VERDICT = "series-verdict"
-INCOMPLETE = "incomplete"
-ASSEMBLY_FAILED = "assembly-failed"
 
 
 def missing_modalities(series: list[SeriesFacts], model: ModelSettings) -> list[str]:
@@ -55,7 +53,7 @@ def sweep(sessions: sessionmaker, config: Config, now: datetime | None = None) -
             created.extend(_sweep_study(sessions, config, study))
         except Exception as exc:  # noqa: BLE001 - one study never stops the others
             message = f"could not be checked for completeness: {type(exc).__name__}: {exc}"
-            if _note_once(sessions, study, ASSEMBLY_FAILED, message):
+            if _note_once(sessions, study, EventKind.ASSEMBLY_FAILED, message):
                 log.exception("study %s: %s", study.study_uid, message)
     return created
 
@@ -68,7 +66,7 @@ def _sweep_study(sessions: sessionmaker, config: Config, study: Study) -> list[i
             latest = session.scalar(
                 select(Job).where(Job.study_uid == study.study_uid, Job.model == model.name).order_by(Job.id.desc()).limit(1)
             )
-            if latest is not None and (latest.state == QUEUED or latest.created_at >= study.last_received_at):
+            if latest is not None and (latest.state == JobState.QUEUED or latest.created_at >= study.last_received_at):
                 continue  # already queued, or nothing new since the last job
             series = series if series is not None else series_from_index(session, study.study_uid)
         job_id = _queue_if_ready(sessions, config, study, model, series, latest)
@@ -92,17 +90,17 @@ def _queue_if_ready(sessions: sessionmaker, config: Config, study: Study, model:
     if not selection.ready:
         _note_incomplete(sessions, study, f"model {model.name}: {selection.problem}")
         return None
-    policy = RetryPolicy(config.node.max_attempts, config.node.retry_backoff_seconds)
+    policy = RetryPolicy.for_jobs(config.node)
     reason = "study complete and quiet" if latest is None else "new instances after run %d" % latest.run_number
     job_id = enqueue(sessions, study.study_uid, model.name, policy, reason,
-                     details=[(VERDICT, v.message) for v in selection.verdicts])
+                     details=[(EventKind.SERIES_VERDICT, v.message) for v in selection.verdicts])
     log.info("study %s: queued job %d for model %s (%s)", study.study_uid, job_id, model.name, reason)
     return job_id
 
 
 def _note_incomplete(sessions: sessionmaker, study: Study, message: str) -> None:
     """Say once (per new arrival) why a quiet study is not processed."""
-    if _note_once(sessions, study, INCOMPLETE, message):
+    if _note_once(sessions, study, EventKind.INCOMPLETE, message):
         log.info("study %s: %s", study.study_uid, message)
 
 

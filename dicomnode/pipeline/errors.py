@@ -1,0 +1,22 @@
+"""How a job's work ends other than in success: the errors the worker turns into queue states."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+
+class JobError(Exception):
+    """A job cannot succeed. `retryable` says whether trying again could help."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class DeliveryPending(Exception):
+    """Some deliveries wait for their backoff: the job goes back to the queue until `not_before`
+    (queue.defer) instead of holding the worker; the next run reuses the results."""
+
+    def __init__(self, message: str, not_before: datetime) -> None:
+        super().__init__(message)
+        self.not_before = not_before

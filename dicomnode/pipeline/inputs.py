@@ -1,0 +1,122 @@
+"""A job's inputs: the series chosen for each of the model's channels (dicomnode.pipeline.selection,
+with the verdicts recorded) built into volumes on the model's grid, the PET in SUVbw."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from dicomnode.config import ModelSettings
+from dicomnode.imaging.suv import SuvError, pet_suv_volume
+from dicomnode.imaging.volumes import (
+    CT_PADDING_HU,
+    Volume,
+    VolumeError,
+    load_series,
+    resample_to,
+)
+from dicomnode.pipeline.errors import JobError
+from dicomnode.pipeline.facts import series_from_index
+from dicomnode.pipeline.selection import Selection, select_inputs
+from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.tables import Event, Job
+
+log = logging.getLogger("dicomnode.processing")  # the name it had before the split: journald filters use it
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The model's input channels on one grid (the model's `grid` setting: one of its channels).
+
+    `grid` is the volume of the series that gives the grid: its `.datasets` are the source
+    images the SEG and SR reference, slice for slice. `suv` is the PET in SUVbw on that grid
+    (what the lesions are measured on), None for a model without a PET channel."""
+
+    channels: np.ndarray  # (c, z, y, x) on the grid
+    spacing: tuple[float, float, float]  # (z, y, x) mm of the grid
+    grid: Volume  # the series that gives the grid
+    suv: np.ndarray | None  # (z, y, x) PET SUVbw on the grid, None without a PET channel
+    grid_name: str = "PET"  # the channel that gives the grid: "PET", "CT", "T1CE", ...
+    pet_header: Dataset | None = None  # the first PET slice header (radiopharmaceutical for the SR)
+
+
+def _event(sessions: sessionmaker, job: Job, kind: EventKind, message: str) -> None:
+    with sessions.begin() as session:
+        log_event(session, kind, message, study_uid=job.study_uid, job_id=job.id)
+    log.info("job %d study %s: %s %s", job.id, job.study_uid, kind, message)
+
+
+def select_series(sessions: sessionmaker, job: Job, settings: ModelSettings) -> Selection:
+    """The study's series and their verdicts for the job's model (dicomnode.pipeline.selection's rules).
+
+    The assembler records the verdicts when it queues a job; a job without them (queued by
+    an older version) gets them here."""
+    with sessions() as session:
+        selection = select_inputs(series_from_index(session, job.study_uid), settings.channels, settings.inputs,
+                                  settings.grid)
+        recorded = session.scalar(select(Event.id).where(Event.job_id == job.id, Event.kind == EventKind.SERIES_VERDICT).limit(1))
+    if recorded is None:
+        with sessions.begin() as session:
+            for verdict in selection.verdicts:
+                log_event(session, EventKind.SERIES_VERDICT, verdict.message, study_uid=job.study_uid, job_id=job.id)
+    if not selection.ready:
+        raise JobError(f"no usable inputs: {selection.problem}", retryable=bool(selection.waiting) and not selection.missing)
+    return selection
+
+
+def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid: str = "PET") -> Inputs:
+    """The model's input channels on the `grid` channel's series grid, from each channel's files
+    (`paths` by channel name): "CT" in HU, "PET" in SUVbw, any other (named: MR, ...) as
+    stored, rescale applied. Every other channel is resampled linearly onto the grid; outside
+    its field of view: -1024 HU for the CT, SUV 0 for the PET, 0 for the rest (e.g. the CT onto
+    the PET grid as GLOW-FDG was trained, or T1, T2 and FLAIR onto the T1 post contrast).
+    `dicomnode inspect --export` writes the same."""
+    padding = {"CT": CT_PADDING_HU, "PET": 0.0}  # outside a resampled channel's field of view; else 0
+    lacking = [c for c in dict.fromkeys([*channel_names, grid]) if c not in paths]
+    if lacking:
+        raise JobError(f"no series for channel{'s' if len(lacking) > 1 else ''} {', '.join(lacking)}"
+                       f"{' (the grid)' if grid in lacking else ''}")
+    try:
+        volumes = {c: _channel_volume(c, paths[c]) for c in dict.fromkeys([*channel_names, grid])}
+        reference = volumes[grid]
+        arrays = {c: v.array if c == grid else resample_to(v, reference, default_value=padding.get(c, 0.0)).array
+                  for c, v in volumes.items()}
+    except VolumeError as exc:
+        raise JobError(f"cannot build input volumes: {exc}") from exc
+    except SuvError as exc:
+        raise JobError(f"cannot compute SUVbw: {exc}") from exc
+    for c in channel_names:
+        if not np.isfinite(arrays[c]).all():
+            raise JobError(f"channel {c} ({volumes[c].modality} series {volumes[c].series_instance_uid}) holds NaN or "
+                           "infinite values: check its RescaleSlope/RescaleIntercept and pixel data")
+    channels = np.stack([arrays[c].astype(np.float32, copy=False) for c in channel_names])
+    pet = volumes.get("PET")
+    return Inputs(channels=channels, spacing=tuple(reference.spacing), grid=reference,
+                  suv=arrays["PET"].astype(np.float32, copy=False) if pet is not None else None, grid_name=grid,
+                  pet_header=pet.datasets[0] if pet is not None else None)
+
+
+
+def _channel_volume(channel: str, paths: list[Path]) -> Volume:
+    """One channel's series as a volume: the PET in SUVbw, anything else as its rescaled values."""
+    volume = load_series(paths)
+    return replace(volume, array=pet_suv_volume(volume).astype(np.float32)) if channel == "PET" else volume
+
+
+def build_inputs(sessions: sessionmaker, job: Job, settings: ModelSettings) -> Inputs:
+    """The job's model input channels, `settings.channels` in order, on the `settings.grid` grid."""
+    selection = select_series(sessions, job, settings)
+    channel_names = list(settings.channels)
+    inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, channel_names, settings.grid)
+    used = ", ".join(f"{c} <- {selection.chosen[c].label()}" for c in dict.fromkeys(channel_names))
+    used += f"; on the {settings.grid} grid {'x'.join(str(n) for n in inputs.channels.shape[1:])}"
+    _event(sessions, job, EventKind.INPUTS_BUILT, used)
+    return inputs
+
+

@@ -1,0 +1,139 @@
+"""One job, start to end: build the inputs, run the model, measure, write the result objects
+into data_dir/results once, and deliver them (dicomnode.pipeline.dispatch).
+
+Results are written once per job and reused when a job is retried (a failed delivery does
+not re-run the model, and the PACS receives the same SOP Instance UIDs again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.orm import sessionmaker
+
+from dicomnode.config import Config, ModelSettings
+from dicomnode.imaging.measures import measure_lesions, measure_segments
+from dicomnode.pipeline.dispatch import deliver
+from dicomnode.pipeline.errors import JobError
+from dicomnode.pipeline.inputs import Inputs, build_inputs
+from dicomnode.results.common import write_dicom
+from dicomnode.results.labelcodes import LabelCodesError, label_codes
+from dicomnode.results.writer import (
+    RESULT_FILES,
+    RESULT_SERIES_OFFSET,
+    Algorithm,
+    Findings,
+    Source,
+    build_results,
+    result_series_number,
+    results_needed,
+)
+from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.files import write_durably
+from dicomnode.store.tables import Job
+
+log = logging.getLogger("dicomnode.processing")  # the name it had before the split: journald filters use it
+
+
+def _event(sessions: sessionmaker, job: Job, kind: EventKind, message: str) -> None:
+    with sessions.begin() as session:
+        log_event(session, kind, message, study_uid=job.study_uid, job_id=job.id)
+    log.info("job %d study %s: %s %s", job.id, job.study_uid, kind, message)
+
+
+def model_fingerprint(settings: ModelSettings, root: Path | None = None) -> str:
+    """A short, stable identity of a model folder: its plans, dataset.json and checkpoints' sizes.
+    `root`: the folder holding them when it is not the configured path (nnU-Net's results layout)."""
+    root = root or settings.path
+    digest = hashlib.sha256()
+    for name in ("dataset.json", "plans.json"):
+        digest.update((root / name).read_bytes())
+    for fold in settings.folds:
+        checkpoint = root / f"fold_{fold}" / settings.checkpoint
+        digest.update(f"{fold}:{checkpoint.stat().st_size}".encode())
+    return f"sha256:{digest.hexdigest()[:12]}"
+
+
+def result_dir(config: Config, job: Job) -> Path:
+    return config.results_dir / job.study_uid / f"job-{job.id}"
+
+
+LABELS_FILE = "labels.npz"  # the model's label map: objects missing later are built without inference
+
+
+def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Path:  # noqa: ANN001 - inference.SegmentationModel
+    """Write the job's result objects (results_needed) into its result folder once and return the
+    folder. Each file is renamed into place when complete; a later run (a retried delivery, a
+    restart, an output added to the config) writes only those missing, from the label map saved
+    after inference (labels.npz), so the model runs once per job and every object keeps its
+    SOP Instance UID."""
+    out = result_dir(config, job)
+    settings = config.model(job.model)
+    missing = [kind for kind in results_needed(config, settings) if not (out / RESULT_FILES[kind]).exists()]
+    if not missing:
+        _event(sessions, job, EventKind.RESULTS_REUSED, f"{out} from an earlier attempt")
+        return out
+    inputs = build_inputs(sessions, job, settings)
+    labels = _model_labels(sessions, job, settings, model, inputs, out)
+    findings = _measure(sessions, job, settings, model, inputs, labels)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "measures.json").write_text(json.dumps(findings.as_json(), indent=2))
+    written = []
+    position = [m.name for m in config.models].index(settings.name)
+    numbers = {kind: result_series_number(kind, job.run_number, position) for kind in RESULT_SERIES_OFFSET}
+    version = settings.version or model_fingerprint(settings, getattr(model, "model_dir", None))
+    source = Source(inputs.grid.datasets, inputs.spacing, inputs.suv, inputs.pet_header)
+    algorithm = Algorithm(settings.name, version, tuple(settings.folds), job.run_number)
+    for kind, ds in build_results(missing, out, findings, source, algorithm, numbers):
+        write_dicom(ds, out / RESULT_FILES[kind])
+        written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
+    _event(sessions, job, EventKind.RESULTS_WRITTEN, ", ".join(written))
+    return out
+
+
+def _measure(sessions: sessionmaker, job: Job, settings: ModelSettings, model, inputs: Inputs,  # noqa: ANN001
+             labels: np.ndarray) -> Findings:
+    if inputs.suv is not None:
+        measures, lesion_labels = measure_lesions(labels > 0, inputs.suv, inputs.spacing, connectivity=settings.lesion_connectivity,
+                                                  min_volume_ml=settings.min_lesion_volume_ml)
+        _event(sessions, job, EventKind.MEASURED, f"{measures.lesion_count} lesions, MTV {measures.total_mtv_ml:.1f} ml, TLG {measures.total_tlg_g:.1f} g")
+        return Findings(measures, lesion_labels)
+    try:
+        codes = label_codes(settings, model.labels, Path(model.model_dir))
+    except LabelCodesError as exc:
+        raise JobError(str(exc)) from exc
+    segments = measure_segments(labels, inputs.spacing, {value: code.name for value, code in codes.items()},
+                                connectivity=settings.lesion_connectivity)
+    _event(sessions, job, EventKind.MEASURED, "; ".join(f"{m.name} {m.volume_ml:.1f} ml in {m.components} parts" for m in segments))
+    return Findings(segments, labels, codes)
+
+
+def _model_labels(sessions: sessionmaker, job: Job, settings: ModelSettings, model, inputs: Inputs, out: Path) -> np.ndarray:  # noqa: ANN001
+    """The model's label map on the grid: saved by an earlier attempt, else predicted and saved."""
+    saved = out / LABELS_FILE
+    if saved.exists():
+        with np.load(saved) as data:
+            labels = data["labels"]
+        _event(sessions, job, EventKind.LABELS_REUSED, f"{saved} from an earlier attempt: no inference")
+        return labels
+    if len(settings.channels) != len(model.channel_names):
+        raise JobError(
+            f"model {settings.name} takes {len(model.channel_names)} channels {model.channel_names} "
+            f"but config models.channels lists {len(settings.channels)}: {settings.channels}"
+        )
+    started = time.monotonic()
+    labels = model.predict(inputs.channels, inputs.spacing)
+    _event(sessions, job, EventKind.INFERENCE_DONE, f"{time.monotonic() - started:.1f} s on {model.device}, {int((labels > 0).sum())} foreground voxels")
+    out.mkdir(parents=True, exist_ok=True)
+    write_durably(saved, lambda fh: np.savez_compressed(fh, labels=labels), out / f".{LABELS_FILE}.partial")
+    return labels
+
+
+def process(config: Config, sessions: sessionmaker, job: Job, model) -> str:  # noqa: ANN001
+    out = make_results(config, sessions, job, model)
+    return f"results in {out}; {deliver(config, sessions, job, out)}"
