@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dicomnode.config import ModelSettings  # noqa: E402
-from dicomnode.inspect import export_inputs, inspect_path  # noqa: E402
+from dicomnode.ops.inspect import export_inputs, inspect_path  # noqa: E402
 from dicomnode.pipeline.inputs import assemble_inputs  # noqa: E402
 from dicomnode.synth.petct import write_study  # noqa: E402
 

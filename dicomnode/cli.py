@@ -180,7 +180,7 @@ def send(path: Path, destination: str, config: Path = ConfigOption) -> None:
     raise typer.Exit(1 if refused else 0)
 
 
-# --- what the node is doing: read from the database (dicomnode.admin) --------------------------
+# --- what the node is doing: read from the database (dicomnode.ops.history) --------------------------
 
 JsonOption = typer.Option(False, "--json", help="Print the data as JSON instead of tables.")
 
@@ -208,7 +208,7 @@ def _table(title: str, columns: tuple[str, ...], rows) -> Table:  # noqa: ANN001
 
 
 def _since(text: Optional[str]):  # noqa: ANN202 - datetime or None
-    from dicomnode.admin import parse_since
+    from dicomnode.ops.history import parse_since
 
     try:
         return parse_since(text) if text else None
@@ -224,8 +224,8 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
     Exit status 0 when every component is up, 1 otherwise."""
     from rich.filesize import decimal
 
-    from dicomnode.admin import as_json as to_json
-    from dicomnode.admin import node_status
+    from dicomnode.ops.history import as_json as to_json
+    from dicomnode.ops.status import node_status
 
     cfg = _config(config)
     node = node_status(_sessions(cfg), cfg)
@@ -253,7 +253,7 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
     raise typer.Exit(code)
 
 
-def _job_rows(jobs) -> Table:  # noqa: ANN001 - admin.JobRow
+def _job_rows(jobs) -> Table:  # noqa: ANN001 - ops.history.JobRow
     return _table("jobs", ("id", "state", "study", "model", "run", "attempts", "created", "finished", "error"), (
         (str(j.id), j.state, j.study, j.model, str(j.run), f"{j.attempts}/{j.max_attempts}", _when(j.created),
          _when(j.finished), j.error or "") for j in jobs))
@@ -268,8 +268,8 @@ def jobs_list(
     as_json: bool = JsonOption,
 ) -> None:
     """Jobs, newest first."""
-    from dicomnode.admin import as_json as to_json
-    from dicomnode.admin import list_jobs
+    from dicomnode.ops.history import as_json as to_json
+    from dicomnode.ops.history import list_jobs
 
     try:
         jobs = list_jobs(_sessions(_config(config)), state=state, since=_since(since), study=study)
@@ -285,7 +285,7 @@ def jobs_list(
 def _shown_as_json(detail, missing: str, as_json: bool) -> bool:  # noqa: ANN001 - an admin dataclass or None
     """Exit 1 saying `missing` when there is no `detail`; print it as JSON and return True when
     --json asked for it."""
-    from dicomnode.admin import as_json as to_json
+    from dicomnode.ops.history import as_json as to_json
 
     if detail is None:
         console.print(f"[red]{missing}[/red]")
@@ -299,7 +299,7 @@ def _shown_as_json(detail, missing: str, as_json: bool) -> bool:  # noqa: ANN001
 def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
     """One job: its deliveries and its timeline (each step with the time since the one before and
     since the study's first instance), and the error text."""
-    from dicomnode.admin import job_detail
+    from dicomnode.ops.history import job_detail
 
     job = job_detail(_sessions(_config(config)), job_id)
     if _shown_as_json(job, f"no job {job_id}", as_json):
@@ -367,7 +367,7 @@ def jobs_requeue(
     raise typer.Exit(1 if refused else 0)
 
 
-def _series_lines(study) -> str:  # noqa: ANN001 - admin.StudyRow
+def _series_lines(study) -> str:  # noqa: ANN001 - ops.history.StudyRow
     return "\n".join(f"{s.modality} #{s.number} {s.description} ({s.instances})" for s in study.series)
 
 
@@ -378,8 +378,8 @@ def studies_list(
     as_json: bool = JsonOption,
 ) -> None:
     """Received studies, the latest first: their series and their latest job."""
-    from dicomnode.admin import as_json as to_json
-    from dicomnode.admin import list_studies
+    from dicomnode.ops.history import as_json as to_json
+    from dicomnode.ops.history import list_studies
 
     studies = list_studies(_sessions(_config(config)), since=_since(since))
     if as_json:
@@ -393,7 +393,7 @@ def studies_list(
 @studies_app.command("show")
 def studies_show(study_uid: str, config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
     """One study: its series with the verdict of the latest job, its jobs and its events."""
-    from dicomnode.admin import study_detail
+    from dicomnode.ops.history import study_detail
 
     study = study_detail(_sessions(_config(config)), study_uid)
     if _shown_as_json(study, f"no study {study_uid} in the index", as_json):
@@ -422,7 +422,7 @@ def inspect_cmd(
     from rich.text import Text
 
     from dicomnode.config import ModelSettings
-    from dicomnode.inspect import export_inputs, inspect_path
+    from dicomnode.ops.inspect import export_inputs, inspect_path
     from dicomnode.pipeline.errors import JobError
 
     if not path.exists():
@@ -497,7 +497,7 @@ def models_check(
     exit 1 when any model has a problem."""
     from rich.text import Text
 
-    from dicomnode.modelcheck import check_models
+    from dicomnode.ops.modelcheck import check_models
 
     cfg = _config(config)
     try:

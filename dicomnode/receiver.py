@@ -42,8 +42,8 @@ from pynetdicom.sop_class import (
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
-from dicomnode.metrics import ReceiverCounters
 from dicomnode.netutil import NODELAY_HANDLER, server_tls_context
+from dicomnode.ops.metrics import ReceiverCounters
 from dicomnode.store.diskspace import Watermark
 from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.store.spool import Spool

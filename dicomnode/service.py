@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from dicomnode import systemd
 from dicomnode.config import Config
-from dicomnode.metrics import Metrics
+from dicomnode.ops import systemd
+from dicomnode.ops.metrics import Metrics
 from dicomnode.pipeline import assembler, queue
 from dicomnode.receiver import Receiver
 from dicomnode.store import retention

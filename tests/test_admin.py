@@ -24,8 +24,8 @@ from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from dicomnode import cli
-from dicomnode.admin import parse_since
 from dicomnode.config import Config, load_config
+from dicomnode.ops.history import parse_since
 from dicomnode.pipeline import delivery
 from dicomnode.pipeline.queue import RetryPolicy, cancel, claim, enqueue, fail, succeed
 from dicomnode.pipeline.selection import Verdict
@@ -68,7 +68,7 @@ def _verdicts(series: dict[str, str]) -> list[tuple[str, str]]:
     used = Verdict(series["PT"], "PT", 2, "PT series", 2, "used", "PET", label='PT #2 "PT series", 2 instances')
     ignored = Verdict(series["CT"], "CT", 1, "CT series", 3, "ignored", None, ("ImageType lacks AXIAL",),
                       label='CT #1 "CT series", 3 instances')
-    return [(EventKind.SERIES_VERDICT, used.message), (EventKind.SERIES_VERDICT, ignored.message)]
+    return [(EventKind.SERIES_VERDICT, used.message, used.as_dict()), (EventKind.SERIES_VERDICT, ignored.message, ignored.as_dict())]
 
 
 def _succeed_with_deliveries(sessions, job_id: int, study: str) -> None:

@@ -40,7 +40,7 @@ def exported(synth_study, tmp_path_factory):
 
 def test_node_and_nnunet_cli_give_the_same_mask(synth_study, exported, tmp_path):
     from dicomnode.config import ModelSettings
-    from dicomnode.inspect import inspect_path
+    from dicomnode.ops.inspect import inspect_path
     from dicomnode.pipeline.inputs import assemble_inputs
     from inference import SegmentationModel
 

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.config import Destination
-from dicomnode.metrics import DatabaseCollector
+from dicomnode.ops.metrics import DatabaseCollector
 from dicomnode.pipeline import assembler
 from dicomnode.pipeline.queue import RetryPolicy, enqueue
 from dicomnode.pipeline.worker import Worker

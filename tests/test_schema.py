@@ -23,6 +23,7 @@ from dicomnode.cli import app
 from dicomnode.config import load_config
 from dicomnode.store import schema
 from dicomnode.store.engine import make_engine, make_sessionmaker
+from dicomnode.store.events import event_data
 from dicomnode.store.schema import (
     BASELINE,
     SchemaError,
@@ -76,6 +77,7 @@ def test_an_older_database_is_upgraded_and_keeps_its_rows(tmp_path: Path):
         event = session.scalar(select(Event))
     assert (job.study_uid, job.state, job.created_at) == ("1.2.3", "succeeded", AT)
     assert (event.job_id, event.kind) == (job.id, "inference-done")
+    assert event_data(event) == {"seconds": 12.5, "device": "cpu"}  # 0003 gave the old event its data
     assert "ix_events_kind" in _indexes(path, "events")
     assert current_revision(sessions.kw["bind"]) == head_revision()
 
@@ -113,13 +115,18 @@ def test_processes_opening_a_new_database_at_once_upgrade_it_once(tmp_path: Path
         assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [(head_revision(),)]
 
 
+HEAD = head_revision()
+BROKEN = f"{int(HEAD) + 1:04d}"
+
+
 @pytest.fixture
 def broken_revision(tmp_path: Path, monkeypatch):
-    """The migrations plus a revision 0003 that creates an index and then fails."""
+    """The migrations plus a next revision that creates an index and then fails."""
     folder = tmp_path / "migrations"
     shutil.copytree(schema.MIGRATIONS, folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (folder / "versions" / "0003_broken.py").write_text(
-        'from alembic import op\n\nrevision = "0003"\ndown_revision = "0002"\nbranch_labels = None\ndepends_on = None\n\n\n'
+    (folder / "versions" / f"{BROKEN}_broken.py").write_text(
+        f'from alembic import op\n\nrevision = "{BROKEN}"\ndown_revision = "{HEAD}"\nbranch_labels = None\n'
+        'depends_on = None\n\n\n'
         "def upgrade():\n"
         '    op.create_index("ix_jobs_model", "jobs", ["model"])\n'
         '    op.execute("INSERT INTO no_such_table VALUES (1)")\n')
@@ -137,12 +144,12 @@ def _forget_scripts() -> None:
 
 def test_a_failing_revision_leaves_the_database_as_it_was(tmp_path: Path, broken_revision):
     path = tmp_path / "node.db"
-    _at_revision(path, "0002")
+    _at_revision(path, HEAD)
     with pytest.raises(Exception, match="no such table: no_such_table"):
         make_engine(f"sqlite:///{path}")
-    assert "ix_jobs_model" not in _indexes(path, "jobs")  # 0003's first step undone
+    assert "ix_jobs_model" not in _indexes(path, "jobs")  # the broken revision's first step undone
     with sqlite3.connect(path) as connection:
-        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [("0002",)]
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [(HEAD,)]
         assert connection.execute("SELECT count(*) FROM jobs").fetchone() == (1,)
     new = tmp_path / "new.db"
     with pytest.raises(Exception, match="no such table: no_such_table"):

@@ -14,7 +14,7 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
 
 from dicomnode.config import NodeSettings
-from dicomnode.metrics import ReceiverCounters
+from dicomnode.ops.metrics import ReceiverCounters
 from dicomnode.receiver import Receiver
 from dicomnode.store.diskspace import GB, limit_bytes
 from dicomnode.store.engine import make_sessionmaker

@@ -93,7 +93,7 @@ def _queue_if_ready(sessions: sessionmaker, config: Config, study: Study, model:
     policy = RetryPolicy.for_jobs(config.node)
     reason = "study complete and quiet" if latest is None else "new instances after run %d" % latest.run_number
     job_id = enqueue(sessions, study.study_uid, model.name, policy, reason,
-                     details=[(EventKind.SERIES_VERDICT, v.message) for v in selection.verdicts])
+                     details=[(EventKind.SERIES_VERDICT, v.message, v.as_dict()) for v in selection.verdicts])
     log.info("study %s: queued job %d for model %s (%s)", study.study_uid, job_id, model.name, reason)
     return job_id
 

@@ -24,7 +24,7 @@ from dicomnode.imaging.volumes import (
 from dicomnode.pipeline.errors import JobError
 from dicomnode.pipeline.facts import series_from_index
 from dicomnode.pipeline.selection import Selection, select_inputs
-from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.events import EventKind, log_event, record_job_event
 from dicomnode.store.tables import Event, Job
 
 log = logging.getLogger("dicomnode.processing")  # the name it had before the split: journald filters use it
@@ -46,10 +46,8 @@ class Inputs:
     pet_header: Dataset | None = None  # the first PET slice header (radiopharmaceutical for the SR)
 
 
-def _event(sessions: sessionmaker, job: Job, kind: EventKind, message: str) -> None:
-    with sessions.begin() as session:
-        log_event(session, kind, message, study_uid=job.study_uid, job_id=job.id)
-    log.info("job %d study %s: %s %s", job.id, job.study_uid, kind, message)
+def _event(sessions: sessionmaker, job: Job, kind: EventKind, message: str, data: dict | None = None) -> None:
+    record_job_event(sessions, job, kind, message, log, data=data)
 
 
 def select_series(sessions: sessionmaker, job: Job, settings: ModelSettings) -> Selection:
@@ -64,7 +62,8 @@ def select_series(sessions: sessionmaker, job: Job, settings: ModelSettings) -> 
     if recorded is None:
         with sessions.begin() as session:
             for verdict in selection.verdicts:
-                log_event(session, EventKind.SERIES_VERDICT, verdict.message, study_uid=job.study_uid, job_id=job.id)
+                log_event(session, EventKind.SERIES_VERDICT, verdict.message, study_uid=job.study_uid, job_id=job.id,
+                          data=verdict.as_dict())
     if not selection.ready:
         raise JobError(f"no usable inputs: {selection.problem}", retryable=bool(selection.waiting) and not selection.missing)
     return selection

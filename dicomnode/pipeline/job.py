@@ -33,17 +33,15 @@ from dicomnode.results.writer import (
     result_series_number,
     results_needed,
 )
-from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.events import EventKind, record_job_event
 from dicomnode.store.files import write_durably
 from dicomnode.store.tables import Job
 
 log = logging.getLogger("dicomnode.processing")  # the name it had before the split: journald filters use it
 
 
-def _event(sessions: sessionmaker, job: Job, kind: EventKind, message: str) -> None:
-    with sessions.begin() as session:
-        log_event(session, kind, message, study_uid=job.study_uid, job_id=job.id)
-    log.info("job %d study %s: %s %s", job.id, job.study_uid, kind, message)
+def _event(sessions: sessionmaker, job: Job, kind: EventKind, message: str, data: dict | None = None) -> None:
+    record_job_event(sessions, job, kind, message, log, data=data)
 
 
 def model_fingerprint(settings: ModelSettings, root: Path | None = None) -> str:
@@ -128,7 +126,9 @@ def _model_labels(sessions: sessionmaker, job: Job, settings: ModelSettings, mod
         )
     started = time.monotonic()
     labels = model.predict(inputs.channels, inputs.spacing)
-    _event(sessions, job, EventKind.INFERENCE_DONE, f"{time.monotonic() - started:.1f} s on {model.device}, {int((labels > 0).sum())} foreground voxels")
+    seconds, foreground = time.monotonic() - started, int((labels > 0).sum())
+    _event(sessions, job, EventKind.INFERENCE_DONE, f"{seconds:.1f} s on {model.device}, {foreground} foreground voxels",
+           data={"seconds": round(seconds, 3), "device": str(model.device), "foreground_voxels": foreground})
     out.mkdir(parents=True, exist_ok=True)
     write_durably(saved, lambda fh: np.savez_compressed(fh, labels=labels), out / f".{LABELS_FILE}.partial")
     return labels

@@ -51,9 +51,9 @@ class RetryPolicy:
 
 def enqueue(
     sessions: sessionmaker, study_uid: str, model: str, policy: RetryPolicy, reason: str = "",
-    details: Sequence[tuple[str, str]] = (),
+    details: Sequence[tuple[EventKind, str, dict | None]] = (),
 ) -> int:
-    """Queue a job; `details` are further (kind, message) events of the job, written with it."""
+    """Queue a job; `details` are further (kind, message, data) events of the job, written with it."""
     now = utcnow()
     with sessions.begin() as session:
         previous = session.scalar(
@@ -72,8 +72,8 @@ def enqueue(
         session.add(job)
         session.flush()
         log_event(session, EventKind.QUEUED, f"model {model}, run {job.run_number}{': ' + reason if reason else ''}", study_uid=study_uid, job_id=job.id, at=now)
-        for kind, message in details:
-            log_event(session, kind, message, study_uid=study_uid, job_id=job.id, at=now)
+        for kind, message, data in details:
+            log_event(session, kind, message, study_uid=study_uid, job_id=job.id, at=now, data=data)
         return job.id
 
 

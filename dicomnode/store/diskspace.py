@@ -42,7 +42,7 @@ def limit_bytes(total_bytes: int, settings: NodeSettings) -> int:
     return int(max(total_bytes * settings.min_free_percent / 100, settings.min_free_gb * GB))
 
 
-def _existing(path: Path) -> Path:
+def existing_folder(path: Path) -> Path:
     """`path` or its nearest existing parent (the data folder may not exist yet)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
@@ -51,7 +51,7 @@ def _existing(path: Path) -> Path:
 
 
 def measure(data_dir: Path, settings: NodeSettings) -> DiskSpace:
-    usage = shutil.disk_usage(_existing(data_dir))
+    usage = shutil.disk_usage(existing_folder(data_dir))
     return DiskSpace(Path(data_dir), usage.total, usage.free, limit_bytes(usage.total, settings))
 
 

@@ -8,12 +8,14 @@ prose for people: a number another module needs is stored beside it as data
 
 from __future__ import annotations
 
+import json
+import logging
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.store.tables import Event, utcnow
+from dicomnode.store.tables import Event, Job, utcnow
 
 
 class EventKind(StrEnum):
@@ -56,7 +58,22 @@ ERROR_KINDS = (EventKind.FAILED, EventKind.RETRY_SCHEDULED, EventKind.DELIVERY_F
 
 
 def log_event(session: Session, kind: EventKind, message: str = "", *, study_uid: str | None = None,
-              job_id: int | None = None, at: datetime | None = None) -> None:
-    """Add an event to `session` (written with the caller's transaction)."""
+              job_id: int | None = None, at: datetime | None = None, data: dict | None = None) -> None:
+    """Add an event to `session` (written with the caller's transaction); `data`: what another
+    module reads back (JSON), e.g. an inference's seconds."""
     session.add(Event(at=at or utcnow(), study_uid=study_uid, job_id=job_id, kind=EventKind(kind).value,
-                      message=message))
+                      message=message, data=json.dumps(data) if data is not None else None))
+
+
+def record_job_event(sessions: sessionmaker, job: Job, kind: EventKind, message: str, logger: logging.Logger, *,
+                     data: dict | None = None) -> None:
+    """Write one event of `job` in its own transaction and say it in `logger`'s log."""
+    with sessions.begin() as session:
+        log_event(session, kind, message, study_uid=job.study_uid, job_id=job.id, data=data)
+    logger.info("job %d study %s: %s %s", job.id, job.study_uid, kind, message)
+
+
+def event_data(event: Event | str | None) -> dict:
+    """An event's data (or the `data` column's text) as a dict; {} when it has none."""
+    text = event.data if isinstance(event, Event) else event
+    return json.loads(text) if text else {}

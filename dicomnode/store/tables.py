@@ -150,8 +150,9 @@ class Event(Base):
     at: Mapped[datetime] = mapped_column(Timestamp, index=True)
     study_uid: Mapped[str | None] = mapped_column(String(64), index=True, nullable=True)
     job_id: Mapped[int | None] = mapped_column(Integer, index=True, nullable=True)
-    kind: Mapped[str] = mapped_column(String(32), index=True)
-    message: Mapped[str] = mapped_column(Text, default="")
+    kind: Mapped[str] = mapped_column(String(32), index=True)  # an events.EventKind
+    message: Mapped[str] = mapped_column(Text, default="")  # for people
+    data: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: what other modules read (events.event_data)
 
 
 class Component(Base):

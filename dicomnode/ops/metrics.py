@@ -3,14 +3,12 @@ metrics_port` is set (bound to `metrics_bind`, 127.0.0.1 by default).
 
 The node runs in two processes (the receiver in `serve`, the models in the worker child), so
 whatever the worker does is read from the database at scrape time: jobs by state, studies
-completed, failed delivery tries and inference seconds (from the jobs' events). The receiver
+completed, failed delivery tries and inference seconds (from the data of the jobs' events). The receiver
 counts in its own process: instances stored or refused, associations rejected. Free disk
 space is measured at scrape time.
 """
 
 from __future__ import annotations
-
-import re
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import (
@@ -24,10 +22,8 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
 from dicomnode.store import diskspace
-from dicomnode.store.events import EventKind
+from dicomnode.store.events import EventKind, event_data
 from dicomnode.store.tables import Event, Job, JobState
-
-INFERENCE_SECONDS = re.compile(r"^(\d+(?:\.\d+)?) s\b")  # the "inference-done" event: "12.3 s on cuda, ..."
 
 
 class ReceiverCounters:
@@ -55,8 +51,8 @@ class DatabaseCollector(Collector):
             by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
             completed = session.scalar(select(func.count(distinct(Job.study_uid))).where(Job.state == JobState.SUCCEEDED))
             failures = session.scalar(select(func.count()).select_from(Event).where(Event.kind == EventKind.DELIVERY_FAILED))
-            inference = [float(m.group(1)) for m in map(INFERENCE_SECONDS.match, session.scalars(
-                select(Event.message).where(Event.kind == EventKind.INFERENCE_DONE))) if m]
+            inference = [event_data(data)["seconds"] for data in session.scalars(
+                select(Event.data).where(Event.kind == EventKind.INFERENCE_DONE, Event.data.is_not(None)))]
         jobs = GaugeMetricFamily("dicomnode_jobs", "Jobs by state", labels=["state"])
         for state in dict.fromkeys([*JobState, *by_state]):
             jobs.add_metric([state], by_state.get(state, 0))

@@ -1,0 +1,171 @@
+"""What `dicomnode status` shows: which of the node's processes are up, the queue, the oldest
+waiting job, disk use, the models loaded and the last errors, read from the database (and the
+data folder's disk), so it works while the service runs. Plain dataclasses: the CLI prints
+them as tables, and `history.as_json` gives the same data for `--json`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import sessionmaker
+
+from dicomnode.config import Config
+from dicomnode.ops.history import EventRow
+from dicomnode.store.components import EXPECTED, HEARTBEAT_SECONDS, Role
+from dicomnode.store.diskspace import existing_folder
+from dicomnode.store.events import ERROR_KINDS
+from dicomnode.store.schema import current_revision
+from dicomnode.store.tables import Component, Event, Job, JobState, utcnow
+
+# --- components: which processes are alive ---------------------------------------------------
+
+@dataclass
+class ComponentStatus:
+    name: str
+    up: bool
+    why: str  # "seen 3 s ago", "process 1234 is not running", "never seen"...
+    host: str | None = None
+    pid: int | None = None
+    started_at: datetime | None = None
+    last_seen_at: datetime | None = None
+    detail: dict = field(default_factory=dict)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, run by another user (the service's)
+        return True
+    return True
+
+
+def _component_status(row: Component, now: datetime, stale_after: float, busy: dict[str, Job]) -> ComponentStatus:
+    """Up: seen within `stale_after` seconds (or, a worker, holding a live lease: a long job keeps
+    it from its poll loop) and, on this host, its process running."""
+    age = (now - row.last_seen_at).total_seconds()
+    job = busy.get(f"{row.host}:{row.pid}")
+    if row.host == socket.gethostname() and not _pid_alive(row.pid):
+        up, why = False, f"process {row.pid} is not running; last seen {age:.0f} s ago"
+    elif age <= stale_after:
+        up, why = True, f"seen {age:.0f} s ago"
+    elif job is not None:
+        up, why = True, f"running job {job.id}, lease renewed until {job.lease_expires_at:%H:%M:%S} UTC"
+    else:
+        up, why = False, f"not seen for {age:.0f} s"
+    return ComponentStatus(row.name, up, why, row.host, row.pid, row.started_at, row.last_seen_at, json.loads(row.detail or "{}"))
+
+
+def components(sessions: sessionmaker, stale_after: float, now: datetime | None = None) -> list[ComponentStatus]:
+    """Per component and host: the processes that are up, or else the last one seen; a receiver
+    or worker never seen is listed as such."""
+    now = now or utcnow()
+    with sessions() as session:
+        rows = list(session.scalars(select(Component).order_by(Component.name, Component.host, Component.last_seen_at.desc())))
+        busy = {j.lease_owner: j for j in session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at > now))}
+    listed: list[ComponentStatus] = []
+    by_place: dict[tuple[str, str], list[ComponentStatus]] = {}
+    for row in rows:
+        by_place.setdefault((row.name, row.host), []).append(_component_status(row, now, stale_after, busy))
+    for statuses in by_place.values():
+        listed.extend([s for s in statuses if s.up] or statuses[:1])
+    seen = {s.name for s in listed}
+    listed.extend(ComponentStatus(name, False, "never seen") for name in EXPECTED if name not in seen)
+    return listed
+
+
+# --- node status ------------------------------------------------------------------------------
+
+@dataclass
+class DiskUse:
+    data_dir: str
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    spool_bytes: int
+    results_bytes: int
+    database_bytes: int | None  # None: not an SQLite file
+
+
+@dataclass
+class WaitingJob:
+    job_id: int
+    study_uid: str
+    model: str
+    queued_at: datetime
+    waiting_seconds: float
+
+
+@dataclass
+class ModelStatus:
+    name: str
+    loaded_by: list[str]  # "host:pid" of each worker that is up and has the model loaded
+
+
+@dataclass
+class NodeStatus:
+    checked_at: datetime
+    components: list[ComponentStatus]
+    queue: dict[str, int]  # jobs by state, every state
+    oldest_waiting: WaitingJob | None
+    disk: DiskUse
+    models: list[ModelStatus]
+    last_errors: list[EventRow]  # newest first
+    schema: str | None  # the database's schema revision (dicomnode.store.schema)
+
+
+def tree_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (0 when it does not exist)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except FileNotFoundError:  # removed while we walk
+                pass
+    return total
+
+
+def disk_use(config: Config) -> DiskUse:
+    data_dir = config.node.data_dir
+    usage = shutil.disk_usage(existing_folder(data_dir))
+    database = None
+    if config.database_url.startswith("sqlite"):
+        path = Path(make_url(config.database_url).database or "")
+        database = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.is_file())
+    return DiskUse(str(data_dir), usage.total, usage.used, usage.free, tree_bytes(config.spool_dir), tree_bytes(config.results_dir), database)
+
+
+def node_status(sessions: sessionmaker, config: Config, now: datetime | None = None, errors: int = 5) -> NodeStatus:
+    now = now or utcnow()
+    stale_after = 3 * max(config.node.sweep_seconds, HEARTBEAT_SECONDS)
+    parts = components(sessions, stale_after, now)
+    with sessions() as session:
+        counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        oldest = session.scalar(select(Job).where(Job.state == JobState.QUEUED).order_by(Job.created_at, Job.id).limit(1))
+        recent = list(session.scalars(select(Event).where(Event.kind.in_(ERROR_KINDS)).order_by(Event.id.desc()).limit(errors)))
+    waiting = None
+    if oldest is not None:
+        waiting = WaitingJob(oldest.id, oldest.study_uid, oldest.model, oldest.created_at, (now - oldest.created_at).total_seconds())
+    workers = [c for c in parts if c.name == Role.WORKER and c.up]
+    models = [ModelStatus(m.name, [f"{w.host}:{w.pid}" for w in workers if m.name in w.detail.get("models", [])]) for m in config.models]
+    return NodeStatus(
+        checked_at=now,
+        components=parts,
+        queue={state: counts.get(state, 0) for state in JobState},
+        oldest_waiting=waiting,
+        disk=disk_use(config),
+        models=models,
+        last_errors=[EventRow(e.at, e.kind, e.message, e.study_uid, e.job_id) for e in recent],
+        schema=current_revision(sessions.kw["bind"]),
+    )
+
