@@ -124,8 +124,8 @@ def _destination(cfg: Config, name: str):  # noqa: ANN202 - config.Destination
 @app.command()
 def echo(destination: str, config: Path = ConfigOption) -> None:
     """C-ECHO a configured destination."""
-    from dicomnode.sender import SendError
-    from dicomnode.sender import echo as c_echo
+    from dicomnode.net.sender import SendError
+    from dicomnode.net.sender import echo as c_echo
 
     cfg = _config(config)
     dest = _destination(cfg, destination)
@@ -155,7 +155,7 @@ def send(path: Path, destination: str, config: Path = ConfigOption) -> None:
         TimeRemainingColumn,
     )
 
-    from dicomnode.sender import store_each
+    from dicomnode.net.sender import store_each
 
     cfg = _config(config)
     dest = _destination(cfg, destination)

@@ -21,10 +21,10 @@ from datetime import datetime, timezone
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from dicomnode.config import Config
+from dicomnode.net.receiver import Receiver
 from dicomnode.ops import systemd
 from dicomnode.ops.metrics import Metrics
 from dicomnode.pipeline import assembler, queue
-from dicomnode.receiver import Receiver
 from dicomnode.store import retention
 from dicomnode.store.components import Role, heartbeat
 from dicomnode.store.engine import make_sessionmaker

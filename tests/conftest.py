@@ -12,7 +12,7 @@ from selectionutil import copy_series
 from storescp import StoreSCP
 
 from dicomnode.imaging.volumes import load_series
-from dicomnode.receiver import Receiver
+from dicomnode.net.receiver import Receiver
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.synth.petct import SyntheticStudy, write_study
 

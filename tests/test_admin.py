@@ -25,11 +25,11 @@ from typer.testing import CliRunner
 
 from dicomnode import cli
 from dicomnode.config import Config, load_config
+from dicomnode.net.sender import Outcome
 from dicomnode.ops.history import parse_since
 from dicomnode.pipeline import delivery
 from dicomnode.pipeline.queue import RetryPolicy, cancel, claim, enqueue, fail, succeed
 from dicomnode.pipeline.selection import Verdict
-from dicomnode.sender import Outcome
 from dicomnode.store.components import heartbeat
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.events import EventKind, log_event

@@ -24,7 +24,7 @@ def _runtime_modules() -> list[str]:
 
 def test_dicomnode_modules_do_not_import_torch():
     modules = _runtime_modules()
-    assert "dicomnode.receiver" in modules and "dicomnode.pipeline.worker" in modules
+    assert "dicomnode.net.receiver" in modules and "dicomnode.pipeline.worker" in modules
     assert "dicomnode.pipeline.model_cache" in modules  # the module that loads models imports torch only when asked
     code = "import sys\n" + "".join(f"import {m}\n" for m in modules) + (
         "heavy = [m for m in ('torch', 'nnunetv2', 'inference') if m in sys.modules]\n"

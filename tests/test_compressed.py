@@ -36,7 +36,7 @@ from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from dicomnode.imaging.volumes import load_series
-from dicomnode.receiver import STORAGE_CLASSES, TRANSFER_SYNTAXES, Receiver
+from dicomnode.net.receiver import STORAGE_CLASSES, TRANSFER_SYNTAXES, Receiver
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
 

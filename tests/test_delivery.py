@@ -26,13 +26,13 @@ from pynetdicom.sop_class import (
 )
 from sqlalchemy import select
 
+from dicomnode.net.sender import Outcome, store_each
 from dicomnode.pipeline import delivery
 from dicomnode.pipeline.job import result_dir
 from dicomnode.pipeline.queue import RetryPolicy, claim, defer, enqueue, fail, retry
 from dicomnode.pipeline.worker import Worker
 from dicomnode.results.common import write_dicom
 from dicomnode.results.seg import build_seg
-from dicomnode.sender import Outcome, store_each
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Delivery, Event, Job, JobState, utcnow
 from dicomnode.testing.ports import free_port

@@ -17,7 +17,7 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
 from dicomnode.config import Destination, load_config
-from dicomnode.sender import send_files
+from dicomnode.net.sender import send_files
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Job
 from dicomnode.synth.petct import write_study
@@ -77,7 +77,7 @@ def test_logs_name_the_study_and_job_never_the_patient(tmp_path: Path):
 
 @pytest.fixture
 def node_factory(tmp_path: Path):
-    from dicomnode.receiver import Receiver
+    from dicomnode.net.receiver import Receiver
 
     receivers = []
 

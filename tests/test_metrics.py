@@ -13,9 +13,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from dicomnode.config import load_config
+from dicomnode.net.sender import Outcome
 from dicomnode.pipeline import delivery
 from dicomnode.pipeline.queue import RetryPolicy, claim, enqueue
-from dicomnode.sender import Outcome
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.testing.node import start_node
 from dicomnode.testing.ports import free_port

@@ -26,12 +26,12 @@ from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.config import Destination
+from dicomnode.net.receiver import Receiver
+from dicomnode.net.sender import store_each
 from dicomnode.ops.metrics import DatabaseCollector
 from dicomnode.pipeline import assembler
 from dicomnode.pipeline.queue import RetryPolicy, enqueue
 from dicomnode.pipeline.worker import Worker
-from dicomnode.receiver import Receiver
-from dicomnode.sender import store_each
 from dicomnode.store import retention
 from dicomnode.store.engine import make_engine, make_sessionmaker
 from dicomnode.store.schema import current_revision, head_revision

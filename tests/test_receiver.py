@@ -13,7 +13,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
-from dicomnode.receiver import Receiver
+from dicomnode.net.receiver import Receiver
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
 

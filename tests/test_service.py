@@ -17,8 +17,8 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
 from dicomnode.config import Destination, load_config
+from dicomnode.net.sender import send_files
 from dicomnode.pipeline import queue
-from dicomnode.sender import send_files
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job
 from dicomnode.testing.node import start_node

@@ -16,8 +16,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, PositronEmissionTomographyImageStorage
 from sqlalchemy import func, select
 
+from dicomnode.net.receiver import Receiver
 from dicomnode.pipeline import assembler
-from dicomnode.receiver import Receiver
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job, Study, utcnow
 

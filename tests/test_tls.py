@@ -12,8 +12,8 @@ from nodeutil import node_config, write_series
 from pydicom.uid import generate_uid
 
 from dicomnode.config import Destination, DestinationTls
-from dicomnode.receiver import Receiver
-from dicomnode.sender import store_each
+from dicomnode.net.receiver import Receiver
+from dicomnode.net.sender import store_each
 from dicomnode.store.engine import make_sessionmaker
 
 

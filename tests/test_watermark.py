@@ -14,8 +14,7 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import func, select
 
 from dicomnode.config import NodeSettings
-from dicomnode.ops.metrics import ReceiverCounters
-from dicomnode.receiver import Receiver
+from dicomnode.net.receiver import Receiver, ReceiverCounters
 from dicomnode.store.diskspace import GB, limit_bytes
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance

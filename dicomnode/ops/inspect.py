@@ -4,7 +4,7 @@ For every study in the folder: each series and its verdict (dicomnode.pipeline.s
 with the model's input spec), whether the node would queue a job or hold the study back,
 the SUVbw factor of the chosen PET with the attributes it came from, and warnings.
 `export_inputs` writes the model's input volumes as the worker builds them
-(processing.assemble_inputs): `pet_suv.nii.gz` and `ct_hu.nii.gz` on the model's grid (config
+(dicomnode.pipeline.inputs.assemble_inputs): `pet_suv.nii.gz` and `ct_hu.nii.gz` on the model's grid (config
 `grid`: the PET's by default, or the CT's).
 """
 

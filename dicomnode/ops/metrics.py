@@ -10,7 +10,7 @@ space is measured at scrape time.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -21,22 +21,10 @@ from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
+from dicomnode.net.receiver import ReceiverCounters
 from dicomnode.store import diskspace
 from dicomnode.store.events import EventKind, event_data
 from dicomnode.store.tables import Event, Job, JobState
-
-
-class ReceiverCounters:
-    """What the receiver counts as it happens."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        registry = registry if registry is not None else CollectorRegistry()
-        self.instances_received = Counter(
-            "dicomnode_instances_received", "Instances stored and acknowledged with 0x0000", registry=registry)
-        self.instances_refused = Counter(
-            "dicomnode_instances_refused", "C-STORE requests answered with a failure status", ["status"], registry=registry)
-        self.associations_rejected = Counter(
-            "dicomnode_associations_rejected", "Association requests rejected", ["reason"], registry=registry)
 
 
 class DatabaseCollector(Collector):

@@ -1,6 +1,6 @@
 """Deliveries: every result object of a job to every destination, each with its own state,
 retries with backoff and events. The database side only; the network side is
-dicomnode.sender.store_each and the orchestration is dicomnode.processing.deliver.
+dicomnode.net.sender.store_each and the orchestration is dicomnode.processing.deliver.
 
     pending --stored--> sent
        |  ^
@@ -28,8 +28,8 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from dicomnode.net.sender import Outcome
 from dicomnode.pipeline.queue import RetryPolicy
-from dicomnode.sender import Outcome
 from dicomnode.store.events import EventKind, log_event
 from dicomnode.store.tables import Delivery, DeliveryState, utcnow
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, Destination
+from dicomnode.net.sender import Outcome, store_each
 from dicomnode.pipeline import delivery
 from dicomnode.pipeline.errors import DeliveryPending, JobError
 from dicomnode.pipeline.queue import RetryPolicy
 from dicomnode.results.writer import RESULT_FILES
-from dicomnode.sender import Outcome, store_each
 from dicomnode.store.tables import Delivery, DeliveryState, Job
 
 log = logging.getLogger("dicomnode.processing")  # the name it had before the split: journald filters use it

@@ -13,7 +13,7 @@ Encoding choices (highdicom 0.28):
   BINARY highdicom accepts no other compressed syntax (RLE and JPEG-LS only for FRACTIONAL and
   LABELMAP). The demo study (64 slices of 64x64, 6 lesions): pixel data 32768 -> 11350 bytes,
   file 77350 -> 55942 bytes (the per-frame headers stay). A destination that accepts only
-  uncompressed SEGs gets them decompressed by the sender (dicomnode.sender).
+  uncompressed SEGs gets them decompressed by the sender (dicomnode.net.sender).
 - Every source slice gets a frame, empty or not (omit_empty_frames=False): viewers cope
   better with a complete stack, and an all-negative result still yields a valid SEG with
   one described, empty segment; likewise a label the model did not find stays a described

@@ -6,7 +6,7 @@ association requests are rejected too, transient, "local limit exceeded"):
   0xA700 out of resources (disk or database could not take it, or free space is below the
          watermark of dicomnode.store.diskspace: nothing is written; the sender may retry)
   0xA900 data set does not match the SOP class or instance of the request
-  0xC000 cannot understand: whatever dicomnode.validation finds (the data set not in the
+  0xC000 cannot understand: whatever dicomnode.net.validation finds (the data set not in the
          negotiated syntax or cut short, invalid UIDs, a malformed attribute the later stages
          read, pixel data shorter than the image attributes say)
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from prometheus_client import CollectorRegistry, Counter
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
@@ -42,12 +43,18 @@ from pynetdicom.sop_class import (
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
-from dicomnode.netutil import NODELAY_HANDLER, server_tls_context
-from dicomnode.ops.metrics import ReceiverCounters
+from dicomnode.net.status import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    REJECT_LOCAL_LIMIT,
+    REJECT_REASONS,
+    SUCCESS,
+)
+from dicomnode.net.tls import NODELAY_HANDLER, server_tls_context
+from dicomnode.net.validation import Refused, check_instance
 from dicomnode.store.diskspace import Watermark
 from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.store.spool import Spool
-from dicomnode.validation import CANNOT_UNDERSTAND, Refused, check_instance
 
 log = logging.getLogger("dicomnode.receiver")
 
@@ -85,18 +92,25 @@ TRANSFER_SYNTAXES = UNCOMPRESSED_SYNTAXES + decodable(LOSSLESS_SYNTAXES)
 
 IMAGE_CLASSES = frozenset(STORAGE_CLASSES)  # their pixel data is read by the pipeline: it must be whole
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-
-# A-ASSOCIATE-RJ (result, source, diagnostic): transient, presentation related, local limit exceeded.
-REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
-REJECT_REASONS = {0x03: "calling-ae-title", 0x07: "called-ae-title"}  # diagnostics of source 0x01
 
 
 def patient_details(ds) -> str:  # noqa: ANN001 - a pydicom Dataset
     """For log lines only with `log_patient_details = true`: by default the node logs UIDs only."""
     return (f"patient {ds.get('PatientName', '')} ID {ds.get('PatientID', '')} born {ds.get('PatientBirthDate', '')} "
             f"accession {ds.get('AccessionNumber', '')}")
+
+
+class ReceiverCounters:
+    """What the receiver counts as it happens."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        self.instances_received = Counter(
+            "dicomnode_instances_received", "Instances stored and acknowledged with 0x0000", registry=registry)
+        self.instances_refused = Counter(
+            "dicomnode_instances_refused", "C-STORE requests answered with a failure status", ["status"], registry=registry)
+        self.associations_rejected = Counter(
+            "dicomnode_associations_rejected", "Association requests rejected", ["reason"], registry=registry)
 
 
 class Receiver:

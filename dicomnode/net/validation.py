@@ -36,10 +36,8 @@ from dicomnode.imaging.headers import (
     first_sentence,
     numbers,
 )
+from dicomnode.net.status import CANNOT_UNDERSTAND, DOES_NOT_MATCH_SOP_CLASS
 from dicomnode.store.spool import UID as UID_PATTERN
-
-DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 
 IDENTITY_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 # Numeric attributes volume building reads (selection's are checked by facts_from_dataset): keyword -> values

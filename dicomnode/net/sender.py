@@ -25,15 +25,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Destination
-from dicomnode.netutil import NODELAY_HANDLER, client_tls_args
+from dicomnode.net.status import SOP_CLASS_NOT_SUPPORTED, STORED, is_permanent
+from dicomnode.net.tls import NODELAY_HANDLER, client_tls_args
 
 log = logging.getLogger("dicomnode.sender")
 
-SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the warnings (stored)
-# Refused for good: SOP class not supported, not authorized (0xA9xx, data set does not match
-# the SOP class, is added in _permanent_status). Other failures (0xA7xx out of resources,
-# 0xCxxx cannot understand, 0x0110 processing failure) may pass on a later try.
-PERMANENT_STATUSES = {0x0122, 0x0124}
 
 
 class SendError(Exception):
@@ -110,11 +106,6 @@ class Outcome:
         return self.error is None
 
 
-def _permanent_status(status: int) -> bool:
-    """Statuses a PACS gives for good: the same object sent again gets the same answer."""
-    return status in PERMANENT_STATUSES or 0xA900 <= status <= 0xA9FF
-
-
 def store_each(
     destination: Destination,
     paths: list[Path],
@@ -168,7 +159,7 @@ def store_each(
                 path = pending[0]
                 ds = datasets[path]
                 syntax = _accepted_syntax(assoc, ds)
-                if syntax is None:  # processing.fallback_for may send another object instead
+                if syntax is None:  # pipeline.dispatch.fallback_for may send another object instead
                     done(path, None, _no_context(destination, ds), permanent=True, sop_class_refused=True)
                     continue
                 if syntax != ds.file_meta.TransferSyntaxUID:
@@ -183,15 +174,15 @@ def store_each(
                 except ValueError as exc:  # pynetdicom found no usable presentation context after all
                     done(path, None, f"not sent: {exc}", permanent=True)
                     continue
-                if status and int(status.Status) in SUCCESS_STATUSES:
+                if status and int(status.Status) in STORED:
                     done(path, int(status.Status))
                     continue
                 code = int(status.Status) if status and "Status" in status else None
                 what = f"status 0x{code:04X}" if code is not None else "no response"
                 history[path].append(what)
                 log.warning("%s: C-STORE of %s: %s (try %d)", destination.name, ds.SOPInstanceUID, what, tries[path])
-                if code is not None and _permanent_status(code):
-                    done(path, code, f"refused: {what}", permanent=True, sop_class_refused=code == 0x0122)
+                if code is not None and is_permanent(code):
+                    done(path, code, f"refused: {what}", permanent=True, sop_class_refused=code == SOP_CLASS_NOT_SUPPORTED)
                 elif tries[path] >= budget[path]:
                     done(path, code, f"{what} after {tries[path]} {'try' if tries[path] == 1 else 'tries'}")
                 if code is None or not assoc.is_established:

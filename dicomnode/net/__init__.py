@@ -1,0 +1,3 @@
+"""All DICOM on the wire: the receiver (Storage SCP) and what it checks before it acknowledges
+(`validation`), the sender (Storage SCU), DICOM TLS and TCP_NODELAY (`tls`), and the status
+codes both sides answer with and read (`status`)."""
