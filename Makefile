@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export TCP_NODELAY := 1
 
-.PHONY: demo test system-packages demo-model registry-models bench lint-imports clean
+.PHONY: demo test test-fast lint system-packages demo-model registry-models bench lint-imports clean
 
 system-packages:
 	@if ! { { command -v Orthanc || test -x /usr/sbin/Orthanc; } && command -v storescu && command -v dciodvfy && command -v systemd-analyze \
@@ -27,8 +27,17 @@ $(STAMP): pyproject.toml
 demo: system-packages $(STAMP)
 	$(PY) scripts/demo.py
 
-test: system-packages $(STAMP)
+# The guard rails first (seconds): ruff, then the import-linter layer contracts.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: system-packages $(STAMP) lint
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: everything that starts no server and no subprocess (tests/conftest.py enforces the mark).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e" tests
 
 demo-model: $(STAMP)
 	$(PY) scripts/make_demo_model.py --out models/demo-petct

@@ -20,6 +20,10 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "models" / "demo-petct"
@@ -44,7 +48,7 @@ def plans_with(network: dict) -> dict:
     return plans
 
 
-def make_predictor(plans: dict, device: str, mirroring: bool):
+def make_predictor(plans: dict, device: str, mirroring: bool) -> nnUNetPredictor:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -66,7 +70,9 @@ def make_predictor(plans: dict, device: str, mirroring: bool):
     return predictor, n_params
 
 
-def run(predictor, shape: tuple[int, int, int], device: str, repeats: int) -> tuple[float, float | None]:
+def run(
+    predictor: nnUNetPredictor, shape: tuple[int, int, int], device: str, repeats: int
+) -> tuple[float, float | None]:
     """Median seconds per study and peak GPU memory in GB (None on the CPU)."""
     import numpy as np
     import torch
@@ -101,15 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     network, shape = (TOY, TOY_VOLUME) if args.toy else (RESENC_L, WHOLE_BODY)
     plans = plans_with(network)
     gpu = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{'toy' if args.toy else 'ResEnc L'}: patch {network['patch_size']}, widths {network['features_per_stage']}, "
-          f"{N_FOLDS} folds, volume {'x'.join(map(str, shape))} at {SPACING} mm, tile step 0.5; {gpu}")
+    print(
+        f"{'toy' if args.toy else 'ResEnc L'}: patch {network['patch_size']}, widths {network['features_per_stage']}, "
+        f"{N_FOLDS} folds, volume {'x'.join(map(str, shape))} at {SPACING} mm, tile step 0.5; {gpu}"
+    )
     print("| mirroring | s per study | peak GPU memory GB |\n|---|---|---|")
     for mirroring in (False, True):
         predictor, n_params = make_predictor(plans, device, mirroring)
         run(predictor, shape, device, 1)  # warm-up: cuDNN autotuning, allocator
         seconds, peak = run(predictor, shape, device, args.repeats)
-        print(f"| {'on' if mirroring else 'off'} | {seconds:.1f} | {'-' if peak is None else f'{peak:.1f}'} |",
-              flush=True)
+        print(
+            f"| {'on' if mirroring else 'off'} | {seconds:.1f} | {'-' if peak is None else f'{peak:.1f}'} |", flush=True
+        )
     print(f"network parameters per fold: {n_params / 1e6:.1f} M")
     return 0
 

@@ -27,13 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dicomnode.config import ModelSettings
+from dicomnode.ops.inspect import export_inputs, inspect_path
+from dicomnode.pipeline.inputs import assemble_inputs
+from dicomnode.synth.petct import write_study
 
-from dicomnode.config import ModelSettings  # noqa: E402
-from dicomnode.ops.inspect import export_inputs, inspect_path  # noqa: E402
-from dicomnode.pipeline.inputs import assemble_inputs  # noqa: E402
-from dicomnode.synth.petct import write_study  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 MODEL_DIR = REPO / "models" / "demo-petct"
 DATASET = "Dataset900_DemoPetCt"  # the results layout nnUNetv2_predict wants, linked to the model

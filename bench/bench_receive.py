@@ -16,26 +16,29 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dicomnode.synth.petct import write_study  # noqa: E402
-from dicomnode.testing.node import start_node  # noqa: E402
+from dicomnode.synth.petct import write_study
+from dicomnode.testing.node import start_node
 from dicomnode.testing.orthanc import LocalOrthanc
-from dicomnode.testing.ports import free_port  # noqa: E402
+from dicomnode.testing.ports import free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def storescu(folder: Path, aec: str, port: int) -> float:
     started = time.perf_counter()
-    subprocess.run(["storescu", "-aet", "BENCH", "-aec", aec, "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(port), str(folder)],
-                   check=True, env=ENV, capture_output=True, timeout=600)
+    subprocess.run(
+        ["storescu", "-aet", "BENCH", "-aec", aec, "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(port), str(folder)],
+        check=True,
+        env=ENV,
+        capture_output=True,
+        timeout=600,
+    )
     return time.perf_counter() - started
 
 
@@ -67,11 +70,15 @@ def main() -> None:
     port = free_port()
     (work / "node").mkdir()
     config = work / "node" / "config.toml"
-    config.write_text(f'[node]\nae_title = "DICOMNODE"\nbind = "127.0.0.1"\nport = {port}\ndata_dir = "var"\n'
-                      f'study_quiet_seconds = 3600\n[[models]]\nname = "m"\npath = "{REPO / "models" / "demo-petct"}"\n')
+    config.write_text(
+        f'[node]\nae_title = "DICOMNODE"\nbind = "127.0.0.1"\nport = {port}\ndata_dir = "var"\n'
+        f'study_quiet_seconds = 3600\n[[models]]\nname = "m"\npath = "{REPO / "models" / "demo-petct"}"\n'
+    )
     node = start_node(config, port, work / "node" / "node.log", extra_args=("--no-worker",))
     try:
-        results["dicomnode (fsync + SQLite FULL)"] = [count / storescu(files, "DICOMNODE", port) for _ in range(args.repeats)]
+        results["dicomnode (fsync + SQLite FULL)"] = [
+            count / storescu(files, "DICOMNODE", port) for _ in range(args.repeats)
+        ]
     finally:
         node.stop()
 
@@ -81,8 +88,12 @@ def main() -> None:
     port = free_port()
     out = work / "storescp"
     out.mkdir()
-    scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)], env=ENV,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scp = subprocess.Popen(
+        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port)
         results["dcmtk storescp (no fsync)"] = [count / storescu(files, "STORESCP", port) for _ in range(args.repeats)]

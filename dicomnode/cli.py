@@ -17,14 +17,18 @@ from rich.table import Table
 
 from dicomnode.config import Config, ConfigError, load_config
 
-app = typer.Typer(help="DICOM node that runs nnU-Net segmentation models on studies sent by a PACS.", no_args_is_help=True)
+app = typer.Typer(
+    help="DICOM node that runs nnU-Net segmentation models on studies sent by a PACS.", no_args_is_help=True
+)
 jobs_app = typer.Typer(help="Inspect and manage jobs.", no_args_is_help=True)
 studies_app = typer.Typer(help="Inspect received studies.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(studies_app, name="studies")
 console = Console()
 
-ConfigOption = typer.Option(Path("config.toml"), "--config", "-c", help="Path to config.toml.", envvar="DICOMNODE_CONFIG")
+ConfigOption = typer.Option(
+    Path("config.toml"), "--config", "-c", help="Path to config.toml.", envvar="DICOMNODE_CONFIG"
+)
 
 
 def _setup_logging(level: str = "INFO") -> None:
@@ -66,7 +70,11 @@ def _schema_checked() -> Iterator[None]:
 
 
 @app.command()
-def serve(config: Path = ConfigOption, log_level: str = "INFO", no_worker: bool = typer.Option(False, help="Run without the worker process.")) -> None:
+def serve(
+    config: Path = ConfigOption,
+    log_level: str = "INFO",
+    no_worker: bool = typer.Option(False, help="Run without the worker process."),
+) -> None:
     """Start the receiver, the scheduler and a worker process."""
     _setup_logging(log_level)
     from dicomnode.service import serve as run
@@ -90,9 +98,14 @@ def synth(
     out: Path,
     seed: int = 0,
     lesions: Optional[int] = typer.Option(None, help="Number of lesions (default: 2 to 6)."),
-    variant: str = typer.Option("bqml", help="How the PET is stored: bqml, ge-private-time, philips-cnts, admin-mbq, midnight."),
-    kind: str = typer.Option("petct", help="The study: petct, or a registry model's: glioma (4 MR series and 2 "
-                             "distractors), lymph (CT, topogram), organs (CT)."),
+    variant: str = typer.Option(
+        "bqml", help="How the PET is stored: bqml, ge-private-time, philips-cnts, admin-mbq, midnight."
+    ),
+    kind: str = typer.Option(
+        "petct",
+        help="The study: petct, or a registry model's: glioma (4 MR series and 2 "
+        "distractors), lymph (CT, topogram), organs (CT).",
+    ),
 ) -> None:
     """Write a synthetic study (series and truth) to OUT: PET/CT with lesions by default."""
     from dicomnode.synth.petct import VARIANTS, write_study
@@ -100,8 +113,10 @@ def synth(
 
     if kind in KINDS:
         registry = write_registry_study(out, kind, seed=seed)
-        console.print(f"study {registry.study_instance_uid}: {kind}, {len(registry.series)} series, "
-                      f"labels {registry.case.label_names}, written to {out}")
+        console.print(
+            f"study {registry.study_instance_uid}: {kind}, {len(registry.series)} series, "
+            f"labels {registry.case.label_names}, written to {out}"
+        )
         return
     if kind != "petct":
         console.print(f"[red]unknown kind {kind!r}[/red] (one of petct, {', '.join(KINDS)})")
@@ -110,13 +125,17 @@ def synth(
         console.print(f"[red]unknown variant {variant!r}[/red] (one of {', '.join(VARIANTS)})")
         raise typer.Exit(2)
     study = write_study(out, seed=seed, n_lesions=lesions, variant=variant)
-    console.print(f"study {study.study_instance_uid}: {len(study.phantom.lesions)} lesions, PET {variant}, written to {out}")
+    console.print(
+        f"study {study.study_instance_uid}: {len(study.phantom.lesions)} lesions, PET {variant}, written to {out}"
+    )
 
 
 def _destination(cfg: Config, name: str):  # noqa: ANN202 - config.Destination
     dest = next((d for d in cfg.destinations if d.name == name), None)
     if dest is None:
-        console.print(f"[red]no destination named {name!r}[/red] (have: {', '.join(d.name for d in cfg.destinations) or 'none'})")
+        console.print(
+            f"[red]no destination named {name!r}[/red] (have: {', '.join(d.name for d in cfg.destinations) or 'none'})"
+        )
         raise typer.Exit(2)
     return dest
 
@@ -171,8 +190,13 @@ def send(path: Path, destination: str, config: Path = ConfigOption) -> None:
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"sending to {destination}", total=len(files))
         for start in range(0, len(files), SEND_BATCH):
-            outcomes = store_each(dest, files[start:start + SEND_BATCH], cfg.node.ae_title, cfg.node.network_timeout_seconds,
-                                  on_sent=lambda _outcome: progress.advance(task))
+            outcomes = store_each(
+                dest,
+                files[start : start + SEND_BATCH],
+                cfg.node.ae_title,
+                cfg.node.network_timeout_seconds,
+                on_sent=lambda _outcome: progress.advance(task),
+            )
             refused.extend(o for o in outcomes if not o.ok)
     for outcome in refused:
         console.print(f"[red]not stored:[/red] {outcome.path}: {outcome.error}")
@@ -233,36 +257,82 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
     if as_json:
         print(to_json(node))
         raise typer.Exit(code)
-    console.print(_table("components", ("component", "state", "host", "pid", "started", "last seen", "detail"), (
-        (c.name, f"[green]up[/green] ({c.why})" if c.up else f"[red]down[/red] ({c.why})", c.host or "",
-         str(c.pid or ""), _when(c.started_at), _when(c.last_seen_at), ", ".join(f"{k}: {v}" for k, v in c.detail.items()))
-        for c in node.components)))
+    console.print(
+        _table(
+            "components",
+            ("component", "state", "host", "pid", "started", "last seen", "detail"),
+            (
+                (
+                    c.name,
+                    f"[green]up[/green] ({c.why})" if c.up else f"[red]down[/red] ({c.why})",
+                    c.host or "",
+                    str(c.pid or ""),
+                    _when(c.started_at),
+                    _when(c.last_seen_at),
+                    ", ".join(f"{k}: {v}" for k, v in c.detail.items()),
+                )
+                for c in node.components
+            ),
+        )
+    )
     console.print("queue: " + ", ".join(f"{state} {count}" for state, count in node.queue.items()))
     if node.oldest_waiting:
         w = node.oldest_waiting
-        console.print(f"oldest waiting: job {w.job_id}, study {w.study_uid}, model {w.model}, queued {_duration(w.waiting_seconds)} ago")
+        console.print(
+            f"oldest waiting: job {w.job_id}, study {w.study_uid}, model {w.model}, queued "
+            f"{_duration(w.waiting_seconds)} ago"
+        )
     d = node.disk
-    console.print(f"disk of {d.data_dir}: {decimal(d.used_bytes)} used of {decimal(d.total_bytes)}, [bold]{decimal(d.free_bytes)} free[/bold]; "
-                  f"spool {decimal(d.spool_bytes)}, results {decimal(d.results_bytes)}"
-                  + (f", database {decimal(d.database_bytes)}" if d.database_bytes is not None else ""))
+    console.print(
+        f"disk of {d.data_dir}: {decimal(d.used_bytes)} used of {decimal(d.total_bytes)}, "
+        f"[bold]{decimal(d.free_bytes)} free[/bold]; "
+        f"spool {decimal(d.spool_bytes)}, results {decimal(d.results_bytes)}"
+        + (f", database {decimal(d.database_bytes)}" if d.database_bytes is not None else "")
+    )
     console.print(f"database schema: revision {node.schema}")
-    console.print(_table("models", ("model", "loaded by"), ((m.name, ", ".join(m.loaded_by) or "not loaded") for m in node.models)))
+    console.print(
+        _table(
+            "models", ("model", "loaded by"), ((m.name, ", ".join(m.loaded_by) or "not loaded") for m in node.models)
+        )
+    )
     if node.last_errors:
-        console.print(_table("last errors", ("at", "event", "job", "message"),
-                             ((_when(e.at), e.kind, str(e.job_id or ""), e.message) for e in node.last_errors)))
+        console.print(
+            _table(
+                "last errors",
+                ("at", "event", "job", "message"),
+                ((_when(e.at), e.kind, str(e.job_id or ""), e.message) for e in node.last_errors),
+            )
+        )
     raise typer.Exit(code)
 
 
 def _job_rows(jobs) -> Table:  # noqa: ANN001 - ops.history.JobRow
-    return _table("jobs", ("id", "state", "study", "model", "run", "attempts", "created", "finished", "error"), (
-        (str(j.id), j.state, j.study, j.model, str(j.run), f"{j.attempts}/{j.max_attempts}", _when(j.created),
-         _when(j.finished), j.error or "") for j in jobs))
+    return _table(
+        "jobs",
+        ("id", "state", "study", "model", "run", "attempts", "created", "finished", "error"),
+        (
+            (
+                str(j.id),
+                j.state,
+                j.study,
+                j.model,
+                str(j.run),
+                f"{j.attempts}/{j.max_attempts}",
+                _when(j.created),
+                _when(j.finished),
+                j.error or "",
+            )
+            for j in jobs
+        ),
+    )
 
 
 @jobs_app.command("list")
 def jobs_list(
     config: Path = ConfigOption,
-    state: Optional[str] = typer.Option(None, help="Only jobs in this state: queued, running, succeeded, failed, cancelled."),
+    state: Optional[str] = typer.Option(
+        None, help="Only jobs in this state: queued, running, succeeded, failed, cancelled."
+    ),
     since: Optional[str] = typer.Option(None, help="Only jobs created since: 30m, 2h, 1d or an ISO time (UTC)."),
     study: Optional[str] = typer.Option(None, help="Only jobs of this Study Instance UID."),
     as_json: bool = JsonOption,
@@ -304,17 +374,46 @@ def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOpti
     job = job_detail(_sessions(_config(config)), job_id)
     if _shown_as_json(job, f"no job {job_id}", as_json):
         return
-    console.print(f"job {job.id}: [bold]{job.state}[/bold]  study {job.study}  model {job.model}  run {job.run}  "
-                  f"attempts {job.attempts}/{job.max_attempts}" + (f"  worker {job.lease_owner}" if job.lease_owner else ""))
+    console.print(
+        f"job {job.id}: [bold]{job.state}[/bold]  study {job.study}  model {job.model}  run {job.run}  "
+        f"attempts {job.attempts}/{job.max_attempts}" + (f"  worker {job.lease_owner}" if job.lease_owner else "")
+    )
     if job.error:
         console.print(f"[red]error:[/red] {job.error}")
     if job.deliveries:
-        console.print(_table("deliveries", ("destination", "file", "state", "attempts", "next try", "last error"), (
-            (d.destination, d.file, d.state, f"{d.attempts}/{d.max_attempts}", _when(d.not_before) if d.state == "pending" else "",
-             d.last_error or "") for d in job.deliveries)))
-    console.print(_table("timeline (UTC)", ("at", "after", "since received", "event", "message"), (
-        (_when(s.at), _duration(s.since_previous_seconds), _duration(s.since_received_seconds), s.event, s.message)
-        for s in job.timeline)))
+        console.print(
+            _table(
+                "deliveries",
+                ("destination", "file", "state", "attempts", "next try", "last error"),
+                (
+                    (
+                        d.destination,
+                        d.file,
+                        d.state,
+                        f"{d.attempts}/{d.max_attempts}",
+                        _when(d.not_before) if d.state == "pending" else "",
+                        d.last_error or "",
+                    )
+                    for d in job.deliveries
+                ),
+            )
+        )
+    console.print(
+        _table(
+            "timeline (UTC)",
+            ("at", "after", "since received", "event", "message"),
+            (
+                (
+                    _when(s.at),
+                    _duration(s.since_previous_seconds),
+                    _duration(s.since_received_seconds),
+                    s.event,
+                    s.message,
+                )
+                for s in job.timeline
+            ),
+        )
+    )
 
 
 @jobs_app.command("retry")
@@ -385,9 +484,22 @@ def studies_list(
     if as_json:
         print(to_json(studies))
         return
-    console.print(_table("studies", ("study", "last received", "instances", "series", "latest job"), (
-        (s.study, _when(s.last_received), str(s.instances), _series_lines(s),
-         f"{s.jobs[0].id} {s.jobs[0].state} (run {s.jobs[0].run})" if s.jobs else "") for s in studies)))
+    console.print(
+        _table(
+            "studies",
+            ("study", "last received", "instances", "series", "latest job"),
+            (
+                (
+                    s.study,
+                    _when(s.last_received),
+                    str(s.instances),
+                    _series_lines(s),
+                    f"{s.jobs[0].id} {s.jobs[0].state} (run {s.jobs[0].run})" if s.jobs else "",
+                )
+                for s in studies
+            ),
+        )
+    )
 
 
 @studies_app.command("show")
@@ -398,22 +510,44 @@ def studies_show(study_uid: str, config: Path = ConfigOption, as_json: bool = Js
     study = study_detail(_sessions(_config(config)), study_uid)
     if _shown_as_json(study, f"no study {study_uid} in the index", as_json):
         return
-    console.print(f"study {study.study}: {study.instances} instances, first received {_when(study.first_received)}, "
-                  f"last {_when(study.last_received)} UTC")
-    console.print(_table("series", ("#", "modality", "description", "instances", "last received", "verdict"), (
-        ("" if s.number is None else str(s.number), s.modality, s.description, str(s.instances), _when(s.last_received),
-         f"{s.verdict} (job {s.verdict_job})" if s.verdict else "") for s in study.series)))
+    console.print(
+        f"study {study.study}: {study.instances} instances, first received {_when(study.first_received)}, "
+        f"last {_when(study.last_received)} UTC"
+    )
+    console.print(
+        _table(
+            "series",
+            ("#", "modality", "description", "instances", "last received", "verdict"),
+            (
+                (
+                    "" if s.number is None else str(s.number),
+                    s.modality,
+                    s.description,
+                    str(s.instances),
+                    _when(s.last_received),
+                    f"{s.verdict} (job {s.verdict_job})" if s.verdict else "",
+                )
+                for s in study.series
+            ),
+        )
+    )
     if study.jobs:
         console.print(_job_rows(study.jobs))
-    console.print(_table("events", ("at", "event", "message"), ((_when(e.at), e.kind, e.message) for e in study.events)))
+    console.print(
+        _table("events", ("at", "event", "message"), ((_when(e.at), e.kind, e.message) for e in study.events))
+    )
 
 
 @app.command("inspect")
 def inspect_cmd(
     path: Path,
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-    export: Optional[Path] = typer.Option(None, "--export", help="Write the model's input volumes here (pet_suv.nii.gz, ct_hu.nii.gz)."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Take the model's input spec from this config.toml (default: built-in defaults)."),
+    export: Optional[Path] = typer.Option(
+        None, "--export", help="Write the model's input volumes here (pet_suv.nii.gz, ct_hu.nii.gz)."
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="Take the model's input spec from this config.toml (default: built-in defaults)."
+    ),
     model: Optional[str] = typer.Option(None, "--model", help="The model of the config (default: its first)."),
 ) -> None:
     """What the node would do with a folder of DICOM files: series verdicts, SUV factor, warnings.
@@ -451,7 +585,10 @@ def inspect_cmd(
     if as_json:
         print(json.dumps(report.as_dict(), indent=2))
         raise typer.Exit(0 if ok else 1)
-    console.print(f"{report.path}: {report.files} files, model [bold]{report.model}[/bold] (channels {', '.join(report.channels)} on the {report.grid} grid)")
+    console.print(
+        f"{report.path}: {report.files} files, model [bold]{report.model}[/bold] "
+        f"(channels {', '.join(report.channels)} on the {report.grid} grid)"
+    )
     for warning in report.warnings:
         console.print("[yellow]warning:[/yellow]", Text(warning))
     for study in report.studies:
@@ -462,8 +599,13 @@ def inspect_cmd(
             table.add_column(column, overflow="fold", no_wrap=column in ("#", "modality", "instances"))
         for v in study.selection.verdicts:
             colour = {"used": "green", "waiting": "yellow"}.get(v.state, "")
-            table.add_row("" if v.series_number is None else str(v.series_number), Text(v.modality), Text(v.description),
-                          str(v.instances), Text(v.text, style=colour))
+            table.add_row(
+                "" if v.series_number is None else str(v.series_number),
+                Text(v.modality),
+                Text(v.description),
+                str(v.instances),
+                Text(v.text, style=colour),
+            )
         console.print(table)
         if study.suv:
             suv_table = Table(title=f"SUVbw factor {study.suv['factor']:.6g} per rescaled unit (first PET slice)")
@@ -491,7 +633,9 @@ def models_check(
     names: Optional[list[str]] = typer.Argument(None, help="Models to check (default: every configured model)."),
     config: Path = ConfigOption,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    dry_run: bool = typer.Option(True, "--dry-run/--no-dry-run", help="Load each model and segment a small synthetic array."),
+    dry_run: bool = typer.Option(
+        True, "--dry-run/--no-dry-run", help="Load each model and segment a small synthetic array."
+    ),
 ) -> None:
     """Files, folds, trainer, channels, label codes and destinations of each model, and a dry run;
     exit 1 when any model has a problem."""

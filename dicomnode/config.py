@@ -144,7 +144,8 @@ class Destination(_Strict):
         if len(set(self.outputs)) != len(self.outputs):
             raise ValueError(f"outputs must be distinct, got {[k.value for k in self.outputs]}")
         if self.fallback in self.outputs:
-            raise ValueError(f"fallback {self.fallback} is already one of the outputs {[k.value for k in self.outputs]}")
+            raise ValueError(f"fallback {self.fallback} is already one of the outputs "
+                             f"{[k.value for k in self.outputs]}")
         return self
 
 
@@ -213,10 +214,26 @@ class InputSpec(_Strict):
 CHANNEL_MODALITIES = {"CT": "CT", "PET": "PT"}
 
 # Header attributes that applies_to tag patterns may test (read with every instance's facts).
-TAG_KEYWORDS = ("StudyDescription", "SeriesDescription", "BodyPartExamined", "ProtocolName",
-                "Manufacturer", "ManufacturerModelName", "InstitutionName", "StationName")
-TagKeyword = Literal["StudyDescription", "SeriesDescription", "BodyPartExamined", "ProtocolName",
-                     "Manufacturer", "ManufacturerModelName", "InstitutionName", "StationName"]
+TAG_KEYWORDS = (
+    "StudyDescription",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "ProtocolName",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "InstitutionName",
+    "StationName",
+)
+TagKeyword = Literal[
+    "StudyDescription",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "ProtocolName",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "InstitutionName",
+    "StationName",
+]
 
 
 def channel_modality(channel: str, inputs: InputSpec) -> str:
@@ -302,10 +319,13 @@ class ModelSettings(_Strict):
     # Label value -> name and codes for the SEG: a JSON file (relative to the config file) or an
     # inline table {"1" = {name = "liver", category = [...], type = [...]}}. Default: the model
     # folder's label_codes.json, else (a model with one label) the lesion codes.
-    label_codes: Annotated[
-        Annotated[Path, Tag("[file]")] | Annotated[dict[int, LabelCode], Tag("[table]")],
-        Discriminator(lambda value: "[table]" if isinstance(value, dict) else "[file]"),
-    ] | None = None
+    label_codes: (
+        Annotated[
+            Annotated[Path, Tag("[file]")] | Annotated[dict[int, LabelCode], Tag("[table]")],
+            Discriminator(lambda value: "[table]" if isinstance(value, dict) else "[file]"),
+        ]
+        | None
+    ) = None
     destinations: list[str] | None = None  # None: every destination
 
     @field_validator("channels")
@@ -321,8 +341,10 @@ class ModelSettings(_Strict):
         channels = info.data.get("channels", [])
         for channel in channels:
             if channel not in CHANNEL_MODALITIES and inputs.named(channel) is None:
-                raise ValueError(f"channel {channel!r} needs a [models.inputs.{channel}] table "
-                                 '(modality, series_description patterns); only "CT" and "PET" need none')
+                raise ValueError(
+                    f"channel {channel!r} needs a [models.inputs.{channel}] table "
+                    '(modality, series_description patterns); only "CT" and "PET" need none'
+                )
         for name in inputs.named_channels:
             if name not in channels:
                 raise ValueError(f"[models.inputs.{name}] names no channel of the model (channels {channels})")
@@ -375,9 +397,11 @@ class Config(_Strict):
             for destination in self.destinations_for(model):
                 wanted = [kind for kind in [*destination.outputs, destination.fallback] if kind in LESION_OUTPUTS]
                 if wanted:
-                    raise ValueError(f"destination {destination.name!r} wants {', '.join(wanted)} (PET lesion outputs) "
-                                     f"but model {model.name!r} has no PET channel: give that model models.destinations "
-                                     "without it, or drop those outputs")
+                    raise ValueError(
+                        f"destination {destination.name!r} wants {', '.join(wanted)} (PET lesion outputs) "
+                        f"but model {model.name!r} has no PET channel: give that model models.destinations "
+                        "without it, or drop those outputs"
+                    )
         return self
 
     @property

@@ -55,7 +55,9 @@ class WorkerSupervisor:
         while not self._stopping.is_set():
             code = self.process.poll() if self.process else None
             if code is not None and not self._stopping.is_set():
-                log.error("worker process %d exited with %s; restarting in %.0f s", self.process.pid, code, self.restart_delay)
+                log.error(
+                    "worker process %d exited with %s; restarting in %.0f s", self.process.pid, code, self.restart_delay
+                )
                 if self._stopping.wait(self.restart_delay):
                     return
                 self._spawn()
@@ -85,8 +87,11 @@ def sweep(config: Config, sessions) -> None:  # noqa: ANN001
         log.exception("sweep failed; will try again at the next one")
     took = time.monotonic() - started
     if took > config.node.sweep_seconds:
-        log.warning("sweep took %.1f s, longer than sweep_seconds = %g (slow disk or database?)", took,
-                    config.node.sweep_seconds)
+        log.warning(
+            "sweep took %.1f s, longer than sweep_seconds = %g (slow disk or database?)",
+            took,
+            config.node.sweep_seconds,
+        )
 
 
 class _SkippedRunsFilter(logging.Filter):
@@ -133,22 +138,44 @@ def serve(config: Config, with_worker: bool = True) -> None:
     metrics = Metrics(config, sessions)
     receiver = Receiver(config, sessions, metrics.receiver)
     receiver.start()
-    heartbeat(sessions, Role.RECEIVER, {"ae_title": config.node.ae_title, "address": f"{config.node.bind}:{receiver.port}"})
+    heartbeat(
+        sessions, Role.RECEIVER, {"ae_title": config.node.ae_title, "address": f"{config.node.bind}:{receiver.port}"}
+    )
     scheduler = BackgroundScheduler(timezone="UTC")
     logging.getLogger("apscheduler.scheduler").addFilter(_SKIPPED_RUNS)
-    scheduler.add_job(sweep, "interval", seconds=config.node.sweep_seconds, args=(config, sessions), id="sweep",
-                      max_instances=1, coalesce=True)
-    scheduler.add_job(retention_sweep, "interval", seconds=RETENTION_SWEEP_SECONDS, args=(config, sessions),
-                      id="retention", max_instances=1, coalesce=True, next_run_time=datetime.now(timezone.utc))
+    scheduler.add_job(
+        sweep,
+        "interval",
+        seconds=config.node.sweep_seconds,
+        args=(config, sessions),
+        id="sweep",
+        max_instances=1,
+        coalesce=True,
+    )
+    scheduler.add_job(
+        retention_sweep,
+        "interval",
+        seconds=RETENTION_SWEEP_SECONDS,
+        args=(config, sessions),
+        id="retention",
+        max_instances=1,
+        coalesce=True,
+        next_run_time=datetime.now(timezone.utc),
+    )
     scheduler.start()
     sweep(config, sessions)  # restart recovery: expired leases now, not after the first interval
     supervisor = WorkerSupervisor(config) if with_worker else None
     if supervisor:
         supervisor.start()
     metrics_port = metrics.start()
-    log.info("node ready: AE %s on port %d, %d model(s), %d destination(s)%s",
-             config.node.ae_title, receiver.port, len(config.models), len(config.destinations),
-             f", metrics on {config.node.metrics_bind}:{metrics_port}" if metrics_port else "")
+    log.info(
+        "node ready: AE %s on port %d, %d model(s), %d destination(s)%s",
+        config.node.ae_title,
+        receiver.port,
+        len(config.models),
+        len(config.destinations),
+        f", metrics on {config.node.metrics_bind}:{metrics_port}" if metrics_port else "",
+    )
     systemd.notify("READY=1", f"STATUS=accepting associations on port {receiver.port}")
     try:
         _wait_for_stop(stop, receiver, scheduler)

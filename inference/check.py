@@ -13,13 +13,16 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .labels import LabelsError, output_labels
 from .layout import ModelFolder, resolve_model_folder
 from .trainers import TrainerNotFound, find_trainer_class
+
+if TYPE_CHECKING:
+    from .model import SegmentationModel
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ def check_model_folder(
     return problems
 
 
-def dry_run(model, shape: tuple[int, int, int] = (24, 32, 32), seed: int = 0) -> DryRun:
+def dry_run(model: SegmentationModel, shape: tuple[int, int, int] = (24, 32, 32), seed: int = 0) -> DryRun:
     """Segment a small random case at the model's own spacing (every fold runs)."""
     rng = np.random.default_rng(seed)
     channels = rng.normal(0.0, 1.0, (len(model.channel_names), *shape)).astype(np.float32)
@@ -87,7 +90,7 @@ def _read_json(folder: ModelFolder, name: str) -> tuple[dict | None, list[Proble
         return None, [Problem(name, f"not readable JSON: {exc}")]
 
 
-def _read_checkpoint(folder: ModelFolder, fold, checkpoint_name: str) -> tuple[dict | None, Problem | None]:
+def _read_checkpoint(folder: ModelFolder, fold: int | str, checkpoint_name: str) -> tuple[dict | None, Problem | None]:
     import torch
 
     file = folder.checkpoint(fold, checkpoint_name)
@@ -95,7 +98,7 @@ def _read_checkpoint(folder: ModelFolder, fold, checkpoint_name: str) -> tuple[d
         return None, Problem(f"fold {fold}", f"missing {file.relative_to(folder.root)} in {folder.root}")
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many kinds for a damaged file
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a damaged file
         return None, Problem(f"fold {fold}", f"{file} cannot be loaded: {type(exc).__name__}: {exc}")
     missing = [k for k in ("network_weights", "trainer_name", "init_args") if k not in checkpoint]
     if missing:
@@ -136,6 +139,6 @@ def _trainer_problems(folder: ModelFolder, checkpoint: dict) -> list[Problem]:
         find_trainer_class(checkpoint["trainer_name"], folder.code_folders())
     except TrainerNotFound as exc:
         return [Problem("trainer", str(exc))]
-    except Exception as exc:  # the folder's trainer code itself fails to import
+    except Exception as exc:  # noqa: BLE001 - the folder's trainer code itself fails to import
         return [Problem("trainer", f"importing the trainer code failed: {type(exc).__name__}: {exc}")]
     return []

@@ -18,6 +18,12 @@ for ensembling) and working set (extra memory while one case is predicted).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where the model loads, not with this module
+    import torch
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from contextlib import contextmanager
 
 DEFAULT_FEATURES = (32, 64, 128, 256, 320, 320, 320, 320)  # nnU-Net's default widths
@@ -42,7 +48,7 @@ class Footprint:
         return self.resident_bytes + (self.estimated_working_bytes if working is None else working)
 
     @contextmanager
-    def measure_resident(self):
+    def measure_resident(self) -> Iterator[None]:
         """Around loading the network: on a GPU, what it allocated there."""
         if not self.on_gpu:
             yield
@@ -54,7 +60,7 @@ class Footprint:
         self.resident_bytes = torch.cuda.memory_allocated(self.device) - before
 
     @contextmanager
-    def measure_working_set(self):
+    def measure_working_set(self) -> Iterator[None]:
         """Around one prediction: on a GPU, the peak it allocated above the resident memory."""
         if not self.on_gpu:
             yield
@@ -67,7 +73,8 @@ class Footprint:
         peak = torch.cuda.max_memory_allocated(self.device) - before
         self.measured_working_bytes = max(peak, self.measured_working_bytes or 0)
 
-    def estimate(self, network, fold_weights: list[dict], configuration_manager, n_in: int, n_out: int) -> None:
+    def estimate(self, network: torch.nn.Module, fold_weights: list[dict], configuration_manager: ConfigurationManager,
+                 n_in: int, n_out: int) -> None:
         """The CPU estimate of resident bytes, and the working-set estimate on any device."""
         if not self.on_gpu:
             self.resident_bytes = _tensor_bytes([*network.parameters(), *network.buffers()]) + \
@@ -82,7 +89,7 @@ class Footprint:
             torch.cuda.empty_cache()
 
 
-def patch_working_set_bytes(configuration_manager, n_in: int, n_out: int) -> int:
+def patch_working_set_bytes(configuration_manager: ConfigurationManager, n_in: int, n_out: int) -> int:
     """float32 bytes of one patch through the network (see the module docstring)."""
     patch = math.prod(configuration_manager.patch_size)
     strides = configuration_manager.pool_op_kernel_sizes
@@ -94,7 +101,7 @@ def patch_working_set_bytes(configuration_manager, n_in: int, n_out: int) -> int
     return int(FLOAT32_BYTES * ((n_in + 2 * n_out) * patch + maps))
 
 
-def _tensor_bytes(tensors) -> int:
+def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     seen, total = set(), 0
     for t in tensors:
         key = (t.data_ptr(), t.dtype, tuple(t.shape))

@@ -231,7 +231,9 @@ class SegmentationModel:
             )
         return seg.astype(np.uint8, copy=False)
 
-    def _checked_input(self, channels, spacing_zyx) -> tuple[np.ndarray, tuple[float, float, float]]:
+    def _checked_input(
+        self, channels: np.ndarray, spacing_zyx: Sequence[float]
+    ) -> tuple[np.ndarray, tuple[float, float, float]]:
         channels = np.asarray(channels)
         if channels.ndim != 4:
             raise ValueError(

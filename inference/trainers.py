@@ -21,7 +21,11 @@ import inspect
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import torch
+    from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 _IMPORT_LOCK = threading.Lock()  # sys.path and sys.modules are process-wide
 
@@ -67,8 +71,8 @@ def find_trainer_class(name: str, code_folders: Sequence[Path]) -> type:
     return found
 
 
-def build_network(trainer_class: type, plans_manager, configuration_manager, dataset_json: dict,
-                  num_input_channels: int, num_output_channels: int):
+def build_network(trainer_class: type, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                  dataset_json: dict, num_input_channels: int, num_output_channels: int) -> torch.nn.Module:
     """The trainer's network for inference (deep supervision off), in the trainer's signature."""
     build = trainer_class.build_network_architecture
     params = list(inspect.signature(build).parameters)

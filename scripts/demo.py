@@ -20,17 +20,16 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from dicomnode.config import load_config  # noqa: E402
-from dicomnode.imaging.suv import pet_suv_volume  # noqa: E402
-from dicomnode.imaging.volumes import load_series  # noqa: E402
-from dicomnode.results.preview import mip_png  # noqa: E402
-from dicomnode.synth.petct import write_study  # noqa: E402
-from dicomnode.testing.node import dice, seg_on_source_grid, start_node  # noqa: E402
+from dicomnode.config import load_config
+from dicomnode.imaging.suv import pet_suv_volume
+from dicomnode.imaging.volumes import load_series
+from dicomnode.results.preview import mip_png
+from dicomnode.synth.petct import write_study
+from dicomnode.testing.node import dice, seg_on_source_grid, start_node
 from dicomnode.testing.orthanc import LocalOrthanc
-from dicomnode.testing.ports import free_port  # noqa: E402
+from dicomnode.testing.ports import free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 OUT = REPO / "demo-out"
 
@@ -45,19 +44,31 @@ def main() -> int:
     study = write_study(OUT / "study", seed=3)
     print(f"   study {study.study_instance_uid}: CT and PET series, {len(study.phantom.lesions)} planted lesions")
 
-    print(f"2. starting Orthanc ({pacs_dest.ae_title} on port {pacs_dest.port}) and the node ({config.node.ae_title} on port {config.node.port})")
-    pacs = LocalOrthanc(OUT / "orthanc", aet=pacs_dest.ae_title, dicom_port=pacs_dest.port, http_port=free_port(),
-                        modalities={"dicomnode": (config.node.ae_title, "127.0.0.1", config.node.port)})
+    print(
+        f"2. starting Orthanc ({pacs_dest.ae_title} on port {pacs_dest.port}) and the node "
+        f"({config.node.ae_title} on port {config.node.port})"
+    )
+    pacs = LocalOrthanc(
+        OUT / "orthanc",
+        aet=pacs_dest.ae_title,
+        dicom_port=pacs_dest.port,
+        http_port=free_port(),
+        modalities={"dicomnode": (config.node.ae_title, "127.0.0.1", config.node.port)},
+    )
     pacs.start()
     node = None
     try:
         node = start_node(config_path, config.node.port, OUT / "node.log", timeout=120)
         pacs.upload(sorted(study.ct_dir.glob("*.dcm")) + sorted(study.pt_dir.glob("*.dcm")))
-        print(f"3. Orthanc sends the study to the node (C-STORE); the node waits until it has been quiet for "
-              f"{config.node.study_quiet_seconds:.0f} s (study_quiet_seconds), then runs the model")
+        print(
+            f"3. Orthanc sends the study to the node (C-STORE); the node waits until it has been quiet for "
+            f"{config.node.study_quiet_seconds:.0f} s (study_quiet_seconds), then runs the model"
+        )
         started = time.monotonic()
         pacs.store_to_modality("dicomnode", [pacs.find_study(study.study_instance_uid)])
-        seg_series = pacs.wait_for_series(study.study_instance_uid, "SEG", timeout=config.node.study_quiet_seconds + 600)
+        seg_series = pacs.wait_for_series(
+            study.study_instance_uid, "SEG", timeout=config.node.study_quiet_seconds + 600
+        )
         elapsed = time.monotonic() - started
         print(f"4. SEG back in Orthanc {elapsed:.0f} s after the study was sent")
 
@@ -70,19 +81,35 @@ def main() -> int:
         print("\nWhat the PACS holds for this study now:")
         for series in pacs.series_of_study(study.study_instance_uid):
             tags = series["MainDicomTags"]
-            print(f"   {tags.get('Modality', ''):4} #{tags.get('SeriesNumber', ''):>4}  {tags.get('SeriesDescription', ''):40} {len(series['Instances'])} instance(s)")
-        print(f"\nLesions found by the model: {n_found} (planted: {int(truth.max())}, of which found: {planted_found}); "
-              f"Dice against the generator's truth: {dice(mask, truth > 0):.2f}")
+            print(
+                f"   {tags.get('Modality', ''):4} #{tags.get('SeriesNumber', ''):>4}  "
+                f"{tags.get('SeriesDescription', ''):40} {len(series['Instances'])} instance(s)"
+            )
+        print(
+            f"\nLesions found by the model: {n_found} (planted: {int(truth.max())}, of which found: {planted_found}); "
+            f"Dice against the generator's truth: {dice(mask, truth > 0):.2f}"
+        )
         pet = load_series(pet_files)
-        png = mip_png(pet_suv_volume(pet), mask.astype(np.uint8), pet.spacing, OUT / "preview.png",
-                      title=f"dicomnode demo: {n_found} lesions")
+        png = mip_png(
+            pet_suv_volume(pet),
+            mask.astype(np.uint8),
+            pet.spacing,
+            OUT / "preview.png",
+            title=f"dicomnode demo: {n_found} lesions",
+        )
         print(f"Preview (PET MIP with the lesion outline): {png}")
         cli = [sys.executable, "-m", "dicomnode"]
-        listing = subprocess.run([*cli, "jobs", "list", "--json", "--config", str(config_path)], text=True, capture_output=True, check=True)
+        listing = subprocess.run(
+            [*cli, "jobs", "list", "--json", "--config", str(config_path)], text=True, capture_output=True, check=True
+        )
         [job] = [j for j in json.loads(listing.stdout) if j["study"] == study.study_instance_uid]
         print(f"\nThe job's timeline (dicomnode jobs show {job['id']}):")
-        shown = subprocess.run([*cli, "jobs", "show", str(job["id"]), "--config", str(config_path)], text=True,
-                               capture_output=True, env={**os.environ, "COLUMNS": "160"})
+        shown = subprocess.run(
+            [*cli, "jobs", "show", str(job["id"]), "--config", str(config_path)],
+            text=True,
+            capture_output=True,
+            env={**os.environ, "COLUMNS": "160"},
+        )
         print(shown.stdout)
         return 0
     finally:

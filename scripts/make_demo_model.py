@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 DATASET_ID = 900
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_DemoPetCt"
@@ -134,15 +132,21 @@ def write_raw_dataset(raw_root: Path, n_cases: int) -> Path:
         "licence": "same as dicomnode",
     }
     (ds / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    log(f"wrote {n_cases} training cases ({n_lesions} lesions, seeds {TRAIN_SEED0}..{TRAIN_SEED0 + n_cases - 1}) to {ds}")
+    log(f"wrote {n_cases} training cases ({n_lesions} lesions, seeds "
+        f"{TRAIN_SEED0}..{TRAIN_SEED0 + n_cases - 1}) to {ds}")
     return ds
 
 
 # --------------------------------------------------------------------------- planning
-def plan_and_preprocess(pre_root: Path, n_proc: int, dataset_id: int = DATASET_ID,
-                        dataset_name: str = DATASET_NAME, planner: str = PLANNER,
-                        plans_name: str = PLANS_NAME,
-                        target_spacing: tuple[float, float, float] | None = TARGET_SPACING) -> Path:
+def plan_and_preprocess(
+    pre_root: Path,
+    n_proc: int,
+    dataset_id: int = DATASET_ID,
+    dataset_name: str = DATASET_NAME,
+    planner: str = PLANNER,
+    plans_name: str = PLANS_NAME,
+    target_spacing: tuple[float, float, float] | None = TARGET_SPACING,
+) -> Path:
     """nnU-Net fingerprint, planning and preprocessing of one dataset; the plans' widths and
     batch size shrunk to CPU size. Returns the plans file."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import (
@@ -151,41 +155,54 @@ def plan_and_preprocess(pre_root: Path, n_proc: int, dataset_id: int = DATASET_I
         preprocess,
     )
 
-    extract_fingerprints([dataset_id], num_processes=n_proc, check_dataset_integrity=True,
-                         clean=True, verbose=False)
+    extract_fingerprints([dataset_id], num_processes=n_proc, check_dataset_integrity=True, clean=True, verbose=False)
     # ResEnc L planner, with the 3d_fullres spacing forced to GLOW-FDG's. Passing the spacing to
     # the planner (rather than editing it afterwards) makes nnU-Net derive patch size and network
     # topology for the image shape at that spacing (64 x 128 x 128 for the phantoms).
-    plan_experiments([dataset_id], experiment_planner_class_name=planner,
-                     overwrite_target_spacing=list(target_spacing) if target_spacing else None,
-                     overwrite_plans_name=plans_name)
+    plan_experiments(
+        [dataset_id],
+        experiment_planner_class_name=planner,
+        overwrite_target_spacing=list(target_spacing) if target_spacing else None,
+        overwrite_plans_name=plans_name,
+    )
     plans_file = pre_root / dataset_name / f"{plans_name}.json"
     plans = json.loads(plans_file.read_text())
     cfg = plans["configurations"][CONFIGURATION]
     arch = cfg["architecture"]
     kw = arch["arch_kwargs"]
-    planned = {"patch_size": cfg["patch_size"], "batch_size": cfg["batch_size"],
-               "features_per_stage": kw["features_per_stage"], "spacing": cfg["spacing"]}
+    planned = {
+        "patch_size": cfg["patch_size"],
+        "batch_size": cfg["batch_size"],
+        "features_per_stage": kw["features_per_stage"],
+        "spacing": cfg["spacing"],
+    }
     log(f"planner's 3d_fullres: {planned}")
     (pre_root.parent / "planned_3d_fullres.json").write_text(json.dumps(planned))
     n_stages = kw["n_stages"]
-    kw["features_per_stage"] = [min(FIRST_STAGE_FEATURES * 2 ** i, FEATURES_PER_STAGE_CAP)
-                                for i in range(n_stages)]
+    kw["features_per_stage"] = [min(FIRST_STAGE_FEATURES * 2**i, FEATURES_PER_STAGE_CAP) for i in range(n_stages)]
     cfg["batch_size"] = BATCH_SIZE
     if target_spacing:
         cfg["spacing"] = list(target_spacing)
     plans_file.write_text(json.dumps(plans, indent=4))
-    log(f"edited 3d_fullres: network {arch['network_class_name'].rsplit('.', 1)[-1]}, "
+    log(
+        f"edited 3d_fullres: network {arch['network_class_name'].rsplit('.', 1)[-1]}, "
         f"features {kw['features_per_stage']}, blocks {kw.get('n_blocks_per_stage')}, "
-        f"patch {cfg['patch_size']}, batch {cfg['batch_size']}, spacing {cfg['spacing']}")
-    preprocess([dataset_id], plans_identifier=plans_name, configurations=(CONFIGURATION,),
-               num_processes=(n_proc,), verbose=False)
+        f"patch {cfg['patch_size']}, batch {cfg['batch_size']}, spacing {cfg['spacing']}"
+    )
+    preprocess(
+        [dataset_id],
+        plans_identifier=plans_name,
+        configurations=(CONFIGURATION,),
+        num_processes=(n_proc,),
+        verbose=False,
+    )
     return plans_file
 
 
 # --------------------------------------------------------------------------- training
-def make_trainer_class(iterations: int, iters_per_epoch: int, base=None, name: str = "DemoPetCtTrainer",
-                       oversample_foreground: float = 1.0):
+def make_trainer_class(
+    iterations: int, iters_per_epoch: int, base=None, name: str = "DemoPetCtTrainer", oversample_foreground: float = 1.0
+):
     """A subclass of `base` (default nnUNetTrainer) with a short schedule, called `name`."""
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -201,22 +218,34 @@ def make_trainer_class(iterations: int, iters_per_epoch: int, base=None, name: s
         """
 
         # explicit signature: nnUNetTrainer records its init arguments by inspecting it
-        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                     device: torch.device = torch.device("cuda")):
+        def __init__(
+            self,
+            plans: dict,
+            configuration: str,
+            fold: int,
+            dataset_json: dict,
+            device: torch.device = torch.device("cuda"),
+        ):
             super().__init__(plans, configuration, fold, dataset_json, device)
             self.num_iterations_per_epoch = iters_per_epoch
             self.num_epochs = max(1, round(iterations / iters_per_epoch))
             self.num_val_iterations_per_epoch = 2
             # default 0.33: with so few iterations 2 of 5 folds learned to predict nothing
             self.oversample_foreground_percent = oversample_foreground
-            self.save_every = 10 ** 6  # only checkpoint_final matters here
+            self.save_every = 10**6  # only checkpoint_final matters here
 
     DemoPetCtTrainer.__name__ = DemoPetCtTrainer.__qualname__ = name
     return DemoPetCtTrainer
 
 
-def train_fold(trainer_cls, plans_file: Path, pre_root: Path, fold: int,
-               train_patch: list[int] | None, dataset_name: str = DATASET_NAME) -> tuple[Path, float]:
+def train_fold(
+    trainer_cls,
+    plans_file: Path,
+    pre_root: Path,
+    fold: int,
+    train_patch: list[int] | None,
+    dataset_name: str = DATASET_NAME,
+) -> tuple[Path, float]:
     import torch
 
     plans = json.loads(plans_file.read_text())
@@ -226,8 +255,9 @@ def train_fold(trainer_cls, plans_file: Path, pre_root: Path, fold: int,
         plans["configurations"][CONFIGURATION]["patch_size"] = list(train_patch)
     plans["continue_training"] = False  # nnunetv2 2.8's run_training passes this inside the plans
     dataset_json = json.loads((pre_root / dataset_name / "dataset.json").read_text())
-    trainer = trainer_cls(plans=plans, configuration=CONFIGURATION, fold=fold,
-                          dataset_json=dataset_json, device=torch.device("cpu"))
+    trainer = trainer_cls(
+        plans=plans, configuration=CONFIGURATION, fold=fold, dataset_json=dataset_json, device=torch.device("cpu")
+    )
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     t0 = time.perf_counter()
     trainer.run_training()
@@ -289,8 +319,7 @@ def evaluate(model_dir: Path, n_cases: int, folds=tuple(range(N_FOLDS)), threads
     from inference import SegmentationModel
 
     t0 = time.perf_counter()
-    model = SegmentationModel(model_dir, folds=tuple(folds), device="cpu",
-                              use_mirroring=False, threads=threads)
+    model = SegmentationModel(model_dir, folds=tuple(folds), device="cpu", use_mirroring=False, threads=threads)
     load_s = time.perf_counter() - t0
     found = total = false_pos = 0
     dices, times, rows = [], [], []
@@ -310,10 +339,20 @@ def evaluate(model_dir: Path, n_cases: int, folds=tuple(range(N_FOLDS)), threads
         total += len(hit)
         false_pos += fp
         dices.append(dice)
-        rows.append({"seed": seed, "lesions": len(hit), "found": sum(hit), "dice": round(float(dice), 3),
-                     "false_positive_components": fp, "seconds": round(times[-1], 2)})
-        log(f"  held-out seed {seed}: {sum(hit)}/{len(hit)} lesions found, Dice {dice:.3f}, "
-            f"{fp} false-positive components, {times[-1]:.1f} s")
+        rows.append(
+            {
+                "seed": seed,
+                "lesions": len(hit),
+                "found": sum(hit),
+                "dice": round(float(dice), 3),
+                "false_positive_components": fp,
+                "seconds": round(times[-1], 2),
+            }
+        )
+        log(
+            f"  held-out seed {seed}: {sum(hit)}/{len(hit)} lesions found, Dice {dice:.3f}, "
+            f"{fp} false-positive components, {times[-1]:.1f} s"
+        )
     return {
         "cases": n_cases,
         "seeds": f"{HOLDOUT_SEED0}..{HOLDOUT_SEED0 + n_cases - 1}",
@@ -363,32 +402,32 @@ real GLOW-FDG folder uses the same code path.
 ## How it was made
 
 ```
-{info['command']}
+{info["command"]}
 ```
 
-(nnunetv2 {info['versions']['nnunetv2']}, torch {info['versions']['torch']}, CPU only, {info['cpus']} cores,
-about {info['total_minutes']:.0f} min in all.)
+(nnunetv2 {info["versions"]["nnunetv2"]}, torch {info["versions"]["torch"]}, CPU only, {info["cpus"]} cores,
+about {info["total_minutes"]:.0f} min in all.)
 
-1. {info['n_cases']} training phantoms, `random_phantom(seed)` for seeds {TRAIN_SEED0}..{TRAIN_SEED0 + info['n_cases'] - 1}
-   ({info['n_train_lesions']} lesions), rasterised on the PET grid (64 x 64 x 64 voxels, spacing
-   z, y, x = 3.0, 4.08, 4.08 mm): `ct_hu` and `pet_suv` as channels, `lesion_masks > 0` as label,
-   written as nnU-Net raw NIfTI (`{DATASET_NAME}`) in a temporary work folder.
+1. {info["n_cases"]} training phantoms, `random_phantom(seed)` for seeds
+   {TRAIN_SEED0}..{TRAIN_SEED0 + info["n_cases"] - 1} ({info["n_train_lesions"]} lesions), rasterised on the PET grid
+   (64 x 64 x 64 voxels, spacing z, y, x = 3.0, 4.08, 4.08 mm): `ct_hu` and `pet_suv` as channels,
+   `lesion_masks > 0` as label, written as nnU-Net raw NIfTI (`{DATASET_NAME}`) in a temporary work folder.
 2. nnU-Net fingerprint + planning with **`{PLANNER}`** (GLOW-FDG is a ResEnc L model) and
    `overwrite_target_spacing` = {list(TARGET_SPACING)} mm (GLOW-FDG's 3d_fullres spacing), so
    nnU-Net itself derives patch size and topology for the resampled 64 x 128 x 128 images.
-   Then the plans were edited to make it CPU-sized: `features_per_stage` {cfg['features_per_stage']}
-   (planner: {cfg['planned_features_per_stage']}), batch size {cfg['batch_size']}
-   (planner: {cfg['planned_batch_size']}). Unchanged from the planner: network class
-   `{cfg['network_class_name']}`, {cfg['n_stages']} stages, blocks per stage
-   {cfg['n_blocks_per_stage']}, strides {cfg['strides']}, patch size {cfg['patch_size']}
-   (the whole resampled image), normalisation {cfg['normalization_schemes']}.
+   Then the plans were edited to make it CPU-sized: `features_per_stage` {cfg["features_per_stage"]}
+   (planner: {cfg["planned_features_per_stage"]}), batch size {cfg["batch_size"]}
+   (planner: {cfg["planned_batch_size"]}). Unchanged from the planner: network class
+   `{cfg["network_class_name"]}`, {cfg["n_stages"]} stages, blocks per stage
+   {cfg["n_blocks_per_stage"]}, strides {cfg["strides"]}, patch size {cfg["patch_size"]}
+   (the whole resampled image), normalisation {cfg["normalization_schemes"]}.
 3. nnU-Net preprocessing and training of 5 folds (nnU-Net's own 5-fold split) with
-   `DemoPetCtTrainer`, a subclass of `nnUNetTrainer` defined in the script: {info['iterations']}
-   iterations per fold ({info['epochs']} epochs x {info['iters_per_epoch']} iterations), foreground
+   `DemoPetCtTrainer`, a subclass of `nnUNetTrainer` defined in the script: {info["iterations"]}
+   iterations per fold ({info["epochs"]} epochs x {info["iters_per_epoch"]} iterations), foreground
    oversampling 1.0 (an earlier run with nnU-Net's default 0.33 and this few iterations had 2 of
    5 folds predicting nothing), everything else nnUNetTrainer's defaults (SGD, poly LR from 1e-2,
    Dice + CE with deep supervision, nnU-Net's data augmentation).
-   {info['train_patch_note']}
+   {info["train_patch_note"]}
 4. Export: `dataset.json`, `plans.json` and each fold's `checkpoint_final.pth` with the optimizer
    state dropped. **`trainer_name` is recorded as `nnUNetTrainer`** (the real trainer is noted under
    the extra key `trained_with`). Reason: `nnUNetPredictor` looks `trainer_name` up inside the
@@ -397,7 +436,7 @@ about {info['total_minutes']:.0f} min in all.)
    override that method, so stock `nnUNetTrainer` builds the identical network and the folder
    loads with plain nnU-Net, no extra code installed.
 
-Per-fold training time on this machine (CPU, {info['cpus']} cores):
+Per-fold training time on this machine (CPU, {info["cpus"]} cores):
 
 | fold | time |
 |---|---|
@@ -405,21 +444,21 @@ Per-fold training time on this machine (CPU, {info['cpus']} cores):
 
 ## Validation (5-fold ensemble, CPU, no mirroring, tile step 0.5)
 
-{ev['cases']} held-out phantoms (seeds {ev['seeds']}, never used in training), fed exactly as the node
+{ev["cases"]} held-out phantoms (seeds {ev["seeds"]}, never used in training), fed exactly as the node
 feeds them (CT on the PET grid + PET SUV, 64 x 64 x 64 at 3.0 x 4.08 x 4.08 mm). A planted lesion
 counts as found if the predicted mask overlaps it.
 
-* lesions found: **{ev['lesions_found']}/{ev['lesions_total']}**
-* mean Dice (lesion vs. background, per case): **{ev['mean_dice']:.3f}** (lowest {ev['min_dice']:.3f})
-* false-positive components (predicted blobs touching no lesion), all cases: {ev['false_positive_components']}
-* prediction time per case, 5 folds, no mirroring, {ev['threads']} CPU threads: **{ev['predict_seconds_median']:.1f} s**
-  (first call {ev['predict_seconds_first']:.1f} s; loading the 5 folds {ev['load_seconds']:.1f} s)
+* lesions found: **{ev["lesions_found"]}/{ev["lesions_total"]}**
+* mean Dice (lesion vs. background, per case): **{ev["mean_dice"]:.3f}** (lowest {ev["min_dice"]:.3f})
+* false-positive components (predicted blobs touching no lesion), all cases: {ev["false_positive_components"]}
+* prediction time per case, 5 folds, no mirroring, {ev["threads"]} CPU threads: **{ev["predict_seconds_median"]:.1f} s**
+  (first call {ev["predict_seconds_first"]:.1f} s; loading the 5 folds {ev["load_seconds"]:.1f} s)
 
 | seed | lesions found | Dice | false-positive components |
 |---|---|---|---|
 {case_lines}
 
-Folder size: {info['folder_bytes'] / 1e6:.1f} MB.
+Folder size: {info["folder_bytes"] / 1e6:.1f} MB.
 """
     (out / "README.md").write_text(text)
 
@@ -428,23 +467,34 @@ Folder size: {info['folder_bytes'] / 1e6:.1f} MB.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "models" / "demo-petct")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="nnUNet_raw/preprocessed/results go here (default: a temporary folder, removed at the end)")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="nnUNet_raw/preprocessed/results go here (default: a temporary folder, removed at the end)",
+    )
     parser.add_argument("--iterations", type=int, default=100, help="training iterations per fold")
     parser.add_argument("--iters-per-epoch", type=int, default=20)
-    parser.add_argument("--train-patch", type=int, nargs=3, default=[32, 64, 64],
-                        help="training crop (z y x) if smaller than the plans' patch; 0 0 0 = plans' patch")
+    parser.add_argument(
+        "--train-patch",
+        type=int,
+        nargs=3,
+        default=[32, 64, 64],
+        help="training crop (z y x) if smaller than the plans' patch; 0 0 0 = plans' patch",
+    )
     parser.add_argument("--cases", type=int, default=24, help="synthetic training cases")
     parser.add_argument("--folds", type=int, nargs="*", default=list(range(N_FOLDS)))
     parser.add_argument("--val-cases", type=int, default=6, help="held-out phantoms for the validation figures")
     parser.add_argument("--n-proc-da", type=int, default=1, help="nnU-Net data-augmentation worker processes")
-    parser.add_argument("--evaluate-only", action="store_true",
-                        help="skip training; only validate an existing --out folder")
+    parser.add_argument(
+        "--evaluate-only", action="store_true", help="skip training; only validate an existing --out folder"
+    )
     args = parser.parse_args(argv)
     if args.train_patch and not any(args.train_patch):
         args.train_patch = None
     command = "python scripts/make_demo_model.py " + " ".join(
-        a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:]))
+        a if " " not in a else repr(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
 
     out: Path = args.out.resolve()
     if args.evaluate_only:
@@ -478,13 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     fold_seconds = []
     for fold in args.folds:
         log(f"training fold {fold} ({epochs} epochs x {args.iters_per_epoch} iterations)")
-        ckpt, seconds = train_fold(trainer_cls, plans_file, dirs["nnUNet_preprocessed"], fold,
-                                   args.train_patch)
+        ckpt, seconds = train_fold(trainer_cls, plans_file, dirs["nnUNet_preprocessed"], fold, args.train_patch)
         fold_seconds.append(seconds)
         log(f"fold {fold} trained in {seconds:.0f} s")
-        export_checkpoint(ckpt, staging / f"fold_{fold}" / "checkpoint_final.pth",
-                          trained_with=f"{trainer_cls.__name__} (scripts/make_demo_model.py: "
-                                       f"{args.iterations} iterations, foreground oversampling 1.0)")
+        export_checkpoint(
+            ckpt,
+            staging / f"fold_{fold}" / "checkpoint_final.pth",
+            trained_with=f"{trainer_cls.__name__} (scripts/make_demo_model.py: "
+            f"{args.iterations} iterations, foreground oversampling 1.0)",
+        )
     # plans.json as planned and edited above (inference patch size), not the trainer's copy
     # (which carries the smaller training crop when --train-patch is used)
     shutil.copy(dirs["nnUNet_preprocessed"] / DATASET_NAME / "dataset.json", staging / "dataset.json")
@@ -498,12 +550,17 @@ def main(argv: list[str] | None = None) -> int:
 
     ev = evaluate(out, args.val_cases, folds=args.folds)
     kw = cfg["architecture"]["arch_kwargs"]
-    planned = json.loads((work_dir / "planned_3d_fullres.json").read_text()) \
-        if (work_dir / "planned_3d_fullres.json").exists() else {}
+    planned = (
+        json.loads((work_dir / "planned_3d_fullres.json").read_text())
+        if (work_dir / "planned_3d_fullres.json").exists()
+        else {}
+    )
     info = {
         "command": command,
-        "versions": {"nnunetv2": getattr(nnunetv2, "__version__", _pkg_version("nnunetv2")),
-                     "torch": torch.__version__},
+        "versions": {
+            "nnunetv2": getattr(nnunetv2, "__version__", _pkg_version("nnunetv2")),
+            "torch": torch.__version__,
+        },
         "cpus": ncpu,
         "n_cases": args.cases,
         "n_train_lesions": sum(len(phantom_case(TRAIN_SEED0 + i)[2].lesions) for i in range(args.cases)),
@@ -532,8 +589,9 @@ def main(argv: list[str] | None = None) -> int:
             "plans' patch at inference, where one window covers the whole resampled PET-grid "
             "volume (fast sliding window). The trainer's own plans copy (with the crop) is recorded "
             "in each checkpoint's init_args; plans.json here is the planned one."
-            if args.train_patch else
-            f"Training used the plans' patch {cfg['patch_size']}, batch {cfg['batch_size']}."),
+            if args.train_patch
+            else f"Training used the plans' patch {cfg['patch_size']}, batch {cfg['batch_size']}."
+        ),
         "total_minutes": (time.perf_counter() - t_start) / 60.0,
         "folder_bytes": 0,
     }
@@ -544,15 +602,20 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work_dir, ignore_errors=True)
 
     log("done")
-    print(json.dumps({
-        "out": str(out),
-        "fold_seconds": [round(s) for s in fold_seconds],
-        "lesions_found": f"{ev['lesions_found']}/{ev['lesions_total']}",
-        "mean_dice": round(ev["mean_dice"], 3),
-        "false_positive_components": ev["false_positive_components"],
-        "predict_seconds_per_case": round(ev["predict_seconds_median"], 2),
-        "folder_mb": round(info["folder_bytes"] / 1e6, 2),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "fold_seconds": [round(s) for s in fold_seconds],
+                "lesions_found": f"{ev['lesions_found']}/{ev['lesions_total']}",
+                "mean_dice": round(ev["mean_dice"], 3),
+                "false_positive_components": ev["false_positive_components"],
+                "predict_seconds_per_case": round(ev["predict_seconds_median"], 2),
+                "folder_mb": round(info["folder_bytes"] / 1e6, 2),
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

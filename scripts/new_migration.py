@@ -20,9 +20,7 @@ from pathlib import Path
 from alembic import command
 from sqlalchemy import create_engine
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dicomnode.store.schema import MIGRATIONS, alembic_config, head_revision  # noqa: E402
+from dicomnode.store.schema import MIGRATIONS, alembic_config, head_revision
 
 
 def main() -> None:

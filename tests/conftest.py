@@ -1,20 +1,80 @@
 """Shared fixtures. Fixtures of the DICOM side's synthetic data are named synth_*; `node` is a
-running receiver."""
+running receiver.
+
+A test that starts a server (anything that listens on a socket) or a subprocess must be marked
+`e2e`, so that `pytest -m "not e2e"` is a fast subset that starts nothing: an unmarked test
+(or a fixture set up for it) that tries fails, naming the mark."""
 
 from __future__ import annotations
 
+import multiprocessing.process
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
-from nodeutil import node_config
-from selectionutil import copy_series
-from storescp import StoreSCP
 
 from dicomnode.imaging.volumes import load_series
 from dicomnode.net.receiver import Receiver
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.synth.petct import SyntheticStudy, write_study
+
+from support.nodeutil import node_config
+from support.selectionutil import copy_series
+from support.storescp import StoreSCP
+
+_LIBRARY_LOOKUP = {"ldconfig", "gcc", "cc", "ld", "objdump", "hostname", "uname"}  # libraries ask at first import
+
+
+@contextmanager
+def _nothing_started(item: pytest.Item) -> Iterator[None]:
+    """Listening on a socket or starting a process is an error inside this block, unless `item` is e2e."""
+    if item.get_closest_marker("e2e") is not None:
+        yield
+        return
+
+    def refuse(what: str):  # noqa: ANN202
+        def refused(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise RuntimeError(f"{item.nodeid} {what}: mark it @pytest.mark.e2e (tests/conftest.py)")
+        return refused
+
+    popen = subprocess.Popen.__init__
+
+    def popen_unless_library_lookup(self, args, *rest, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        program = Path(str(args[0] if isinstance(args, (list, tuple)) else str(args).split()[0])).name
+        if program in _LIBRARY_LOOKUP:  # run by libraries as they are first imported, not by the test
+            return popen(self, args, *rest, **kwargs)
+        refuse(f"starts a subprocess ({program})")()
+
+    patched = [(socket.socket, "listen", refuse("listens on a socket (a server)")),
+               (subprocess.Popen, "__init__", popen_unless_library_lookup),
+               (multiprocessing.process.BaseProcess, "start", refuse("starts a process"))]
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patched]  # None: inherited
+    for owner, name, replacement in patched:
+        setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with _nothing_started(item):  # fixtures of every scope this test sets up first
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with _nothing_started(item):
+        yield
 
 
 @pytest.fixture(scope="session")

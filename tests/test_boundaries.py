@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import dicomnode
+
+pytestmark = pytest.mark.e2e  # starts servers or subprocesses (tests/conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,4 +52,5 @@ def test_import_linter_contract():
     assert lint, "import-linter is a test dependency"
     result = subprocess.run([lint], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 kept, 0 broken" in result.stdout
+    assert "3 kept, 0 broken" in result.stdout
+    assert "layers along the data flow" in result.stdout

@@ -7,7 +7,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from nodeutil import write_config, write_series
+import pytest
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -18,6 +18,8 @@ from dicomnode.config import load_config
 from dicomnode.pipeline.queue import RetryPolicy, claim, enqueue, fail
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
+
+from support.nodeutil import write_config, write_series
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
@@ -30,6 +32,7 @@ def _invoke(config: Path, *args: str):  # noqa: ANN202 - click.testing.Result
     return CliRunner().invoke(cli.app, [*args, "--config", str(config)])
 
 
+@pytest.mark.e2e
 def test_serve_refuses_a_misspelt_key(tmp_path: Path):
     config = write_config(tmp_path, node="study_quiet_secs = 5")
     result = _run("serve", "--config", str(config))
@@ -65,10 +68,17 @@ def test_jobs_list_show_retry(tmp_path: Path):
 
 def _sender_config(folder: Path, node_config, calling_aet: str) -> Path:
     """A config whose node AE title is `calling_aet` and whose destination "node" is the running receiver."""
-    return write_config(folder, node=f'ae_title = "{calling_aet}"', extra=(
-        f'[[destinations]]\nname = "node"\nae_title = "{node_config.node.ae_title}"\nhost = "127.0.0.1"\nport = {node_config.node.port}\n'))
+    return write_config(
+        folder,
+        node=f'ae_title = "{calling_aet}"',
+        extra=(
+            f'[[destinations]]\nname = "node"\nae_title = "{node_config.node.ae_title}"\nhost = '
+            f'"127.0.0.1"\nport = {node_config.node.port}\n'
+        ),
+    )
 
 
+@pytest.mark.e2e
 def test_echo_and_send_a_folder_to_a_receiver(node, tmp_path: Path, monkeypatch):
     monkeypatch.setattr(cli.console, "width", 160)
     config, sessions, _ = node
@@ -83,7 +93,9 @@ def test_echo_and_send_a_folder_to_a_receiver(node, tmp_path: Path, monkeypatch)
     sent = runner.invoke(cli.app, ["send", str(tmp_path / "study"), "node", "--config", str(sender)])
     assert sent.exit_code == 0, sent.output
     assert "skipping 1 files that are not DICOM files" in sent.output
-    assert "5/5" in sent.output and "sent 5 of 5 files to node" in sent.output  # the progress bar's count, and the tally
+    assert (
+        "5/5" in sent.output and "sent 5 of 5 files to node" in sent.output
+    )  # the progress bar's count, and the tally
     with sessions() as session:
         stored = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.study_uid == study)))
     assert stored == {str(dcmread(f).SOPInstanceUID) for f in files}
@@ -91,7 +103,10 @@ def test_echo_and_send_a_folder_to_a_receiver(node, tmp_path: Path, monkeypatch)
     refused = _sender_config(tmp_path / "intruder", config, "INTRUDER")  # not an allowed calling AE title
     result = runner.invoke(cli.app, ["send", str(files[0]), "node", "--config", str(refused)])
     assert result.exit_code == 1
-    assert f"not stored: {files[0]}: association with {config.node.ae_title}@127.0.0.1:{config.node.port} rejected" in " ".join(result.output.split())
+    assert (
+        f"not stored: {files[0]}: association with {config.node.ae_title}@127.0.0.1:{config.node.port} rejected"
+        in " ".join(result.output.split())
+    )
     assert "sent 0 of 1 files" in result.output
     unknown = runner.invoke(cli.app, ["echo", "pacs", "--config", str(sender)])
     assert unknown.exit_code == 2 and "no destination named 'pacs' (have: node)" in unknown.output

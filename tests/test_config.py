@@ -1,9 +1,10 @@
 from pathlib import Path
 
 import pytest
-from nodeutil import REPO, write_config
 
 from dicomnode.config import ConfigError, load_config
+
+from support.nodeutil import REPO, write_config
 
 
 def test_repo_config_resolves_paths_against_its_folder():
@@ -109,15 +110,29 @@ type = ["10200004", "SCT", "Liver"]
     assert value == 5 and code.name == "liver" and (code.type.value, code.type.scheme) == ("10200004", "SCT")
 
 
-@pytest.mark.parametrize("edit, key, message", [
-    (('grid = "T1CE"', 'grid = "T3"'), r"models\[0\]\.grid", "needs a T3 channel"),
-    (("[models.inputs.T2]", "[models.inputs.T3]"), r"models\[0\]\.inputs", r"channel 'T2' needs a \[models\.inputs\.T2\] table"),
-    (("StudyDescription", "StudyDescr"), r"models\[0\]\.applies_to\.tags\.StudyDescr", "StudyDescription"),
-    (('series_description = ["*t2*"]', "series_desc = 1"), r"unknown key 'models\[0\]\.inputs\.T2\.series_desc'", ""),
-    (('tile_step_size = 0.7', 'tile_step_size = 0'), r"models\[0\]\.tile_step_size", "greater than 0"),
-    (('channels = ["FLAIR", "T1", "T1CE", "T2"]', 'channels = ["FLAIR", "T1", "T1CE", "T2", "T1"]'),
-     r"models\[0\]\.channels", "distinct"),
-])
+@pytest.mark.parametrize(
+    "edit, key, message",
+    [
+        (('grid = "T1CE"', 'grid = "T3"'), r"models\[0\]\.grid", "needs a T3 channel"),
+        (
+            ("[models.inputs.T2]", "[models.inputs.T3]"),
+            r"models\[0\]\.inputs",
+            r"channel 'T2' needs a \[models\.inputs\.T2\] table",
+        ),
+        (("StudyDescription", "StudyDescr"), r"models\[0\]\.applies_to\.tags\.StudyDescr", "StudyDescription"),
+        (
+            ('series_description = ["*t2*"]', "series_desc = 1"),
+            r"unknown key 'models\[0\]\.inputs\.T2\.series_desc'",
+            "",
+        ),
+        (("tile_step_size = 0.7", "tile_step_size = 0"), r"models\[0\]\.tile_step_size", "greater than 0"),
+        (
+            ('channels = ["FLAIR", "T1", "T1CE", "T2"]', 'channels = ["FLAIR", "T1", "T1CE", "T2", "T1"]'),
+            r"models\[0\]\.channels",
+            "distinct",
+        ),
+    ],
+)
 def test_model_errors_name_the_key(tmp_path: Path, edit, key, message):
     path = write_config(tmp_path, extra=MR_MODEL.replace(*edit))
     with pytest.raises(ConfigError, match=f"{key}.*{message}"):
@@ -125,8 +140,11 @@ def test_model_errors_name_the_key(tmp_path: Path, edit, key, message):
 
 
 def test_label_code_needs_value_scheme_and_meaning(tmp_path: Path):
-    extra = 'channels = ["CT"]\n[models.label_codes.1]\nname = "liver"\ncategory = ["123037004", "SCT"]\ntype = ["10200004", "SCT", "Liver"]\n'
-    with pytest.raises(ConfigError, match=r"key 'models\[0\]\.label_codes\.1\.category'.*\[value, scheme designator, meaning\]"):
+    extra = ('channels = ["CT"]\n[models.label_codes.1]\nname = "liver"\ncategory = ["123037004", "SCT"]\n'
+             'type = ["10200004", "SCT", "Liver"]\n')
+    with pytest.raises(
+        ConfigError, match=r"key 'models\[0\]\.label_codes\.1\.category'.*\[value, scheme designator, meaning\]"
+    ):
         load_config(write_config(tmp_path, extra=extra))
 
 

@@ -9,7 +9,17 @@ import pytest
 
 from dicomnode.testing.orthanc import orthanc_binary
 
-TOOLS = ["storescu", "echoscu", "storescp", "dcmcjpeg", "dcmcjpls", "dcmcrle", "dciodvfy", "systemd-analyze", "systemd-sysusers"]
+TOOLS = [
+    "storescu",
+    "echoscu",
+    "storescp",
+    "dcmcjpeg",
+    "dcmcjpls",
+    "dcmcrle",
+    "dciodvfy",
+    "systemd-analyze",
+    "systemd-sysusers",
+]
 
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="outside CI a missing tool only skips the tests that need it")

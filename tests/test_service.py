@@ -10,7 +10,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from nodeutil import tiny_instance, write_config
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
@@ -22,6 +21,8 @@ from dicomnode.pipeline import queue
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job
 from dicomnode.testing.node import start_node
+
+from support.nodeutil import tiny_instance, write_config
 
 
 def _children(pid: int) -> list[int]:
@@ -39,6 +40,7 @@ def _wait_for(predicate, timeout: float):
     raise TimeoutError
 
 
+@pytest.mark.e2e
 def test_killed_worker_never_stops_the_receiver_and_is_restarted(tmp_path: Path):
     config_path = write_config(tmp_path)
     config = load_config(config_path)
@@ -67,6 +69,7 @@ def _job_states(sessions) -> dict[int, str]:
         return dict(session.execute(select(Job.id, Job.state)).all())
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not (MODEL / "plans.json").exists(), reason="demo model not built")
 def test_sigterm_while_a_job_runs_queues_it_again_and_exits(tmp_path: Path, synth_study):
     """systemctl stop during a job: no new associations, the job goes back to the queue (its
@@ -98,9 +101,9 @@ def test_a_sweep_longer_than_its_interval_is_logged_once_with_its_time(tmp_path:
     the sweep itself logs one line saying how long it took."""
     import logging
 
-    from nodeutil import node_config
-
     from dicomnode import service
+
+    from support.nodeutil import node_config
 
     config = node_config(tmp_path, node="sweep_seconds = 0.000001")
     sessions = make_sessionmaker(config.database_url)
@@ -112,6 +115,8 @@ def test_a_sweep_longer_than_its_interval_is_logged_once_with_its_time(tmp_path:
     skipped = logging.LogRecord("apscheduler.scheduler", logging.WARNING, __file__, 1,
                                 'Execution of job "%s" skipped: maximum number of running instances reached (%d)',
                                 ("sweep (trigger: interval[0:00:00.500000])", 1), None)
-    other = logging.LogRecord("apscheduler.scheduler", logging.WARNING, __file__, 1, "Run time of job was missed", (), None)
+    other = logging.LogRecord(
+        "apscheduler.scheduler", logging.WARNING, __file__, 1, "Run time of job was missed", (), None
+    )
     keep = service._SkippedRunsFilter()
     assert (keep.filter(skipped), keep.filter(other)) == (False, True)

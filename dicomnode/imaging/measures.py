@@ -133,7 +133,8 @@ def measure_lesions(
     return study, lesion_labels
 
 
-def _check_inputs(mask, suv, spacing_zyx, connectivity, min_volume_ml):
+def _check_inputs(mask: np.ndarray, suv: np.ndarray, spacing_zyx: Sequence[float], connectivity: int,
+                  min_volume_ml: float) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     mask = np.asarray(mask)
     suv = np.asarray(suv)
     if mask.ndim != 3:

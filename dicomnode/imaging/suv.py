@@ -62,6 +62,7 @@ from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, DT, TM
 
 from dicomnode.imaging.headers import first_sentence
+from dicomnode.imaging.volumes import Volume
 
 MAX_DECAY_TIME = timedelta(hours=24)
 # RadionuclideTotalDose unit rule (step 3): >= 1e5 is Bq, <= 1e4 is MBq, in between is refused.
@@ -78,7 +79,7 @@ GE_SCAN_START = 0x0D  # (0009,xx0D) PET scan_datetime
 class SuvError(ValueError):
     """SUV cannot be computed: `attribute` is missing or invalid for the reason given."""
 
-    def __init__(self, attribute: str, reason: str):
+    def __init__(self, attribute: str, reason: str) -> None:
         super().__init__(f"{attribute}: {reason}")
         self.attribute = attribute
         self.reason = reason
@@ -125,7 +126,7 @@ def suv_bw_factor(ds: Dataset, *, earliest_acquisition: datetime | None = None) 
     return SuvFactor(factor=factor, attributes=used)
 
 
-def pet_suv_volume(volume) -> np.ndarray:
+def pet_suv_volume(volume: Volume) -> np.ndarray:
     """SUVbw array for a PET `dicomnode.imaging.volumes.Volume` (one factor per slice header)."""
     if volume.modality != "PT":
         raise SuvError("Modality", f"{volume.modality or 'missing'} is not PT")
@@ -480,7 +481,7 @@ def _private_value(
     return element.value, where
 
 
-def _private_positive(value, where: str) -> float:
+def _private_positive(value: object, where: str) -> float:
     try:
         number = float(_as_text(value))
     except (TypeError, ValueError):
@@ -490,21 +491,21 @@ def _private_positive(value, where: str) -> float:
     return number
 
 
-def _as_text(value) -> str:
+def _as_text(value: object) -> str:
     """A private value read as UN (bytes) or with its VR (str, DS, DT) -> text."""
     if isinstance(value, bytes):
         return value.decode("ascii", errors="replace").strip("\x00 ")
     return str(value).strip()
 
 
-def _date_time(date_value, time_value) -> datetime | None:
+def _date_time(date_value: object, time_value: object) -> datetime | None:
     """DA + TM -> naive datetime, None when either is missing."""
     if not date_value or not time_value:
         return None
     return datetime.combine(DA(date_value), TM(time_value))
 
 
-def _parse_dt(value) -> datetime:
+def _parse_dt(value: object) -> datetime:
     """DT -> naive datetime (a timezone offset is dropped: all times of a study share one)."""
     return DT(value).replace(tzinfo=None)
 

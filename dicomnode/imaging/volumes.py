@@ -76,8 +76,10 @@ def load_series(paths: Iterable[Path | str]) -> Volume:
     except VolumeError:
         raise
     except Exception as exc:  # noqa: BLE001 - an attribute pydicom cannot read or convert
-        raise VolumeError(f"malformed header in series {datasets[0].get('SeriesInstanceUID', '?') if datasets else '?'}: "
-                          f"{type(exc).__name__}: {first_sentence(exc)}") from exc
+        raise VolumeError(
+            f"malformed header in series {datasets[0].get('SeriesInstanceUID', '?') if datasets else '?'}: "
+            f"{type(exc).__name__}: {first_sentence(exc)}"
+        ) from exc
 
 
 def _volume(datasets: list[Dataset]) -> Volume:
@@ -85,8 +87,10 @@ def _volume(datasets: list[Dataset]) -> Volume:
         raise VolumeError("no files given")
     _check_same_series(datasets)
     try:
-        stack = slice_stack([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets],
-                            [[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+        stack = slice_stack(
+            [[float(v) for v in ds.ImageOrientationPatient] for ds in datasets],
+            [[float(v) for v in ds.ImagePositionPatient] for ds in datasets],
+        )
     except GeometryError as exc:
         raise VolumeError(f"series {datasets[0].get('SeriesInstanceUID', '?')}: {exc}") from None
     datasets[:] = [datasets[i] for i in stack.order]
@@ -170,9 +174,11 @@ def _rescaled_plane(ds: Dataset) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):  # checked just below
         plane = stored.astype(np.float64) * slope + intercept
     if not np.isfinite(plane).all():
-        raise VolumeError(f"slice {ds.get('SOPInstanceUID', '?')} of series {ds.get('SeriesInstanceUID', '?')}: "
-                          f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} and the pixel values give NaN or "
-                          "infinite values")
+        raise VolumeError(
+            f"slice {ds.get('SOPInstanceUID', '?')} of series {ds.get('SeriesInstanceUID', '?')}: "
+            f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} and the pixel values give NaN or "
+            "infinite values"
+        )
     if ds.get("Modality") == "CT" and "PixelPaddingValue" in ds:
         plane[_padding_mask(ds, stored)] = CT_PADDING_HU
     return plane.astype(np.float32)

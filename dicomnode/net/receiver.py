@@ -108,9 +108,14 @@ class ReceiverCounters:
         self.instances_received = Counter(
             "dicomnode_instances_received", "Instances stored and acknowledged with 0x0000", registry=registry)
         self.instances_refused = Counter(
-            "dicomnode_instances_refused", "C-STORE requests answered with a failure status", ["status"], registry=registry)
+            "dicomnode_instances_refused",
+            "C-STORE requests answered with a failure status",
+            ["status"],
+            registry=registry,
+        )
         self.associations_rejected = Counter(
-            "dicomnode_associations_rejected", "Association requests rejected", ["reason"], registry=registry)
+            "dicomnode_associations_rejected", "Association requests rejected", ["reason"], registry=registry
+        )
 
 
 class Receiver:
@@ -155,12 +160,20 @@ class Receiver:
         syntax = UID(event.context.transfer_syntax)
         try:
             ds = event.dataset
-            facts = check_instance(ds, event.request.DataSet.getvalue()[:8], syntax,
-                                   str(event.request.AffectedSOPClassUID), request_sop, IMAGE_CLASSES)
+            facts = check_instance(
+                ds,
+                event.request.DataSet.getvalue()[:8],
+                syntax,
+                str(event.request.AffectedSOPClassUID),
+                request_sop,
+                IMAGE_CLASSES,
+            )
         except Refused as refused:
-            log.warning("refused instance %s from %s: %s (0x%04X)", request_sop, calling, refused.reason, refused.status)
+            log.warning(
+                "refused instance %s from %s: %s (0x%04X)", request_sop, calling, refused.reason, refused.status
+            )
             return refused.status
-        except Exception as exc:  # pydicom raises many kinds on a malformed data set
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on a malformed data set
             log.warning("refused instance %s from %s: unreadable data set: %s (0xC000)", request_sop, calling, exc)
             return CANNOT_UNDERSTAND
         study_uid, series_uid, sop_uid = facts.study_uid, facts.series_uid, facts.sop_instance_uid
@@ -188,7 +201,7 @@ class Receiver:
                     calling_aet=calling,
                 ),
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the database refused (locked, gone, full): transient
             log.error("could not index instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
             return OUT_OF_RESOURCES
         log.debug("stored %s %s of study %s from %s", modality, sop_uid, study_uid, calling)
@@ -213,12 +226,18 @@ class Receiver:
 
     def _on_rejected(self, event) -> None:  # noqa: ANN001
         rejection = event.assoc.acceptor.primitive
-        reason = REJECT_REASONS.get(rejection.diagnostic, "local-limit") if rejection.result_source == 0x01 else "local-limit"
+        reason = (
+            REJECT_REASONS.get(rejection.diagnostic, "local-limit")
+            if rejection.result_source == 0x01
+            else "local-limit"
+        )
         self.counters.associations_rejected.labels(reason).inc()
         requestor = event.assoc.requestor
         log.warning(
             "association rejected: calling AE %r called AE %r from %s",
-            requestor.ae_title, event.assoc.acceptor.ae_title, requestor.address,
+            requestor.ae_title,
+            event.assoc.acceptor.ae_title,
+            requestor.address,
         )
 
     def _on_accepted(self, event) -> None:  # noqa: ANN001
@@ -231,8 +250,14 @@ class Receiver:
         how = "aborted" if event.event is evt.EVT_ABORTED else "released"
         for study_uid, count in per_study.items():
             patient = self._patients.pop(study_uid, None)
-            log.info("study %s: %d instances stored from %s (association %s)%s", study_uid, count,
-                     event.assoc.requestor.ae_title, how, f"; {patient}" if patient else "")
+            log.info(
+                "study %s: %d instances stored from %s (association %s)%s",
+                study_uid,
+                count,
+                event.assoc.requestor.ae_title,
+                how,
+                f"; {patient}" if patient else "",
+            )
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -252,12 +277,19 @@ class Receiver:
         tls = self.config.node.tls
         with self._lock:
             self._server = self.ae.start_server(
-                (self.config.node.bind, self.config.node.port), block=False, evt_handlers=handlers,
+                (self.config.node.bind, self.config.node.port),
+                block=False,
+                evt_handlers=handlers,
                 ssl_context=server_tls_context(tls) if tls else None,
             )
         log.info(
-            "receiver %s listening on %s:%d%s", self.config.node.ae_title, self.config.node.bind, self.config.node.port,
-            " (DICOM TLS" + (", client certificates required)" if tls.require_client_certificate else ")") if tls else "",
+            "receiver %s listening on %s:%d%s",
+            self.config.node.ae_title,
+            self.config.node.bind,
+            self.config.node.port,
+            " (DICOM TLS" + (", client certificates required)" if tls.require_client_certificate else ")")
+            if tls
+            else "",
         )
 
     @property

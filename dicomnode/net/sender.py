@@ -62,7 +62,10 @@ def echo(destination: Destination, calling_aet: str, timeout: float = 10.0) -> i
     ae.add_requested_context(Verification)
     assoc = _associate(ae, destination)
     if not assoc.is_established:
-        raise SendError(f"{destination.name}: association with {destination.ae_title}@{destination.host}:{destination.port} not established")
+        raise SendError(
+            f"{destination.name}: association with {destination.ae_title}@{destination.host}:{destination.port} "
+            f"not established"
+        )
     try:
         status = assoc.send_c_echo()
         if not status:
@@ -121,24 +124,43 @@ def store_each(
     A SOP class / transfer syntax the destination accepts no presentation context for is a permanent
     failure of that object, at once."""
     datasets = {Path(p): dcmread(p) for p in paths}
-    budget = {p: (tries_per_instance.get(p, 3) if isinstance(tries_per_instance, Mapping) else tries_per_instance) for p in datasets}
+    budget = {
+        p: (tries_per_instance.get(p, 3) if isinstance(tries_per_instance, Mapping) else tries_per_instance)
+        for p in datasets
+    }
     pending = [p for p in datasets if budget[p] > 0]
     tries = {p: 0 for p in datasets}
     history: dict[Path, list[str]] = {p: [] for p in datasets}
     outcomes: dict[Path, Outcome] = {}
 
-    def done(path: Path, status: int | None, error: str | None = None, permanent: bool = False,
-             sop_class_refused: bool = False) -> None:
+    def done(
+        path: Path,
+        status: int | None,
+        error: str | None = None,
+        permanent: bool = False,
+        sop_class_refused: bool = False,
+    ) -> None:
         ds = datasets[path]
-        outcomes[path] = Outcome(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), tries[path], status, error, permanent,
-                                 tuple(history[path]), sop_class_refused)
+        outcomes[path] = Outcome(
+            path,
+            str(ds.SOPInstanceUID),
+            str(ds.SOPClassUID),
+            tries[path],
+            status,
+            error,
+            permanent,
+            tuple(history[path]),
+            sop_class_refused,
+        )
         pending.remove(path)
         if on_sent is not None:
             on_sent(outcomes[path])
 
     while pending:
         ae = _ae(calling_aet, timeout)
-        for sop_class, syntax in dict.fromkeys((datasets[p].SOPClassUID, datasets[p].file_meta.TransferSyntaxUID) for p in pending):
+        for sop_class, syntax in dict.fromkeys(
+            (datasets[p].SOPClassUID, datasets[p].file_meta.TransferSyntaxUID) for p in pending
+        ):
             ae.add_requested_context(sop_class, proposed_syntaxes(syntax))
         assoc = _associate(ae, destination)
         if not assoc.is_established:
@@ -166,7 +188,9 @@ def store_each(
                     try:
                         ds = datasets[path] = uncompressed(ds)
                     except (RuntimeError, ValueError, NotImplementedError) as exc:
-                        done(path, None, f"not sent: cannot decompress for {destination.ae_title}: {exc}", permanent=True)
+                        done(
+                            path, None, f"not sent: cannot decompress for {destination.ae_title}: {exc}", permanent=True
+                        )
                         continue
                 tries[path] += 1
                 try:
@@ -182,7 +206,13 @@ def store_each(
                 history[path].append(what)
                 log.warning("%s: C-STORE of %s: %s (try %d)", destination.name, ds.SOPInstanceUID, what, tries[path])
                 if code is not None and is_permanent(code):
-                    done(path, code, f"refused: {what}", permanent=True, sop_class_refused=code == SOP_CLASS_NOT_SUPPORTED)
+                    done(
+                        path,
+                        code,
+                        f"refused: {what}",
+                        permanent=True,
+                        sop_class_refused=code == SOP_CLASS_NOT_SUPPORTED,
+                    )
                 elif tries[path] >= budget[path]:
                     done(path, code, f"{what} after {tries[path]} {'try' if tries[path] == 1 else 'tries'}")
                 if code is None or not assoc.is_established:
@@ -195,7 +225,9 @@ def store_each(
     for path in datasets:  # files given no try at all (a budget of 0)
         if path not in outcomes:
             ds = datasets[path]
-            outcomes[path] = Outcome(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), 0, None, "not sent: no tries left")
+            outcomes[path] = Outcome(
+                path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), 0, None, "not sent: no tries left"
+            )
     return [outcomes[p] for p in datasets]
 
 
@@ -228,5 +260,7 @@ def uncompressed(ds: Dataset) -> Dataset:
 def _no_context(destination: Destination, ds: Dataset) -> str:
     sop_class = UID(ds.SOPClassUID)
     syntaxes = " or ".join(s.name for s in proposed_syntaxes(ds.file_meta.TransferSyntaxUID))
-    return (f"SOP class rejected: {destination.ae_title} accepted no presentation context for "
-            f"{sop_class.name or 'SOP class'} ({sop_class}) in {syntaxes}")
+    return (
+        f"SOP class rejected: {destination.ae_title} accepted no presentation context for "
+        f"{sop_class.name or 'SOP class'} ({sop_class}) in {syntaxes}"
+    )

@@ -26,7 +26,7 @@ class _HandshakeInAssociation(ssl.SSLContext):
     would let one silent client stop every other association. Deferred, the handshake runs
     in the association's own thread on its first read."""
 
-    def wrap_socket(self, sock, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+    def wrap_socket(self, sock, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         kwargs["do_handshake_on_connect"] = False
         return super().wrap_socket(sock, *args, **kwargs)
 

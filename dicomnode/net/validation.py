@@ -126,7 +126,8 @@ def _check_elements(ds: Dataset, where: str = "") -> None:
         try:
             element = ds[tag]
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a malformed element
-            raise Refused(CANNOT_UNDERSTAND, f"element {name} {_keyword(tag)} cannot be read: {first_sentence(exc)}") from None
+            raise Refused(CANNOT_UNDERSTAND, f"element {name} {_keyword(tag)} cannot be read: "
+                                             f"{first_sentence(exc)}") from None
         if element.VR == "SQ":
             for index, child in enumerate(element.value or []):
                 _check_elements(child, f"{name}[{index}].")
@@ -161,5 +162,8 @@ def _check_pixel_data(ds: Dataset, syntax: UID, required: bool) -> None:
     except Exception as exc:  # noqa: BLE001
         raise Refused(CANNOT_UNDERSTAND, f"image attributes do not describe the pixel data: {exc}") from None
     if len(data) < expected:
-        raise Refused(CANNOT_UNDERSTAND, f"PixelData has {len(data)} bytes; Rows x Columns x SamplesPerPixel x "
-                                         f"BitsAllocated x frames need {expected}")
+        raise Refused(
+            CANNOT_UNDERSTAND,
+            f"PixelData has {len(data)} bytes; Rows x Columns x SamplesPerPixel x "
+            f"BitsAllocated x frames need {expected}",
+        )

@@ -81,7 +81,9 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=now.tzinfo)
 
 
-def list_jobs(sessions: sessionmaker, state: str | None = None, since: datetime | None = None, study: str | None = None) -> list[JobRow]:
+def list_jobs(
+    sessions: sessionmaker, state: str | None = None, since: datetime | None = None, study: str | None = None
+) -> list[JobRow]:
     """Jobs, newest first; `since`: created at or after."""
     if state is not None and state not in set(JobState):
         raise ValueError(f"no job state {state!r}: one of {', '.join(JobState)}")
@@ -130,9 +132,13 @@ class JobDetail(JobRow):
 def _last_instance(session: Session, job: Job) -> tuple[datetime, str, str] | None:
     """When the last instance before the job arrived (the study complete), from the index."""
     last, count = session.execute(
-        select(func.max(Instance.received_at), func.count()).where(Instance.study_uid == job.study_uid, Instance.received_at <= job.created_at)
+        select(func.max(Instance.received_at), func.count()).where(
+            Instance.study_uid == job.study_uid, Instance.received_at <= job.created_at
+        )
     ).one()
-    return (last, "last-instance", f"the last of {count} instances received before the job was queued") if last else None
+    return (
+        (last, "last-instance", f"the last of {count} instances received before the job was queued") if last else None
+    )
 
 
 def job_detail(sessions: sessionmaker, job_id: int) -> JobDetail | None:
@@ -143,10 +149,16 @@ def job_detail(sessions: sessionmaker, job_id: int) -> JobDetail | None:
         if job is None:
             return None
         study = session.get(Study, job.study_uid)
-        events = list(session.scalars(select(Event).where(
-            (Event.job_id == job_id)
-            | ((Event.study_uid == job.study_uid) & Event.job_id.is_(None) & (Event.at <= job.created_at))
-        ).order_by(Event.id)))
+        events = list(
+            session.scalars(
+                select(Event)
+                .where(
+                    (Event.job_id == job_id)
+                    | ((Event.study_uid == job.study_uid) & Event.job_id.is_(None) & (Event.at <= job.created_at))
+                )
+                .order_by(Event.id)
+            )
+        )
         last_instance = _last_instance(session, job)
         sends = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
     raw = [(e.at, e.kind, e.message) for e in events] + ([last_instance] if last_instance else [])
@@ -154,18 +166,41 @@ def job_detail(sessions: sessionmaker, job_id: int) -> JobDetail | None:
     received = study.first_received_at if study else None
     timeline, previous = [], None
     for at, kind, message in raw:
-        timeline.append(Step(at, kind, message, (at - previous).total_seconds() if previous else None,
-                             (at - received).total_seconds() if received else None))
+        timeline.append(
+            Step(
+                at,
+                kind,
+                message,
+                (at - previous).total_seconds() if previous else None,
+                (at - received).total_seconds() if received else None,
+            )
+        )
         previous = at
     return JobDetail(
-        **asdict(_job_row(job)), lease_owner=job.lease_owner, lease_expires_at=job.lease_expires_at, result_dir=job.result_dir,
-        deliveries=[DeliveryRow(d.destination, Path(d.path).name, d.sop_instance_uid, d.state, d.attempts, d.max_attempts,
-                                d.not_before, d.sent_at, d.last_error) for d in sends],
+        **asdict(_job_row(job)),
+        lease_owner=job.lease_owner,
+        lease_expires_at=job.lease_expires_at,
+        result_dir=job.result_dir,
+        deliveries=[
+            DeliveryRow(
+                d.destination,
+                Path(d.path).name,
+                d.sop_instance_uid,
+                d.state,
+                d.attempts,
+                d.max_attempts,
+                d.not_before,
+                d.sent_at,
+                d.last_error,
+            )
+            for d in sends
+        ],
         timeline=timeline,
     )
 
 
 # --- studies ----------------------------------------------------------------------------------
+
 
 @dataclass
 class SeriesRow:
@@ -198,7 +233,8 @@ def _verdicts(session: Session, study_uid: str) -> dict[str, tuple[str, int | No
     """Series UID -> (the latest verdict's text, its job), from the verdict events' data."""
     latest: dict[str, tuple[str, int | None]] = {}
     for data, job_id in session.execute(
-        select(Event.data, Event.job_id).where(Event.study_uid == study_uid, Event.kind == EventKind.SERIES_VERDICT)
+        select(Event.data, Event.job_id)
+        .where(Event.study_uid == study_uid, Event.kind == EventKind.SERIES_VERDICT)
         .order_by(Event.id)
     ):
         verdict = event_data(data)
@@ -209,10 +245,25 @@ def _verdicts(session: Session, study_uid: str) -> dict[str, tuple[str, int | No
 
 def _study_row(session: Session, study: Study) -> StudyRow:
     verdicts = _verdicts(session, study.study_uid)
-    series = [SeriesRow(s.series_uid, s.modality, s.series_number, s.description, s.instances, s.last_received_at,
-                        *verdicts.get(s.series_uid, (None, None))) for s in series_of_study(session, study.study_uid)]
-    jobs = [_job_row(j) for j in session.scalars(select(Job).where(Job.study_uid == study.study_uid).order_by(Job.id.desc()))]
-    return StudyRow(study.study_uid, study.first_received_at, study.last_received_at, study.instances_received, series, jobs)
+    series = [
+        SeriesRow(
+            s.series_uid,
+            s.modality,
+            s.series_number,
+            s.description,
+            s.instances,
+            s.last_received_at,
+            *verdicts.get(s.series_uid, (None, None)),
+        )
+        for s in series_of_study(session, study.study_uid)
+    ]
+    jobs = [
+        _job_row(j)
+        for j in session.scalars(select(Job).where(Job.study_uid == study.study_uid).order_by(Job.id.desc()))
+    ]
+    return StudyRow(
+        study.study_uid, study.first_received_at, study.last_received_at, study.instances_received, series, jobs
+    )
 
 
 def list_studies(sessions: sessionmaker, since: datetime | None = None) -> list[StudyRow]:
@@ -229,6 +280,10 @@ def study_detail(sessions: sessionmaker, study_uid: str) -> StudyDetail | None:
         study = session.get(Study, study_uid)
         if study is None:
             return None
-        events = session.scalars(select(Event).where(Event.study_uid == study_uid, Event.job_id.is_(None)).order_by(Event.id))
-        return StudyDetail(**vars(_study_row(session, study)),
-                           events=[EventRow(e.at, e.kind, e.message, e.study_uid, e.job_id) for e in events])
+        events = session.scalars(
+            select(Event).where(Event.study_uid == study_uid, Event.job_id.is_(None)).order_by(Event.id)
+        )
+        return StudyDetail(
+            **vars(_study_row(session, study)),
+            events=[EventRow(e.at, e.kind, e.message, e.study_uid, e.job_id) for e in events],
+        )

@@ -61,8 +61,15 @@ class Report:
     grid: str = "PET"  # the series whose grid the model's inputs are on
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "model": self.model, "channels": self.channels, "grid": self.grid, "files": self.files,
-                "studies": [s.as_dict() for s in self.studies], "warnings": list(self.warnings)}
+        return {
+            "path": self.path,
+            "model": self.model,
+            "channels": self.channels,
+            "grid": self.grid,
+            "files": self.files,
+            "studies": [s.as_dict() for s in self.studies],
+            "warnings": list(self.warnings),
+        }
 
 
 def dicom_files(path: Path) -> list[Path]:
@@ -126,7 +133,7 @@ def export_inputs(report: StudyReport, model: ModelSettings, out: Path) -> dict[
     if "PET" not in selection.chosen:
         raise ValueError("nothing to export: no usable PET series (the SUV is needed on every grid)")
     if model.grid == "CT" and "CT" not in selection.chosen:
-        raise ValueError('nothing to export: the model\'s grid is the CT\'s (grid = "CT") and no CT series is usable')
+        raise ValueError("nothing to export: the model's grid is the CT's (grid = \"CT\") and no CT series is usable")
     if "PET" not in channels:
         channels.append("PET")
     inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, channels, model.grid)

@@ -37,22 +37,39 @@ class DatabaseCollector(Collector):
     def collect(self):  # noqa: ANN201 - metric families
         with self.sessions() as session:
             by_state = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-            completed = session.scalar(select(func.count(distinct(Job.study_uid))).where(Job.state == JobState.SUCCEEDED))
-            failures = session.scalar(select(func.count()).select_from(Event).where(Event.kind == EventKind.DELIVERY_FAILED))
-            inference = [event_data(data)["seconds"] for data in session.scalars(
-                select(Event.data).where(Event.kind == EventKind.INFERENCE_DONE, Event.data.is_not(None)))]
+            completed = session.scalar(
+                select(func.count(distinct(Job.study_uid))).where(Job.state == JobState.SUCCEEDED)
+            )
+            failures = session.scalar(
+                select(func.count()).select_from(Event).where(Event.kind == EventKind.DELIVERY_FAILED)
+            )
+            inference = [
+                event_data(data)["seconds"]
+                for data in session.scalars(
+                    select(Event.data).where(Event.kind == EventKind.INFERENCE_DONE, Event.data.is_not(None))
+                )
+            ]
         jobs = GaugeMetricFamily("dicomnode_jobs", "Jobs by state", labels=["state"])
         for state in dict.fromkeys([*JobState, *by_state]):
             jobs.add_metric([state], by_state.get(state, 0))
         yield jobs
         yield CounterMetricFamily("dicomnode_studies_completed", "Studies with a succeeded job", value=completed)
-        yield CounterMetricFamily("dicomnode_delivery_failures", "Failed C-STORE tries of result objects", value=failures)
-        yield SummaryMetricFamily("dicomnode_inference_seconds", "Model inference time of each job run",
-                                  count_value=len(inference), sum_value=sum(inference))
+        yield CounterMetricFamily(
+            "dicomnode_delivery_failures", "Failed C-STORE tries of result objects", value=failures
+        )
+        yield SummaryMetricFamily(
+            "dicomnode_inference_seconds",
+            "Model inference time of each job run",
+            count_value=len(inference),
+            sum_value=sum(inference),
+        )
         space = diskspace.measure(self.config.node.data_dir, self.config.node)
-        yield GaugeMetricFamily("dicomnode_disk_free_bytes", "Free space of the data folder's file system", value=space.free_bytes)
-        yield GaugeMetricFamily("dicomnode_disk_free_limit_bytes", "Free space below which instances are refused",
-                                value=space.limit_bytes)
+        yield GaugeMetricFamily(
+            "dicomnode_disk_free_bytes", "Free space of the data folder's file system", value=space.free_bytes
+        )
+        yield GaugeMetricFamily(
+            "dicomnode_disk_free_limit_bytes", "Free space below which instances are refused", value=space.limit_bytes
+        )
 
 
 class Metrics:

@@ -130,6 +130,6 @@ def _dry_run(settings: ModelSettings) -> str:
             result = dry_run(model)
         finally:
             model.unload()
-    except Exception as exc:  # loading or running a model fails in many ways; each is reported
+    except Exception as exc:  # noqa: BLE001 - loading or running a model fails in many ways; each is reported
         return f"failed: {type(exc).__name__}: {exc}"
     return f"{len(result.label_values)} label values in {result.seconds:.1f} s on {model.device}"

@@ -62,7 +62,9 @@ def _component_status(row: Component, now: datetime, stale_after: float, busy: d
         up, why = True, f"running job {job.id}, lease renewed until {job.lease_expires_at:%H:%M:%S} UTC"
     else:
         up, why = False, f"not seen for {age:.0f} s"
-    return ComponentStatus(row.name, up, why, row.host, row.pid, row.started_at, row.last_seen_at, json.loads(row.detail or "{}"))
+    return ComponentStatus(
+        row.name, up, why, row.host, row.pid, row.started_at, row.last_seen_at, json.loads(row.detail or "{}")
+    )
 
 
 def components(sessions: sessionmaker, stale_after: float, now: datetime | None = None) -> list[ComponentStatus]:
@@ -70,8 +72,13 @@ def components(sessions: sessionmaker, stale_after: float, now: datetime | None 
     or worker never seen is listed as such."""
     now = now or utcnow()
     with sessions() as session:
-        rows = list(session.scalars(select(Component).order_by(Component.name, Component.host, Component.last_seen_at.desc())))
-        busy = {j.lease_owner: j for j in session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at > now))}
+        rows = list(
+            session.scalars(select(Component).order_by(Component.name, Component.host, Component.last_seen_at.desc()))
+        )
+        busy = {
+            j.lease_owner: j
+            for j in session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at > now))
+        }
     listed: list[ComponentStatus] = []
     by_place: dict[tuple[str, str], list[ComponentStatus]] = {}
     for row in rows:
@@ -84,6 +91,7 @@ def components(sessions: sessionmaker, stale_after: float, now: datetime | None 
 
 
 # --- node status ------------------------------------------------------------------------------
+
 
 @dataclass
 class DiskUse:
@@ -142,7 +150,15 @@ def disk_use(config: Config) -> DiskUse:
     if config.database_url.startswith("sqlite"):
         path = Path(make_url(config.database_url).database or "")
         database = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.is_file())
-    return DiskUse(str(data_dir), usage.total, usage.used, usage.free, tree_bytes(config.spool_dir), tree_bytes(config.results_dir), database)
+    return DiskUse(
+        str(data_dir),
+        usage.total,
+        usage.used,
+        usage.free,
+        tree_bytes(config.spool_dir),
+        tree_bytes(config.results_dir),
+        database,
+    )
 
 
 def node_status(sessions: sessionmaker, config: Config, now: datetime | None = None, errors: int = 5) -> NodeStatus:
@@ -151,13 +167,22 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
     parts = components(sessions, stale_after, now)
     with sessions() as session:
         counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-        oldest = session.scalar(select(Job).where(Job.state == JobState.QUEUED).order_by(Job.created_at, Job.id).limit(1))
-        recent = list(session.scalars(select(Event).where(Event.kind.in_(ERROR_KINDS)).order_by(Event.id.desc()).limit(errors)))
+        oldest = session.scalar(
+            select(Job).where(Job.state == JobState.QUEUED).order_by(Job.created_at, Job.id).limit(1)
+        )
+        recent = list(
+            session.scalars(select(Event).where(Event.kind.in_(ERROR_KINDS)).order_by(Event.id.desc()).limit(errors))
+        )
     waiting = None
     if oldest is not None:
-        waiting = WaitingJob(oldest.id, oldest.study_uid, oldest.model, oldest.created_at, (now - oldest.created_at).total_seconds())
+        waiting = WaitingJob(
+            oldest.id, oldest.study_uid, oldest.model, oldest.created_at, (now - oldest.created_at).total_seconds()
+        )
     workers = [c for c in parts if c.name == Role.WORKER and c.up]
-    models = [ModelStatus(m.name, [f"{w.host}:{w.pid}" for w in workers if m.name in w.detail.get("models", [])]) for m in config.models]
+    models = [
+        ModelStatus(m.name, [f"{w.host}:{w.pid}" for w in workers if m.name in w.detail.get("models", [])])
+        for m in config.models
+    ]
     return NodeStatus(
         checked_at=now,
         components=parts,
@@ -168,4 +193,3 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
         last_errors=[EventRow(e.at, e.kind, e.message, e.study_uid, e.job_id) for e in recent],
         schema=current_revision(sessions.kw["bind"]),
     )
-

@@ -6,9 +6,10 @@ gets several. A study becomes a job for a model once no instance has arrived for
 `study_quiet_seconds`, every modality the model needs is present, and `dicomnode.pipeline.selection`
 finds a consistent series for each of the model's channels (PET: all NumberOfSlices
 instances; CT: no gaps or duplicate positions, covering the PET; MR and other named
-channels: their SeriesDescription patterns, no gaps, the grid series' frame of reference). A PET series still arriving holds the study back,
-with an "incomplete" event saying so once per arrival. The job is queued with one
-"series-verdict" event per series of the study: "used for channel X" or "ignored because ...".
+channels: their SeriesDescription patterns, no gaps, the grid series' frame of reference). A
+PET series still arriving holds the study back, with an "incomplete" event saying so once per
+arrival. The job is queued with one "series-verdict" event per series of the study: "used
+for channel X" or "ignored because ...".
 
 Instances that arrive after a study's job was created make the study a candidate again:
 the next run writes a new result series and never touches the earlier one.
@@ -31,7 +32,6 @@ from dicomnode.store.events import EventKind, log_event
 from dicomnode.store.tables import Event, Job, JobState, Study, utcnow
 
 log = logging.getLogger("dicomnode.assembler")
-
 
 
 def missing_modalities(series: list[SeriesFacts], model: ModelSettings) -> list[str]:
@@ -64,7 +64,10 @@ def _sweep_study(sessions: sessionmaker, config: Config, study: Study) -> list[i
     for model in config.models:
         with sessions() as session:
             latest = session.scalar(
-                select(Job).where(Job.study_uid == study.study_uid, Job.model == model.name).order_by(Job.id.desc()).limit(1)
+                select(Job)
+                .where(Job.study_uid == study.study_uid, Job.model == model.name)
+                .order_by(Job.id.desc())
+                .limit(1)
             )
             if latest is not None and (latest.state == JobState.QUEUED or latest.created_at >= study.last_received_at):
                 continue  # already queued, or nothing new since the last job
@@ -75,8 +78,14 @@ def _sweep_study(sessions: sessionmaker, config: Config, study: Study) -> list[i
     return created
 
 
-def _queue_if_ready(sessions: sessionmaker, config: Config, study: Study, model: ModelSettings,
-                    series: list[SeriesFacts], latest: Job | None) -> int | None:
+def _queue_if_ready(
+    sessions: sessionmaker,
+    config: Config,
+    study: Study,
+    model: ModelSettings,
+    series: list[SeriesFacts],
+    latest: Job | None,
+) -> int | None:
     """Queue a job for `model` when it applies to the study and its inputs are complete."""
     why_not = applies_to(series, model)
     if why_not:
@@ -92,8 +101,14 @@ def _queue_if_ready(sessions: sessionmaker, config: Config, study: Study, model:
         return None
     policy = RetryPolicy.for_jobs(config.node)
     reason = "study complete and quiet" if latest is None else "new instances after run %d" % latest.run_number
-    job_id = enqueue(sessions, study.study_uid, model.name, policy, reason,
-                     details=[(EventKind.SERIES_VERDICT, v.message, v.as_dict()) for v in selection.verdicts])
+    job_id = enqueue(
+        sessions,
+        study.study_uid,
+        model.name,
+        policy,
+        reason,
+        details=[(EventKind.SERIES_VERDICT, v.message, v.as_dict()) for v in selection.verdicts],
+    )
     log.info("study %s: queued job %d for model %s (%s)", study.study_uid, job_id, model.name, reason)
     return job_id
 
@@ -108,10 +123,14 @@ def _note_once(sessions: sessionmaker, study: Study, kind: str, message: str) ->
     """Write the study's event unless it was written since the study's last arrival; True if written now."""
     with sessions.begin() as session:
         said = session.scalar(
-            select(Event.id).where(
-                Event.study_uid == study.study_uid, Event.kind == kind, Event.message == message,
+            select(Event.id)
+            .where(
+                Event.study_uid == study.study_uid,
+                Event.kind == kind,
+                Event.message == message,
                 Event.at >= study.last_received_at,
-            ).limit(1)
+            )
+            .limit(1)
         )
         if said is None:
             log_event(session, kind, message, study_uid=study.study_uid)

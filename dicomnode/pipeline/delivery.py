@@ -76,13 +76,20 @@ def plan(
                 session.add(_pending(job_id, destination, header, policy, now))
                 added.append(f"{header[0].name} to {destination}")
         if added:
-            log_event(session, EventKind.DELIVERIES_PLANNED, ", ".join(added), study_uid=study_uid, job_id=job_id, at=now)
+            log_event(
+                session, EventKind.DELIVERIES_PLANNED, ", ".join(added), study_uid=study_uid, job_id=job_id, at=now
+            )
     return len(added)
 
 
 def replace(
-    sessions: sessionmaker, delivery_id: int, fallback: Path, policy: RetryPolicy, *,
-    study_uid: str | None = None, now: datetime | None = None,
+    sessions: sessionmaker,
+    delivery_id: int,
+    fallback: Path,
+    policy: RetryPolicy,
+    *,
+    study_uid: str | None = None,
+    now: datetime | None = None,
 ) -> int | None:
     """A delivery refused for good becomes `replaced` (its error kept) and `fallback`, another
     result file of the job, is planned to the same destination instead, once (a second refused
@@ -94,16 +101,27 @@ def replace(
         refused = session.get(Delivery, delivery_id)
         if refused is None or refused.state != DeliveryState.FAILED:
             return None
-        planned = session.scalar(select(Delivery).where(
-            Delivery.job_id == refused.job_id, Delivery.destination == refused.destination,
-            Delivery.sop_instance_uid == header[1]))
+        planned = session.scalar(
+            select(Delivery).where(
+                Delivery.job_id == refused.job_id,
+                Delivery.destination == refused.destination,
+                Delivery.sop_instance_uid == header[1],
+            )
+        )
         if planned is None:
             planned = _pending(refused.job_id, refused.destination, header, policy, now)
             session.add(planned)
             session.flush()
         refused.state, refused.updated_at = DeliveryState.REPLACED, now
-        log_event(session, EventKind.FALLBACK_PLANNED, f"{describe(refused)} refused for good ({refused.last_error}): "
-                  f"{Path(fallback).name} to {refused.destination} instead", study_uid=study_uid, job_id=refused.job_id, at=now)
+        log_event(
+            session,
+            EventKind.FALLBACK_PLANNED,
+            f"{describe(refused)} refused for good ({refused.last_error}): "
+            f"{Path(fallback).name} to {refused.destination} instead",
+            study_uid=study_uid,
+            job_id=refused.job_id,
+            at=now,
+        )
         return planned.id
 
 
@@ -112,12 +130,22 @@ def _header(path: Path) -> tuple[Path, str, str]:
     return Path(path), str(ds.SOPInstanceUID), str(ds.SOPClassUID)
 
 
-def _pending(job_id: int, destination: str, header: tuple[Path, str, str], policy: RetryPolicy, now: datetime) -> Delivery:
+def _pending(
+    job_id: int, destination: str, header: tuple[Path, str, str], policy: RetryPolicy, now: datetime
+) -> Delivery:
     path, sop_instance_uid, sop_class_uid = header
     return Delivery(
-        job_id=job_id, destination=destination, path=str(path), sop_instance_uid=sop_instance_uid,
-        sop_class_uid=sop_class_uid, state=DeliveryState.PENDING, attempts=0, max_attempts=policy.max_attempts,
-        not_before=now, created_at=now, updated_at=now,
+        job_id=job_id,
+        destination=destination,
+        path=str(path),
+        sop_instance_uid=sop_instance_uid,
+        sop_class_uid=sop_class_uid,
+        state=DeliveryState.PENDING,
+        attempts=0,
+        max_attempts=policy.max_attempts,
+        not_before=now,
+        created_at=now,
+        updated_at=now,
     )
 
 
@@ -130,16 +158,23 @@ def due(sessions: sessionmaker, job_id: int, now: datetime | None = None) -> lis
     """The job's pending deliveries whose backoff is over, in the order they were planned."""
     now = now or utcnow()
     with sessions() as session:
-        return list(session.scalars(
-            select(Delivery)
-            .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING, Delivery.not_before <= now)
-            .order_by(Delivery.id)
-        ))
+        return list(
+            session.scalars(
+                select(Delivery)
+                .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING, Delivery.not_before <= now)
+                .order_by(Delivery.id)
+            )
+        )
 
 
 def record(
-    sessions: sessionmaker, delivery_id: int, outcome: Outcome, policy: RetryPolicy, *,
-    study_uid: str | None = None, now: datetime | None = None,
+    sessions: sessionmaker,
+    delivery_id: int,
+    outcome: Outcome,
+    policy: RetryPolicy,
+    *,
+    study_uid: str | None = None,
+    now: datetime | None = None,
 ) -> str:
     """Write what one send did to a delivery, with its event; return the delivery's new state.
 
@@ -163,13 +198,19 @@ def record(
             delivery.last_error = outcome.error
             if outcome.permanent:
                 delivery.state = DeliveryState.FAILED
-                kind, message = EventKind.DELIVERY_FAILED, f"{what}: {outcome.error}; refused for good, not retried ({tally})"
+                kind, message = (
+                    EventKind.DELIVERY_FAILED,
+                    f"{what}: {outcome.error}; refused for good, not retried ({tally})",
+                )
             elif delivery.attempts >= delivery.max_attempts:
                 delivery.state = DeliveryState.FAILED
                 kind, message = EventKind.DELIVERY_FAILED, f"{what}: {outcome.error}; no attempts left ({tally})"
             else:
                 delivery.not_before = now + policy.delay(delivery.attempts)
-                kind, message = EventKind.DELIVERY_FAILED, f"{what}: {outcome.error}; {tally}, next try after {delivery.not_before:%H:%M:%S} UTC"
+                kind, message = (
+                    EventKind.DELIVERY_FAILED,
+                    f"{what}: {outcome.error}; {tally}, next try after {delivery.not_before:%H:%M:%S} UTC",
+                )
         log_event(session, kind, message, study_uid=study_uid, job_id=delivery.job_id, at=now)
         return delivery.state
 

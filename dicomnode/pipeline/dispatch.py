@@ -54,7 +54,15 @@ def deliver(config: Config, sessions: sessionmaker, job: Job, out: Path) -> str:
         delivery.plan(sessions, job.id, job.study_uid, files, [destination.name], policy)
     fallbacks = _send(config, sessions, job, out, destinations, delivery.due(sessions, job.id), policy)
     if fallbacks:  # planned just now: sent at once, not after a trip through the queue
-        _send(config, sessions, job, out, destinations, [d for d in delivery.due(sessions, job.id) if d.id in fallbacks], policy)
+        _send(
+            config,
+            sessions,
+            job,
+            out,
+            destinations,
+            [d for d in delivery.due(sessions, job.id) if d.id in fallbacks],
+            policy,
+        )
     summary = delivery.summary(sessions, job.id)
     if summary.pending:
         why = "; ".join(summary.waiting) or "not tried yet"
@@ -65,8 +73,15 @@ def deliver(config: Config, sessions: sessionmaker, job: Job, out: Path) -> str:
     return f"{summary.sent} objects delivered to {len(destinations)} destinations{replaced}"
 
 
-def _send(config: Config, sessions: sessionmaker, job: Job, out: Path, destinations: dict[str, Destination],
-          items: list[Delivery], policy: RetryPolicy) -> set[int]:
+def _send(
+    config: Config,
+    sessions: sessionmaker,
+    job: Job,
+    out: Path,
+    destinations: dict[str, Destination],
+    items: list[Delivery],
+    policy: RetryPolicy,
+) -> set[int]:
     """One pass over due deliveries, destination by destination: send, record each outcome, plan
     fallbacks for objects refused for good. Returns the fallback deliveries planned."""
     by_destination: dict[str, list[Delivery]] = {}
@@ -79,8 +94,14 @@ def _send(config: Config, sessions: sessionmaker, job: Job, out: Path, destinati
         for item in batch:
             outcome = outcomes[item.id]
             state = delivery.record(sessions, item.id, outcome, policy, study_uid=job.study_uid)
-            log.info("job %d: %s: %s", job.id, delivery.describe(item), state if outcome.ok else f"{state}, {outcome.error}")
-            planned = fallback_for(sessions, job, out, item, outcome, destination, policy) if state == DeliveryState.FAILED else None
+            log.info(
+                "job %d: %s: %s", job.id, delivery.describe(item), state if outcome.ok else f"{state}, {outcome.error}"
+            )
+            planned = (
+                fallback_for(sessions, job, out, item, outcome, destination, policy)
+                if state == DeliveryState.FAILED
+                else None
+            )
             if planned is not None:
                 fallbacks.add(planned)
     return fallbacks
@@ -93,18 +114,29 @@ def _store(config: Config, destination: Destination | None, name: str, items: li
     for item in items:
         path = Path(item.path)
         if destination is None:
-            outcomes[item.id] = Outcome(path, item.sop_instance_uid, item.sop_class_uid, 0, None,
-                                        f"destination {name} is no longer configured", permanent=True)
+            outcomes[item.id] = Outcome(
+                path,
+                item.sop_instance_uid,
+                item.sop_class_uid,
+                0,
+                None,
+                f"destination {name} is no longer configured",
+                permanent=True,
+            )
         elif not path.is_file():
-            outcomes[item.id] = Outcome(path, item.sop_instance_uid, item.sop_class_uid, 0, None,
-                                        f"result file {path} is gone", permanent=True)
+            outcomes[item.id] = Outcome(
+                path, item.sop_instance_uid, item.sop_class_uid, 0, None, f"result file {path} is gone", permanent=True
+            )
         else:
             sendable.append(item)
     if sendable:
         tries = {Path(i.path): max(min(TRIES_PER_PASS, i.max_attempts - i.attempts), 1) for i in sendable}
-        sent = store_each(destination, list(tries), config.node.ae_title,
-                          timeout=config.node.network_timeout_seconds, tries_per_instance=tries)
+        sent = store_each(
+            destination,
+            list(tries),
+            config.node.ae_title,
+            timeout=config.node.network_timeout_seconds,
+            tries_per_instance=tries,
+        )
         outcomes.update({item.id: outcome for item, outcome in zip(sendable, sent)})
     return outcomes
-
-

@@ -58,14 +58,24 @@ def select_series(sessions: sessionmaker, job: Job, settings: ModelSettings) -> 
     with sessions() as session:
         selection = select_inputs(series_from_index(session, job.study_uid), settings.channels, settings.inputs,
                                   settings.grid)
-        recorded = session.scalar(select(Event.id).where(Event.job_id == job.id, Event.kind == EventKind.SERIES_VERDICT).limit(1))
+        recorded = session.scalar(
+            select(Event.id).where(Event.job_id == job.id, Event.kind == EventKind.SERIES_VERDICT).limit(1)
+        )
     if recorded is None:
         with sessions.begin() as session:
             for verdict in selection.verdicts:
-                log_event(session, EventKind.SERIES_VERDICT, verdict.message, study_uid=job.study_uid, job_id=job.id,
-                          data=verdict.as_dict())
+                log_event(
+                    session,
+                    EventKind.SERIES_VERDICT,
+                    verdict.message,
+                    study_uid=job.study_uid,
+                    job_id=job.id,
+                    data=verdict.as_dict(),
+                )
     if not selection.ready:
-        raise JobError(f"no usable inputs: {selection.problem}", retryable=bool(selection.waiting) and not selection.missing)
+        raise JobError(
+            f"no usable inputs: {selection.problem}", retryable=bool(selection.waiting) and not selection.missing
+        )
     return selection
 
 
@@ -79,27 +89,37 @@ def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid
     padding = {"CT": CT_PADDING_HU, "PET": 0.0}  # outside a resampled channel's field of view; else 0
     lacking = [c for c in dict.fromkeys([*channel_names, grid]) if c not in paths]
     if lacking:
-        raise JobError(f"no series for channel{'s' if len(lacking) > 1 else ''} {', '.join(lacking)}"
-                       f"{' (the grid)' if grid in lacking else ''}")
+        raise JobError(
+            f"no series for channel{'s' if len(lacking) > 1 else ''} {', '.join(lacking)}"
+            f"{' (the grid)' if grid in lacking else ''}"
+        )
     try:
         volumes = {c: _channel_volume(c, paths[c]) for c in dict.fromkeys([*channel_names, grid])}
         reference = volumes[grid]
-        arrays = {c: v.array if c == grid else resample_to(v, reference, default_value=padding.get(c, 0.0)).array
-                  for c, v in volumes.items()}
+        arrays = {
+            c: v.array if c == grid else resample_to(v, reference, default_value=padding.get(c, 0.0)).array
+            for c, v in volumes.items()
+        }
     except VolumeError as exc:
         raise JobError(f"cannot build input volumes: {exc}") from exc
     except SuvError as exc:
         raise JobError(f"cannot compute SUVbw: {exc}") from exc
     for c in channel_names:
         if not np.isfinite(arrays[c]).all():
-            raise JobError(f"channel {c} ({volumes[c].modality} series {volumes[c].series_instance_uid}) holds NaN or "
-                           "infinite values: check its RescaleSlope/RescaleIntercept and pixel data")
+            raise JobError(
+                f"channel {c} ({volumes[c].modality} series {volumes[c].series_instance_uid}) holds NaN or "
+                "infinite values: check its RescaleSlope/RescaleIntercept and pixel data"
+            )
     channels = np.stack([arrays[c].astype(np.float32, copy=False) for c in channel_names])
     pet = volumes.get("PET")
-    return Inputs(channels=channels, spacing=tuple(reference.spacing), grid=reference,
-                  suv=arrays["PET"].astype(np.float32, copy=False) if pet is not None else None, grid_name=grid,
-                  pet_header=pet.datasets[0] if pet is not None else None)
-
+    return Inputs(
+        channels=channels,
+        spacing=tuple(reference.spacing),
+        grid=reference,
+        suv=arrays["PET"].astype(np.float32, copy=False) if pet is not None else None,
+        grid_name=grid,
+        pet_header=pet.datasets[0] if pet is not None else None,
+    )
 
 
 def _channel_volume(channel: str, paths: list[Path]) -> Volume:
@@ -117,5 +137,3 @@ def build_inputs(sessions: sessionmaker, job: Job, settings: ModelSettings) -> I
     used += f"; on the {settings.grid} grid {'x'.join(str(n) for n in inputs.channels.shape[1:])}"
     _event(sessions, job, EventKind.INPUTS_BUILT, used)
     return inputs
-
-

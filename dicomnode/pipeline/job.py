@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy.orm import sessionmaker
@@ -36,6 +37,9 @@ from dicomnode.results.writer import (
 from dicomnode.store.events import EventKind, record_job_event
 from dicomnode.store.files import write_durably
 from dicomnode.store.tables import Job
+
+if TYPE_CHECKING:  # torch is imported where the model loads (dicomnode.pipeline.model_cache)
+    from inference import SegmentationModel
 
 log = logging.getLogger("dicomnode.processing")  # the name it had before the split: journald filters use it
 
@@ -64,7 +68,7 @@ def result_dir(config: Config, job: Job) -> Path:
 LABELS_FILE = "labels.npz"  # the model's label map: objects missing later are built without inference
 
 
-def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Path:  # noqa: ANN001 - inference.SegmentationModel
+def make_results(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel) -> Path:
     """Write the job's result objects (results_needed) into its result folder once and return the
     folder. Each file is renamed into place when complete; a later run (a retried delivery, a
     restart, an output added to the config) writes only those missing, from the label map saved
@@ -94,24 +98,45 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model) -> Pat
     return out
 
 
-def _measure(sessions: sessionmaker, job: Job, settings: ModelSettings, model, inputs: Inputs,  # noqa: ANN001
+def _measure(sessions: sessionmaker, job: Job, settings: ModelSettings, model: SegmentationModel, inputs: Inputs,
              labels: np.ndarray) -> Findings:
     if inputs.suv is not None:
-        measures, lesion_labels = measure_lesions(labels > 0, inputs.suv, inputs.spacing, connectivity=settings.lesion_connectivity,
-                                                  min_volume_ml=settings.min_lesion_volume_ml)
-        _event(sessions, job, EventKind.MEASURED, f"{measures.lesion_count} lesions, MTV {measures.total_mtv_ml:.1f} ml, TLG {measures.total_tlg_g:.1f} g")
+        measures, lesion_labels = measure_lesions(
+            labels > 0,
+            inputs.suv,
+            inputs.spacing,
+            connectivity=settings.lesion_connectivity,
+            min_volume_ml=settings.min_lesion_volume_ml,
+        )
+        _event(
+            sessions,
+            job,
+            EventKind.MEASURED,
+            f"{measures.lesion_count} lesions, MTV {measures.total_mtv_ml:.1f} ml, TLG {measures.total_tlg_g:.1f} g",
+        )
         return Findings(measures, lesion_labels)
     try:
         codes = label_codes(settings, model.labels, Path(model.model_dir))
     except LabelCodesError as exc:
         raise JobError(str(exc)) from exc
-    segments = measure_segments(labels, inputs.spacing, {value: code.name for value, code in codes.items()},
-                                connectivity=settings.lesion_connectivity)
-    _event(sessions, job, EventKind.MEASURED, "; ".join(f"{m.name} {m.volume_ml:.1f} ml in {m.components} parts" for m in segments))
+    segments = measure_segments(
+        labels,
+        inputs.spacing,
+        {value: code.name for value, code in codes.items()},
+        connectivity=settings.lesion_connectivity,
+    )
+    _event(
+        sessions,
+        job,
+        EventKind.MEASURED,
+        "; ".join(f"{m.name} {m.volume_ml:.1f} ml in {m.components} parts" for m in segments),
+    )
     return Findings(segments, labels, codes)
 
 
-def _model_labels(sessions: sessionmaker, job: Job, settings: ModelSettings, model, inputs: Inputs, out: Path) -> np.ndarray:  # noqa: ANN001
+def _model_labels(
+    sessions: sessionmaker, job: Job, settings: ModelSettings, model: SegmentationModel, inputs: Inputs, out: Path
+) -> np.ndarray:  # noqa: ANN001
     """The model's label map on the grid: saved by an earlier attempt, else predicted and saved."""
     saved = out / LABELS_FILE
     if saved.exists():
@@ -127,13 +152,18 @@ def _model_labels(sessions: sessionmaker, job: Job, settings: ModelSettings, mod
     started = time.monotonic()
     labels = model.predict(inputs.channels, inputs.spacing)
     seconds, foreground = time.monotonic() - started, int((labels > 0).sum())
-    _event(sessions, job, EventKind.INFERENCE_DONE, f"{seconds:.1f} s on {model.device}, {foreground} foreground voxels",
-           data={"seconds": round(seconds, 3), "device": str(model.device), "foreground_voxels": foreground})
+    _event(
+        sessions,
+        job,
+        EventKind.INFERENCE_DONE,
+        f"{seconds:.1f} s on {model.device}, {foreground} foreground voxels",
+        data={"seconds": round(seconds, 3), "device": str(model.device), "foreground_voxels": foreground},
+    )
     out.mkdir(parents=True, exist_ok=True)
     write_durably(saved, lambda fh: np.savez_compressed(fh, labels=labels), out / f".{LABELS_FILE}.partial")
     return labels
 
 
-def process(config: Config, sessions: sessionmaker, job: Job, model) -> str:  # noqa: ANN001
+def process(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel) -> str:
     out = make_results(config, sessions, job, model)
     return f"results in {out}; {deliver(config, sessions, job, out)}"

@@ -57,7 +57,10 @@ def enqueue(
     now = utcnow()
     with sessions.begin() as session:
         previous = session.scalar(
-            select(Job.run_number).where(Job.study_uid == study_uid, Job.model == model).order_by(Job.run_number.desc()).limit(1)
+            select(Job.run_number)
+            .where(Job.study_uid == study_uid, Job.model == model)
+            .order_by(Job.run_number.desc())
+            .limit(1)
         )
         job = Job(
             study_uid=study_uid,
@@ -71,7 +74,14 @@ def enqueue(
         )
         session.add(job)
         session.flush()
-        log_event(session, EventKind.QUEUED, f"model {model}, run {job.run_number}{': ' + reason if reason else ''}", study_uid=study_uid, job_id=job.id, at=now)
+        log_event(
+            session,
+            EventKind.QUEUED,
+            f"model {model}, run {job.run_number}{': ' + reason if reason else ''}",
+            study_uid=study_uid,
+            job_id=job.id,
+            at=now,
+        )
         for kind, message, data in details:
             log_event(session, kind, message, study_uid=study_uid, job_id=job.id, at=now, data=data)
         return job.id
@@ -103,7 +113,14 @@ def claim(sessions: sessionmaker, owner: str, lease: timedelta) -> Job | None:
             if taken != 1:
                 continue  # another worker won the race; look again
             job = session.get(Job, candidate, populate_existing=True)
-            log_event(session, EventKind.STARTED, f"attempt {job.attempts} of {job.max_attempts} by {owner}", study_uid=job.study_uid, job_id=job.id, at=now)
+            log_event(
+                session,
+                EventKind.STARTED,
+                f"attempt {job.attempts} of {job.max_attempts} by {owner}",
+                study_uid=job.study_uid,
+                job_id=job.id,
+                at=now,
+            )
             return job
 
 
@@ -131,7 +148,9 @@ def succeed(sessions: sessionmaker, job_id: int, owner: str, message: str = "") 
         return True
 
 
-def fail(sessions: sessionmaker, job_id: int, owner: str, error: str, policy: RetryPolicy, retryable: bool = True) -> str:
+def fail(
+    sessions: sessionmaker, job_id: int, owner: str, error: str, policy: RetryPolicy, retryable: bool = True
+) -> str:
     """Record a failed attempt: back to queued after a backoff, or failed for good. Returns the new state."""
     now = utcnow()
     with sessions.begin() as session:
@@ -143,7 +162,14 @@ def fail(sessions: sessionmaker, job_id: int, owner: str, error: str, policy: Re
         if retryable and job.attempts < job.max_attempts:
             job.state = JobState.QUEUED
             job.not_before = now + policy.delay(job.attempts)
-            log_event(session, EventKind.RETRY_SCHEDULED, f"attempt {job.attempts} failed: {error}; next try after {job.not_before:%H:%M:%S} UTC", study_uid=job.study_uid, job_id=job.id, at=now)
+            log_event(
+                session,
+                EventKind.RETRY_SCHEDULED,
+                f"attempt {job.attempts} failed: {error}; next try after {job.not_before:%H:%M:%S} UTC",
+                study_uid=job.study_uid,
+                job_id=job.id,
+                at=now,
+            )
         else:
             job.state, job.finished_at = JobState.FAILED, now
             log_event(session, EventKind.FAILED, error, study_uid=job.study_uid, job_id=job.id, at=now)
@@ -156,7 +182,14 @@ def requeue_expired(sessions: sessionmaker, now: datetime | None = None) -> list
     with sessions.begin() as session:
         expired = list(session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)))
         for job in expired:
-            log_event(session, EventKind.LEASE_EXPIRED, f"worker {job.lease_owner} stopped renewing; re-queued", study_uid=job.study_uid, job_id=job.id, at=now)
+            log_event(
+                session,
+                EventKind.LEASE_EXPIRED,
+                f"worker {job.lease_owner} stopped renewing; re-queued",
+                study_uid=job.study_uid,
+                job_id=job.id,
+                at=now,
+            )
             job.state, job.lease_owner, job.lease_expires_at, job.not_before = JobState.QUEUED, None, None, utcnow()
         return [job.id for job in expired]
 
@@ -175,8 +208,14 @@ def retry(sessions: sessionmaker, job_id: int) -> bool:
             .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.FAILED)
             .values(state=DeliveryState.PENDING, attempts=0, not_before=now, updated_at=now)
         ).rowcount
-        log_event(session, EventKind.RETRY_REQUESTED, "by operator" + (f"; {reset} failed deliveries pending again" if reset else ""),
-                  study_uid=job.study_uid, job_id=job.id, at=now)
+        log_event(
+            session,
+            EventKind.RETRY_REQUESTED,
+            "by operator" + (f"; {reset} failed deliveries pending again" if reset else ""),
+            study_uid=job.study_uid,
+            job_id=job.id,
+            at=now,
+        )
         return True
 
 
@@ -191,8 +230,14 @@ def defer(sessions: sessionmaker, job_id: int, owner: str, not_before: datetime,
         job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
         job.not_before, job.error = max(not_before, now), reason
         job.attempts = max(job.attempts - 1, 0)
-        log_event(session, EventKind.DELIVERY_PENDING, f"{reason}; job waits until {job.not_before:%H:%M:%S} UTC",
-                  study_uid=job.study_uid, job_id=job.id, at=now)
+        log_event(
+            session,
+            EventKind.DELIVERY_PENDING,
+            f"{reason}; job waits until {job.not_before:%H:%M:%S} UTC",
+            study_uid=job.study_uid,
+            job_id=job.id,
+            at=now,
+        )
         return True
 
 
@@ -222,7 +267,8 @@ def cancel(sessions: sessionmaker, job_id: int) -> None:
         if job is None:
             raise RefusedError(f"no job {job_id}")
         cancelled = session.execute(  # compare-and-set: a worker may claim the job meanwhile
-            update(Job).where(Job.id == job_id, Job.state.in_((JobState.QUEUED, JobState.FAILED)))
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_((JobState.QUEUED, JobState.FAILED)))
             .values(state=JobState.CANCELLED, finished_at=now)
             .execution_options(synchronize_session=False)
         ).rowcount
@@ -230,17 +276,26 @@ def cancel(sessions: sessionmaker, job_id: int) -> None:
             session.refresh(job)
             raise RefusedError(_not_cancellable(job))
         dropped = session.execute(
-            update(Delivery).where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING)
+            update(Delivery)
+            .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING)
             .values(state=DeliveryState.CANCELLED, updated_at=now)
         ).rowcount
-        log_event(session, EventKind.CANCELLED, "by operator" + (f"; {dropped} pending deliveries cancelled" if dropped else ""),
-                  study_uid=job.study_uid, job_id=job_id, at=now)
+        log_event(
+            session,
+            EventKind.CANCELLED,
+            "by operator" + (f"; {dropped} pending deliveries cancelled" if dropped else ""),
+            study_uid=job.study_uid,
+            job_id=job_id,
+            at=now,
+        )
 
 
 def _not_cancellable(job: Job) -> str:
     if job.state == JobState.RUNNING:
-        return (f"job {job.id} is running (worker {job.lease_owner}) and may be sending results: "
-                "cancel it once it has finished or gone back to the queue")
+        return (
+            f"job {job.id} is running (worker {job.lease_owner}) and may be sending results: "
+            "cancel it once it has finished or gone back to the queue"
+        )
     return f"job {job.id} is {job.state}: only queued or failed jobs can be cancelled"
 
 
@@ -251,7 +306,11 @@ def requeue(sessions: sessionmaker, study_uid: str, model: str, policy: RetryPol
     with sessions() as session:
         if session.get(Study, study_uid) is None:
             raise RefusedError(f"no study {study_uid} in the index")
-        active = session.scalar(select(Job).where(Job.study_uid == study_uid, Job.model == model, Job.state.in_((JobState.QUEUED, JobState.RUNNING))))
+        active = session.scalar(
+            select(Job).where(
+                Job.study_uid == study_uid, Job.model == model, Job.state.in_((JobState.QUEUED, JobState.RUNNING))
+            )
+        )
         if active is not None:
             raise RefusedError(f"job {active.id} of study {study_uid} for model {model} is already {active.state}")
     return enqueue(sessions, study_uid, model, policy, "requeued by operator")

@@ -168,7 +168,8 @@ def _pet_reasons(series: SeriesFacts, spec: PetInputSpec) -> tuple[list[str], st
     """(reasons it cannot be used, why it must be waited for, geometry)."""
     if series.unreadable:  # the other facts would be of the readable part only
         return [_unreadable(series)], None, None
-    reasons = _description_reasons(series, spec) + _image_type_reasons(series, spec.image_type, spec.excluded_image_types)
+    reasons = _description_reasons(series, spec)
+    reasons += _image_type_reasons(series, spec.image_type, spec.excluded_image_types)
     series_type = series.all_values("series_type")
     bad_types = sorted(series_type & {v.upper() for v in spec.excluded_series_types})
     if bad_types:
@@ -199,11 +200,14 @@ def _pet_reasons(series: SeriesFacts, spec: PetInputSpec) -> tuple[list[str], st
     return reasons, waiting, geometry
 
 
-def _ct_reasons(series: SeriesFacts, spec: CtInputSpec, pet: SeriesFacts | None,
-                pet_geometry: SliceStack | None) -> tuple[list[str], SliceStack | None]:
+def _ct_reasons(
+    series: SeriesFacts, spec: CtInputSpec, pet: SeriesFacts | None, pet_geometry: SliceStack | None
+) -> tuple[list[str], SliceStack | None]:
     if series.unreadable:
         return [_unreadable(series)], None
-    reasons = _description_reasons(series, spec) + _image_type_reasons(series, spec.image_type, spec.excluded_image_types)
+    reasons = _description_reasons(series, spec) + _image_type_reasons(
+        series, spec.image_type, spec.excluded_image_types
+    )
     geometry, problem = _geometry(series)
     if problem:
         reasons.append(problem)
@@ -269,8 +273,9 @@ class _Choosing:
     missing: list[str] = field(default_factory=list)
 
 
-def select_inputs(series: list[SeriesFacts], channels: Iterable[str], spec: InputSpec | None = None,
-                  grid: str | None = None) -> Selection:
+def select_inputs(
+    series: list[SeriesFacts], channels: Iterable[str], spec: InputSpec | None = None, grid: str | None = None
+) -> Selection:
     """Give every series a verdict and choose one series per channel: "PET", "CT" and named
     channels (`spec`'s [models.inputs.NAME]); `grid` (default: PET if a channel, else the
     first) is the channel whose frame of reference the named channels must share."""
@@ -290,10 +295,14 @@ def select_inputs(series: list[SeriesFacts], channels: Iterable[str], spec: Inpu
     if named:
         grid = grid or ("PET" if "PET" in channels else channels[0])
         _choose_named(series, named, spec, grid, state)
-    return Selection(verdicts=_verdicts(series, state), chosen=state.chosen, waiting=state.waiting, missing=state.missing)
+    return Selection(
+        verdicts=_verdicts(series, state), chosen=state.chosen, waiting=state.waiting, missing=state.missing
+    )
 
 
-def _choose_pet(series: list[SeriesFacts], spec: PetInputSpec, state: _Choosing) -> tuple[SeriesFacts | None, SliceStack | None]:
+def _choose_pet(
+    series: list[SeriesFacts], spec: PetInputSpec, state: _Choosing
+) -> tuple[SeriesFacts | None, SliceStack | None]:
     """The PET (first: the CT is matched to it); returns it (or the one still arriving) and its geometry."""
     pets = [s for s in series if s.modality == "PT"]
     geometry: dict[str, SliceStack | None] = {}
@@ -312,7 +321,9 @@ def _choose_pet(series: list[SeriesFacts], spec: PetInputSpec, state: _Choosing)
         fitting.sort(key=lambda s: (s.count, s.latest_key), reverse=True)
         state.chosen["PET"] = best = fitting[0]
         for other in fitting[1:]:
-            state.reasons[other.series_uid].append(f"{best.label()} is preferred (rule: most instances, then the latest)")
+            state.reasons[other.series_uid].append(
+                f"{best.label()} is preferred (rule: most instances, then the latest)"
+            )
         return best, geometry[best.series_uid]
     if growing:
         return max(growing, key=lambda s: (s.count, s.latest_key)), None
@@ -320,8 +331,13 @@ def _choose_pet(series: list[SeriesFacts], spec: PetInputSpec, state: _Choosing)
     return None, None
 
 
-def _choose_ct(series: list[SeriesFacts], spec: CtInputSpec, pet: SeriesFacts | None, pet_geometry: SliceStack | None,
-               state: _Choosing) -> None:
+def _choose_ct(
+    series: list[SeriesFacts],
+    spec: CtInputSpec,
+    pet: SeriesFacts | None,
+    pet_geometry: SliceStack | None,
+    state: _Choosing,
+) -> None:
     cts = [s for s in series if s.modality == "CT"]
     fitting = []
     for s in cts:
@@ -336,13 +352,18 @@ def _choose_ct(series: list[SeriesFacts], spec: CtInputSpec, pet: SeriesFacts | 
 
     def rank(s: SeriesFacts) -> tuple:
         thickness = s.slice_thickness
-        distance = abs(thickness - pet_thickness) if thickness is not None and pet_thickness is not None else float("inf")
+        distance = (
+            abs(thickness - pet_thickness) if thickness is not None and pet_thickness is not None else float("inf")
+        )
         return (-distance, s.count, s.latest_key)
 
     fitting.sort(key=rank, reverse=True)
     state.chosen["CT"] = best = fitting[0]
-    rule = (f"SliceThickness closest to the PET's {pet_thickness:g} mm, then most instances, then the latest"
-            if pet_thickness is not None else "most instances, then the latest")
+    rule = (
+        f"SliceThickness closest to the PET's {pet_thickness:g} mm, then most instances, then the latest"
+        if pet_thickness is not None
+        else "most instances, then the latest"
+    )
     for other in fitting[1:]:
         state.reasons[other.series_uid].append(f"{best.label()} is preferred (rule: {rule})")
 
@@ -366,8 +387,9 @@ def _choose_named(series: list[SeriesFacts], names: list[str], spec: InputSpec, 
             state.reasons[s.series_uid].extend(_misses(s, missed))
     for uid, matched in fits.items():
         if len(matched) > 1:
-            state.reasons[uid].append(f"fits channels {' and '.join(matched)}: their series_description patterns "
-                                      "must tell them apart")
+            state.reasons[uid].append(
+                f"fits channels {' and '.join(matched)}: their series_description patterns must tell them apart"
+            )
     for c in sorted(names, key=lambda c: c != grid):
         rule = spec.named(c)
         candidates = [s for s in series if fits.get(s.series_uid) == [c]]
@@ -378,15 +400,19 @@ def _choose_named(series: list[SeriesFacts], names: list[str], spec: InputSpec, 
             candidates = [s for s in candidates if not elsewhere[s.series_uid]]
         if not candidates:
             of_modality = [s for s in series if s.modality == rule.modality]
-            state.missing.append(_none_fits(c, of_modality, state.reasons) if of_modality
-                                 else f"no {rule.modality} series in the study for channel {c}")
+            state.missing.append(
+                _none_fits(c, of_modality, state.reasons)
+                if of_modality
+                else f"no {rule.modality} series in the study for channel {c}"
+            )
             continue
         candidates.sort(key=lambda s: (s.latest_key, s.count), reverse=True)
         state.chosen[c] = best = candidates[0]
         reference = reference or best
         for other in candidates[1:]:
-            state.reasons[other.series_uid].append(f"{best.label()} is preferred for channel {c} "
-                                                   "(rule: the latest, then the most instances)")
+            state.reasons[other.series_uid].append(
+                f"{best.label()} is preferred for channel {c} (rule: the latest, then the most instances)"
+            )
 
 
 def _verdicts(series: list[SeriesFacts], state: _Choosing) -> list[Verdict]:
@@ -399,8 +425,19 @@ def _verdicts(series: list[SeriesFacts], state: _Choosing) -> list[Verdict]:
             verdict_state, channel, why = WAITING, "PET", (state.waiting_reason[s.series_uid],)
         else:
             verdict_state, channel, why = IGNORED, None, tuple(state.reasons[s.series_uid]) or ("not chosen",)
-        verdicts.append(Verdict(s.series_uid, s.modality, s.series_number, s.description, s.count, verdict_state,
-                                channel, why, s.label()))
+        verdicts.append(
+            Verdict(
+                s.series_uid,
+                s.modality,
+                s.series_number,
+                s.description,
+                s.count,
+                verdict_state,
+                channel,
+                why,
+                s.label(),
+            )
+        )
     return verdicts
 
 
@@ -411,7 +448,9 @@ def applies_to(series: list[SeriesFacts], settings: ModelSettings) -> str | None
     if rule.modalities is not None:
         lacking = [m for m in rule.modalities if m not in present]
         if lacking:
-            return f"model {settings.name} applies to studies with {', '.join(rule.modalities)}: no {', '.join(lacking)}"
+            return (
+                f"model {settings.name} applies to studies with {', '.join(rule.modalities)}: no {', '.join(lacking)}"
+            )
     elif not present & set(settings.required_modalities):
         return f"model {settings.name} takes {', '.join(settings.required_modalities)}: none in the study"
     for keyword, patterns in rule.tags.items():

@@ -108,7 +108,7 @@ class Worker:
         except JobError as exc:
             state = fail(self.sessions, job.id, self.owner, str(exc), self.policy, retryable=exc.retryable)
             log.error("job %d study %s: %s (now %s)", job.id, job.study_uid, exc, state)
-        except Exception as exc:  # a bug or a torch error: keep the worker alive, keep the reason
+        except Exception as exc:  # noqa: BLE001 - a bug or a torch error: keep the worker alive, keep the reason
             log.error("job %d study %s: unexpected error\n%s", job.id, job.study_uid, traceback.format_exc())
             state = fail(self.sessions, job.id, self.owner, f"{type(exc).__name__}: {exc}", self.policy)
         else:
@@ -120,10 +120,11 @@ class Worker:
 
     def report_alive(self, every: float = 0.0) -> None:
         """The worker's row for `dicomnode status`: alive, and the models it holds."""
-        heartbeat(self.sessions, Role.WORKER, {"owner": self.owner, "models": sorted(self.models.loaded())}, every=every)
+        detail = {"owner": self.owner, "models": sorted(self.models.loaded())}
+        heartbeat(self.sessions, Role.WORKER, detail, every=every)
 
     def run_forever(self) -> None:
-        def _stop(signum, _frame):  # noqa: ANN001
+        def _stop(signum: int, _frame: object) -> None:
             self.request_stop(signal.Signals(signum).name)
 
         signal.signal(signal.SIGTERM, _stop)

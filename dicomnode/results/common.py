@@ -75,4 +75,6 @@ def write_dicom(ds: Dataset, path: Path | str) -> Path:
     disk leaves the whole file or none, never a truncated object to send."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_durably(path, lambda fh: ds.save_as(fh, enforce_file_format=True), path.with_name(f".{path.name}.partial"))
+    return write_durably(
+        path, lambda fh: ds.save_as(fh, enforce_file_format=True), path.with_name(f".{path.name}.partial")
+    )

@@ -25,8 +25,11 @@ from pydantic import TypeAdapter, ValidationError
 from dicomnode.config import Code, LabelCode, ModelSettings
 
 FILE_NAME = "label_codes.json"
-LESION = LabelCode(name="lesion", category=Code(value="49755003", scheme="SCT", meaning="Morphologically Abnormal Structure"),
-                   type=Code(value="108369006", scheme="SCT", meaning="Neoplasm"))
+LESION = LabelCode(
+    name="lesion",
+    category=Code(value="49755003", scheme="SCT", meaning="Morphologically Abnormal Structure"),
+    type=Code(value="108369006", scheme="SCT", meaning="Neoplasm"),
+)
 _TABLE = TypeAdapter(dict[int, LabelCode])
 
 
@@ -34,7 +37,9 @@ class LabelCodesError(ValueError):
     """Label codes cannot be read, or a label of the model has none; the message says which."""
 
 
-def label_codes(settings: ModelSettings, labels: Mapping[str, int], model_root: Path | None = None) -> dict[int, LabelCode]:
+def label_codes(
+    settings: ModelSettings, labels: Mapping[str, int], model_root: Path | None = None
+) -> dict[int, LabelCode]:
     """Codes for every non-background label of the model (`labels`: dataset.json's name -> value),
     by label value; `model_root` is the folder with dataset.json when it is not the configured path."""
     wanted = {value: name for name, value in labels.items() if isinstance(value, int) and value != 0}
@@ -46,8 +51,10 @@ def label_codes(settings: ModelSettings, labels: Mapping[str, int], model_root: 
         table = {value: LESION.model_copy(update={"name": name})}
     uncoded = [f"{value} ({name})" for value, name in sorted(wanted.items()) if value not in table]
     if uncoded:
-        raise LabelCodesError(f"model {settings.name}: no code for label{'s' if len(uncoded) > 1 else ''} "
-                              f"{', '.join(uncoded)} (config label_codes or the model folder's {FILE_NAME})")
+        raise LabelCodesError(
+            f"model {settings.name}: no code for label{'s' if len(uncoded) > 1 else ''} "
+            f"{', '.join(uncoded)} (config label_codes or the model folder's {FILE_NAME})"
+        )
     return {value: table[value] for value in sorted(wanted)}
 
 

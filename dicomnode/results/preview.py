@@ -144,14 +144,16 @@ def lesion_figures(pet_suv: np.ndarray, labels: np.ndarray | None, spacing_zyx: 
     )
 
 
-def _font(size: int = 14):
+def _font(size: int = 14) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)  # Pillow >= 10.1 with FreeType
     except TypeError:
         return ImageFont.load_default()
 
 
-def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+def _wrap(
+    draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont, width: int
+) -> list[str]:
     lines: list[str] = []
     for para in text.split("\n"):
         words = para.split(" ")
@@ -169,7 +171,9 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
 
 def display_window(pet_suv: np.ndarray, vmax: float | None = None) -> float:
     """The upper end of the grey scale render_mip uses for this PET: `vmax`, else suv_window of the MIP."""
-    return float(vmax) if vmax else suv_window(np.nan_to_num(np.asarray(pet_suv, dtype=np.float32), nan=0.0).max(axis=1))
+    if vmax:
+        return float(vmax)
+    return suv_window(np.nan_to_num(np.asarray(pet_suv, dtype=np.float32), nan=0.0).max(axis=1))
 
 
 def render_preview(

@@ -68,7 +68,9 @@ def build_seg(
         hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=code.name[:64],
-            segmented_property_category=hd.sr.CodedConcept(code.category.value, code.category.scheme, code.category.meaning),
+            segmented_property_category=hd.sr.CodedConcept(
+                code.category.value, code.category.scheme, code.category.meaning
+            ),
             segmented_property_type=hd.sr.CodedConcept(code.type.value, code.type.scheme, code.type.meaning),
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
@@ -114,8 +116,10 @@ def _segment_numbers(labels: np.ndarray, values: list[int]) -> np.ndarray:
     present = set(np.unique(labels).tolist()) - {0}
     unknown = sorted(present - set(values))
     if unknown:
-        raise ResultError(f"label value{'s' if len(unknown) > 1 else ''} {unknown} in the label map "
-                       f"ha{'ve' if len(unknown) > 1 else 's'} no segment (segments for {values})")
+        raise ResultError(
+            f"label value{'s' if len(unknown) > 1 else ''} {unknown} in the label map "
+            f"ha{'ve' if len(unknown) > 1 else 's'} no segment (segments for {values})"
+        )
     lookup = np.zeros(max([*values, *present]) + 1, dtype=np.uint8)
     lookup[values] = np.arange(1, len(values) + 1)
     return lookup[labels]

@@ -97,27 +97,76 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
     seg = None
     if OutputKind.SEG in kinds:
         if lesions:
-            seg = build_seg((findings.labels > 0).astype(np.uint8), images, **model, folds=list(algorithm.folds),
-                            series_number=numbers[OutputKind.SEG], series_description=f"{name} lesions (run {run})"[:64])
+            seg = build_seg(
+                (findings.labels > 0).astype(np.uint8),
+                images,
+                **model,
+                folds=list(algorithm.folds),
+                series_number=numbers[OutputKind.SEG],
+                series_description=f"{name} lesions (run {run})"[:64],
+            )
         else:
-            seg = build_seg(findings.labels, images, **model, folds=list(algorithm.folds), segments=findings.segments,
-                            series_number=numbers[OutputKind.SEG], series_description=f"{name} segments (run {run})"[:64])
+            seg = build_seg(
+                findings.labels,
+                images,
+                **model,
+                folds=list(algorithm.folds),
+                segments=findings.segments,
+                series_number=numbers[OutputKind.SEG],
+                series_description=f"{name} segments (run {run})"[:64],
+            )
         yield OutputKind.SEG, seg
     elif OutputKind.SR in kinds:
         seg = segread(out / RESULT_FILES[OutputKind.SEG])
     if OutputKind.SR in kinds and lesions:
-        yield OutputKind.SR, build_sr(findings.measures, findings.labels, seg, images, pet_header=source.pet_header,
-                                      **model, series_number=numbers[OutputKind.SR],
-                                      series_description=f"{name} PET measurements (run {run})"[:64])
+        yield (
+            OutputKind.SR,
+            build_sr(
+                findings.measures,
+                findings.labels,
+                seg,
+                images,
+                pet_header=source.pet_header,
+                **model,
+                series_number=numbers[OutputKind.SR],
+                series_description=f"{name} PET measurements (run {run})"[:64],
+            ),
+        )
     elif OutputKind.SR in kinds:
-        yield OutputKind.SR, build_segment_sr(findings.measures, seg, images, segment_codes=findings.segments, **model,
-                                              series_number=numbers[OutputKind.SR],
-                                              series_description=f"{name} volumes (run {run})"[:64])
+        yield (
+            OutputKind.SR,
+            build_segment_sr(
+                findings.measures,
+                seg,
+                images,
+                segment_codes=findings.segments,
+                **model,
+                series_number=numbers[OutputKind.SR],
+                series_description=f"{name} volumes (run {run})"[:64],
+            ),
+        )
     if OutputKind.RTSTRUCT in kinds:
-        yield OutputKind.RTSTRUCT, build_rtstruct(findings.labels, images, **model,
-                                                  series_number=numbers[OutputKind.RTSTRUCT],
-                                                  series_description=f"{name} lesion contours (run {run})"[:64])
+        yield (
+            OutputKind.RTSTRUCT,
+            build_rtstruct(
+                findings.labels,
+                images,
+                **model,
+                series_number=numbers[OutputKind.RTSTRUCT],
+                series_description=f"{name} lesion contours (run {run})"[:64],
+            ),
+        )
     if OutputKind.SC in kinds:
-        yield OutputKind.SC, build_sc(source.suv, findings.labels, findings.measures, images, source.spacing, **model,
-                                      series_number=numbers[OutputKind.SC],
-                                      series_description=f"{name} PET MIP (run {run})"[:64])
+        yield (
+            OutputKind.SC,
+            build_sc(
+                source.suv,
+                findings.labels,
+                findings.measures,
+                images,
+                source.spacing,
+                **model,
+                series_number=numbers[OutputKind.SC],
+                series_description=f"{name} PET MIP (run {run})"[:64],
+            ),
+        )

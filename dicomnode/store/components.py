@@ -45,12 +45,12 @@ def heartbeat(sessions: sessionmaker, component: Role, detail: dict | None = Non
     now = utcnow()
     host, pid = socket.gethostname(), os.getpid()
     with sessions.begin() as session:
-        row = session.scalar(select(Component).where(Component.name == component, Component.host == host, Component.pid == pid))
+        row = session.scalar(
+            select(Component).where(Component.name == component, Component.host == host, Component.pid == pid)
+        )
         if row is None:
             row = Component(name=Role(component).value, host=host, pid=pid, started_at=now, detail="{}")
             session.add(row)
         row.last_seen_at = now
         if detail is not None:
             row.detail = json.dumps(detail)
-
-

@@ -34,8 +34,13 @@ def record_instance(sessions: sessionmaker, item: ReceivedInstance, now: datetim
         if study is None:
             study = Study(study_uid=item.study_uid, first_received_at=now, last_received_at=now, instances_received=0)
             session.add(study)
-            log_event(session, EventKind.STUDY_RECEIVED, f"first instance from {item.calling_aet}", study_uid=item.study_uid,
-                      at=now)
+            log_event(
+                session,
+                EventKind.STUDY_RECEIVED,
+                f"first instance from {item.calling_aet}",
+                study_uid=item.study_uid,
+                at=now,
+            )
         study.last_received_at = now
         study.instances_received += 1
         series = session.get(Series, item.series_uid)
@@ -85,8 +90,7 @@ def series_of_study(session: Session, study_uid: str) -> list[SeriesSummary]:
         .order_by(Series.series_number, Series.series_uid)
     ).all()
     return [
-        SeriesSummary(s.series_uid, s.modality, s.series_number, s.description, n, s.last_received_at)
-        for s, n in rows
+        SeriesSummary(s.series_uid, s.modality, s.series_number, s.description, n, s.last_received_at) for s, n in rows
     ]
 
 

@@ -91,8 +91,12 @@ def purge(config: Config, sessions: sessionmaker, done: Done) -> int:
         shutil.rmtree(results / f"job-{job_id}", ignore_errors=True)
     _remove_empty_folders(results, config.results_dir)
     with sessions.begin() as session:
-        session.execute(delete(Instance).where(Instance.study_uid == done.study_uid, Instance.received_at <= done.queued_at))
-        log_event(session, EventKind.PURGED, f"{len(paths)} instances {_what_went(config, done)}", study_uid=done.study_uid)
+        session.execute(
+            delete(Instance).where(Instance.study_uid == done.study_uid, Instance.received_at <= done.queued_at)
+        )
+        log_event(
+            session, EventKind.PURGED, f"{len(paths)} instances {_what_went(config, done)}", study_uid=done.study_uid
+        )
     return len(paths)
 
 
@@ -113,4 +117,3 @@ def sweep(config: Config, sessions: sessionmaker, now: datetime | None = None) -
         log.info("study %s: %d instances %s (retention)", done.study_uid, count, _what_went(config, done))
         purged.append(done.study_uid)
     return purged
-

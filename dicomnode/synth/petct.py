@@ -287,7 +287,8 @@ def image_dataset(
     return ds
 
 
-def ct_slice(study, frame_of_reference_uid, series_uid, grid, k, hu, ct_start=CT_START) -> Dataset:
+def ct_slice(study: Dataset, frame_of_reference_uid: str, series_uid: str, grid: ph.Grid, k: int, hu: np.ndarray,
+             ct_start: datetime = CT_START) -> Dataset:
     ds = image_dataset(study, frame_of_reference_uid, series_uid, grid, k, hu)
     ds.SOPClassUID = CTImageStorage
     ds.Modality = "CT"
@@ -314,7 +315,8 @@ def ct_slice(study, frame_of_reference_uid, series_uid, grid, k, hu, ct_start=CT
     return ds
 
 
-def _pt_slice(study, frame_of_reference_uid, series_uid, grid, k, values, variant="bqml", times=None) -> Dataset:
+def _pt_slice(study: Dataset, frame_of_reference_uid: str, series_uid: str, grid: ph.Grid, k: int, values: np.ndarray,
+              variant: str = "bqml", times: _Times | None = None) -> Dataset:
     """One PET slice; `values` are the rescaled pixel values (Bq/ml, or counts for philips-cnts)."""
     times = times or _times(variant)
     ds = image_dataset(study, frame_of_reference_uid, series_uid, grid, k, values)

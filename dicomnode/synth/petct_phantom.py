@@ -8,6 +8,7 @@ by the script that trains the demo model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,7 +96,8 @@ def random_phantom(seed: int, n_lesions: int | None = None) -> Phantom:
     return Phantom(seed=seed, lesions=tuple(lesions))
 
 
-def _ellipsoid(zz, yy, xx, centre, semi_axes) -> np.ndarray:
+def _ellipsoid(zz: np.ndarray, yy: np.ndarray, xx: np.ndarray, centre: Sequence[float],
+               semi_axes: Sequence[float]) -> np.ndarray:
     (cx, cy, cz), (ax, ay, az) = centre, semi_axes
     return ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 + ((zz - cz) / az) ** 2 <= 1.0
 

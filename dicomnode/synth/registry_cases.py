@@ -10,6 +10,7 @@ Pure numpy/scipy, no DICOM: the DICOM side writes series from these arrays.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,7 +68,7 @@ class _Space:
         z, y, x = grid.axes_mm()
         self.zz, self.yy, self.xx = np.meshgrid(z, y, x, indexing="ij")
 
-    def radius(self, centre, semi_axes, angle_deg: float = 0.0) -> np.ndarray:
+    def radius(self, centre: Sequence[float], semi_axes: Sequence[float], angle_deg: float = 0.0) -> np.ndarray:
         """Normalised ellipsoid radius (1 on the surface), the ellipsoid turned about z."""
         (cx, cy, cz), (ax, ay, az) = centre, semi_axes
         t = np.deg2rad(angle_deg)
@@ -75,7 +76,7 @@ class _Space:
         u, v = dx * np.cos(t) + dy * np.sin(t), -dx * np.sin(t) + dy * np.cos(t)
         return np.sqrt((u / ax) ** 2 + (v / ay) ** 2 + ((self.zz - cz) / az) ** 2)
 
-    def ellipsoid(self, centre, semi_axes, angle_deg: float = 0.0) -> np.ndarray:
+    def ellipsoid(self, centre: Sequence[float], semi_axes: Sequence[float], angle_deg: float = 0.0) -> np.ndarray:
         return self.radius(centre, semi_axes, angle_deg) <= 1.0
 
     def smooth_field(self, sigma_mm: float, amplitude: float) -> np.ndarray:
@@ -88,11 +89,12 @@ class _Space:
         return self.rng.normal(0.0, sd, self.grid.shape).astype(np.float32)
 
 
-def _jitter(rng: np.random.Generator, centre, mm: float) -> tuple[float, float, float]:
+def _jitter(rng: np.random.Generator, centre: Sequence[float], mm: float) -> tuple[float, float, float]:
     return tuple(float(c + rng.uniform(-mm, mm)) for c in centre)
 
 
-def _scaled(rng: np.random.Generator, semi_axes, low: float = 0.85, high: float = 1.15):
+def _scaled(rng: np.random.Generator, semi_axes: Sequence[float], low: float = 0.85,
+            high: float = 1.15) -> tuple[float, ...]:
     s = rng.uniform(low, high)
     return tuple(float(a * s * rng.uniform(0.93, 1.07)) for a in semi_axes)
 
@@ -138,7 +140,8 @@ def glioma_case(seed: int) -> Case:
 
 
 # --------------------------------------------------------------------------- CT helpers
-def _torso(sp: _Space, semi_axes=(105.0, 75.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _torso(sp: _Space, semi_axes: tuple[float, float] = (105.0, 75.0)) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                                np.ndarray]:
     """(body, subcutaneous fat, muscle wall, spine) masks of an elliptic torso along z."""
     ax, ay = semi_axes
     body = (sp.xx / ax) ** 2 + (sp.yy / ay) ** 2 <= 1.0

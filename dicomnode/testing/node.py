@@ -41,11 +41,18 @@ class RunningNode:
                               capture_output=True, text=True, timeout=60, check=True)
 
 
-def start_node(config_path: Path, port: int, log_path: Path, timeout: float = 60.0, extra_args: tuple[str, ...] = ()) -> RunningNode:
+def start_node(
+    config_path: Path, port: int, log_path: Path, timeout: float = 60.0, extra_args: tuple[str, ...] = ()
+) -> RunningNode:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TCP_NODELAY": "1"}
     log = open(log_path, "ab")
-    process = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config", str(config_path), *extra_args],
-                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=config_path.parent)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode", "serve", "--config", str(config_path), *extra_args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=config_path.parent,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -61,11 +68,17 @@ def start_node(config_path: Path, port: int, log_path: Path, timeout: float = 60
 
 def seg_on_source_grid(seg_path: Path, source_paths: list[Path]) -> np.ndarray:
     """The SEG's first segment as a (z, y, x) mask on the source series, slices by position."""
-    sources = sorted((dcmread(p, stop_before_pixels=True) for p in source_paths), key=lambda d: float(d.ImagePositionPatient[2]))
+    sources = sorted(
+        (dcmread(p, stop_before_pixels=True) for p in source_paths), key=lambda d: float(d.ImagePositionPatient[2])
+    )
     seg = hd.seg.segread(seg_path)
     uids = [str(d.SOPInstanceUID) for d in sources]
-    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1], ignore_spatial_locations=True,
-                                               assert_missing_frames_are_empty=True)
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids,
+        segment_numbers=[1],
+        ignore_spatial_locations=True,
+        assert_missing_frames_are_empty=True,
+    )
     return pixels[..., 0].astype(bool)
 
 

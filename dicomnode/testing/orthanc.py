@@ -217,7 +217,7 @@ class LocalOrthanc:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def __repr__(self) -> str:
@@ -262,16 +262,16 @@ class LocalOrthanc:
         except ValueError:
             return payload.decode(errors="replace")
 
-    def get(self, path: str, **kw) -> Any:
+    def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw)
 
-    def post(self, path: str, body=None, **kw) -> Any:
+    def post(self, path: str, body: Any = None, **kw: Any) -> Any:
         return self.request("POST", path, b"" if body is None else body, **kw)
 
-    def put(self, path: str, body=None, **kw) -> Any:
+    def put(self, path: str, body: Any = None, **kw: Any) -> Any:
         return self.request("PUT", path, b"" if body is None else body, **kw)
 
-    def delete(self, path: str, **kw) -> Any:
+    def delete(self, path: str, **kw: Any) -> Any:
         return self.request("DELETE", path, **kw)
 
     # ------------------------------------------------------------------ PACS operations

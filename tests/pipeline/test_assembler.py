@@ -1,0 +1,135 @@
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicomnode.pipeline import assembler
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.index import ReceivedInstance, record_instance, series_of_study
+from dicomnode.store.tables import Event, Job, utcnow
+
+from support.nodeutil import node_config, tiny_instance
+
+
+def _tiny_series(
+    folder: Path, study: str, series: str, modality: str, frame_of_reference: str, count: int = 4
+) -> list[Path]:
+    """Tiny CT or PET instances with the headers series selection looks at."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        ds = tiny_instance(study, series, i, modality)
+        ds.FrameOfReferenceUID = frame_of_reference
+        if modality == "CT":
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        else:
+            ds.ImageType = ["ORIGINAL", "PRIMARY"]
+            ds.CorrectedImage = ["ATTN", "DECY"]
+            ds.SeriesType = ["WHOLE BODY", "IMAGE"]
+            ds.NumberOfSlices = count
+        path = folder / f"{series}-{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _receive(sessions, paths, at):
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        record_instance(
+            sessions,
+            ReceivedInstance(
+                ds.StudyInstanceUID,
+                ds.SeriesInstanceUID,
+                ds.SOPInstanceUID,
+                ds.SOPClassUID,
+                "1.2.840.10008.1.2.1",
+                ds.Modality,
+                int(ds.SeriesNumber),
+                "",
+                str(path),
+                "SCU",
+            ),
+            now=at,
+        )
+
+
+def _setup(tmp_path: Path):
+    config = node_config(tmp_path, node="study_quiet_seconds = 60")
+    return config, make_sessionmaker(config.database_url)
+
+
+def test_quiet_complete_study_becomes_one_job(tmp_path: Path):
+    config, sessions = _setup(tmp_path)
+    t0 = utcnow() - timedelta(seconds=300)
+    frame = generate_uid()
+    _receive(sessions, _tiny_series(tmp_path / "in", "1.9", "1.9.1", "CT", frame), t0)
+    _receive(sessions, _tiny_series(tmp_path / "in", "1.9", "1.9.2", "PT", frame), t0)
+    assert assembler.sweep(sessions, config, now=t0 + timedelta(seconds=30)) == []  # still within quiet time
+    created = assembler.sweep(sessions, config, now=t0 + timedelta(seconds=61))
+    assert len(created) == 1
+    assert assembler.sweep(sessions, config, now=t0 + timedelta(seconds=120)) == []  # no duplicate
+    with sessions() as session:
+        job = session.get(Job, created[0])
+        assert (job.study_uid, job.model, job.run_number) == ("1.9", "demo-petct", 1)
+        assert [s.modality for s in series_of_study(session, "1.9")] == ["CT", "PT"]
+        verdicts = list(
+            session.scalars(select(Event.message).where(Event.job_id == job.id, Event.kind == "series-verdict"))
+        )
+    assert [v.split(" [")[0] for v in verdicts] == [
+        "CT #1, 4 instances: used for channel CT",
+        "PT #2, 4 instances: used for channel PET",
+    ]
+
+
+def test_late_arrival_retriggers_a_new_run(tmp_path: Path):
+    config, sessions = _setup(tmp_path)
+    t0 = utcnow() - timedelta(seconds=300)
+    frame = generate_uid()
+    _receive(sessions, _tiny_series(tmp_path / "in", "1.9", "1.9.1", "CT", frame), t0)
+    _receive(sessions, _tiny_series(tmp_path / "in", "1.9", "1.9.2", "PT", frame), t0)
+    [first] = assembler.sweep(sessions, config, now=t0 + timedelta(seconds=61))
+    with sessions.begin() as session:
+        session.get(Job, first).state = "succeeded"
+    late = utcnow() + timedelta(seconds=1)
+    _receive(sessions, _tiny_series(tmp_path / "in", "1.9", "1.9.3", "CT", frame), late)  # a second CT
+    assert assembler.sweep(sessions, config, now=late + timedelta(seconds=10)) == []  # not quiet yet
+    [second] = assembler.sweep(sessions, config, now=late + timedelta(seconds=61))
+    with sessions() as session:
+        assert session.get(Job, second).run_number == 2
+
+
+def test_incomplete_study_is_explained_once(tmp_path: Path):
+    config, sessions = _setup(tmp_path)
+    t0 = utcnow() - timedelta(seconds=300)
+    _receive(sessions, _tiny_series(tmp_path / "in", "1.8", "1.8.1", "CT", generate_uid()), t0)
+    assert assembler.sweep(sessions, config, now=t0 + timedelta(seconds=61)) == []
+    assert assembler.sweep(sessions, config, now=t0 + timedelta(seconds=90)) == []
+    with sessions() as session:
+        messages = list(session.scalars(select(Event.message).where(Event.kind == "incomplete")))
+    assert messages == ["model demo-petct needs PT: not present"]
+
+
+def test_inconsistent_late_instance_holds_the_new_run_back(tmp_path: Path):
+    """A PET instance beyond NumberOfSlices makes the PET unusable: no run 2, and the reason is said."""
+    config, sessions = _setup(tmp_path)
+    t0 = utcnow() - timedelta(seconds=300)
+    frame = generate_uid()
+    _receive(sessions, _tiny_series(tmp_path / "in", "1.7", "1.7.1", "CT", frame), t0)
+    pet = _tiny_series(tmp_path / "in", "1.7", "1.7.2", "PT", frame)
+    _receive(sessions, pet, t0)
+    [first] = assembler.sweep(sessions, config, now=t0 + timedelta(seconds=61))
+    with sessions.begin() as session:
+        session.get(Job, first).state = "succeeded"
+    extra = tiny_instance("1.7", "1.7.2", 9, "PT")
+    extra.FrameOfReferenceUID = frame
+    extra.save_as(tmp_path / "extra.dcm", enforce_file_format=True)
+    late = utcnow() + timedelta(seconds=1)
+    _receive(sessions, [tmp_path / "extra.dcm"], late)
+    assert assembler.sweep(sessions, config, now=late + timedelta(seconds=61)) == []
+    with sessions() as session:
+        [message] = session.scalars(select(Event.message).where(Event.kind == "incomplete"))
+    assert message.startswith("model demo-petct: no PET series fits the model's PET input spec (PT #2, 5 instances: ")
+    assert "5 instances but NumberOfSlices is 4" in message
