@@ -370,6 +370,7 @@ def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOpti
     """One job: its deliveries and its timeline (each step with the time since the one before and
     since the study's first instance), and the error text."""
     from dicomnode.ops.history import job_detail
+    from dicomnode.store.tables import DeliveryState
 
     job = job_detail(_sessions(_config(config)), job_id)
     if _shown_as_json(job, f"no job {job_id}", as_json):
@@ -391,7 +392,7 @@ def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOpti
                         d.file,
                         d.state,
                         f"{d.attempts}/{d.max_attempts}",
-                        _when(d.not_before) if d.state == "pending" else "",
+                        _when(d.not_before) if d.state == DeliveryState.PENDING else "",
                         d.last_error or "",
                     )
                     for d in job.deliveries

@@ -19,6 +19,7 @@ import time
 from datetime import datetime, timezone
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
 from dicomnode.net.receiver import Receiver
@@ -75,14 +76,14 @@ class WorkerSupervisor:
                 self.process.wait()
 
 
-def sweep(config: Config, sessions) -> None:  # noqa: ANN001
+def periodic_sweep(sessions: sessionmaker, config: Config) -> None:
     started = time.monotonic()
     try:
         heartbeat(sessions, Role.RECEIVER)  # for `dicomnode status`: this process is alive
         expired = queue.requeue_expired(sessions)
         if expired:
             log.warning("re-queued jobs %s whose lease expired", expired)
-        assembler.sweep(sessions, config)
+        assembler.queue_ready_studies(sessions, config)
     except Exception:
         log.exception("sweep failed; will try again at the next one")
     took = time.monotonic() - started
@@ -96,7 +97,7 @@ def sweep(config: Config, sessions) -> None:  # noqa: ANN001
 
 class _SkippedRunsFilter(logging.Filter):
     """Drops APScheduler's "skipped: maximum number of running instances reached", logged once per
-    interval while a sweep runs long; `sweep` logs one line with the time it took instead."""
+    interval while a sweep runs long; `periodic_sweep` logs one line with the time it took instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "maximum number of running instances reached" not in record.getMessage()
@@ -108,9 +109,9 @@ _SKIPPED_RUNS = _SkippedRunsFilter()  # one instance: adding it again (a second 
 RETENTION_SWEEP_SECONDS = 600.0
 
 
-def retention_sweep(config: Config, sessions) -> None:  # noqa: ANN001
+def periodic_retention(sessions: sessionmaker, config: Config) -> None:
     try:
-        retention.sweep(config, sessions)
+        retention.purge_due(sessions, config)
     except Exception:
         log.exception("retention sweep failed; will try again at the next one")
 
@@ -144,26 +145,26 @@ def serve(config: Config, with_worker: bool = True) -> None:
     scheduler = BackgroundScheduler(timezone="UTC")
     logging.getLogger("apscheduler.scheduler").addFilter(_SKIPPED_RUNS)
     scheduler.add_job(
-        sweep,
+        periodic_sweep,
         "interval",
         seconds=config.node.sweep_seconds,
-        args=(config, sessions),
+        args=(sessions, config),
         id="sweep",
         max_instances=1,
         coalesce=True,
     )
     scheduler.add_job(
-        retention_sweep,
+        periodic_retention,
         "interval",
         seconds=RETENTION_SWEEP_SECONDS,
-        args=(config, sessions),
+        args=(sessions, config),
         id="retention",
         max_instances=1,
         coalesce=True,
         next_run_time=datetime.now(timezone.utc),
     )
     scheduler.start()
-    sweep(config, sessions)  # restart recovery: expired leases now, not after the first interval
+    periodic_sweep(sessions, config)  # restart recovery: expired leases now, not after the first interval
     supervisor = WorkerSupervisor(config) if with_worker else None
     if supervisor:
         supervisor.start()

@@ -108,7 +108,7 @@ def test_a_sweep_longer_than_its_interval_is_logged_once_with_its_time(tmp_path:
     config = node_config(tmp_path, node="sweep_seconds = 0.000001")
     sessions = make_sessionmaker(config.database_url)
     with caplog.at_level(logging.WARNING, logger="dicomnode.service"):
-        service.sweep(config, sessions)
+        service.periodic_sweep(sessions, config)
     [line] = [r.getMessage() for r in caplog.records if r.name == "dicomnode.service"]
     assert line.startswith("sweep took ") and "longer than sweep_seconds = 1e-06" in line
 

@@ -39,7 +39,7 @@ def missing_modalities(series: list[SeriesFacts], model: ModelSettings) -> list[
     return [m for m in model.required_modalities if m not in present]
 
 
-def sweep(sessions: sessionmaker, config: Config, now: datetime | None = None) -> list[int]:
+def queue_ready_studies(sessions: sessionmaker, config: Config, now: datetime | None = None) -> list[int]:
     """Queue a job for every quiet, complete study that needs one; return the new job ids. A study
     that cannot be assembled (a bug, a database error) is that study's problem: it is said once per
     arrival as an "assembly-failed" event and the sweep goes on with the next study."""

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Sequence
 
 from sqlalchemy import select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import NodeSettings
 from dicomnode.store.events import EventKind, log_event
@@ -140,12 +140,18 @@ def renew_lease(sessions: sessionmaker, job_id: int, owner: str, lease: timedelt
 def succeed(sessions: sessionmaker, job_id: int, owner: str, message: str = "") -> bool:
     now = utcnow()
     with sessions.begin() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
+        job = _held(session, job_id, owner)
+        if job is None:
             return False
         job.state, job.finished_at, job.lease_owner, job.lease_expires_at = JobState.SUCCEEDED, now, None, None
         log_event(session, EventKind.SUCCEEDED, message, study_uid=job.study_uid, job_id=job.id, at=now)
         return True
+
+
+def _held(session: Session, job_id: int, owner: str) -> Job | None:
+    """The job when it is running under `owner`'s lease, else None (another worker, or done)."""
+    job = session.get(Job, job_id)
+    return job if job is not None and job.state == JobState.RUNNING and job.lease_owner == owner else None
 
 
 def fail(
@@ -154,9 +160,10 @@ def fail(
     """Record a failed attempt: back to queued after a backoff, or failed for good. Returns the new state."""
     now = utcnow()
     with sessions.begin() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
-            return job.state if job else "missing"
+        job = _held(session, job_id, owner)
+        if job is None:
+            current = session.get(Job, job_id)
+            return current.state if current else "missing"
         job.error = error
         job.lease_owner, job.lease_expires_at = None, None
         if retryable and job.attempts < job.max_attempts:
@@ -224,8 +231,8 @@ def defer(sessions: sessionmaker, job_id: int, owner: str, not_before: datetime,
     deliveries wait for their backoff (they count their own attempts)."""
     now = utcnow()
     with sessions.begin() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
+        job = _held(session, job_id, owner)
+        if job is None:
             return False
         job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
         job.not_before, job.error = max(not_before, now), reason
@@ -245,8 +252,8 @@ def release(sessions: sessionmaker, job_id: int, owner: str, reason: str) -> boo
     """Give a running job back to the queue without counting the attempt (shutdown)."""
     now = utcnow()
     with sessions.begin() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.state != JobState.RUNNING or job.lease_owner != owner:
+        job = _held(session, job_id, owner)
+        if job is None:
             return False
         job.state, job.lease_owner, job.lease_expires_at, job.not_before = JobState.QUEUED, None, None, now
         job.attempts = max(job.attempts - 1, 0)

@@ -76,7 +76,7 @@ def _remove_empty_folders(folder: Path, stop: Path) -> None:
         folder = folder.parent
 
 
-def purge(config: Config, sessions: sessionmaker, done: Done) -> int:
+def purge(sessions: sessionmaker, config: Config, done: Done) -> int:
     """Remove a done study's instances (files, then rows) and its jobs' result folders; return
     how many instances went."""
     with sessions() as session:
@@ -107,13 +107,13 @@ def _what_went(config: Config, done: Done) -> str:
     return f"and the results of jobs {', '.join(map(str, done.job_ids))} removed {hours} after the last job succeeded"
 
 
-def sweep(config: Config, sessions: sessionmaker, now: datetime | None = None) -> list[str]:
+def purge_due(sessions: sessionmaker, config: Config, now: datetime | None = None) -> list[str]:
     """Purge every study that is due; return their UIDs. Off when retention_hours is 0."""
     if config.node.retention_hours <= 0:
         return []
     purged = []
     for done in due(sessions, timedelta(hours=config.node.retention_hours), now):
-        count = purge(config, sessions, done)
+        count = purge(sessions, config, done)
         log.info("study %s: %d instances %s (retention)", done.study_uid, count, _what_went(config, done))
         purged.append(done.study_uid)
     return purged

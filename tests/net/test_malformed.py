@@ -112,7 +112,7 @@ def test_an_unreadable_instance_costs_only_its_series_a_verdict(tmp_path: Path):
         t0,
     )
 
-    created = assembler.sweep(sessions, config, now=t0 + timedelta(seconds=61))
+    created = assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=61))
 
     with sessions() as session:
         queued = {session.get(Job, j).study_uid for j in created}
@@ -150,8 +150,8 @@ def test_a_study_that_cannot_be_checked_does_not_stop_the_others(tmp_path: Path,
 
     monkeypatch.setattr(assembler, "series_from_index", failing)
     with caplog.at_level(logging.ERROR, logger="dicomnode.assembler"):
-        [first] = assembler.sweep(sessions, config, now=t0 + timedelta(seconds=61))
-        assert assembler.sweep(sessions, config, now=t0 + timedelta(seconds=62)) == []
+        [first] = assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=61))
+        assert assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=62)) == []
     with sessions() as session:
         assert session.get(Job, first).study_uid == valid
         events = list(

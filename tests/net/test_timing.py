@@ -67,15 +67,16 @@ def test_two_associations_within_the_quiet_time_make_one_job(node, small_study):
     uid, ct_files, pt_files = small_study
     _send(config, ct_files)
     ct_done = _last_received(sessions, uid)
-    assert assembler.sweep(sessions, config, now=ct_done + timedelta(seconds=0.5)) == []  # not quiet; no PET either
+    # not quiet; no PET either
+    assert assembler.queue_ready_studies(sessions, config, now=ct_done + timedelta(seconds=0.5)) == []
     time.sleep(PAUSE_S)
     _send(config, pt_files)
     pet_done = _last_received(sessions, uid)
     assert pet_done - ct_done >= timedelta(seconds=PAUSE_S)
     # The quiet time counts from the last instance of the second association.
-    assert assembler.sweep(sessions, config, now=pet_done + timedelta(seconds=QUIET_S - 0.5)) == []
-    [job_id] = assembler.sweep(sessions, config, now=pet_done + timedelta(seconds=QUIET_S + 0.1))
-    assert assembler.sweep(sessions, config, now=pet_done + timedelta(seconds=QUIET_S + 30)) == []
+    assert assembler.queue_ready_studies(sessions, config, now=pet_done + timedelta(seconds=QUIET_S - 0.5)) == []
+    [job_id] = assembler.queue_ready_studies(sessions, config, now=pet_done + timedelta(seconds=QUIET_S + 0.1))
+    assert assembler.queue_ready_studies(sessions, config, now=pet_done + timedelta(seconds=QUIET_S + 30)) == []
     [job] = _jobs(sessions, uid)
     assert job.id == job_id and job.run_number == 1
     with sessions() as session:
@@ -94,7 +95,7 @@ def test_a_sweeper_running_throughout_queues_one_job(node, small_study):
 
     def sweeper():
         while not stop.is_set():
-            created.extend(assembler.sweep(sessions, config))
+            created.extend(assembler.queue_ready_studies(sessions, config))
             stop.wait(0.25)
 
     thread = threading.Thread(target=sweeper, daemon=True)

@@ -117,3 +117,86 @@ def test_pet_missing_slices_is_reported_as_waiting(scanner_study, tmp_path: Path
     [pet] = [s for s in study["series"] if s["modality"] == "PT"]
     assert pet["state"] == "waiting" and "40 of 64 instances" in pet["verdict"]
     assert study["node_would"] == "hold the study back"
+
+
+# --- inspect and the worker share the code that chooses series and computes the SUV factor ------
+
+
+def test_inspect_and_the_worker_choose_the_same_series_on_a_grid_that_is_not_the_first_channel(tmp_path: Path):
+    """The glioma stand-in's grid is T1CE, not its first channel FLAIR. A second FLAIR, acquired
+    later but in another frame of reference, is the latest FLAIR; only on the T1CE grid is it
+    refused (the named channels must share the grid's frame of reference). The worker's path
+    (the index, a queued job) and inspect (the folder) must choose the same four series."""
+    from pydicom.uid import generate_uid
+    from test_config import MR_MODEL
+
+    from dicomnode.config import load_config
+    from dicomnode.ops.inspect import inspect_path
+    from dicomnode.pipeline.inputs import select_series
+    from dicomnode.pipeline.queue import RetryPolicy, enqueue
+    from dicomnode.store.engine import make_sessionmaker
+    from dicomnode.store.tables import Job
+    from dicomnode.synth.registry import write_registry_study
+
+    from support.selectionutil import copy_series, index_files
+
+    study = write_registry_study(tmp_path / "glioma", "glioma", seed=1001)
+    flair = study.channel_series["FLAIR"]
+    other_frame = generate_uid()
+
+    def elsewhere_and_later(_k, ds):  # noqa: ANN001, ANN202
+        ds.FrameOfReferenceUID = other_frame
+        ds.SeriesTime = "235959"
+
+    copy_series(study.files[flair], study.root / "FLAIR2", elsewhere_and_later, series_number=99,
+                description=f"{flair} repeat")
+    config = load_config(write_config(tmp_path, extra=MR_MODEL.replace('label_codes = "codes.json"\n', "")))
+    settings = config.models[0]
+    assert settings.grid == "T1CE" and settings.channels[0] == "FLAIR"
+
+    [report] = inspect_path(study.root, settings).studies
+    sessions = make_sessionmaker(config.database_url)
+    index_files(sessions, sorted(p for p in study.root.rglob("*.dcm")))
+    job_id = enqueue(sessions, study.study_instance_uid, settings.name, RetryPolicy(), "test")
+    with sessions() as session:
+        job = session.get(Job, job_id)
+    worker = select_series(sessions, job, settings)
+
+    chosen_by_inspect = {c: s.series_uid for c, s in report.selection.chosen.items()}
+    chosen_by_worker = {c: s.series_uid for c, s in worker.chosen.items()}
+    assert worker.ready and report.ready, (worker.problem, report.selection.problem)
+    assert chosen_by_inspect == chosen_by_worker
+    assert chosen_by_worker["FLAIR"] == study.series[flair]  # the repeat is in another frame of reference
+
+
+def test_inspect_shows_the_suv_factor_the_worker_applies_when_acquisition_time_is_odd(tmp_path: Path, synth_study):
+    """PET slices whose AcquisitionDateTime is the scan start but whose AcquisitionTime is not, a
+    series post-processed after the scan (SeriesTime later) and no FrameReferenceTime: the scan
+    start is the earliest acquisition, taken from AcquisitionDateTime. The factor inspect reports
+    must be the one the worker's input volumes carry."""
+    import pydicom
+
+    from dicomnode.imaging.volumes import load_series
+    from dicomnode.ops.inspect import suv_summary
+    from dicomnode.pipeline.inputs import assemble_inputs
+
+    folder = tmp_path / "study"
+    shutil.copytree(synth_study.ct_dir, folder / "CT")
+    shutil.copytree(synth_study.pt_dir, folder / "PT")
+    pet_files = sorted((folder / "PT").glob("*.dcm"))
+    for path in pet_files:
+        ds = pydicom.dcmread(path)
+        start = f"{ds.AcquisitionDate}{ds.AcquisitionTime}"
+        ds.AcquisitionDateTime = start
+        ds.AcquisitionTime = f"{int(str(ds.AcquisitionTime)[:2]):02d}2000"  # odd: 20 minutes past the hour
+        ds.SeriesTime = f"{int(str(ds.SeriesTime)[:2]):02d}2500"  # post-processed 25 minutes past the hour
+        del ds.FrameReferenceTime
+        ds.save_as(path, enforce_file_format=True)
+
+    summary, problem = suv_summary(pet_files)
+    assert problem is None
+    assert summary["attributes"]["DecayReferenceFrom"] == "earliest AcquisitionDate/Time (series after acquisition)"
+    inputs = assemble_inputs({"CT": sorted((folder / "CT").glob("*.dcm")), "PET": pet_files}, ["CT", "PET"], "PET")
+    stored = load_series(pet_files)
+    hot = np.unravel_index(np.argmax(stored.array), stored.array.shape)
+    assert inputs.suv[hot] == pytest.approx(stored.array[hot] * summary["factor"], rel=1e-5)

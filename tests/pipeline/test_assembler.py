@@ -67,10 +67,11 @@ def test_quiet_complete_study_becomes_one_job(tmp_path: Path):
     frame = generate_uid()
     _receive(sessions, _tiny_series(tmp_path / "in", "1.9", "1.9.1", "CT", frame), t0)
     _receive(sessions, _tiny_series(tmp_path / "in", "1.9", "1.9.2", "PT", frame), t0)
-    assert assembler.sweep(sessions, config, now=t0 + timedelta(seconds=30)) == []  # still within quiet time
-    created = assembler.sweep(sessions, config, now=t0 + timedelta(seconds=61))
+    # still within quiet time
+    assert assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=30)) == []
+    created = assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=61))
     assert len(created) == 1
-    assert assembler.sweep(sessions, config, now=t0 + timedelta(seconds=120)) == []  # no duplicate
+    assert assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=120)) == []  # no duplicate
     with sessions() as session:
         job = session.get(Job, created[0])
         assert (job.study_uid, job.model, job.run_number) == ("1.9", "demo-petct", 1)
@@ -90,13 +91,13 @@ def test_late_arrival_retriggers_a_new_run(tmp_path: Path):
     frame = generate_uid()
     _receive(sessions, _tiny_series(tmp_path / "in", "1.9", "1.9.1", "CT", frame), t0)
     _receive(sessions, _tiny_series(tmp_path / "in", "1.9", "1.9.2", "PT", frame), t0)
-    [first] = assembler.sweep(sessions, config, now=t0 + timedelta(seconds=61))
+    [first] = assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=61))
     with sessions.begin() as session:
         session.get(Job, first).state = "succeeded"
     late = utcnow() + timedelta(seconds=1)
     _receive(sessions, _tiny_series(tmp_path / "in", "1.9", "1.9.3", "CT", frame), late)  # a second CT
-    assert assembler.sweep(sessions, config, now=late + timedelta(seconds=10)) == []  # not quiet yet
-    [second] = assembler.sweep(sessions, config, now=late + timedelta(seconds=61))
+    assert assembler.queue_ready_studies(sessions, config, now=late + timedelta(seconds=10)) == []  # not quiet yet
+    [second] = assembler.queue_ready_studies(sessions, config, now=late + timedelta(seconds=61))
     with sessions() as session:
         assert session.get(Job, second).run_number == 2
 
@@ -105,8 +106,8 @@ def test_incomplete_study_is_explained_once(tmp_path: Path):
     config, sessions = _setup(tmp_path)
     t0 = utcnow() - timedelta(seconds=300)
     _receive(sessions, _tiny_series(tmp_path / "in", "1.8", "1.8.1", "CT", generate_uid()), t0)
-    assert assembler.sweep(sessions, config, now=t0 + timedelta(seconds=61)) == []
-    assert assembler.sweep(sessions, config, now=t0 + timedelta(seconds=90)) == []
+    assert assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=61)) == []
+    assert assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=90)) == []
     with sessions() as session:
         messages = list(session.scalars(select(Event.message).where(Event.kind == "incomplete")))
     assert messages == ["model demo-petct needs PT: not present"]
@@ -120,7 +121,7 @@ def test_inconsistent_late_instance_holds_the_new_run_back(tmp_path: Path):
     _receive(sessions, _tiny_series(tmp_path / "in", "1.7", "1.7.1", "CT", frame), t0)
     pet = _tiny_series(tmp_path / "in", "1.7", "1.7.2", "PT", frame)
     _receive(sessions, pet, t0)
-    [first] = assembler.sweep(sessions, config, now=t0 + timedelta(seconds=61))
+    [first] = assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=61))
     with sessions.begin() as session:
         session.get(Job, first).state = "succeeded"
     extra = tiny_instance("1.7", "1.7.2", 9, "PT")
@@ -128,7 +129,7 @@ def test_inconsistent_late_instance_holds_the_new_run_back(tmp_path: Path):
     extra.save_as(tmp_path / "extra.dcm", enforce_file_format=True)
     late = utcnow() + timedelta(seconds=1)
     _receive(sessions, [tmp_path / "extra.dcm"], late)
-    assert assembler.sweep(sessions, config, now=late + timedelta(seconds=61)) == []
+    assert assembler.queue_ready_studies(sessions, config, now=late + timedelta(seconds=61)) == []
     with sessions() as session:
         [message] = session.scalars(select(Event.message).where(Event.kind == "incomplete"))
     assert message.startswith("model demo-petct: no PET series fits the model's PET input spec (PT #2, 5 instances: ")

@@ -146,7 +146,7 @@ def test_job_results_reference_the_grid_series(grid, synth_study, tmp_path: Path
     config = node_config(tmp_path, node="study_quiet_seconds = 0", extra=f'grid = "{grid}"\nversion = "test-1"')
     sessions = make_sessionmaker(config.database_url)
     index_files(sessions, synth_study.ct_files + synth_study.pt_files)
-    [job_id] = assembler.sweep(sessions, config)
+    [job_id] = assembler.queue_ready_studies(sessions, config)
     with sessions() as session:
         job = session.get(Job, job_id)
     target = ph.PET_GRID if grid == "PET" else ph.CT_GRID
@@ -185,7 +185,7 @@ def test_late_series_makes_a_new_run_with_a_new_result_series(synth_study, tmp_p
     config = node_config(tmp_path, node="study_quiet_seconds = 0", extra='version = "test-1"')
     sessions = make_sessionmaker(config.database_url)
     index_files(sessions, synth_study.ct_files + synth_study.pt_files)
-    [first_id] = assembler.sweep(sessions, config)
+    [first_id] = assembler.queue_ready_studies(sessions, config)
     model = StandIn(synth_study.phantom, ph.PET_GRID)
     with sessions() as session:
         first = session.get(Job, first_id)
@@ -200,7 +200,7 @@ def test_late_series_makes_a_new_run_with_a_new_result_series(synth_study, tmp_p
 
     _, late = copy_series(synth_study.ct_files, tmp_path / "late", later, series_number=7, description="CT late recon")
     index_files(sessions, late, at=utcnow())
-    [second_id] = assembler.sweep(sessions, config, now=utcnow())
+    [second_id] = assembler.queue_ready_studies(sessions, config, now=utcnow())
     with sessions() as session:
         second = session.get(Job, second_id)
         assert second.run_number == 2

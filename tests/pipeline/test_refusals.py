@@ -154,7 +154,7 @@ def test_refusal_names_its_reason_in_the_job_and_in_inspect(case, synth_study, d
     )
     sessions = make_sessionmaker(config.database_url)
     index_files(sessions, sorted(folder.rglob("*.dcm")))
-    created = assembler.sweep(sessions, config)
+    created = assembler.queue_ready_studies(sessions, config)
     if case in SUV_CASES:
         [job_id] = created
     else:
@@ -195,7 +195,7 @@ def test_values_that_rescale_to_infinity_fail_the_job_once_naming_the_series(syn
     )
     sessions = make_sessionmaker(config.database_url)
     index_files(sessions, sorted(folder.rglob("*.dcm")))
-    [job_id] = assembler.sweep(sessions, config)
+    [job_id] = assembler.queue_ready_studies(sessions, config)
     worker = Worker(config, sessions)
     worker.models._models["demo-petct"] = demo_model
     assert worker.run_one()

@@ -137,8 +137,8 @@ def test_pet_still_arriving_holds_the_job_back_then_runs(tmp_path: Path, scanner
     pet = scanner_study.files["pet"]
     early = [p for files in scanner_study.files.values() for p in files if p not in pet[50:]]
     index_files(sessions, early, at=t0)
-    assert assembler.sweep(sessions, config, now=t0 + timedelta(seconds=61)) == []
-    assert assembler.sweep(sessions, config, now=t0 + timedelta(seconds=90)) == []
+    assert assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=61)) == []
+    assert assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=90)) == []
     with sessions() as session:
         messages = list(session.scalars(select(Event.message).where(Event.kind == "incomplete")))
     assert len(messages) == 1  # said once
@@ -148,8 +148,8 @@ def test_pet_still_arriving_holds_the_job_back_then_runs(tmp_path: Path, scanner
 
     t1 = t0 + timedelta(seconds=120)
     index_files(sessions, pet[50:], at=t1)
-    assert assembler.sweep(sessions, config, now=t1 + timedelta(seconds=30)) == []  # not quiet yet
-    [job_id] = assembler.sweep(sessions, config, now=t1 + timedelta(seconds=61))
+    assert assembler.queue_ready_studies(sessions, config, now=t1 + timedelta(seconds=30)) == []  # not quiet yet
+    [job_id] = assembler.queue_ready_studies(sessions, config, now=t1 + timedelta(seconds=61))
     with sessions() as session:
         verdicts = list(
             session.scalars(select(Event.message).where(Event.job_id == job_id, Event.kind == "series-verdict"))

@@ -77,7 +77,7 @@ def test_missing_patient_weight_fails_with_the_attribute_named(tmp_path: Path, w
         ds.save_as(path)
     config, sessions = _setup(tmp_path, free_port())
     _index_folder(sessions, study.ct_files + study.pt_files)
-    [job_id] = assembler.sweep(sessions, config)
+    [job_id] = assembler.queue_ready_studies(sessions, config)
     assert _worker(config, sessions, worker_model).run_one()
     with sessions() as session:
         job = session.get(Job, job_id)
@@ -94,7 +94,7 @@ def test_results_wait_for_a_stopped_pacs_and_arrive_once(tmp_path: Path, worker_
     pacs_port = free_port()
     config, sessions = _setup(tmp_path, pacs_port)
     _index_folder(sessions, study.ct_files + study.pt_files)
-    [job_id] = assembler.sweep(sessions, config)
+    [job_id] = assembler.queue_ready_studies(sessions, config)
     worker = _worker(config, sessions, worker_model)
     assert worker.run_one()  # nobody listens on the PACS port yet
     with sessions() as session:
@@ -193,7 +193,7 @@ def test_sigterm_during_a_job_leaves_it_claimable(tmp_path: Path, synth_study):
     gives the job back (not counting the attempt) and exits 0; another worker claims the job."""
     config, sessions = _setup(tmp_path, free_port())
     _index_folder(sessions, synth_study.ct_files + synth_study.pt_files)
-    [job_id] = assembler.sweep(sessions, config)
+    [job_id] = assembler.queue_ready_studies(sessions, config)
     with open(tmp_path / "worker.log", "wb") as log:
         worker = subprocess.Popen(
             [sys.executable, "-m", "dicomnode", "worker", "--config", str(config.source)], stdout=log, stderr=log
@@ -229,7 +229,7 @@ def test_a_stop_signal_while_claiming_releases_the_claimed_job(tmp_path: Path, m
     config, sessions = _setup(tmp_path, free_port())
     study = write_study(tmp_path / "study", seed=0)
     _index_folder(sessions, study.ct_files + study.pt_files)
-    [job_id] = assembler.sweep(sessions, config)
+    [job_id] = assembler.queue_ready_studies(sessions, config)
     worker = Worker(config, sessions)
 
     def claim_then_signal(*args, **kwargs):

@@ -98,7 +98,7 @@ def test_a_study_goes_through_the_node(postgres, tmp_path: Path, small_study, sc
         stored = session.scalar(select(func.count()).select_from(Instance).where(Instance.study_uid == uid))
     assert (study.instances_received, stored) == (len(ct_files) + len(pt_files),) * 2
     assert study.last_received_at.tzinfo is not None  # timestamptz, read back aware
-    [job_id] = assembler.sweep(sessions, config, now=study.last_received_at + timedelta(seconds=2.1))
+    [job_id] = assembler.queue_ready_studies(sessions, config, now=study.last_received_at + timedelta(seconds=2.1))
 
     assert Worker(config, sessions).run_one()
     with sessions() as session:
@@ -123,7 +123,7 @@ def test_a_study_goes_through_the_node(postgres, tmp_path: Path, small_study, sc
     metrics = {m.name: m for m in DatabaseCollector(config, sessions).collect()}
     assert [s.value for s in metrics["dicomnode_jobs"].samples if s.labels == {"state": "succeeded"}] == [1]
     assert [s.value for s in metrics["dicomnode_inference_seconds"].samples if s.name.endswith("_count")] == [1]
-    assert retention.sweep(config, sessions, now=job.finished_at + timedelta(hours=73)) == [uid]
+    assert retention.purge_due(sessions, config, now=job.finished_at + timedelta(hours=73)) == [uid]
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance).where(Instance.study_uid == uid)) == 0
     assert not (config.spool_dir / uid).exists() and not (config.results_dir / uid).exists()

@@ -85,7 +85,7 @@ def test_retention_removes_exactly_the_done_studies(site):
     )  # after its job: a new run is due
     jobs["waiting"] = [_job(config, sessions, s["waiting"], "queued", 100)]
 
-    assert sorted(retention.sweep(config, sessions, now=NOW)) == sorted([s["old"], s["rerun"], s["no_job"]])
+    assert sorted(retention.purge_due(sessions, config, now=NOW)) == sorted([s["old"], s["rerun"], s["no_job"]])
 
     for name in ("old", "rerun", "no_job"):
         assert not any(path.exists() for path in files[name])
@@ -107,8 +107,8 @@ def test_retention_removes_exactly_the_done_studies(site):
     )
     assert purged[s["no_job"]] == "2 instances removed 72 h after the last one arrived (the study never became a job)"
 
-    assert retention.sweep(config, sessions, now=NOW) == []  # nothing left to do
-    assert sorted(retention.sweep(config, sessions, now=NOW + timedelta(hours=2))) == sorted(
+    assert retention.purge_due(sessions, config, now=NOW) == []  # nothing left to do
+    assert sorted(retention.purge_due(sessions, config, now=NOW + timedelta(hours=2))) == sorted(
         [s["recent"], s["no_job_recent"]]
     )
 
@@ -120,7 +120,7 @@ def test_an_instance_arriving_during_the_purge_is_kept(site):
     _job(config, sessions, study, "succeeded", 100)
     [done] = retention.due(sessions, timedelta(hours=72), NOW)
     [new] = _receive(config, sessions, study, count=1)  # arrives between the check and the purge
-    assert retention.purge(config, sessions, done) == 2
+    assert retention.purge(sessions, config, done) == 2
     assert not any(p.exists() for p in old) and new.exists()
     with sessions() as session:
         assert list(session.scalars(select(Instance.path))) == [str(new)]
@@ -132,5 +132,5 @@ def test_retention_zero_keeps_everything(tmp_path: Path):
     study = generate_uid()
     files = _receive(config, sessions, study, at=NOW - timedelta(hours=2000))
     _job(config, sessions, study, "succeeded", 1000)
-    assert retention.sweep(config, sessions, now=NOW) == []
+    assert retention.purge_due(sessions, config, now=NOW) == []
     assert all(p.exists() for p in files)
