@@ -243,9 +243,10 @@ def _since(text: Optional[str]):  # noqa: ANN202 - datetime or None
 
 @app.command()
 def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
-    """Receiver and worker up, queue depth, oldest waiting job, disk use, models loaded, last errors.
+    """Receiver and worker up, queue depth, oldest waiting job, disk use, models loaded, last errors,
+    and result objects that failed for good to reach a destination.
 
-    Exit status 0 when every component is up, 1 otherwise."""
+    Exit status 0 when every component is up and no result object failed for good, 1 otherwise."""
     from rich.filesize import decimal
 
     from dicomnode.ops.history import as_json as to_json
@@ -253,7 +254,7 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
 
     cfg = _config(config)
     node = node_status(_sessions(cfg), cfg)
-    code = 0 if all(c.up for c in node.components) else 1
+    code = 0 if all(c.up for c in node.components) and not node.undelivered else 1
     if as_json:
         print(to_json(node))
         raise typer.Exit(code)
@@ -290,6 +291,14 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
         + (f", database {decimal(d.database_bytes)}" if d.database_bytes is not None else "")
     )
     console.print(f"database schema: revision {node.schema}")
+    if node.undelivered:
+        jobs = sorted({u.job_id for u in node.undelivered})
+        console.print(
+            f"[bold red]{len(node.undelivered)} result object(s) of {len(jobs)} job(s): delivery failed for "
+            "good[/bold red] (`dicomnode jobs retry ID` sends the same objects again)"
+        )
+        for u in node.undelivered:
+            console.print(f"  job {u.job_id} {u.file} to {u.destination}: {u.error}", style="red")
     console.print(
         _table(
             "models", ("model", "loaded by"), ((m.name, ", ".join(m.loaded_by) or "not loaded") for m in node.models)
@@ -419,10 +428,12 @@ def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOpti
 
 @jobs_app.command("retry")
 def jobs_retry(job_id: int, config: Path = ConfigOption) -> None:
-    """Queue a failed job again, with fresh attempts for it and its failed deliveries."""
-    from dicomnode.pipeline.queue import retry
+    """Queue a failed job again, with fresh attempts (and a fresh give-up horizon) for it and its
+    failed deliveries; the deliveries send the same objects, with the same SOP Instance UIDs."""
+    from dicomnode.pipeline.queue import RetryPolicy, retry
 
-    if not retry(_sessions(_config(config)), job_id):
+    cfg = _config(config)
+    if not retry(_sessions(cfg), job_id, RetryPolicy.for_jobs(cfg.node), RetryPolicy.for_deliveries(cfg.node)):
         console.print(f"[red]job {job_id} is not a failed job[/red]")
         raise typer.Exit(1)
     console.print(f"job {job_id} queued again")

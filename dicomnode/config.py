@@ -82,13 +82,23 @@ class NodeSettings(_Strict):
     database_url: str | None = None
     sweep_seconds: float = Field(5.0, gt=0)
     lease_seconds: float = Field(600.0, gt=0)
+    # A job's attempts (a failed one waits retry_backoff_seconds, doubled after each, at most
+    # retry_backoff_max_seconds). A job that waits on a transient cause (a series still arriving)
+    # counts no attempt and waits again, until job_give_up_hours after it was queued.
     max_attempts: int = Field(3, ge=1)
     retry_backoff_seconds: float = Field(30.0, ge=0)
+    retry_backoff_max_seconds: float = Field(300.0, gt=0)
+    job_give_up_hours: float = Field(24.0, gt=0)
     network_timeout_seconds: float = Field(30.0, gt=0)
-    # Each result object to each destination is retried on its own: at most this many C-STORE
-    # tries (an association that cannot be opened counts as one), backoff doubled after each.
-    delivery_max_attempts: int = Field(5, ge=1)
+    # Each result object to each destination is retried on its own, for delivery_give_up_hours
+    # after it was planned (a PACS down for a maintenance night gets its results the next
+    # morning): a failed C-STORE try waits delivery_backoff_seconds, doubled after each, at most
+    # delivery_backoff_max_seconds, so results arrive within that long after the PACS is back.
+    # delivery_max_attempts also bounds the tries by count (none: by time alone).
+    delivery_give_up_hours: float = Field(24.0, gt=0)
     delivery_backoff_seconds: float = Field(30.0, ge=0)
+    delivery_backoff_max_seconds: float = Field(300.0, gt=0)
+    delivery_max_attempts: int | None = Field(None, ge=1)
     # A study's spooled instances and result folders are removed this long after its latest jobs
     # succeeded (every delivery sent); failed or waiting jobs keep them. 0: keep everything.
     retention_hours: float = Field(72.0, ge=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -80,6 +81,9 @@ def periodic_sweep(sessions: sessionmaker, config: Config) -> None:
     started = time.monotonic()
     try:
         heartbeat(sessions, Role.RECEIVER)  # for `dicomnode status`: this process is alive
+        orphaned = queue.requeue_orphaned(sessions, socket.gethostname())
+        if orphaned:
+            log.warning("re-queued jobs %s at once: their worker on this host is not running", orphaned)
         expired = queue.requeue_expired(sessions)
         if expired:
             log.warning("re-queued jobs %s whose lease expired", expired)

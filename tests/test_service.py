@@ -96,6 +96,48 @@ def test_sigterm_while_a_job_runs_queues_it_again_and_exits(tmp_path: Path, synt
     assert queue.claim(sessions, "next-worker", timedelta(minutes=1)).id == job_id  # re-claimable at once
 
 
+@pytest.mark.e2e
+@pytest.mark.skipif(not (MODEL / "plans.json").exists(), reason="demo model not built")
+def test_a_restarted_node_takes_its_dead_workers_job_back_at_once(tmp_path: Path, synth_study):
+    """kill -9 of the whole node (serve and its worker) during a job: the node started again knows
+    that the worker it supervised is gone and queues the job at once, not after its 600 s lease;
+    the job then succeeds. A job leased by a worker on another host is left to its lease."""
+    config_path = write_config(tmp_path, model_path=str(MODEL), node="lease_seconds = 600")
+    config = load_config(config_path)
+    sessions = make_sessionmaker(config.database_url)
+    remote = queue.enqueue(sessions, generate_uid(), "demo-petct", queue.RetryPolicy(), "a job on another host")
+    queue.claim(sessions, "gpu-host-2:4242", timedelta(minutes=10))
+    node = start_node(config_path, config.node.port, tmp_path / "node.log")
+    try:
+        into_node = Destination(name="node", ae_title=config.node.ae_title, host="127.0.0.1", port=config.node.port)
+        send_files(into_node, synth_study.ct_files + synth_study.pt_files, "STORESCU")
+        [job_id] = _wait_for(
+            lambda: [i for i, state in _job_states(sessions).items() if state == "running" and i != remote], 120
+        )
+        for pid in [*_children(node.process.pid), node.process.pid]:
+            os.kill(pid, signal.SIGKILL)
+        node.process.wait()
+    finally:
+        node.stop()
+    restarted_at = time.monotonic()
+    node = start_node(config_path, config.node.port, tmp_path / "node-2.log")
+    try:
+        _wait_for(lambda: _job_states(sessions)[job_id] != "running", 60)
+        back_after = time.monotonic() - restarted_at
+        _wait_for(lambda: _job_states(sessions)[job_id] == "succeeded", 180)
+    finally:
+        assert node.stop() == 0
+    with sessions() as session:
+        kinds = [e.kind for e in session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))]
+        remote_job = session.get(Job, remote)
+    print(f"job {job_id} back in the queue {back_after:.1f} s after the restart (lease 600 s)")
+    assert back_after < 60 and "worker-gone" in kinds and "lease-expired" not in kinds
+    assert kinds.count("started") == 2 and kinds[-1] == "succeeded"
+    assert (
+        remote_job.state == "running" and remote_job.lease_owner == "gpu-host-2:4242"
+    )  # another host: its lease holds
+
+
 def test_a_sweep_longer_than_its_interval_is_logged_once_with_its_time(tmp_path: Path, caplog):
     """APScheduler's "skipped" warning, once per interval while a sweep runs long, is dropped;
     the sweep itself logs one line saying how long it took."""
@@ -112,9 +154,15 @@ def test_a_sweep_longer_than_its_interval_is_logged_once_with_its_time(tmp_path:
     [line] = [r.getMessage() for r in caplog.records if r.name == "dicomnode.service"]
     assert line.startswith("sweep took ") and "longer than sweep_seconds = 1e-06" in line
 
-    skipped = logging.LogRecord("apscheduler.scheduler", logging.WARNING, __file__, 1,
-                                'Execution of job "%s" skipped: maximum number of running instances reached (%d)',
-                                ("sweep (trigger: interval[0:00:00.500000])", 1), None)
+    skipped = logging.LogRecord(
+        "apscheduler.scheduler",
+        logging.WARNING,
+        __file__,
+        1,
+        'Execution of job "%s" skipped: maximum number of running instances reached (%d)',
+        ("sweep (trigger: interval[0:00:00.500000])", 1),
+        None,
+    )
     other = logging.LogRecord(
         "apscheduler.scheduler", logging.WARNING, __file__, 1, "Run time of job was missed", (), None
     )

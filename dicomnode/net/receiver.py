@@ -180,6 +180,7 @@ class Receiver:
         sop_class, modality = str(ds.SOPClassUID), facts.modality
         if self.watermark.low():  # logged once per crossing by the watermark
             return OUT_OF_RESOURCES
+        resent = self.spool.path_for(study_uid, series_uid, sop_uid).exists()  # acknowledged before: indexed
         try:
             path = self.spool.write(study_uid, series_uid, sop_uid, event.encoded_dataset())
         except OSError as exc:
@@ -203,6 +204,8 @@ class Receiver:
             )
         except Exception as exc:  # noqa: BLE001 - the database refused (locked, gone, full): transient
             log.error("could not index instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
+            if not resent:  # refused: its file must not stay behind, unindexed (a resent one keeps its row)
+                self.spool.remove(path)
             return OUT_OF_RESOURCES
         log.debug("stored %s %s of study %s from %s", modality, sop_uid, study_uid, calling)
         with self._lock:

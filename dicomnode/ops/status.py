@@ -19,11 +19,11 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
 from dicomnode.ops.history import EventRow
-from dicomnode.store.components import EXPECTED, HEARTBEAT_SECONDS, Role
+from dicomnode.store.components import EXPECTED, HEARTBEAT_SECONDS, Role, process_alive
 from dicomnode.store.diskspace import existing_folder
 from dicomnode.store.events import ERROR_KINDS
 from dicomnode.store.schema import current_revision
-from dicomnode.store.tables import Component, Event, Job, JobState, utcnow
+from dicomnode.store.tables import Component, Delivery, DeliveryState, Event, Job, JobState, utcnow
 
 # --- components: which processes are alive ---------------------------------------------------
 
@@ -39,22 +39,12 @@ class ComponentStatus:
     detail: dict = field(default_factory=dict)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, run by another user (the service's)
-        return True
-    return True
-
-
 def _component_status(row: Component, now: datetime, stale_after: float, busy: dict[str, Job]) -> ComponentStatus:
     """Up: seen within `stale_after` seconds (or, a worker, holding a live lease: a long job keeps
     it from its poll loop) and, on this host, its process running."""
     age = (now - row.last_seen_at).total_seconds()
     job = busy.get(f"{row.host}:{row.pid}")
-    if row.host == socket.gethostname() and not _pid_alive(row.pid):
+    if row.host == socket.gethostname() and not process_alive(row.pid):
         up, why = False, f"process {row.pid} is not running; last seen {age:.0f} s ago"
     elif age <= stale_after:
         up, why = True, f"seen {age:.0f} s ago"
@@ -120,6 +110,17 @@ class ModelStatus:
 
 
 @dataclass
+class Undelivered:
+    """A result object that failed for good to reach a destination (its job failed with it)."""
+
+    job_id: int
+    study_uid: str
+    destination: str
+    file: str
+    error: str | None
+
+
+@dataclass
 class NodeStatus:
     checked_at: datetime
     components: list[ComponentStatus]
@@ -129,6 +130,7 @@ class NodeStatus:
     models: list[ModelStatus]
     last_errors: list[EventRow]  # newest first
     schema: str | None  # the database's schema revision (dicomnode.store.schema)
+    undelivered: list[Undelivered] = field(default_factory=list)  # of failed jobs: `jobs retry` sends them again
 
 
 def tree_bytes(folder: Path) -> int:
@@ -173,6 +175,14 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
         recent = list(
             session.scalars(select(Event).where(Event.kind.in_(ERROR_KINDS)).order_by(Event.id.desc()).limit(errors))
         )
+        undelivered = [
+            Undelivered(job.id, job.study_uid, d.destination, Path(d.path).name, d.last_error)
+            for d, job in session.execute(
+                select(Delivery, Job).join(Job, Job.id == Delivery.job_id)
+                .where(Delivery.state == DeliveryState.FAILED, Job.state == JobState.FAILED)
+                .order_by(Delivery.id)
+            )
+        ]
     waiting = None
     if oldest is not None:
         waiting = WaitingJob(
@@ -192,4 +202,5 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
         models=models,
         last_errors=[EventRow(e.at, e.kind, e.message, e.study_uid, e.job_id) for e in recent],
         schema=current_revision(sessions.kw["bind"]),
+        undelivered=undelivered,
     )

@@ -144,6 +144,7 @@ def _pending(
         attempts=0,
         max_attempts=policy.max_attempts,
         not_before=now,
+        give_up_at=policy.give_up_at(now),
         created_at=now,
         updated_at=now,
     )
@@ -179,7 +180,8 @@ def record(
     """Write what one send did to a delivery, with its event; return the delivery's new state.
 
     Every C-STORE try counts as an attempt (an association that could not be opened counts
-    as one); a transient failure with attempts left backs off by `policy`, doubled per attempt."""
+    as one); a transient failure backs off by `policy` (doubled per attempt, capped) until the
+    delivery's give_up_at (or its max_attempts, when it has one); then it has failed for good."""
     now = now or utcnow()
     with sessions.begin() as session:
         delivery = session.get(Delivery, delivery_id)
@@ -188,7 +190,7 @@ def record(
         delivery.attempts += max(outcome.tries, 1)
         delivery.updated_at = now
         what = describe(delivery)
-        tally = f"attempt {delivery.attempts} of {delivery.max_attempts}"
+        tally = f"attempt {delivery.attempts}" + (f" of {delivery.max_attempts}" if delivery.max_attempts else "")
         if outcome.ok:
             delivery.state, delivery.sent_at, delivery.last_error = DeliveryState.SENT, now, None
             before = f"; failed tries before: {', '.join(outcome.failed_tries)}" if outcome.failed_tries else ""
@@ -202,9 +204,17 @@ def record(
                     EventKind.DELIVERY_FAILED,
                     f"{what}: {outcome.error}; refused for good, not retried ({tally})",
                 )
-            elif delivery.attempts >= delivery.max_attempts:
+            elif not policy.attempts_left(delivery.attempts, delivery.max_attempts):
                 delivery.state = DeliveryState.FAILED
                 kind, message = EventKind.DELIVERY_FAILED, f"{what}: {outcome.error}; no attempts left ({tally})"
+            elif delivery.give_up_at is not None and now >= delivery.give_up_at:
+                delivery.state = DeliveryState.FAILED
+                hours = (now - delivery.created_at).total_seconds() / 3600
+                kind, message = (
+                    EventKind.DELIVERY_FAILED,
+                    f"{what}: {outcome.error}; gave up after {hours:.1f} h of tries (delivery_give_up_hours, {tally})",
+                )
+                delivery.last_error = f"{outcome.error}; gave up after {hours:.1f} h (delivery_give_up_hours)"
             else:
                 delivery.not_before = now + policy.delay(delivery.attempts)
                 kind, message = (

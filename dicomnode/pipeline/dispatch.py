@@ -107,6 +107,13 @@ def _send(
     return fallbacks
 
 
+def _tries_this_pass(item: Delivery) -> int:
+    """C-STORE tries of one object in this pass: TRIES_PER_PASS, fewer when its attempts run out."""
+    if item.max_attempts is None:
+        return TRIES_PER_PASS
+    return max(min(TRIES_PER_PASS, item.max_attempts - item.attempts), 1)
+
+
 def _store(config: Config, destination: Destination | None, name: str, items: list[Delivery]) -> dict[int, Outcome]:
     """C-STORE the deliveries' files to one destination; an outcome per delivery id."""
     outcomes: dict[int, Outcome] = {}
@@ -130,7 +137,7 @@ def _store(config: Config, destination: Destination | None, name: str, items: li
         else:
             sendable.append(item)
     if sendable:
-        tries = {Path(i.path): max(min(TRIES_PER_PASS, i.max_attempts - i.attempts), 1) for i in sendable}
+        tries = {Path(i.path): _tries_this_pass(i) for i in sendable}
         sent = store_each(
             destination,
             list(tries),

@@ -13,6 +13,14 @@ class JobError(Exception):
         self.retryable = retryable
 
 
+class InputsNotReady(JobError):
+    """The job's inputs are not ready yet, a transient cause (a series still arriving): the job
+    waits in the queue without counting an attempt (queue.wait), until its give_up_at."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retryable=True)
+
+
 class DeliveryPending(Exception):
     """Some deliveries wait for their backoff: the job goes back to the queue until `not_before`
     (queue.defer) instead of holding the worker; the next run reuses the results."""

@@ -21,7 +21,7 @@ from dicomnode.imaging.volumes import (
     load_series,
     resample_to,
 )
-from dicomnode.pipeline.errors import JobError
+from dicomnode.pipeline.errors import InputsNotReady, JobError
 from dicomnode.pipeline.facts import series_from_index
 from dicomnode.pipeline.selection import Selection, select_inputs
 from dicomnode.store.events import EventKind, log_event, record_job_event
@@ -73,9 +73,9 @@ def select_series(sessions: sessionmaker, job: Job, settings: ModelSettings) -> 
                     data=verdict.as_dict(),
                 )
     if not selection.ready:
-        raise JobError(
-            f"no usable inputs: {selection.problem}", retryable=bool(selection.waiting) and not selection.missing
-        )
+        if selection.waiting and not selection.missing:
+            raise InputsNotReady(f"no usable inputs yet: {selection.problem}")
+        raise JobError(f"no usable inputs: {selection.problem}")
     return selection
 
 

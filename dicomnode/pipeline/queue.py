@@ -21,32 +21,53 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import NodeSettings
+from dicomnode.store.components import process_alive
 from dicomnode.store.events import EventKind, log_event
-from dicomnode.store.tables import Delivery, DeliveryState, Job, JobState, Study, utcnow
+from dicomnode.store.tables import Delivery, DeliveryState, Event, Job, JobState, Study, utcnow
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    max_attempts: int = 3
+    """How often and how long something is tried again: at most `max_attempts` attempts (None: no
+    count limit), `backoff_seconds` after a failed one, doubled after each but never more than
+    `max_backoff_seconds`, and no more tries `give_up_after` the first (None: no time limit)."""
+
+    max_attempts: int | None = 3
     backoff_seconds: float = 30.0
+    max_backoff_seconds: float | None = None
+    give_up_after: timedelta | None = None
 
     @classmethod
     def for_jobs(cls, node: NodeSettings) -> "RetryPolicy":
-        """A job's attempts ([node] max_attempts, retry_backoff_seconds)."""
-        return cls(node.max_attempts, node.retry_backoff_seconds)
+        """A job's attempts ([node] max_attempts, retry_backoff_seconds capped at
+        retry_backoff_max_seconds; waits on a transient cause end job_give_up_hours after queueing)."""
+        return cls(node.max_attempts, node.retry_backoff_seconds, node.retry_backoff_max_seconds,
+                   timedelta(hours=node.job_give_up_hours))
 
     @classmethod
     def for_deliveries(cls, node: NodeSettings) -> "RetryPolicy":
-        """A delivery's C-STORE tries ([node] delivery_max_attempts, delivery_backoff_seconds)."""
-        return cls(node.delivery_max_attempts, node.delivery_backoff_seconds)
+        """A delivery's C-STORE tries: for delivery_give_up_hours, delivery_backoff_seconds doubled
+        up to delivery_backoff_max_seconds (and at most delivery_max_attempts, when set)."""
+        return cls(node.delivery_max_attempts, node.delivery_backoff_seconds, node.delivery_backoff_max_seconds,
+                   timedelta(hours=node.delivery_give_up_hours))
 
     def delay(self, attempt: int) -> timedelta:
-        """Wait before attempt `attempt + 1`: backoff, doubled after every failed attempt."""
-        return timedelta(seconds=self.backoff_seconds * 2 ** max(attempt - 1, 0))
+        """Wait before attempt `attempt + 1`: backoff, doubled after every failed attempt, capped."""
+        seconds = self.backoff_seconds * 2 ** min(max(attempt - 1, 0), 60)
+        if self.max_backoff_seconds is not None:
+            seconds = min(seconds, self.max_backoff_seconds)
+        return timedelta(seconds=seconds)
+
+    def give_up_at(self, start: datetime) -> datetime | None:
+        """When tries that began at `start` end (None: never, by time)."""
+        return start + self.give_up_after if self.give_up_after is not None else None
+
+    def attempts_left(self, attempts: int, max_attempts: int | None) -> bool:
+        return max_attempts is None or attempts < max_attempts
 
 
 def enqueue(
@@ -70,6 +91,7 @@ def enqueue(
             max_attempts=policy.max_attempts,
             run_number=(previous or 0) + 1,
             not_before=now,
+            give_up_at=policy.give_up_at(now),
             created_at=now,
         )
         session.add(job)
@@ -166,7 +188,7 @@ def fail(
             return current.state if current else "missing"
         job.error = error
         job.lease_owner, job.lease_expires_at = None, None
-        if retryable and job.attempts < job.max_attempts:
+        if retryable and policy.attempts_left(job.attempts, job.max_attempts):
             job.state = JobState.QUEUED
             job.not_before = now + policy.delay(job.attempts)
             log_event(
@@ -181,6 +203,57 @@ def fail(
             job.state, job.finished_at = JobState.FAILED, now
             log_event(session, EventKind.FAILED, error, study_uid=job.study_uid, job_id=job.id, at=now)
         return job.state
+
+
+def wait(sessions: sessionmaker, job_id: int, owner: str, reason: str, policy: RetryPolicy) -> str:
+    """The job's inputs are not ready yet (a transient cause: a series still arriving): back to the
+    queue without counting the attempt, after a backoff that doubles with each wait up to the
+    policy's cap, until the job's give_up_at; then failed for good, saying how long it waited.
+    Returns the new state."""
+    now = utcnow()
+    with sessions.begin() as session:
+        job = _held(session, job_id, owner)
+        if job is None:
+            current = session.get(Job, job_id)
+            return current.state if current else "missing"
+        job.lease_owner, job.lease_expires_at, job.error = None, None, reason
+        job.attempts = max(job.attempts - 1, 0)
+        if job.give_up_at is not None and now >= job.give_up_at:
+            waited = (now - job.created_at).total_seconds() / 3600
+            job.state, job.finished_at = JobState.FAILED, now
+            job.error = f"{reason}; still not ready after {waited:.1f} h (job_give_up_hours)"
+            log_event(session, EventKind.FAILED, job.error, study_uid=job.study_uid, job_id=job.id, at=now)
+            return job.state
+        waits = session.scalar(select(func.count()).select_from(Event).where(
+            Event.job_id == job.id, Event.kind == EventKind.WAITING))
+        job.state, job.not_before = JobState.QUEUED, now + policy.delay(waits + 1)
+        log_event(session, EventKind.WAITING, f"{reason}; next try after {job.not_before:%H:%M:%S} UTC",
+                  study_uid=job.study_uid, job_id=job.id, at=now)
+        return job.state
+
+
+def requeue_orphaned(sessions: sessionmaker, host: str, now: datetime | None = None) -> list[int]:
+    """Running jobs whose worker was a process on `host` that no longer runs (this node was
+    restarted, or its worker was killed) go back to the queue at once instead of after their
+    lease: a node knows that the workers it supervised before are gone. A worker on another host
+    keeps its lease (only its own heartbeat can say whether it is alive)."""
+    now = now or utcnow()
+    with sessions.begin() as session:
+        running = list(session.scalars(select(Job).where(Job.state == JobState.RUNNING,
+                                                          Job.lease_owner.like(f"{host}:%"))))
+        orphaned = [job for job in running if not process_alive(_owner_pid(job.lease_owner))]
+        for job in orphaned:
+            log_event(session, EventKind.WORKER_GONE, f"worker {job.lease_owner} is not running; re-queued at once",
+                      study_uid=job.study_uid, job_id=job.id, at=now)
+            job.state, job.lease_owner, job.lease_expires_at, job.not_before = JobState.QUEUED, None, None, now
+        return [job.id for job in orphaned]
+
+
+def _owner_pid(owner: str) -> int:
+    try:
+        return int(owner.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return -1  # not a pid: never alive
 
 
 def requeue_expired(sessions: sessionmaker, now: datetime | None = None) -> list[int]:
@@ -201,19 +274,23 @@ def requeue_expired(sessions: sessionmaker, now: datetime | None = None) -> list
         return [job.id for job in expired]
 
 
-def retry(sessions: sessionmaker, job_id: int) -> bool:
-    """Operator retry of a failed job: queued again with a fresh set of attempts."""
+def retry(sessions: sessionmaker, job_id: int, jobs: RetryPolicy | None = None,
+          deliveries: RetryPolicy | None = None) -> bool:
+    """Operator retry of a failed job: queued again with a fresh set of attempts and, by the
+    policies given, a fresh time horizon for it and its failed deliveries."""
     now = utcnow()
     with sessions.begin() as session:
         job = session.get(Job, job_id)
         if job is None or job.state != JobState.FAILED:
             return False
         job.state, job.attempts, job.not_before, job.finished_at = JobState.QUEUED, 0, now, None
+        job.give_up_at = jobs.give_up_at(now) if jobs is not None else None
         # Deliveries that failed get a fresh set of attempts too (the same files, the same UIDs).
         reset = session.execute(
             update(Delivery)
             .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.FAILED)
-            .values(state=DeliveryState.PENDING, attempts=0, not_before=now, updated_at=now)
+            .values(state=DeliveryState.PENDING, attempts=0, not_before=now, updated_at=now,
+                    give_up_at=deliveries.give_up_at(now) if deliveries is not None else None)
         ).rowcount
         log_event(
             session,

@@ -22,7 +22,7 @@ from datetime import timedelta
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
-from dicomnode.pipeline.errors import DeliveryPending, JobError
+from dicomnode.pipeline.errors import DeliveryPending, InputsNotReady, JobError
 from dicomnode.pipeline.job import process
 from dicomnode.pipeline.model_cache import ModelCache
 from dicomnode.pipeline.queue import (
@@ -33,6 +33,7 @@ from dicomnode.pipeline.queue import (
     release,
     renew_lease,
     succeed,
+    wait,
 )
 from dicomnode.store.components import HEARTBEAT_SECONDS, Role, heartbeat
 from dicomnode.store.engine import make_sessionmaker
@@ -105,6 +106,9 @@ class Worker:
         except DeliveryPending as exc:  # results ready, deliveries backing off: free the worker meanwhile
             defer(self.sessions, job.id, self.owner, exc.not_before, str(exc))
             log.warning("job %d study %s: %s (queued until %s)", job.id, job.study_uid, exc, exc.not_before)
+        except InputsNotReady as exc:  # a transient cause: wait, the attempt not counted
+            state = wait(self.sessions, job.id, self.owner, str(exc), self.policy)
+            log.warning("job %d study %s: %s (now %s)", job.id, job.study_uid, exc, state)
         except JobError as exc:
             state = fail(self.sessions, job.id, self.owner, str(exc), self.policy, retryable=exc.retryable)
             log.error("job %d study %s: %s (now %s)", job.id, job.study_uid, exc, state)

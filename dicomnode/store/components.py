@@ -29,6 +29,19 @@ class Role(StrEnum):
 EXPECTED = (Role.RECEIVER, Role.WORKER)  # a node that runs lacks neither
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, run by another user (the service's)
+        return True
+    return True
+
+
 _last_written: dict[tuple[int, str], tuple[float, dict | None]] = {}  # (database, component): when, what
 
 

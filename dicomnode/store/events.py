@@ -34,6 +34,8 @@ class EventKind(StrEnum):
     RETRY_SCHEDULED = "retry-scheduled"
     FAILED = "failed"
     LEASE_EXPIRED = "lease-expired"
+    WORKER_GONE = "worker-gone"  # its worker process on this host is not running: re-queued at once
+    WAITING = "waiting"  # inputs not ready yet (a transient cause): re-queued, the attempt not counted
     RELEASED = "released"
     RETRY_REQUESTED = "retry-requested"
     CANCELLED = "cancelled"

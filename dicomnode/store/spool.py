@@ -52,6 +52,11 @@ class Spool:
             fsync_dir(created.parent)
         return final
 
+    def remove(self, path: Path) -> None:
+        """Remove a file written for an instance that was then refused (never acknowledged)."""
+        Path(path).unlink(missing_ok=True)
+        fsync_dir(Path(path).parent)
+
     def remove_leftovers(self) -> int:
         """Delete temporary files a crash left behind (never acknowledged); return how many."""
         count = 0

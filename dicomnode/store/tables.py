@@ -108,6 +108,7 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     run_number: Mapped[int] = mapped_column(Integer, default=1)  # 1 for a study's first job, 2 after a re-trigger...
     not_before: Mapped[datetime] = mapped_column(Timestamp)  # retry backoff
+    give_up_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)  # transient waits end here
     lease_owner: Mapped[str | None] = mapped_column(String(128), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -133,8 +134,9 @@ class Delivery(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), index=True)  # pending sent failed cancelled (its job was cancelled)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # C-STORE requests (or association tries) so far
-    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
+    max_attempts: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: bounded by give_up_at alone
     not_before: Mapped[datetime] = mapped_column(Timestamp)  # retry backoff
+    give_up_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)  # no tries after this
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp)
     updated_at: Mapped[datetime] = mapped_column(Timestamp)

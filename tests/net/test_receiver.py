@@ -117,3 +117,30 @@ def test_dcmtk_storescu_folder(node, tmp_path: Path):
     with sessions() as session:
         stored = set(session.scalars(select(Instance.sop_instance_uid).where(Instance.study_uid == study)))
     assert stored == {str(dcmread(p).SOPInstanceUID) for p in files}
+
+
+def test_an_instance_the_database_refuses_leaves_no_file_and_a_resent_one_keeps_its_own(node, monkeypatch):
+    """0xA700 when the index cannot take the instance: a new instance's spool file is removed (it
+    was never acknowledged); an instance acknowledged before and sent again keeps its file, which
+    its index row still points to."""
+    from dicomnode.net import receiver as receiver_module
+
+    config, sessions, _ = node
+    study = generate_uid()
+    kept = tiny_instance(study, generate_uid(), 0)
+    assoc = _associate(config)
+    assert assoc.send_c_store(kept).Status == 0x0000
+
+    def database_down(*_args, **_kwargs):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(receiver_module, "record_instance", database_down)
+    new = tiny_instance(study, kept.SeriesInstanceUID, 1)
+    assert assoc.send_c_store(new).Status == 0xA700
+    assert assoc.send_c_store(kept).Status == 0xA700
+    assoc.release()
+    files = sorted(p.name for p in config.spool_dir.rglob("*") if p.is_file())
+    assert files == [f"{kept.SOPInstanceUID}.dcm"]
+    with sessions() as session:
+        [row] = session.scalars(select(Instance))
+    assert row.sop_instance_uid == kept.SOPInstanceUID and dcmread(row.path).PixelData == kept.PixelData

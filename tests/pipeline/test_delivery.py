@@ -254,7 +254,7 @@ def test_failed_status_once_is_sent_again_and_stored_once(tmp_path: Path, scp_fa
     rows = delivery.of_job(sessions, job_id)
     assert [(d.state, d.attempts, d.sop_instance_uid) for d in rows] == [("sent", 2, seg_uid), ("sent", 1, sr_uid)]
     delivered = [e.message for e in _events(sessions, job_id) if e.kind == "delivered"]
-    assert len(delivered) == 2 and "attempt 2 of 5" in delivered[0] and "0xA700" in delivered[0]
+    assert len(delivered) == 2 and "attempt 2;" in delivered[0] and "0xA700" in delivered[0]
     assert not worker.run_one()  # nothing left to do: sent once
 
 
@@ -346,3 +346,81 @@ def test_compressed_seg_reaches_a_destination_in_a_syntax_it_accepts(accepted, p
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
     np.testing.assert_array_equal(pixels[..., 0], (truth > 0).astype(pixels.dtype))
     assert len(received.PixelData) == (len(sent.PixelData) if accepted[0].is_compressed else 64 * 64 * 64 // 8)
+
+
+# ---------------------------------------------------------------- outages measured in hours
+
+
+def _backoff(sessions, job_id) -> float:
+    """Seconds the job's deliveries wait after their last failed try."""
+    with sessions() as session:
+        rows = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id)))
+    return max((d.not_before - d.updated_at).total_seconds() for d in rows)
+
+
+def _run_when_due(worker, sessions, job_id) -> None:
+    """Run the job as soon as its deliveries' backoff is over (measured, not slept out)."""
+    now = utcnow()
+    with sessions.begin() as session:
+        session.get(Job, job_id).not_before = now
+        for row in session.scalars(select(Delivery).where(Delivery.job_id == job_id)):
+            row.not_before = min(row.not_before, now)
+    assert worker.run_one()
+
+
+@pytest.mark.e2e
+def test_a_destination_down_longer_than_the_old_budget_gets_its_results_once_when_back(tmp_path: Path, scp_factory):
+    """With the defaults a delivery no longer gives up after 5 tries (about 7.5 minutes): it is
+    bounded by delivery_give_up_hours (24), and its backoff is capped (delivery_backoff_max_seconds),
+    so results arrive within one capped backoff after the PACS comes back, once, same UIDs."""
+    port = free_port()
+    config, sessions, job_id, worker, files = _job_with_results(
+        tmp_path, port, node="delivery_backoff_seconds = 1\ndelivery_backoff_max_seconds = 8")
+    assert config.node.delivery_max_attempts is None and config.node.delivery_give_up_hours == 24
+    waits = []
+    for _ in range(12):  # 12 passes, each a failed association (one attempt): the PACS is down
+        _run_when_due(worker, sessions, job_id)
+        waits.append(_backoff(sessions, job_id))
+        with sessions() as session:
+            assert session.get(Job, job_id).state == JobState.QUEUED
+    assert waits[:6] == pytest.approx([1.0, 2.0, 4.0, 8.0, 8.0, 8.0], abs=0.1)  # doubled, capped at 8 s
+    assert max(waits) == pytest.approx(8.0, abs=0.1)
+    scp = scp_factory([SegmentationStorage, Comprehensive3DSRStorage], port=port)
+    _run_when_due(worker, sessions, job_id)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.state == JobState.SUCCEEDED, job.error
+    assert scp.stored == [str(dcmread(f).SOPInstanceUID) for f in files] and len(scp.requests) == 2
+    rows = delivery.of_job(sessions, job_id)
+    assert all(d.state == "sent" and d.attempts > 5 for d in rows)
+
+
+@pytest.mark.e2e
+def test_after_its_horizon_a_delivery_fails_with_its_reason_and_retry_sends_the_same_objects(
+    tmp_path: Path, scp_factory
+):
+    port = free_port()
+    config, sessions, job_id, worker, files = _job_with_results(
+        tmp_path, port, node="delivery_give_up_hours = 0.0005\ndelivery_backoff_max_seconds = 0.5")
+    _run_when_due(worker, sessions, job_id)
+    with sessions.begin() as session:  # the horizon (1.8 s after planning) has passed
+        for row in session.scalars(select(Delivery).where(Delivery.job_id == job_id)):
+            row.give_up_at = utcnow() - timedelta(seconds=1)
+    _run_when_due(worker, sessions, job_id)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+    assert job.state == JobState.FAILED
+    assert "gave up after" in job.error and "(delivery_give_up_hours)" in job.error and "seg.dcm" in job.error
+    from typer.testing import CliRunner
+
+    from dicomnode.cli import app
+
+    status = CliRunner().invoke(app, ["status", "--config", str(config.source)])
+    assert "delivery failed for good" in " ".join(status.output.split()), status.output
+    scp = scp_factory([SegmentationStorage, Comprehensive3DSRStorage], port=port)
+    retried = CliRunner().invoke(app, ["jobs", "retry", str(job_id), "--config", str(config.source)])
+    assert retried.exit_code == 0, retried.output
+    assert worker.run_one()
+    with sessions() as session:
+        assert session.get(Job, job_id).state == JobState.SUCCEEDED
+    assert scp.stored == [str(dcmread(f).SOPInstanceUID) for f in files]

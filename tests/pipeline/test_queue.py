@@ -112,3 +112,36 @@ def test_run_numbers_count_per_study_and_model(sessions):
     c = enqueue(sessions, "1.2.3", "other", RetryPolicy())
     with sessions() as session:
         assert [session.get(Job, i).run_number for i in (a, b, c)] == [1, 2, 1]
+
+
+def test_jobs_of_a_worker_gone_from_this_host_are_queued_at_once_and_others_keep_their_lease(sessions):
+    """A node knows its own host's processes: a running job whose worker pid there is dead goes back
+    to the queue now; one whose worker still runs, or that runs on another host, keeps its lease."""
+    import os
+    import socket
+
+    from dicomnode.pipeline.queue import requeue_orphaned
+
+    host = socket.gethostname()
+    dead = _dead_pid()
+    owners = {"dead": f"{host}:{dead}", "alive": f"{host}:{os.getpid()}", "remote": "gpu-2:1"}
+    jobs = {}
+    for name, owner in owners.items():
+        jobs[name] = enqueue(sessions, f"1.2.{len(jobs) + 1}", "m", RetryPolicy(), name)
+        assert claim(sessions, owner, timedelta(minutes=10)).id == jobs[name]
+    assert requeue_orphaned(sessions, host) == [jobs["dead"]]
+    with sessions() as session:
+        states = {name: session.get(Job, job_id).state for name, job_id in jobs.items()}
+        [message] = session.scalars(
+            select(Event.message).where(Event.job_id == jobs["dead"], Event.kind == "worker-gone")
+        )
+    assert states == {"dead": "queued", "alive": "running", "remote": "running"}
+    assert message == f"worker {owners['dead']} is not running; re-queued at once"
+
+
+def _dead_pid() -> int:
+    """A pid no process on this host has."""
+    from dicomnode.store.components import process_alive
+
+    top = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return next(pid for pid in range(top - 1, 1, -1) if not process_alive(pid))

@@ -17,8 +17,9 @@ class StoreSCP:
     instance is sent again, so the sender has given up on them and their responses are lost.
     `stored` lists what it kept, `received` the data sets by UID, `answered` counts responses."""
 
-    def __init__(self, sop_classes, statuses=(), late=0, transfer_syntaxes=DEFAULT_TRANSFER_SYNTAXES):  # noqa: ANN001
-        self.port = free_port()
+    def __init__(self, sop_classes, statuses=(), late=0, transfer_syntaxes=DEFAULT_TRANSFER_SYNTAXES,  # noqa: ANN001
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.statuses = list(statuses)
         self.late = late
         self.requests: list[str] = []
