@@ -89,7 +89,15 @@ class NodeSettings(_Strict):
     retry_backoff_seconds: float = Field(30.0, ge=0)
     retry_backoff_max_seconds: float = Field(300.0, gt=0)
     job_give_up_hours: float = Field(24.0, gt=0)
-    network_timeout_seconds: float = Field(30.0, gt=0)
+    network_timeout_seconds: float = Field(30.0, gt=0)  # a silent or stalled peer is dropped after this
+    # Associations at once (those that sent an A-ASSOCIATE-RQ), and at once from one calling AE
+    # (default: half of max_associations, so one peer that floods leaves room for the others);
+    # more are rejected, transient, "local limit exceeded". Connections that have not asked yet (a
+    # peer that connects and says nothing) do not count: they are dropped after
+    # network_timeout_seconds, and beyond 16 x max_associations (at least 256) new connections
+    # are closed at once.
+    max_associations: int = Field(16, ge=1)
+    max_associations_per_ae: int | None = Field(None, ge=1)
     # Each result object to each destination is retried on its own, for delivery_give_up_hours
     # after it was planned (a PACS down for a maintenance night gets its results the next
     # morning): a failed C-STORE try waits delivery_backoff_seconds, doubled after each, at most

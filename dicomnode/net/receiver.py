@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
@@ -90,6 +91,7 @@ def decodable(syntaxes: list[UID]) -> list[UID]:
 # Uncompressed first: pynetdicom's acceptor takes the first of ours that the requestor proposed.
 TRANSFER_SYNTAXES = UNCOMPRESSED_SYNTAXES + decodable(LOSSLESS_SYNTAXES)
 
+LIMIT_LOG_SECONDS = 10.0  # association-limit rejections: one log line per this many seconds
 IMAGE_CLASSES = frozenset(STORAGE_CLASSES)  # their pixel data is read by the pipeline: it must be whole
 
 
@@ -113,6 +115,8 @@ class ReceiverCounters:
             ["status"],
             registry=registry,
         )
+        self.associations_open = Gauge(
+            "dicomnode_associations_open", "Associations requested and not yet closed", registry=registry)
         self.associations_rejected = Counter(
             "dicomnode_associations_rejected", "Association requests rejected", ["reason"], registry=registry
         )
@@ -130,6 +134,12 @@ class Receiver:
         self._server = None
         self._lock = threading.Lock()
         self._stored: dict[int, dict[str, int]] = {}  # association -> study -> instances stored
+        self._requested: dict[int, str] = {}  # associations that sent an A-ASSOCIATE-RQ (not closed) -> calling AE
+        self.max_associations = config.node.max_associations
+        self.max_per_ae = config.node.max_associations_per_ae or max(config.node.max_associations // 2, 1)
+        self.max_connections = max(16 * config.node.max_associations, 256)  # silent ones included
+        self._connections_full = False
+        self._limit_logged_at, self._limit_unsaid = -LIMIT_LOG_SECONDS, 0
         self._patients: dict[str, str] = {}  # study -> patient, only with log_patient_details
         self.ae = AE(ae_title=config.node.ae_title)
         self.ae.require_called_aet = True
@@ -140,7 +150,9 @@ class Receiver:
         self.ae.network_timeout = config.node.network_timeout_seconds
         self.ae.acse_timeout = config.node.network_timeout_seconds
         self.ae.dimse_timeout = config.node.network_timeout_seconds
-        self.ae.maximum_associations = 16
+        # pynetdicom counts every connection, silent ones too: its limit is the connection cap, and
+        # _on_requested applies max_associations to the associations actually requested.
+        self.ae.maximum_associations = self.max_connections
         self.ae.add_supported_context(Verification)
         for sop_class in STORAGE_CLASSES:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -220,12 +232,69 @@ class Receiver:
         return SUCCESS
 
     def _on_requested(self, event) -> None:  # noqa: ANN001
-        """Below the disk watermark, reject before negotiating (the watermark logs the crossing)."""
+        """Before negotiating: below the disk watermark (it logs the crossing), or with
+        max_associations already open, reject (transient, local limit exceeded)."""
         if self.watermark.low():
-            event.assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
-            self.counters.associations_rejected.labels("disk-space-low").inc()
+            self._reject(event, "disk-space-low")
             log.debug("association from %s rejected: disk space low", event.assoc.requestor.address)
-            event.assoc.kill()
+            return
+        calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()  # not yet set on the requestor
+        with self._lock:
+            from_ae = sum(1 for ae in self._requested.values() if ae == calling)
+            if len(self._requested) >= self.max_associations:
+                why = f"{len(self._requested)} associations open (max_associations = {self.max_associations})"
+            elif from_ae >= self.max_per_ae:
+                why = f"{from_ae} associations open from {calling} (max_associations_per_ae = {self.max_per_ae})"
+            else:
+                why = None
+                self._requested[id(event.assoc)] = calling
+                self.counters.associations_open.set(len(self._requested))
+        if why:
+            self._reject(event, "association-limit")
+            self._say_limited(f"association from {calling} ({event.assoc.requestor.address}) rejected: {why}")
+
+    def _say_limited(self, message: str) -> None:
+        """Log a rejection, at most one line per LIMIT_LOG_SECONDS (a flood is not a log flood)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._limit_logged_at < LIMIT_LOG_SECONDS:
+                self._limit_unsaid += 1
+                return
+            unsaid, self._limit_unsaid, self._limit_logged_at = self._limit_unsaid, 0, now
+        log.warning("%s%s", message, f" ({unsaid} more rejected before this, not logged)" if unsaid else "")
+
+    def _reject(self, event, reason: str) -> None:  # noqa: ANN001
+        event.assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
+        self.counters.associations_rejected.labels(reason).inc()
+        event.assoc.kill()
+
+    def _on_connection_open(self, event) -> None:  # noqa: ANN001
+        """An accepted socket has no timeout: a peer that sends half a PDU and stalls would hold its
+        thread and slot for ever. With one, the read fails after network_timeout_seconds and
+        pynetdicom closes the connection."""
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            sock.settimeout(self.config.node.network_timeout_seconds)
+
+    def _on_connection_closed(self, event) -> None:  # noqa: ANN001
+        with self._lock:
+            self._requested.pop(id(event.assoc), None)
+            self.counters.associations_open.set(len(self._requested))
+
+    def _accept_connection(self, _request, client_address) -> bool:  # noqa: ANN001
+        """socketserver's verify_request: beyond max_connections (silent peers included), a new
+        connection is closed at once; the crossing and the return are logged once each."""
+        full = len(self.ae.active_associations) >= self.max_connections
+        if full != self._connections_full:
+            self._connections_full = full
+            if full:
+                log.warning("%d connections open (16 x max_associations): closing new ones (%s:%s first)",
+                            self.max_connections, *client_address[:2])
+            else:
+                log.info("connections below %d again: accepting new ones", self.max_connections)
+        if full:
+            self.counters.associations_rejected.labels("connection-limit").inc()
+        return not full
 
     def _on_rejected(self, event) -> None:  # noqa: ANN001
         rejection = event.assoc.acceptor.primitive
@@ -269,6 +338,7 @@ class Receiver:
             log.info("removed %d temporary files a previous run left unacknowledged", removed)
         handlers = [
             NODELAY_HANDLER,
+            (evt.EVT_CONN_OPEN, self._on_connection_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -276,6 +346,7 @@ class Receiver:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_connection_closed),
         ]
         tls = self.config.node.tls
         with self._lock:
@@ -285,6 +356,7 @@ class Receiver:
                 evt_handlers=handlers,
                 ssl_context=server_tls_context(tls) if tls else None,
             )
+            self._server.verify_request = self._accept_connection
         log.info(
             "receiver %s listening on %s:%d%s",
             self.config.node.ae_title,
