@@ -83,17 +83,22 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
     inputs = build_inputs(sessions, job, settings)
     labels = _model_labels(sessions, job, settings, model, inputs, out)
     findings = _measure(sessions, job, settings, model, inputs, labels)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "measures.json").write_text(json.dumps(findings.as_json(), indent=2))
     written = []
     position = [m.name for m in config.models].index(settings.name)
     numbers = {kind: result_series_number(kind, job.run_number, position) for kind in RESULT_SERIES_OFFSET}
     version = settings.version or model_fingerprint(settings, getattr(model, "model_dir", None))
     source = Source(inputs.grid.datasets, inputs.spacing, inputs.suv, inputs.pet_header)
     algorithm = Algorithm(settings.name, version, tuple(settings.folds), job.run_number)
-    for kind, ds in build_results(missing, out, findings, source, algorithm, numbers):
-        write_dicom(ds, out / RESULT_FILES[kind])
-        written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        summary = json.dumps(findings.as_json(), indent=2).encode()
+        write_durably(out / "measures.json", lambda fh: fh.write(summary), out / ".measures.json.partial")
+        for kind, ds in build_results(missing, out, findings, source, algorithm, numbers):
+            write_dicom(ds, out / RESULT_FILES[kind])  # whole or not at all: nothing truncated is ever sent
+            written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
+    except OSError as exc:  # a full disk, say: this attempt fails, a later one writes what is missing
+        raise JobError(f"cannot write the result objects into {out}: {exc.strerror or exc}"
+                       + (f" ({', '.join(written)} written)" if written else ""), retryable=True) from exc
     _event(sessions, job, EventKind.RESULTS_WRITTEN, ", ".join(written))
     return out
 
@@ -159,8 +164,11 @@ def _model_labels(
         f"{seconds:.1f} s on {model.device}, {foreground} foreground voxels",
         data={"seconds": round(seconds, 3), "device": str(model.device), "foreground_voxels": foreground},
     )
-    out.mkdir(parents=True, exist_ok=True)
-    write_durably(saved, lambda fh: np.savez_compressed(fh, labels=labels), out / f".{LABELS_FILE}.partial")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_durably(saved, lambda fh: np.savez_compressed(fh, labels=labels), out / f".{LABELS_FILE}.partial")
+    except OSError as exc:  # not kept: the next attempt runs the model again
+        log.warning("job %d: label map not saved in %s: %s", job.id, out, exc.strerror or exc)
     return labels
 
 
