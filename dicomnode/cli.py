@@ -88,9 +88,11 @@ def serve(
 def worker(config: Path = ConfigOption, log_level: str = "INFO") -> None:
     """Run a worker: claim jobs and run the models (serve starts one itself)."""
     _setup_logging(log_level)
-    from dicomnode.pipeline.worker import Worker
+    from dicomnode.pipeline.worker import Worker, limit_memory
 
-    Worker(_config(config)).run_forever()
+    settings = _config(config)
+    limit_memory(settings.node)  # before the models are imported
+    Worker(settings).run_forever()
 
 
 @app.command()

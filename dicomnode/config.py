@@ -114,6 +114,13 @@ class NodeSettings(_Strict):
     # space is below either limit; 0 turns a limit off.
     min_free_percent: float = Field(10.0, ge=0, le=100)
     min_free_gb: float = Field(5.0, ge=0)
+    # The worker process's memory: set as its data limit (RLIMIT_DATA) when it starts, and a case
+    # whose estimated need (the model's memory plus the case's whole-image buffers) is larger is
+    # refused before inference. None: no limit (the kernel's OOM killer picks the worker first:
+    # its oom_score_adj is raised). A worker that dies is restarted after worker_restart_seconds,
+    # doubled for each quick death in a row (at most 5 minutes), so a crashing worker never storms.
+    worker_memory_gb: float | None = Field(None, gt=0)
+    worker_restart_seconds: float = Field(5.0, gt=0)
     # Prometheus metrics at http://metrics_bind:metrics_port/metrics; no port: off.
     metrics_port: int | None = Field(None, ge=1, le=65535)
     metrics_bind: str = "127.0.0.1"

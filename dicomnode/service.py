@@ -34,12 +34,20 @@ from dicomnode.store.engine import make_sessionmaker
 log = logging.getLogger("dicomnode.service")
 
 
-class WorkerSupervisor:
-    """Keeps one `dicomnode worker` child process running."""
+QUICK_EXIT_SECONDS = 600.0  # a worker that lived less than this exited quickly: the next restart waits longer
+MAX_RESTART_SECONDS = 300.0
 
-    def __init__(self, config: Config, restart_delay: float = 5.0) -> None:
+
+class WorkerSupervisor:
+    """Keeps one `dicomnode worker` child process running. A worker that exits is started again
+    after worker_restart_seconds, doubled for each quick exit in a row (at most 5 minutes), so a
+    worker that cannot start (out of memory at import, a broken model folder) never storms."""
+
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.restart_delay = restart_delay
+        self.min_delay = config.node.worker_restart_seconds
+        self.quick_exits = 0
+        self.started_at = 0.0
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
@@ -47,6 +55,7 @@ class WorkerSupervisor:
     def _spawn(self) -> None:
         command = [sys.executable, "-m", "dicomnode", "worker", "--config", str(self.config.source)]
         self.process = subprocess.Popen(command)
+        self.started_at = time.monotonic()
         log.info("worker process %d started", self.process.pid)
 
     def start(self) -> None:
@@ -57,10 +66,15 @@ class WorkerSupervisor:
         while not self._stopping.is_set():
             code = self.process.poll() if self.process else None
             if code is not None and not self._stopping.is_set():
+                lived = time.monotonic() - self.started_at
+                self.quick_exits = self.quick_exits + 1 if lived < QUICK_EXIT_SECONDS else 1
+                delay = min(self.min_delay * 2 ** (self.quick_exits - 1), MAX_RESTART_SECONDS)
+                killed = " (SIGKILL: out of memory?)" if code == -signal.SIGKILL else ""
                 log.error(
-                    "worker process %d exited with %s; restarting in %.0f s", self.process.pid, code, self.restart_delay
+                    "worker process %d exited with %s%s after %.0f s; restarting in %.1f s (%d quick exit(s) in a row)",
+                    self.process.pid, code, killed, lived, delay, self.quick_exits,
                 )
-                if self._stopping.wait(self.restart_delay):
+                if self._stopping.wait(delay):
                     return
                 self._spawn()
             self._stopping.wait(1.0)

@@ -12,7 +12,7 @@ for ensembling) and working set (extra memory while one case is predicted).
   sliding-window patch through the network: input and logits, and at each stage four
   feature maps (skip, upsampled, concatenated, convolved) at that stage's resolution, in
   float32. Whole-image buffers (the logits accumulated over the image) depend on the image
-  and are not included.
+  and are not included: `case_bytes` estimates them for a given case.
 """
 
 from __future__ import annotations
@@ -42,6 +42,10 @@ class Footprint:
     def basis(self) -> str:
         """"measured" (GPU allocator statistics) or "estimated" (CPU, or GPU before a prediction)."""
         return "measured" if self.on_gpu and self.measured_working_bytes is not None else "estimated"
+
+    def working_bytes(self) -> int:
+        """The working set of one prediction: measured (GPU) or estimated (CPU)."""
+        return self.estimated_working_bytes if self.measured_working_bytes is None else self.measured_working_bytes
 
     def total_bytes(self) -> int:
         working = self.measured_working_bytes
@@ -87,6 +91,16 @@ class Footprint:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def case_bytes(shape_zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float],
+               model_spacing: tuple[float, float, float], n_in: int, n_out: int) -> int:
+    """float32 bytes of the whole-image buffers of one case: its channels resampled to the model's
+    spacing, the logits accumulated over the sliding window and their count, the logits resampled
+    back to the case's grid and the label map, with a quarter more for padding and copies."""
+    original = math.prod(shape_zyx)
+    at_model = math.prod(max(1, round(n * s / m)) for n, s, m in zip(shape_zyx, spacing_zyx, model_spacing))
+    return int(1.25 * FLOAT32_BYTES * (at_model * (n_in + n_out + 1) + original * (n_in + n_out + 1)))
 
 
 def patch_working_set_bytes(configuration_manager: ConfigurationManager, n_in: int, n_out: int) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .labels import output_labels
 from .layout import resolve_model_folder
-from .memory import Footprint
+from .memory import Footprint, case_bytes
 from .trainers import TrainerNotFound, build_network, find_trainer_class
 
 log = logging.getLogger("inference")
@@ -184,6 +184,12 @@ class SegmentationModel:
     def memory_bytes(self) -> int:
         """What this model holds while loaded, plus its working set (see inference/memory.py)."""
         return self.footprint.total_bytes()
+
+    def case_bytes(self, channels_shape: tuple[int, ...], spacing_zyx: tuple[float, float, float]) -> int:
+        """Memory one case of this (c, z, y, x) shape needs on top of memory_bytes() (an estimate,
+        inference/memory.py), to refuse a case too big for the budget before it is predicted."""
+        n_out = max(len(self.labels), 2)  # the network's output channels, background included
+        return case_bytes(tuple(channels_shape[1:]), spacing_zyx, self.model_spacing, channels_shape[0], n_out)
 
     def unload(self) -> None:
         """Free the network and the fold weights (and the GPU memory they held)."""

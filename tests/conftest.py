@@ -22,9 +22,9 @@ from dicomnode.net.receiver import Receiver
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.synth.petct import SyntheticStudy, write_study
 
-from support.nodeutil import node_config
-from support.selectionutil import copy_series
-from support.storescp import StoreSCP
+from tests.support.nodeutil import node_config
+from tests.support.selectionutil import copy_series
+from tests.support.storescp import StoreSCP
 
 _LIBRARY_LOOKUP = {"ldconfig", "gcc", "cc", "ld", "objdump", "hostname", "uname"}  # libraries ask at first import
 

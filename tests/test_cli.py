@@ -19,7 +19,7 @@ from dicomnode.pipeline.queue import RetryPolicy, claim, enqueue, fail
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
 
-from support.nodeutil import write_config, write_series
+from tests.support.nodeutil import write_config, write_series
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

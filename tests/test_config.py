@@ -4,7 +4,7 @@ import pytest
 
 from dicomnode.config import ConfigError, load_config
 
-from support.nodeutil import REPO, write_config
+from tests.support.nodeutil import REPO, write_config
 
 
 def test_repo_config_resolves_paths_against_its_folder():

@@ -81,7 +81,7 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
         _event(sessions, job, EventKind.RESULTS_REUSED, f"{out} from an earlier attempt")
         return out
     inputs = build_inputs(sessions, job, settings)
-    labels = _model_labels(sessions, job, settings, model, inputs, out)
+    labels = _model_labels(sessions, job, settings, model, inputs, out, config.node.worker_memory_gb)
     findings = _measure(sessions, job, settings, model, inputs, labels)
     written = []
     position = [m.name for m in config.models].index(settings.name)
@@ -140,8 +140,9 @@ def _measure(sessions: sessionmaker, job: Job, settings: ModelSettings, model: S
 
 
 def _model_labels(
-    sessions: sessionmaker, job: Job, settings: ModelSettings, model: SegmentationModel, inputs: Inputs, out: Path
-) -> np.ndarray:  # noqa: ANN001
+    sessions: sessionmaker, job: Job, settings: ModelSettings, model: SegmentationModel, inputs: Inputs, out: Path,
+    budget_gb: float | None = None,
+) -> np.ndarray:
     """The model's label map on the grid: saved by an earlier attempt, else predicted and saved."""
     saved = out / LABELS_FILE
     if saved.exists():
@@ -154,6 +155,7 @@ def _model_labels(
             f"model {settings.name} takes {len(model.channel_names)} channels {model.channel_names} "
             f"but config models.channels lists {len(settings.channels)}: {settings.channels}"
         )
+    _check_memory(settings, model, inputs, budget_gb)
     started = time.monotonic()
     labels = model.predict(inputs.channels, inputs.spacing)
     seconds, foreground = time.monotonic() - started, int((labels > 0).sum())
@@ -170,6 +172,34 @@ def _model_labels(
     except OSError as exc:  # not kept: the next attempt runs the model again
         log.warning("job %d: label map not saved in %s: %s", job.id, out, exc.strerror or exc)
     return labels
+
+
+def _check_memory(settings: ModelSettings, model: SegmentationModel, inputs: Inputs, budget_gb: float | None) -> None:
+    """A case too big for worker_memory_gb is refused before inference, not killed mid-way: what
+    this process holds now (its data, as RLIMIT_DATA counts it) plus the model's working set and
+    the case's whole-image buffers (estimates, inference/memory.py) must fit."""
+    if budget_gb is None:
+        return
+    held = process_data_bytes()
+    case = model.case_bytes(inputs.channels.shape, inputs.spacing) + model.footprint.working_bytes()
+    if held + case > budget_gb * 1e9:
+        grid = "x".join(str(n) for n in inputs.channels.shape[1:])
+        raise JobError(
+            f"the case needs about {(held + case) / 1e9:.2f} GB to segment with model {settings.name} "
+            f"({grid} voxels on the {inputs.grid_name} grid: {case / 1e9:.2f} GB; the worker holds "
+            f"{held / 1e9:.2f} GB), more than worker_memory_gb = {budget_gb:g}: refused before inference"
+        )
+
+
+def process_data_bytes() -> int:
+    """This process's data (heap and private anonymous mappings: VmData), which RLIMIT_DATA limits."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def process(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel) -> str:

@@ -17,9 +17,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicomnode.worker")  # the name it had in the worker: journald filters and tests use it
 
 
-def load_model(settings: ModelSettings, use_mirroring: bool | None = None) -> SegmentationModel:
-    """The model of a `[[models]]` entry, loaded as configured (`use_mirroring` overrides the
-    setting, e.g. for a quick dry run)."""
+def load_model(
+    settings: ModelSettings, use_mirroring: bool | None = None, device: str | None = None
+) -> SegmentationModel:
+    """The model of a `[[models]]` entry, loaded as configured (`use_mirroring` and `device`
+    override the settings, e.g. for a quick dry run, or the CPU after the GPU ran out)."""
     from inference import (
         SegmentationModel,  # torch is imported here, in the worker only
     )
@@ -28,7 +30,7 @@ def load_model(settings: ModelSettings, use_mirroring: bool | None = None) -> Se
         settings.path,
         folds=settings.folds,
         checkpoint_name=settings.checkpoint,
-        device=settings.device,
+        device=device or settings.device,
         use_mirroring=settings.use_mirroring if use_mirroring is None else use_mirroring,
         tile_step_size=settings.tile_step_size,
         configuration=settings.configuration,
@@ -52,6 +54,7 @@ class ModelCache:
         gb = config.node.model_memory_gb
         self.budget_bytes = None if gb is None else int(gb * 1e9)
         self._models: OrderedDict[str, SegmentationModel] = OrderedDict()  # least recently used first
+        self._on_cpu: set[str] = set()  # models whose GPU ran out of memory: loaded on the CPU from then on
 
     def get(self, name: str) -> SegmentationModel:
         if name in self._models:
@@ -60,6 +63,20 @@ class ModelCache:
         self._models[name] = self._load(name)
         self._fit(name)
         return self._models[name]
+
+    def after_out_of_memory(self, name: str, gpu: bool) -> None:
+        """A job of model `name` ran out of memory. Every other loaded model is unloaded, to give
+        the next attempt room; when the GPU ran out and the model's device is "auto" (the site
+        allows the CPU), the model itself is loaded on the CPU for the next attempt."""
+        for other in [n for n in self._models if n != name]:
+            self._models.pop(other).unload()
+            log.info("model %s unloaded after an out-of-memory error", other)
+        settings = self.config.model(name)
+        if gpu and settings.device == "auto" and name not in self._on_cpu:
+            self._on_cpu.add(name)
+            if name in self._models:
+                self._models.pop(name).unload()
+            log.warning("model %s: the GPU ran out of memory; it runs on the CPU from the next attempt", name)
 
     def loaded(self) -> list[str]:
         """Names of the loaded models, least recently used first."""
@@ -71,9 +88,16 @@ class ModelCache:
     def _load(self, name: str) -> SegmentationModel:
         settings = self.config.model(name)
         started = time.monotonic()
-        model = load_model(settings)
-        log.info("model %s loaded in %.1f s (folds %s, %s, %.2f GB %s)", name, time.monotonic() - started,
-                 settings.folds, model.device, model.memory_bytes() / 1e9, model.footprint.basis)
+        model = load_model(settings, device="cpu" if name in self._on_cpu else None)
+        log.info(
+            "model %s loaded in %.1f s (folds %s, %s, %.2f GB %s)",
+            name,
+            time.monotonic() - started,
+            settings.folds,
+            model.device,
+            model.memory_bytes() / 1e9,
+            model.footprint.basis,
+        )
         return model
 
     def _fit(self, newest: str) -> None:
@@ -82,8 +106,16 @@ class ModelCache:
         while self.memory_bytes() > self.budget_bytes and len(self._models) > 1:
             name, model = self._models.popitem(last=False)
             model.unload()
-            log.info("model %s unloaded (least recently used; models now take %.2f of %.2f GB)",
-                     name, self.memory_bytes() / 1e9, self.budget_bytes / 1e9)
+            log.info(
+                "model %s unloaded (least recently used; models now take %.2f of %.2f GB)",
+                name,
+                self.memory_bytes() / 1e9,
+                self.budget_bytes / 1e9,
+            )
         if self.memory_bytes() > self.budget_bytes:
-            log.warning("model %s alone takes %.2f GB, more than model_memory_gb = %.2f",
-                        newest, self.memory_bytes() / 1e9, self.budget_bytes / 1e9)
+            log.warning(
+                "model %s alone takes %.2f GB, more than model_memory_gb = %.2f",
+                newest,
+                self.memory_bytes() / 1e9,
+                self.budget_bytes / 1e9,
+            )

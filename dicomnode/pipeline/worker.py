@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.config import Config
+from dicomnode.config import Config, NodeSettings
 from dicomnode.pipeline.errors import DeliveryPending, InputsNotReady, JobError
 from dicomnode.pipeline.job import process
 from dicomnode.pipeline.model_cache import ModelCache
@@ -39,6 +41,36 @@ from dicomnode.store.components import HEARTBEAT_SECONDS, Role, heartbeat
 from dicomnode.store.engine import make_sessionmaker
 
 log = logging.getLogger("dicomnode.worker")
+
+OOM_SCORE_ADJ = 800  # of 1000: the OOM killer takes the worker, not the receiver beside it
+
+
+def limit_memory(node: NodeSettings) -> None:
+    """The worker process's own memory rules, set when it starts: the kernel's OOM killer is to
+    pick it before the receiver (oom_score_adj raised, which needs no privilege), and with
+    worker_memory_gb its data (heap and anonymous mappings) is limited to that (RLIMIT_DATA), so
+    running out fails an allocation in this process instead of the machine's memory."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text(f"{OOM_SCORE_ADJ}\n")
+    except OSError as exc:  # not Linux, or a sandbox that forbids it
+        log.debug("cannot raise oom_score_adj: %s", exc)
+    if node.worker_memory_gb is not None:
+        limit = int(node.worker_memory_gb * 1e9)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+        log.info("worker memory limited to %.2f GB (worker_memory_gb)", node.worker_memory_gb)
+
+
+def out_of_memory(exc: BaseException) -> str | None:
+    """How `exc` says the process ran out of memory, or None: a MemoryError (numpy, Python),
+    torch's CPU allocator failing, or CUDA out of memory."""
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    text = str(exc)
+    if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text:
+        return "CUDA out of memory"
+    if isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()):
+        return "out of memory"
+    return None
 
 
 class Shutdown(BaseException):
@@ -113,8 +145,15 @@ class Worker:
             state = fail(self.sessions, job.id, self.owner, str(exc), self.policy, retryable=exc.retryable)
             log.error("job %d study %s: %s (now %s)", job.id, job.study_uid, exc, state)
         except Exception as exc:  # noqa: BLE001 - a bug or a torch error: keep the worker alive, keep the reason
-            log.error("job %d study %s: unexpected error\n%s", job.id, job.study_uid, traceback.format_exc())
-            state = fail(self.sessions, job.id, self.owner, f"{type(exc).__name__}: {exc}", self.policy)
+            memory = out_of_memory(exc)
+            if memory:  # the process lives on: what failed to allocate is freed with the attempt
+                reason = f"{memory} while running the job: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                log.error("job %d study %s: %s", job.id, job.study_uid, reason)
+                self.models.after_out_of_memory(job.model, gpu=memory.startswith("CUDA"))
+            else:
+                log.error("job %d study %s: unexpected error\n%s", job.id, job.study_uid, traceback.format_exc())
+                reason = f"{type(exc).__name__}: {exc}"
+            state = fail(self.sessions, job.id, self.owner, reason, self.policy)
         else:
             succeed(self.sessions, job.id, self.owner, message)
             log.info("job %d study %s: succeeded, %s", job.id, job.study_uid, message)

@@ -28,9 +28,9 @@ from dicomnode.testing.node import dice, seg_on_source_grid, start_node
 from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
 from dicomnode.testing.ports import free_port
 
-from support.dicomtools import dciodvfy_errors
-from support.e2e import REPO, write_node_config
-from support.malformed import CASES, send_raw, valid_pet, write_case
+from tests.support.dicomtools import dciodvfy_errors
+from tests.support.e2e import REPO, write_node_config
+from tests.support.malformed import CASES, send_raw, valid_pet, write_case
 
 pytestmark = [
     pytest.mark.e2e,

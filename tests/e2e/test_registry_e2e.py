@@ -23,8 +23,8 @@ from dicomnode.testing.node import dice, start_node
 from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
 from dicomnode.testing.ports import free_port
 
-from support.dicomtools import dciodvfy_errors
-from support.e2e import write_node_config
+from tests.support.dicomtools import dciodvfy_errors
+from tests.support.e2e import write_node_config
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = {"glioma-mr": REPO / "models" / "glioma-mr", "lymph-ct": REPO / "models" / "lymph-ct",

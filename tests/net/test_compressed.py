@@ -39,7 +39,7 @@ from dicomnode.net.receiver import STORAGE_CLASSES, TRANSFER_SYNTAXES, Receiver
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
 
-from support.nodeutil import node_config, tiny_instance
+from tests.support.nodeutil import node_config, tiny_instance
 
 pytestmark = pytest.mark.e2e  # starts servers or subprocesses (tests/conftest.py)
 

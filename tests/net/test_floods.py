@@ -26,8 +26,8 @@ from dicomnode.pipeline import assembler
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Instance, utcnow
 
-from support.malformed import CASES, as_file, encode, send_raw, valid_pet, write_case
-from support.nodeutil import node_config, write_series
+from tests.support.malformed import CASES, as_file, encode, send_raw, valid_pet, write_case
+from tests.support.nodeutil import node_config, write_series
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")]
 

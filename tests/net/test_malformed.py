@@ -18,8 +18,8 @@ from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.store.tables import Event, Instance, Job, Series, utcnow
 
-from support.malformed import CASES, SUCCESS, send_raw, valid_pet, write_case
-from support.nodeutil import node_config, tiny_instance
+from tests.support.malformed import CASES, SUCCESS, send_raw, valid_pet, write_case
+from tests.support.nodeutil import node_config, tiny_instance
 
 pytestmark = pytest.mark.e2e  # starts servers or subprocesses (tests/conftest.py)
 

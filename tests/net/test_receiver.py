@@ -16,7 +16,7 @@ from dicomnode.net.receiver import Receiver
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
 
-from support.nodeutil import node_config, tiny_instance, write_series
+from tests.support.nodeutil import node_config, tiny_instance, write_series
 
 pytestmark = pytest.mark.e2e  # starts servers or subprocesses (tests/conftest.py)
 

@@ -20,7 +20,7 @@ from dicomnode.pipeline import assembler
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job, Study, utcnow
 
-from support.nodeutil import node_config
+from tests.support.nodeutil import node_config
 
 pytestmark = pytest.mark.e2e  # starts servers or subprocesses (tests/conftest.py)
 

@@ -15,7 +15,7 @@ from dicomnode.net.receiver import Receiver
 from dicomnode.net.sender import store_each
 from dicomnode.store.engine import make_sessionmaker
 
-from support.nodeutil import node_config, write_series
+from tests.support.nodeutil import node_config, write_series
 
 pytestmark = pytest.mark.e2e  # starts servers or subprocesses (tests/conftest.py)
 

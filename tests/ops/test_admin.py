@@ -37,7 +37,7 @@ from dicomnode.store.schema import head_revision
 from dicomnode.store.tables import Component, Delivery, Job, JobState, utcnow
 from dicomnode.testing.node import start_node
 
-from support.nodeutil import node_config, write_config
+from tests.support.nodeutil import node_config, write_config
 
 LEASE = timedelta(minutes=10)
 REMOTE_WORKER = "gpu-2:77"  # a worker on another host, busy with the running job

@@ -15,8 +15,8 @@ from dicomnode.cli import app
 from dicomnode.synth import petct_phantom as ph
 from dicomnode.synth.petct import suv_to_bqml_factor
 
-from support.nodeutil import write_config
-from support.selectionutil import distractor_study
+from tests.support.nodeutil import write_config
+from tests.support.selectionutil import distractor_study
 
 runner = CliRunner()
 
@@ -128,7 +128,6 @@ def test_inspect_and_the_worker_choose_the_same_series_on_a_grid_that_is_not_the
     refused (the named channels must share the grid's frame of reference). The worker's path
     (the index, a queued job) and inspect (the folder) must choose the same four series."""
     from pydicom.uid import generate_uid
-    from test_config import MR_MODEL
 
     from dicomnode.config import load_config
     from dicomnode.ops.inspect import inspect_path
@@ -138,7 +137,8 @@ def test_inspect_and_the_worker_choose_the_same_series_on_a_grid_that_is_not_the
     from dicomnode.store.tables import Job
     from dicomnode.synth.registry import write_registry_study
 
-    from support.selectionutil import copy_series, index_files
+    from tests.support.selectionutil import copy_series, index_files
+    from tests.test_config import MR_MODEL
 
     study = write_registry_study(tmp_path / "glioma", "glioma", seed=1001)
     flair = study.channel_series["FLAIR"]

@@ -23,7 +23,7 @@ from dicomnode.synth.petct import write_study
 from dicomnode.testing.node import start_node
 from dicomnode.testing.ports import free_port
 
-from support.nodeutil import REPO, tiny_instance, write_config
+from tests.support.nodeutil import REPO, tiny_instance, write_config
 
 pytestmark = pytest.mark.e2e  # starts servers or subprocesses (tests/conftest.py)
 

@@ -20,7 +20,7 @@ from dicomnode.store.engine import make_sessionmaker
 from dicomnode.testing.node import start_node
 from dicomnode.testing.ports import free_port
 
-from support.nodeutil import tiny_instance, write_config, write_series
+from tests.support.nodeutil import tiny_instance, write_config, write_series
 
 pytestmark = pytest.mark.e2e  # starts servers or subprocesses (tests/conftest.py)
 

@@ -15,7 +15,7 @@ import pytest
 
 from dicomnode.config import load_config
 
-from support.nodeutil import REPO, write_config
+from tests.support.nodeutil import REPO, write_config
 
 pytestmark = pytest.mark.e2e  # starts servers or subprocesses (tests/conftest.py)
 
@@ -31,6 +31,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path):
     # verify checks that ExecStart exists: point it at this checkout's installed command.
     unit = (DEPLOY / "dicomnode.service").read_text()
     assert "\nType=notify\n" in unit and "\nWatchdogSec=" in unit and "\nPrivateDevices" not in unit
+    assert "\nOOMPolicy=continue\n" in unit  # a worker killed for memory does not stop the receiver
     command = Path(sys.executable).parent / "dicomnode"
     (tmp_path / "dicomnode.service").write_text(unit.replace("/opt/dicomnode/.venv/bin/dicomnode", str(command)))
     result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "dicomnode.service")],

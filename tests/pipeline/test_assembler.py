@@ -10,7 +10,7 @@ from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.index import ReceivedInstance, record_instance, series_of_study
 from dicomnode.store.tables import Event, Job, utcnow
 
-from support.nodeutil import node_config, tiny_instance
+from tests.support.nodeutil import node_config, tiny_instance
 
 
 def _tiny_series(

@@ -35,8 +35,8 @@ from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Delivery, Event, Job, JobState, utcnow
 from dicomnode.testing.ports import free_port
 
-from support.dicomtools import dciodvfy_errors
-from support.nodeutil import node_config, tiny_instance
+from tests.support.dicomtools import dciodvfy_errors
+from tests.support.nodeutil import node_config, tiny_instance
 
 LEASE = timedelta(seconds=60)
 POLICY = RetryPolicy(max_attempts=3, backoff_seconds=10)

@@ -24,9 +24,9 @@ from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job, utcnow
 from dicomnode.synth import petct_phantom as ph
 
-from support.dicomtools import dciodvfy_errors
-from support.nodeutil import node_config, write_config
-from support.selectionutil import copy_series, index_files
+from tests.support.dicomtools import dciodvfy_errors
+from tests.support.nodeutil import node_config, write_config
+from tests.support.selectionutil import copy_series, index_files
 
 
 class StandIn:

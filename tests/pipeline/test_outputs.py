@@ -28,10 +28,10 @@ from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job, JobState
 
-from support.dicomtools import dciodvfy_errors
-from support.nodeutil import REPO, node_config
-from support.selectionutil import index_files
-from support.storescp import StoreSCP
+from tests.support.dicomtools import dciodvfy_errors
+from tests.support.nodeutil import REPO, node_config
+from tests.support.selectionutil import index_files
+from tests.support.storescp import StoreSCP
 
 ALL = [SegmentationStorage, Comprehensive3DSRStorage, RTStructureSetStorage, SecondaryCaptureImageStorage]
 

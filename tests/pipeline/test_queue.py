@@ -18,7 +18,7 @@ from dicomnode.pipeline.queue import (
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job, JobState, utcnow
 
-from support.queueutil import claim_concurrently
+from tests.support.queueutil import claim_concurrently
 
 LEASE = timedelta(seconds=60)
 

@@ -24,8 +24,8 @@ from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job
 
-from support.nodeutil import REPO, node_config
-from support.selectionutil import index_files
+from tests.support.nodeutil import REPO, node_config
+from tests.support.selectionutil import index_files
 
 TILT = math.radians(10.0)
 OBLIQUE = [1, 0, 0, 0, f"{math.cos(TILT):.6f}", f"{-math.sin(TILT):.6f}"]

@@ -20,8 +20,8 @@ from dicomnode.pipeline.selection import select_inputs
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job, utcnow
 
-from support.nodeutil import node_config
-from support.selectionutil import distractor_study, index_files
+from tests.support.nodeutil import node_config
+from tests.support.selectionutil import distractor_study, index_files
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_pet_still_arriving_holds_the_job_back_then_runs(tmp_path: Path, scanner
 def test_input_spec_in_config(tmp_path: Path):
     from dicomnode.config import ConfigError, load_config
 
-    from support.nodeutil import write_config
+    from tests.support.nodeutil import write_config
 
     path = write_config(tmp_path, extra='[models.inputs.pet]\nstatic_only = false\ncorrected_image = ["ATTN"]\n')
     model = load_config(path).models[0]

@@ -7,14 +7,14 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from test_config import MR_MODEL
 
 from dicomnode.config import ModelSettings, load_config
 from dicomnode.imaging.headers import series_from_paths
 from dicomnode.pipeline.selection import applies_to, select_inputs
 from dicomnode.synth.registry import write_registry_study
 
-from support.nodeutil import write_config
+from tests.support.nodeutil import write_config
+from tests.test_config import MR_MODEL
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from dicomnode.synth.petct import write_study
 from dicomnode.testing.orthanc import LocalOrthanc
 from dicomnode.testing.ports import free_port
 
-from support.nodeutil import REPO, node_config
+from tests.support.nodeutil import REPO, node_config
 
 MODEL = REPO / "models" / "demo-petct"
 pytestmark = pytest.mark.skipif(not (MODEL / "plans.json").exists(), reason="demo model not built")

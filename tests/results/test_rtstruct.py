@@ -12,7 +12,7 @@ from skimage.draw import polygon
 from dicomnode.results.common import ResultError, write_dicom
 from dicomnode.results.rtstruct import NO_LESIONS, build_rtstruct
 
-from support.dicomtools import dciodvfy_errors
+from tests.support.dicomtools import dciodvfy_errors
 
 ARGS = dict(model_name="demo-petct", model_version="0.1.0", series_number=971, series_description="demo-petct contours")
 

@@ -14,7 +14,7 @@ from dicomnode.results.common import ResultError
 from dicomnode.results.preview import PALETTE, default_zoom, panel_size
 from dicomnode.results.sc import CAVEAT, build_sc, key_figures
 
-from support.dicomtools import dciodvfy_errors
+from tests.support.dicomtools import dciodvfy_errors
 
 ARGS = dict(model_name="demo-petct", model_version="0.1.0", series_number=981, series_description="demo-petct PET MIP")
 

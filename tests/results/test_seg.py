@@ -11,7 +11,7 @@ import pytest
 from dicomnode.results.common import ResultError, write_dicom
 from dicomnode.results.seg import build_seg, packed_size
 
-from support.dicomtools import dciodvfy_errors
+from tests.support.dicomtools import dciodvfy_errors
 
 SEG_ARGS = dict(
     model_name="demo-petct",

@@ -20,7 +20,7 @@ from dicomnode.results.seg import build_seg
 from dicomnode.results.segment_sr import build_segment_sr
 from dicomnode.synth.registry import write_registry_study
 
-from support.dicomtools import dciodvfy_errors
+from tests.support.dicomtools import dciodvfy_errors
 
 ANATOMY = ["123037004", "SCT", "Anatomical Structure"]
 ORGAN_TYPES = {"spleen": ["78961009", "SCT", "Spleen"], "kidney_right": ["9846003", "SCT", "Right kidney"],

@@ -15,7 +15,7 @@ from dicomnode.results.common import ResultError, write_dicom
 from dicomnode.results.seg import build_seg
 from dicomnode.results.sr import build_sr
 
-from support.dicomtools import dciodvfy_errors
+from tests.support.dicomtools import dciodvfy_errors
 
 MODEL = dict(model_name="demo-petct", model_version="0.1.0")
 SR_ARGS = dict(MODEL, series_number=902, series_description="demo-petct measurements")

@@ -26,9 +26,9 @@ from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Instance, Job, utcnow
 
-from support.nodeutil import REPO, tiny_instance, write_config
-from support.selectionutil import index_files
-from support.smalldisk import fill, grow, small_filesystem
+from tests.support.nodeutil import REPO, tiny_instance, write_config
+from tests.support.selectionutil import index_files
+from tests.support.smalldisk import fill, grow, small_filesystem
 
 pytestmark = pytest.mark.e2e  # mounts a file system, runs a receiver
 

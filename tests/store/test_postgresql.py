@@ -34,10 +34,10 @@ from dicomnode.store.engine import make_engine, make_sessionmaker
 from dicomnode.store.schema import current_revision, head_revision
 from dicomnode.store.tables import Base, Delivery, Event, Instance, Job, Study
 
-from support.nodeutil import REPO, node_config
-from support.pgserver import PostgresServer, postgres_bin
-from support.queueutil import claim_concurrently
-from support.schemautil import open_at_once
+from tests.support.nodeutil import REPO, node_config
+from tests.support.pgserver import PostgresServer, postgres_bin
+from tests.support.queueutil import claim_concurrently
+from tests.support.schemautil import open_at_once
 
 pytestmark = [
     pytest.mark.e2e,

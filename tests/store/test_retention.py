@@ -16,7 +16,7 @@ from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.store.spool import Spool
 from dicomnode.store.tables import Event, Instance, Job, Study, utcnow
 
-from support.nodeutil import node_config
+from tests.support.nodeutil import node_config
 
 POLICY = RetryPolicy(max_attempts=1)
 NOW = utcnow()

@@ -31,8 +31,8 @@ from dicomnode.store.schema import (
 )
 from dicomnode.store.tables import Base, Event, Job
 
-from support.nodeutil import write_config
-from support.schemautil import open_at_once
+from tests.support.nodeutil import write_config
+from tests.support.schemautil import open_at_once
 
 AT = datetime(2026, 11, 23, 8, 30, tzinfo=timezone.utc)
 

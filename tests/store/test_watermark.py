@@ -18,7 +18,7 @@ from dicomnode.store.diskspace import GB, limit_bytes
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
 
-from support.nodeutil import node_config, tiny_instance
+from tests.support.nodeutil import node_config, tiny_instance
 
 LOW = {"min_free_gb": 1e9}  # a billion GB: no disk has that much free
 

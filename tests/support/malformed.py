@@ -31,7 +31,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import PositronEmissionTomographyImageStorage as PETStorage
 
-from support.nodeutil import tiny_instance
+from tests.support.nodeutil import tiny_instance
 
 SUCCESS, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0000, 0xA900, 0xC000
 

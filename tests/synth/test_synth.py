@@ -14,7 +14,7 @@ from dicomnode.imaging.volumes import load_series
 from dicomnode.synth import petct_phantom as ph
 from dicomnode.synth.petct import write_study
 
-from support.dicomtools import dciodvfy_errors
+from tests.support.dicomtools import dciodvfy_errors
 
 
 def test_files_and_uids(synth_study):

@@ -15,7 +15,7 @@ from dicomnode.cli import app
 from dicomnode.imaging.volumes import load_series
 from dicomnode.synth.registry import KINDS, write_registry_study
 
-from support.dicomtools import dciodvfy_errors
+from tests.support.dicomtools import dciodvfy_errors
 
 
 @pytest.fixture(scope="module", params=KINDS)

@@ -20,8 +20,8 @@ from dicomnode.imaging.volumes import load_series
 from dicomnode.synth import petct_phantom as ph
 from dicomnode.synth.petct import VARIANTS, write_study
 
-from support.dicomtools import dciodvfy_errors
-from support.selectionutil import distractor_study
+from tests.support.dicomtools import dciodvfy_errors
+from tests.support.selectionutil import distractor_study
 
 # What the SUV attributes must say for each variant: (attribute, expected part of its value).
 EXPECTED_PATH = {
