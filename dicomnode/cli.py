@@ -484,6 +484,21 @@ def _series_lines(study) -> str:  # noqa: ANN001 - ops.history.StudyRow
     return "\n".join(f"{s.modality} #{s.number} {s.description} ({s.instances})" for s in study.series)
 
 
+@app.command()
+def events(
+    config: Path = ConfigOption,
+    since: Optional[str] = typer.Option(None, help="Only events since: 30m, 2h, 1d or an ISO time (UTC)."),
+    kind: Optional[str] = typer.Option(None, help="Only events of this kind, e.g. delivery-failed."),
+    study: Optional[str] = typer.Option(None, help="Only events of this Study Instance UID."),
+) -> None:
+    """Export the event log, oldest first, one JSON object a line (read in batches: the node goes
+    on receiving while a long export runs)."""
+    from dicomnode.ops.history import iter_events
+
+    for event in iter_events(_sessions(_config(config)), since=_since(since), kind=kind, study=study):
+        sys.stdout.write(json.dumps(event) + "\n")
+
+
 @studies_app.command("list")
 def studies_list(
     config: Path = ConfigOption,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -287,3 +288,29 @@ def study_detail(sessions: sessionmaker, study_uid: str) -> StudyDetail | None:
             **vars(_study_row(session, study)),
             events=[EventRow(e.at, e.kind, e.message, e.study_uid, e.job_id) for e in events],
         )
+
+
+# --- the event log ----------------------------------------------------------------------------
+
+
+def iter_events(sessions: sessionmaker, since: datetime | None = None, kind: str | None = None,
+                study: str | None = None, batch: int = 2000) -> Iterator[dict]:
+    """Every event (oldest first) as a plain dict, read in batches by id so a long export holds
+    no transaction open for long (the receiver writes on meanwhile)."""
+    last_id = 0
+    while True:
+        query = select(Event).where(Event.id > last_id).order_by(Event.id).limit(batch)
+        if since is not None:
+            query = query.where(Event.at >= since)
+        if kind is not None:
+            query = query.where(Event.kind == kind)
+        if study is not None:
+            query = query.where(Event.study_uid == study)
+        with sessions() as session:
+            rows = list(session.scalars(query))
+        if not rows:
+            return
+        for e in rows:
+            yield {"id": e.id, "at": e.at.isoformat(), "kind": e.kind, "study_uid": e.study_uid, "job_id": e.job_id,
+                   "message": e.message, "data": event_data(e) or None}
+        last_id = rows[-1].id

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -45,29 +46,19 @@ class PostgresServer:
         )
         if initdb.returncode != 0:
             raise RuntimeError(f"initdb failed ({initdb.returncode}): {initdb.stderr.strip()}")
-        # fsync off: a test cluster, thrown away; the socket directory is the cluster's own folder
-        self._process = subprocess.Popen(
-            [
-                str(bin_dir / "postgres"),
-                "-D",
-                str(data),
-                "-p",
-                str(self.port),
-                "-k",
-                str(folder),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=100",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(folder / "server.log", "wb"),
-            **as_owner,
-        )  # noqa: SIM115
+        self._command = [
+            str(bin_dir / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(folder),
+            "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=100",
+        ]  # fsync off: a test cluster, thrown away; the socket directory is the cluster's own folder
+        self._folder, self._as_owner = folder, as_owner
+        self.start()
+
+    def start(self) -> None:
+        """Start the server (again, after stop: same cluster, same port)."""
+        self._process = subprocess.Popen(self._command, stdout=subprocess.DEVNULL,
+                                         stderr=open(self._folder / "server.log", "ab"), **self._as_owner)
         try:
-            self._wait_ready(folder / "server.log")
+            self._wait_ready(self._folder / "server.log")
         except RuntimeError:
             self.stop()
             raise
@@ -94,8 +85,13 @@ class PostgresServer:
             connection.execute(f'CREATE DATABASE "{name}"')
         return f"postgresql+psycopg://{USER}@127.0.0.1:{self.port}/{name}"
 
-    def stop(self) -> None:
-        self._process.terminate()  # SIGTERM: PostgreSQL's smart shutdown
+    def stop(self, fast: bool = False) -> None:
+        """Stop the server: smart shutdown (waits for clients), or fast (disconnects them, as a
+        restart of the database server does)."""
+        if fast:
+            self._process.send_signal(signal.SIGINT)
+        else:
+            self._process.terminate()  # SIGTERM: PostgreSQL's smart shutdown
         try:
             self._process.wait(30)
         except subprocess.TimeoutExpired:
