@@ -26,10 +26,17 @@ class ReceivedInstance:
     calling_aet: str
 
 
-def record_instance(sessions: sessionmaker, item: ReceivedInstance, now: datetime | None = None) -> None:
-    """Index one stored instance (a re-sent instance replaces its earlier row)."""
+def record_instance(sessions: sessionmaker, item: ReceivedInstance, now: datetime | None = None) -> bool:
+    """Index one stored instance; True when it is new. An instance the node holds already (the
+    same SOP Instance UID in the same series: a sender that sends a study again after a lost
+    response or an outage) is no news: its row stays, and the study's arrival time does not move,
+    so a resend after a job was queued never makes a second run."""
     now = now or utcnow()
     with sessions.begin() as session:
+        held = session.get(Instance, item.sop_instance_uid)
+        if held is not None and (held.study_uid, held.series_uid) == (item.study_uid, item.series_uid):
+            held.path = item.path
+            return False
         study = session.get(Study, item.study_uid)
         if study is None:
             study = Study(study_uid=item.study_uid, first_received_at=now, last_received_at=now, instances_received=0)
@@ -69,6 +76,7 @@ def record_instance(sessions: sessionmaker, item: ReceivedInstance, now: datetim
                 received_at=now,
             )
         )
+    return True
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from dicomnode.pipeline import assembler
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.index import ReceivedInstance, record_instance, series_of_study
-from dicomnode.store.tables import Event, Job, utcnow
+from dicomnode.store.tables import Event, Job, Study, utcnow
 
 from tests.support.nodeutil import node_config, tiny_instance
 
@@ -134,3 +134,23 @@ def test_inconsistent_late_instance_holds_the_new_run_back(tmp_path: Path):
         [message] = session.scalars(select(Event.message).where(Event.kind == "incomplete"))
     assert message.startswith("model demo-petct: no PET series fits the model's PET input spec (PT #2, 5 instances: ")
     assert "5 instances but NumberOfSlices is 4" in message
+
+
+def test_a_study_sent_again_after_its_job_makes_no_second_run(tmp_path: Path):
+    """A sender that sends the whole study again (a response it lost, an outage it recovered
+    from) sends nothing new: the study is not a candidate again, no run 2, no second SEG."""
+    config, sessions = _setup(tmp_path)
+    t0 = utcnow() - timedelta(seconds=300)
+    frame = generate_uid()
+    files = _tiny_series(tmp_path / "in", "1.6", "1.6.1", "CT", frame) + _tiny_series(
+        tmp_path / "in", "1.6", "1.6.2", "PT", frame
+    )
+    _receive(sessions, files, t0)
+    [first] = assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=61))
+    resent = utcnow()
+    _receive(sessions, files, resent)  # every instance again, after the job was queued
+    assert assembler.queue_ready_studies(sessions, config, now=resent + timedelta(seconds=61)) == []
+    with sessions() as session:
+        study = session.get(Study, "1.6")
+        assert study.instances_received == len(files) and study.last_received_at < resent
+        assert [j.run_number for j in session.scalars(select(Job))] == [1]
