@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export TCP_NODELAY := 1
 
-.PHONY: demo test test-fast lint system-packages demo-model registry-models bench lint-imports clean
+.PHONY: demo test test-fast soak lint system-packages demo-model registry-models bench lint-imports clean
 
 system-packages:
 	@if ! { { command -v Orthanc || test -x /usr/sbin/Orthanc; } && command -v storescu && command -v dciodvfy && command -v systemd-analyze \
@@ -33,7 +33,12 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test: system-packages $(STAMP) lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not soak" tests
+
+# A day in one run (~20 min): 60 studies from 4 senders while the node, its worker and the PACS
+# are killed and restarted at random; not part of `make test`.
+soak: system-packages $(STAMP)
+	$(PY) -m pytest -q -s -m soak tests/e2e/test_soak.py
 
 # The edit-test loop: everything that starts no server and no subprocess (tests/conftest.py enforces the mark).
 test-fast: $(STAMP)
