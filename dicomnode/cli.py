@@ -37,7 +37,8 @@ def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level.upper(), format=f"{stamp}%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin set-up at every start (upgrades: dicomnode.schema)
+    # alembic logs its plugin set-up at every start; schema upgrades are logged by dicomnode.schema
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     # highdicom logs each module it copies and openjpeg each tile it encodes, per object written
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("openjpeg").setLevel(logging.WARNING)
