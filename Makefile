@@ -11,10 +11,10 @@ export TCP_NODELAY := 1
 .PHONY: demo test test-fast soak lint system-packages demo-model registry-models bench lint-imports clean
 
 system-packages:
-	@if ! { { command -v Orthanc || test -x /usr/sbin/Orthanc; } && command -v storescu && command -v dciodvfy && command -v systemd-analyze \
+	@if ! { { command -v Orthanc || test -x /usr/sbin/Orthanc; } && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so && command -v storescu && command -v dciodvfy && command -v systemd-analyze \
 			&& ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1; then \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc dcmtk dicom3tools systemd postgresql >/dev/null || exit 1; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq orthanc orthanc-dicomweb dcmtk dicom3tools systemd postgresql >/dev/null || exit 1; \
 		$(SUDO) systemctl disable --now orthanc postgresql >/dev/null 2>&1 || true; \
 	fi
 

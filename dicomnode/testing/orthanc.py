@@ -51,6 +51,9 @@ def orthanc_binary() -> str | None:
     return None
 
 
+# Debian's orthanc-dicomweb package (`make system-packages` installs it)
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
 # Loopback traffic must never go through an http_proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -72,6 +75,7 @@ class LocalOrthanc:
         modalities: Mapping[str, tuple[str, str, int]] | None = None,
         config_overrides: Mapping[str, Any] | None = None,
         binary: str | None = None,
+        dicomweb: bool = False,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.aet = aet
@@ -85,6 +89,8 @@ class LocalOrthanc:
         self.modalities: dict[str, tuple[str, str, int]] = dict(modalities or {})
         self.config_overrides = dict(config_overrides or {})
         self.binary = binary
+        self.dicomweb = dicomweb
+        self.dicomweb_url = f"{self.url}/dicom-web"
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
         self.startup_seconds: float | None = None
@@ -99,7 +105,7 @@ class LocalOrthanc:
             "Name": self.aet,
             "StorageDirectory": str(self.workdir / "storage"),
             "IndexDirectory": str(self.workdir / "index"),
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if self.dicomweb else [],
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,  # HTTP answers loopback only
@@ -122,6 +128,8 @@ class LocalOrthanc:
             "TcpNoDelay": True,
             "KeepAlive": True,
         }
+        if self.dicomweb:  # Debian's orthanc-dicomweb: QIDO-RS, WADO-RS and STOW-RS under /dicom-web/
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}
         cfg.update(self.config_overrides)
         return cfg
 
