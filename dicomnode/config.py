@@ -98,6 +98,10 @@ class NodeSettings(_Strict):
     # are closed at once.
     max_associations: int = Field(16, ge=1)
     max_associations_per_ae: int | None = Field(None, ge=1)
+    # Every storage SOP class is accepted. Instances of a class no model reads (SR, SEG, SC, PDF,
+    # presentation states, RT objects...) are stored until retention like any other; with
+    # drop_non_inputs = true they are acknowledged, counted, logged per association and not stored.
+    drop_non_inputs: bool = False
     # Each result object to each destination is retried on its own, for delivery_give_up_hours
     # after it was planned (a PACS down for a maintenance night gets its results the next
     # morning): a failed C-STORE try waits delivery_backoff_seconds, doubled after each, at most

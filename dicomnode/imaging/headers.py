@@ -26,6 +26,7 @@ import pydicom
 from pydicom.multival import MultiValue
 
 from dicomnode.config import TAG_KEYWORDS
+from dicomnode.imaging.sopclasses import is_input
 
 _CACHE_SIZE = 200_000
 
@@ -56,6 +57,8 @@ class InstanceFacts:
     orientation: tuple[float, ...] | None  # ImageOrientationPatient (None unless both it and the position are there)
     position: tuple[float, ...] | None  # ImagePositionPatient, mm
     tags: tuple[tuple[str, str], ...] = ()  # (keyword, value) of config.TAG_KEYWORDS, for applies_to rules
+    sop_class_uid: str = ""
+    decay_correction: str = ""  # PET: START, ADMIN or NONE (what the pixel values are decay-corrected to)
 
     @property
     def z(self) -> float | None:
@@ -171,6 +174,8 @@ def facts_from_dataset(ds, path: str | Path = "") -> InstanceFacts:  # noqa: ANN
         orientation=tuple(iop) if located else None,
         position=tuple(ipp) if located else None,
         tags=tags,
+        sop_class_uid=_text(ds, "SOPClassUID"),
+        decay_correction=_text(ds, "DecayCorrection").strip().upper(),
     )
 
 
@@ -220,6 +225,19 @@ class SeriesFacts:
     indexed_modality: str = ""
     indexed_number: int | None = None
     indexed_description: str = ""
+    indexed_sop_class: str = ""
+    # Instances of a class no model reads (dicomnode.imaging.sopclasses): counted, their files not read
+    stored_only: int = 0
+    node_result_of: int | None = None  # the job whose result this series is (sent back to the node)
+
+    @property
+    def sop_class_uid(self) -> str:
+        return self.first.sop_class_uid if self.first else self.indexed_sop_class
+
+    @property
+    def is_input(self) -> bool:
+        """False for a series of a class no model reads (SR, SEG, SC, PDF, ...): never selected."""
+        return is_input(self.sop_class_uid)
 
     @property
     def first(self) -> InstanceFacts | None:
@@ -239,7 +257,7 @@ class SeriesFacts:
 
     @property
     def count(self) -> int:
-        return len(self.instances) + len(self.unreadable)
+        return len(self.instances) + len(self.unreadable) + self.stored_only
 
     @property
     def paths(self) -> list[str]:

@@ -1,4 +1,8 @@
-"""The receiver: a pynetdicom Verification and Storage SCP.
+"""The receiver: a pynetdicom Verification and Storage SCP for every storage SOP class pynetdicom
+knows (dicomnode.imaging.sopclasses). The classes a model reads (CT, PET, MR, enhanced or not) are
+accepted in the syntaxes the node can decode; every other class (SR, SEG, SC, PDF, presentation
+states, RT objects, video) is stored as sent in any syntax, checked the same way, and never
+starts a job (nor, with `drop_non_inputs`, is it kept).
 
 An instance is acknowledged (0x0000) only after it is fsynced into the spool and indexed;
 any failure answers with a failure status and a logged reason (below the disk watermark,
@@ -21,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
+    AllTransferSyntaxes,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -30,20 +35,11 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    EnhancedMRImageStorage,
-    EnhancedPETImageStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-    LegacyConvertedEnhancedPETImageStorage,
-    MRImageStorage,
-    PositronEmissionTomographyImageStorage,
-    Verification,
-)
+from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
+from dicomnode.imaging.sopclasses import INPUT_CLASSES, STORAGE_CLASSES
 from dicomnode.net.status import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -59,16 +55,6 @@ from dicomnode.store.spool import Spool
 
 log = logging.getLogger("dicomnode.receiver")
 
-STORAGE_CLASSES = (
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-    PositronEmissionTomographyImageStorage,
-    EnhancedPETImageStorage,
-    LegacyConvertedEnhancedPETImageStorage,
-    MRImageStorage,
-    EnhancedMRImageStorage,
-)
 UNCOMPRESSED_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
 # Lossless compressed syntaxes we accept when pydicom has a working decoder for them (the
 # pylibjpeg plugins, pyjpegls, Pillow or GDCM): a syntax we could store but not read is refused
@@ -90,9 +76,14 @@ def decodable(syntaxes: list[UID]) -> list[UID]:
 
 # Uncompressed first: pynetdicom's acceptor takes the first of ours that the requestor proposed.
 TRANSFER_SYNTAXES = UNCOMPRESSED_SYNTAXES + decodable(LOSSLESS_SYNTAXES)
+# Classes no model reads are stored as sent, never decoded: any encapsulated syntax will do (JPEG
+# baseline secondary captures, MPEG video); Explicit VR Big Endian (retired) is not offered.
+STORED_ONLY_SYNTAXES = UNCOMPRESSED_SYNTAXES + [
+    UID(uid) for uid in AllTransferSyntaxes if UID(uid).is_encapsulated and UID(uid) not in UNCOMPRESSED_SYNTAXES
+]
 
 LIMIT_LOG_SECONDS = 10.0  # association-limit rejections: one log line per this many seconds
-IMAGE_CLASSES = frozenset(STORAGE_CLASSES)  # their pixel data is read by the pipeline: it must be whole
+IMAGE_CLASSES = INPUT_CLASSES  # their pixel data is read by the pipeline: it must be whole
 
 
 
@@ -115,6 +106,11 @@ class ReceiverCounters:
             ["status"],
             registry=registry,
         )
+        self.instances_dropped = Counter(
+            "dicomnode_instances_dropped",
+            "Instances of a class no model reads, acknowledged and not stored (drop_non_inputs = true)",
+            registry=registry,
+        )
         self.associations_open = Gauge(
             "dicomnode_associations_open", "Associations requested and not yet closed", registry=registry)
         self.associations_rejected = Counter(
@@ -134,6 +130,7 @@ class Receiver:
         self._server = None
         self._lock = threading.Lock()
         self._stored: dict[int, dict[str, int]] = {}  # association -> study -> instances stored
+        self._dropped: dict[int, dict[str, int]] = {}  # the same, acknowledged and dropped (drop_non_inputs)
         self._requested: dict[int, str] = {}  # associations that sent an A-ASSOCIATE-RQ (not closed) -> calling AE
         self.max_associations = config.node.max_associations
         self.max_per_ae = config.node.max_associations_per_ae or max(config.node.max_associations // 2, 1)
@@ -154,8 +151,9 @@ class Receiver:
         # _on_requested applies max_associations to the associations actually requested.
         self.ae.maximum_associations = self.max_connections
         self.ae.add_supported_context(Verification)
-        for sop_class in STORAGE_CLASSES:
-            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        for sop_class in STORAGE_CLASSES:  # every storage class pynetdicom knows
+            self.ae.add_supported_context(
+                sop_class, TRANSFER_SYNTAXES if sop_class in INPUT_CLASSES else STORED_ONLY_SYNTAXES)
 
     # -- C-STORE ---------------------------------------------------------------------------
     def handle_store(self, event) -> int:  # noqa: ANN001 - pynetdicom event
@@ -172,13 +170,15 @@ class Receiver:
         syntax = UID(event.context.transfer_syntax)
         try:
             ds = event.dataset
+            sent = event.request.DataSet
             facts = check_instance(
                 ds,
-                event.request.DataSet.getvalue()[:8],
+                bytes(sent.getbuffer()[:8]),
                 syntax,
                 str(event.request.AffectedSOPClassUID),
                 request_sop,
                 IMAGE_CLASSES,
+                size=sent.getbuffer().nbytes,
             )
         except Refused as refused:
             log.warning(
@@ -192,6 +192,12 @@ class Receiver:
         sop_class, modality = str(ds.SOPClassUID), facts.modality
         if self.watermark.low():  # logged once per crossing by the watermark
             return OUT_OF_RESOURCES
+        if self.config.node.drop_non_inputs and sop_class not in INPUT_CLASSES:
+            with self._lock:  # said per association when it closes
+                per_study = self._dropped.setdefault(id(event.assoc), {})
+                per_study[study_uid] = per_study.get(study_uid, 0) + 1
+            self.counters.instances_dropped.inc()
+            return SUCCESS
         resent = self.spool.path_for(study_uid, series_uid, sop_uid).exists()  # acknowledged before: indexed
         try:
             path = self.spool.write(study_uid, series_uid, sop_uid, event.encoded_dataset())
@@ -212,6 +218,7 @@ class Receiver:
                     series_description=facts.series_description,
                     path=str(path),
                     calling_aet=calling,
+                    counts_as_arrival=sop_class in INPUT_CLASSES,
                 ),
             )
         except Exception as exc:  # noqa: BLE001 - the database refused (locked, gone, full): transient
@@ -319,7 +326,11 @@ class Receiver:
     def _on_closed(self, event) -> None:  # noqa: ANN001
         with self._lock:
             per_study = self._stored.pop(id(event.assoc), {})
+            dropped = self._dropped.pop(id(event.assoc), {})
         how = "aborted" if event.event is evt.EVT_ABORTED else "released"
+        for study_uid, count in dropped.items():
+            log.info("study %s: %d instances of classes no model reads acknowledged and not stored "
+                     "(drop_non_inputs = true), from %s", study_uid, count, event.assoc.requestor.ae_title)
         for study_uid, count in per_study.items():
             patient = self._patients.pop(study_uid, None)
             log.info(

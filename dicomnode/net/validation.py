@@ -7,7 +7,8 @@ promise that the later stages can use it, so whatever they read must read here.
   * Study, Series, SOP Instance or SOP Class UIDs that are not UIDs as sent (a leading space,
     a letter: pydicom strips what it reads, the file keeps it);
   * any element that cannot be read in the negotiated syntax, or whose value is shorter than
-    its length says (a data set cut short: pydicom reads what is there without a word);
+    its length says, or bytes after the last whole element (a data set cut short, in a value or
+    in an element header: pydicom reads what is there without a word);
   * an attribute series selection or volume building relies on that is malformed
     (dicomnode.imaging.headers.facts_from_dataset; PixelSpacing, RescaleSlope, RescaleIntercept);
   * image pixel data shorter than Rows x Columns x SamplesPerPixel x BitsAllocated x frames, or
@@ -56,12 +57,15 @@ class Refused(Exception):
 
 
 def check_instance(ds: Dataset, head: bytes, transfer_syntax: UID, request_class: str, request_instance: str,
-                   image_classes: frozenset[str] | set[str] = frozenset()) -> InstanceFacts:
-    """Check one received data set (`head`: its first bytes as sent, for the VR form) and return
-    its facts; Refused says why it cannot be acknowledged. `image_classes`: SOP classes whose
-    pixel data the pipeline reads (it must be there, and whole)."""
+                   image_classes: frozenset[str] | set[str] = frozenset(), size: int | None = None) -> InstanceFacts:
+    """Check one received data set (`head`: its first bytes as sent, for the VR form; `size`: its
+    length in bytes as sent, when known) and return its facts; Refused says why it cannot be
+    acknowledged. `image_classes`: SOP classes whose pixel data the pipeline reads (it must be
+    there, and whole)."""
     if not transfer_syntax.is_deflated:
         _check_vr_form(head, transfer_syntax)
+        if size is not None:
+            _check_ends_with_an_element(ds, size)
     as_sent = {keyword: _as_sent(ds, keyword) for keyword in IDENTITY_UIDS}  # before reading converts them
     _check_elements(ds)
     for keyword, text in as_sent.items():
@@ -91,6 +95,19 @@ def _check_vr_form(head: bytes, syntax: UID) -> None:
         found = "Explicit VR" if looks_explicit else "Implicit VR"
         raise Refused(CANNOT_UNDERSTAND, f"data set is encoded in {found} but the negotiated transfer syntax is "
                                          f"{syntax.name}")
+
+
+def _check_ends_with_an_element(ds: Dataset, size: int) -> None:
+    """The last element's value must end where the data set does: pydicom stops without a word at
+    an element header cut short (the bytes after the last whole element are dropped)."""
+    tags = list(ds.keys())
+    last = ds.get_item(tags[-1]) if tags else None
+    if not isinstance(last, RawDataElement) or last.value_tell is None or last.length == _UNDEFINED_LENGTH:
+        return  # already read, or a sequence or encapsulated pixel data: its delimiter closes it
+    end = last.value_tell + last.length
+    if end < size:
+        raise Refused(CANNOT_UNDERSTAND, f"{size - end} bytes after the last whole element {Tag(last.tag)} "
+                                         f"{_keyword(last.tag)}: the data set is cut short in an element header")
 
 
 def _as_sent(ds: Dataset, keyword: str) -> str | None:

@@ -35,7 +35,7 @@ log = logging.getLogger("dicomnode.assembler")
 
 
 def missing_modalities(series: list[SeriesFacts], model: ModelSettings) -> list[str]:
-    present = {s.modality for s in series}
+    present = {s.modality for s in series if s.is_input}
     return [m for m in model.required_modalities if m not in present]
 
 

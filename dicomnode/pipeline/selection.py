@@ -13,7 +13,8 @@ must match, `exclude_series_description`: none may; case-insensitive shell globs
 
 PET (channel "PET"), every rule must hold:
   * Modality PT; ImageType contains ORIGINAL; SeriesType has none of REPROJECTION, DYNAMIC,
-    GATED; CorrectedImage contains ATTN and DECY;
+    GATED; CorrectedImage contains ATTN and DECY (DECY need not be there when DecayCorrection
+    is NONE: the values are not decay-corrected and SUV decays the dose to the acquisition);
   * static: NumberOfTimeSlices, NumberOfTimeSlots and NumberOfFrames absent or 1;
   * consistent: one orientation, no duplicate slice positions, no gaps, and no more
     instances than NumberOfSlices. Fewer instances than NumberOfSlices: the series is still
@@ -34,6 +35,10 @@ Named channels (e.g. "FLAIR", "T1", "T1CE", "T2"; filled as stored), each by its
   * a series that fits two channels' rules fills neither: the patterns must tell them apart.
   Several fit: the latest (SeriesDate/Time, then SeriesNumber: a repeated sequence replaces
   the first), then the most instances.
+
+Series of a class no model reads (SR, SEG, SC, PDF, presentation states, RT objects; see
+dicomnode.imaging.sopclasses) are never chosen: "not an input of any model", or, for the node's
+own results sent back by the PACS, "a result of this node (job N)".
 
 Header facts are dicomnode.imaging.headers' (cached per file); slice stacks are checked by
 dicomnode.imaging.geometry, with the same rule and tolerance as volume building.
@@ -63,6 +68,7 @@ from dicomnode.imaging.geometry import (
     slice_stack,
 )
 from dicomnode.imaging.headers import SeriesFacts
+from dicomnode.imaging.sopclasses import class_name
 
 
 def _unreadable(series: SeriesFacts) -> str:
@@ -176,6 +182,8 @@ def _pet_reasons(series: SeriesFacts, spec: PetInputSpec) -> tuple[list[str], st
         reasons.append(f"SeriesType {_show(series, 'series_type')} is {'/'.join(bad_types)}")
     corrected = series.common_values("corrected_image")
     lacking = [v for v in spec.corrected_image if v.upper() not in corrected]
+    if "DECY" in lacking and series.distinct("decay_correction") == {"NONE"}:
+        lacking.remove("DECY")  # says it is not decay-corrected: SUV decays the dose to the acquisition
     if lacking:
         reasons.append(f"CorrectedImage {_show(series, 'corrected_image')} lacks {'/'.join(lacking)}")
     if spec.static_only:
@@ -281,10 +289,13 @@ def select_inputs(
     first) is the channel whose frame of reference the named channels must share."""
     spec = spec or InputSpec()
     channels = list(dict.fromkeys(channels))
-    state = _Choosing({s.series_uid: [] for s in series})
+    state = _Choosing({s.series_uid: [] for s in series})  # every series, inputs or not
     wanted = {channel_modality(c, spec) for c in channels}
-    for s in series:
-        if s.modality not in wanted:
+    everything, series = series, [s for s in series if s.is_input]
+    for s in everything:
+        if not s.is_input:
+            state.reasons[s.series_uid].append(_not_an_input(s))
+        elif s.modality not in wanted:
             state.reasons[s.series_uid].append(
                 f"modality {s.modality or '(missing)'} is not an input of the model (channels {', '.join(channels)})"
             )
@@ -296,7 +307,7 @@ def select_inputs(
         grid = grid or ("PET" if "PET" in channels else channels[0])
         _choose_named(series, named, spec, grid, state)
     return Selection(
-        verdicts=_verdicts(series, state), chosen=state.chosen, waiting=state.waiting, missing=state.missing
+        verdicts=_verdicts(everything, state), chosen=state.chosen, waiting=state.waiting, missing=state.missing
     )
 
 
@@ -415,6 +426,13 @@ def _choose_named(series: list[SeriesFacts], names: list[str], spec: InputSpec, 
             )
 
 
+def _not_an_input(series: SeriesFacts) -> str:
+    what = class_name(series.sop_class_uid)
+    if series.node_result_of is not None:
+        return f"a result of this node (job {series.node_result_of}, {what}) sent back: not an input of any model"
+    return f"not an input of any model: {what} is stored, not read"
+
+
 def _verdicts(series: list[SeriesFacts], state: _Choosing) -> list[Verdict]:
     used = {s.series_uid: channel for channel, s in state.chosen.items()}
     verdicts = []
@@ -443,7 +461,7 @@ def _verdicts(series: list[SeriesFacts], state: _Choosing) -> list[Verdict]:
 
 def applies_to(series: list[SeriesFacts], settings: ModelSettings) -> str | None:
     """None when the model applies to the study of `series` (config [models.applies_to]), else why not."""
-    present = {s.modality for s in series}
+    present = {s.modality for s in series if s.is_input}
     rule = settings.applies_to
     if rule.modalities is not None:
         lacking = [m for m in rule.modalities if m not in present]

@@ -24,6 +24,9 @@ class ReceivedInstance:
     series_description: str
     path: str
     calling_aet: str
+    # False for a class no model reads (a dose report, the node's own SEG sent back): it is indexed,
+    # but the study's arrival time stays, so it never starts a job nor makes a late arrival
+    counts_as_arrival: bool = True
 
 
 def record_instance(sessions: sessionmaker, item: ReceivedInstance, now: datetime | None = None) -> bool:
@@ -48,7 +51,8 @@ def record_instance(sessions: sessionmaker, item: ReceivedInstance, now: datetim
                 study_uid=item.study_uid,
                 at=now,
             )
-        study.last_received_at = now
+        if item.counts_as_arrival:
+            study.last_received_at = now
         study.instances_received += 1
         series = session.get(Series, item.series_uid)
         if series is None:

@@ -34,8 +34,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
+from dicomnode.imaging.sopclasses import INPUT_CLASSES, STORAGE_CLASSES
 from dicomnode.imaging.volumes import load_series
-from dicomnode.net.receiver import STORAGE_CLASSES, TRANSFER_SYNTAXES, Receiver
+from dicomnode.net.receiver import STORED_ONLY_SYNTAXES, TRANSFER_SYNTAXES, Receiver
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
 
@@ -129,12 +130,17 @@ def test_accepted_syntaxes_are_uncompressed_then_the_decodable_lossless_ones():
     assert TRANSFER_SYNTAXES[0] == ExplicitVRLittleEndian
 
 
-def test_receiver_offers_exactly_those_for_every_storage_class(tmp_path: Path):
+def test_receiver_offers_exactly_those_for_every_input_class_and_stores_the_rest_as_sent(tmp_path: Path):
     config = node_config(tmp_path)
     receiver = Receiver(config, make_sessionmaker(config.database_url))
     contexts = {cx.abstract_syntax: cx.transfer_syntax for cx in receiver.ae.supported_contexts}
+    assert len(STORAGE_CLASSES) >= 170 and set(contexts) == set(STORAGE_CLASSES) | {Verification}
     for sop_class in STORAGE_CLASSES:
-        assert contexts[sop_class] == EXPECTED
+        if sop_class in INPUT_CLASSES:  # read by the pipeline: decodable ones only
+            assert contexts[sop_class] == EXPECTED
+        else:  # stored as sent: uncompressed first, then every encapsulated syntax, lossy and video too
+            assert contexts[sop_class] == STORED_ONLY_SYNTAXES
+            assert contexts[sop_class][:3] == EXPECTED[:3] and JPEGBaseline8Bit in contexts[sop_class]
 
 
 @pytest.mark.parametrize(

@@ -154,3 +154,61 @@ def test_a_study_sent_again_after_its_job_makes_no_second_run(tmp_path: Path):
         study = session.get(Study, "1.6")
         assert study.instances_received == len(files) and study.last_received_at < resent
         assert [j.run_number for j in session.scalars(select(Job))] == [1]
+
+
+def _stored_only(folder: Path, study: str, sop_class: str, modality: str, sop_uid: str | None = None) -> Path:
+    """One instance of a class no model reads (a dose report, the node's own SEG sent back)."""
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid or generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+    ds.Modality, ds.SeriesNumber = modality, 99
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _receive_stored_only(sessions, path: Path, at) -> None:
+    ds = pydicom.dcmread(path)
+    record_instance(sessions, ReceivedInstance(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1",
+        ds.Modality, 99, "", str(path), "PACS", counts_as_arrival=False), now=at)
+
+
+def test_objects_no_model_reads_and_the_nodes_own_results_never_start_a_job(tmp_path: Path):
+    """A dose report and the node's own SEG, routed back by the PACS after the job, are indexed but
+    start no run; the next run (a real late CT) names them in its verdicts."""
+    from dicomnode.store.tables import Delivery, DeliveryState
+
+    config, sessions = _setup(tmp_path)
+    t0 = utcnow() - timedelta(seconds=1000)
+    frame = generate_uid()
+    _receive(sessions, _tiny_series(tmp_path / "in", "1.7", "1.7.1", "CT", frame), t0)
+    _receive(sessions, _tiny_series(tmp_path / "in", "1.7", "1.7.2", "PT", frame), t0)
+    [first] = assembler.queue_ready_studies(sessions, config, now=t0 + timedelta(seconds=61))
+    seg_uid = generate_uid()
+    with sessions.begin() as session:  # the job ran; its SEG, as delivery planned and sent it
+        session.get(Job, first).state = "succeeded"
+        session.add(Delivery(job_id=first, destination="pacs", path="seg.dcm", sop_instance_uid=seg_uid,
+                             sop_class_uid="1.2.840.10008.5.1.4.1.1.66.4", state=DeliveryState.SENT,
+                             not_before=t0, created_at=t0, updated_at=t0))
+    at = utcnow() + timedelta(seconds=1)  # after the job: were it an arrival, it would make a new run
+    _receive_stored_only(sessions, _stored_only(tmp_path / "back", "1.7", "1.2.840.10008.5.1.4.1.1.66.4", "SEG",
+                                                seg_uid), at)
+    _receive_stored_only(sessions, _stored_only(tmp_path / "back", "1.7", "1.2.840.10008.5.1.4.1.1.88.67", "SR"), at)
+    with sessions() as session:
+        study = session.get(Study, "1.7")
+        assert study.last_received_at == t0 and study.instances_received == 10
+    assert assembler.queue_ready_studies(sessions, config, now=at + timedelta(seconds=300)) == []
+    late = _tiny_series(tmp_path / "late", "1.7", "1.7.1", "CT", frame, count=5)[4:]
+    _receive(sessions, late, at + timedelta(seconds=300))  # a real late arrival: the fifth CT slice
+    [second] = assembler.queue_ready_studies(sessions, config, now=at + timedelta(seconds=400))
+    with sessions() as session:
+        verdicts = list(session.scalars(
+            select(Event.message).where(Event.job_id == second, Event.kind == "series-verdict")))
+    assert len(verdicts) == 4
+    assert any(f"a result of this node (job {first}, Segmentation Storage) sent back: not an input of any model"
+               in v for v in verdicts)
+    assert any("not an input of any model: X-Ray Radiation Dose SR Storage is stored, not read" in v for v in verdicts)

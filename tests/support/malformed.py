@@ -130,6 +130,12 @@ def _cut(fraction: float) -> Callable[[Dataset], tuple[bytes, str]]:
     return make
 
 
+def _cut_in_element_header(ds: Dataset) -> tuple[bytes, str]:
+    """The data set stops 6 bytes into the header of an element after the pixel data."""
+    body = encode(ds) + b"\xfa\xff\xfa\xffSQ"  # (FFFA,FFFA) SQ, its reserved bytes and length missing
+    return as_file(body, ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian), ExplicitVRLittleEndian
+
+
 def _other_vr_form(ds: Dataset) -> tuple[bytes, str]:
     """Explicit VR bytes sent on an Implicit VR Little Endian context."""
     return as_file(encode(ds), ds.SOPClassUID, ds.SOPInstanceUID, ImplicitVRLittleEndian), ImplicitVRLittleEndian
@@ -215,6 +221,7 @@ CASES = [
     Case("pixel-data-short", _edited(_short_pixels), (CANNOT_UNDERSTAND,), "PixelData"),
     Case("cut-in-header", _cut(0.1), (CANNOT_UNDERSTAND,)),
     Case("cut-in-pixel-data", _cut(0.9), (CANNOT_UNDERSTAND,)),
+    Case("cut-in-an-element-header", _cut_in_element_header, (CANNOT_UNDERSTAND,), "element header"),
     Case("explicit-on-implicit-context", _other_vr_form, (CANNOT_UNDERSTAND,), "Implicit VR Little Endian"),
     Case("implicit-on-explicit-context", _implicit_on_explicit, (CANNOT_UNDERSTAND,), "Explicit VR Little Endian"),
     Case("absurd-length", _absurd_length, (CANNOT_UNDERSTAND,)),
