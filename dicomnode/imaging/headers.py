@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +26,7 @@ import pydicom
 from pydicom.multival import MultiValue
 
 from dicomnode.config import TAG_KEYWORDS
+from dicomnode.imaging.frames import frame_headers, is_enhanced
 from dicomnode.imaging.sopclasses import is_input
 
 _CACHE_SIZE = 200_000
@@ -52,13 +53,32 @@ class InstanceFacts:
     series_type: tuple[str, ...]
     frame_of_reference_uid: str
     number_of_slices: int | None
-    time_frames: int  # the largest of NumberOfTimeSlices, NumberOfTimeSlots, NumberOfFrames (1 if absent)
+    time_frames: int  # the largest of NumberOfTimeSlices, NumberOfTimeSlots, NumberOfFrames (1 if absent);
+    # enhanced multi-frame: the time frames among its frames (see _enhanced_facts), not NumberOfFrames
     slice_thickness: float | None
     orientation: tuple[float, ...] | None  # ImageOrientationPatient (None unless both it and the position are there)
     position: tuple[float, ...] | None  # ImagePositionPatient, mm
     tags: tuple[tuple[str, str], ...] = ()  # (keyword, value) of config.TAG_KEYWORDS, for applies_to rules
     sop_class_uid: str = ""
     decay_correction: str = ""  # PET: START, ADMIN or NONE (what the pixel values are decay-corrected to)
+    # Enhanced multi-frame (dicomnode.imaging.frames): each frame's ImageOrientationPatient and
+    # ImagePositionPatient (empty for a single-frame instance), and (ConcatenationUID,
+    # InConcatenationTotalNumber) when the instance is one part of a concatenation.
+    frame_orientations: tuple[tuple[float, ...], ...] = ()
+    frame_positions: tuple[tuple[float, ...], ...] = ()
+    concatenation: tuple[str, int] | None = None
+
+    @property
+    def frames(self) -> int:
+        """The slices this instance holds: its frames when enhanced, else 1."""
+        return len(self.frame_positions) or 1
+
+    @property
+    def planes(self) -> tuple[tuple[tuple[float, ...], tuple[float, ...]], ...]:
+        """(orientation, position) of each slice it holds; () when a slice has no position."""
+        if self.frame_positions:
+            return tuple(zip(self.frame_orientations, self.frame_positions))
+        return ((self.orientation, self.position),) if self.position is not None else ()
 
     @property
     def z(self) -> float | None:
@@ -144,10 +164,19 @@ def facts_from_dataset(ds, path: str | Path = "") -> InstanceFacts:  # noqa: ANN
     attributes that merely name things (SeriesNumber, SeriesDescription, dates) are then taken as
     missing. The receiver refuses an instance this raises for (0xC000), so what it acknowledges
     the assembler and the worker can read."""
+    # Enhanced images a model reads: their frames' geometry. A multi-frame object no model reads
+    # (a SEG sent back, a whole-slide image) is only named: it need not describe its frames so.
+    enhanced = _enhanced_facts(ds) if is_enhanced(ds) and is_input(_text(ds, "SOPClassUID")) else None
+    top = ds
+    if enhanced is not None:  # the other facts as the first frame's header has them
+        ds = frame_headers(ds, [1])[0]
     iop = numbers(ds, "ImageOrientationPatient", 6)
     ipp = numbers(ds, "ImagePositionPatient", 3)
     located = iop is not None and ipp is not None
-    frames = [_int(ds, k) for k in ("NumberOfTimeSlices", "NumberOfTimeSlots", "NumberOfFrames")]
+    frames = [_int(ds, k) for k in ("NumberOfTimeSlices", "NumberOfTimeSlots")]
+    # NumberOfFrames counts time frames only where frames are not described one by one; an
+    # enhanced instance's frames are mostly slices: its time frames are counted from its frames.
+    frames.append(enhanced[3] if enhanced is not None else _int(ds, "NumberOfFrames"))
     thickness = numbers(ds, "SliceThickness")
     try:
         description = _text(ds, "SeriesDescription")
@@ -176,7 +205,58 @@ def facts_from_dataset(ds, path: str | Path = "") -> InstanceFacts:  # noqa: ANN
         tags=tags,
         sop_class_uid=_text(ds, "SOPClassUID"),
         decay_correction=_text(ds, "DecayCorrection").strip().upper(),
+        frame_orientations=enhanced[0] if enhanced is not None else (),
+        frame_positions=enhanced[1] if enhanced is not None else (),
+        concatenation=enhanced[2] if enhanced is not None else _concatenation(top),
     )
+
+
+def _enhanced_facts(ds) -> tuple:  # noqa: ANN001 - pydicom Dataset
+    """(each frame's orientation, each frame's position, the concatenation, the time frames) of
+    an enhanced multi-frame instance, read from its functional groups (Plane Orientation / Plane
+    Position, Frame Content); FactsError names the frame whose geometry is missing or malformed.
+    Time frames: the distinct TemporalPositionIndex values, else how often every position
+    repeats when each repeats equally (a dynamic series without temporal indices); 1 otherwise."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else None
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    count = _int(ds, "NumberOfFrames") or 1
+    if per_frame and len(per_frame) != count:
+        raise FactsError(f"PerFrameFunctionalGroupsSequence: {len(per_frame)} items for NumberOfFrames {count}")
+    orientations, positions, temporal = [], [], set()
+    for k in range(count):
+        frame = per_frame[k] if per_frame else None
+        iop = _macro_numbers(frame, shared, "PlaneOrientationSequence", "ImageOrientationPatient", 6, k)
+        ipp = _macro_numbers(frame, shared, "PlanePositionSequence", "ImagePositionPatient", 3, k)
+        if iop is None or ipp is None:
+            raise FactsError(f"frame {k + 1}: no PlaneOrientationSequence/PlanePositionSequence")
+        orientations.append(tuple(iop))
+        positions.append(tuple(ipp))
+        content = frame.get("FrameContentSequence") if frame is not None else None
+        index = content[0].get("TemporalPositionIndex") if content else None
+        if index is not None:
+            temporal.add(int(index))
+    repeats = set(Counter(tuple(round(v, 2) for v in p) for p in positions).values())
+    time_frames = len(temporal) if len(temporal) > 1 else (repeats.pop() if len(repeats) == 1 else 1)
+    return tuple(orientations), tuple(positions), _concatenation(ds), time_frames
+
+
+def _macro_numbers(frame, shared, macro: str, keyword: str, count: int, k: int) -> list[float] | None:  # noqa: ANN001
+    for group in (frame, shared):
+        items = group.get(macro) if group is not None else None
+        if items:
+            try:
+                return numbers(items[0], keyword, count)
+            except FactsError as exc:
+                raise FactsError(f"frame {k + 1}: {exc}") from None
+    return None
+
+
+def _concatenation(ds) -> tuple[str, int] | None:  # noqa: ANN001 - pydicom Dataset
+    """(ConcatenationUID, InConcatenationTotalNumber) of one part of a concatenation, else None."""
+    uid = _text(ds, "ConcatenationUID")
+    total = _int(ds, "InConcatenationTotalNumber")
+    return (uid, total) if uid and total else None
 
 
 _cache: "OrderedDict[str, tuple[int, int, InstanceFacts]]" = OrderedDict()
@@ -263,6 +343,29 @@ class SeriesFacts:
     def paths(self) -> list[str]:
         return [i.path for i in self.instances]
 
+    @property
+    def slices(self) -> int:
+        """The slices the readable instances hold: their frames for enhanced multi-frame ones."""
+        return sum(i.frames for i in self.instances)
+
+    @property
+    def planes(self) -> list[tuple[tuple[float, ...], tuple[float, ...]]]:
+        """(orientation, position) of every slice of every instance (each frame of a multi-frame one)."""
+        return [plane for i in self.instances for plane in i.planes]
+
+    def concatenation_arriving(self) -> str | None:
+        """Why a concatenation (one enhanced image split over several instances) is incomplete, or None."""
+        parts: dict[str, tuple[int, set[str]]] = {}
+        for i in self.instances:
+            if i.concatenation is not None:
+                uid, total = i.concatenation
+                parts.setdefault(uid, (total, set()))[1].add(i.sop_instance_uid)
+        for uid, (total, present) in parts.items():
+            if len(present) < total:
+                return (f"{self.label()} has {len(present)} of {total} instances of concatenation {uid} "
+                        "(InConcatenationTotalNumber): still arriving")
+        return None
+
     def all_values(self, attribute: str) -> set[str]:
         """Values of a multi-valued attribute present in any instance."""
         return set().union(*(getattr(i, attribute) for i in self.instances)) if self.instances else set()
@@ -288,7 +391,9 @@ class SeriesFacts:
     def label(self) -> str:
         number = f"#{self.series_number}" if self.series_number is not None else "#-"
         description = f' "{self.description}"' if self.description else ""
-        return f"{self.modality or '?'} {number}{description}, {self.count} instance{'s' if self.count != 1 else ''}"
+        frames = f" ({self.slices} frames)" if any(i.frame_positions for i in self.instances) else ""
+        return (f"{self.modality or '?'} {number}{description}, {self.count} instance{'s' if self.count != 1 else ''}"
+                f"{frames}")
 
 
 def group_series(facts: Iterable[InstanceFacts]) -> list[SeriesFacts]:

@@ -36,7 +36,9 @@ G), extended to the cases of the OncoRay/IBSI SUV reference objects (shared/data
      injection: RadiopharmaceuticalStartDateTime, else RadiopharmaceuticalStartTime on the
             date of the scan (earliest acquisition, else SeriesDate); an injection time after
             the scan time is taken as the day before (injected before midnight);
-     START: SeriesDate/Time, unless it is after the acquisition (a post-processed series); then
+     START: DecayCorrectionDateTime where the header has it (Enhanced PET, whose DecayCorrected
+            YES dicomnode.imaging.frames reads as START), else
+            SeriesDate/Time, unless it is after the acquisition (a post-processed series); then
             GE's private scan start (0009,100D) under "GEMS_PETD_01", else the Siemens
             back-computation AcquisitionTime + Tave - FrameReferenceTime, else the earliest
             AcquisitionDate/Time of the series;
@@ -47,6 +49,12 @@ G), extended to the cases of the OncoRay/IBSI SUV reference objects (shared/data
 5. Factor: (Bq/ml per rescaled unit) * body weight [g] / (dose * 2^(-decay time / half-life)).
 
 Every undefined case raises `SuvError` naming the attribute at fault.
+
+A frame of an enhanced multi-frame PET is read as a slice: its header is the frame's functional
+groups laid over the instance's top level (dicomnode.imaging.frames: RadiopharmaceuticalInformation-
+Sequence, Units and DecayCorrection at the top or in the Unassigned Shared Converted Attributes,
+the frame's FrameAcquisitionDateTime as AcquisitionDateTime, FrameAcquisitionDuration as
+ActualFrameDuration), so every step above applies frame by frame.
 """
 
 from __future__ import annotations
@@ -380,7 +388,12 @@ def _decay_reference_time(
     ds: Dataset, decay_correction: str, earliest_acquisition: datetime | None, used: dict[str, str]
 ) -> datetime:
     """The time the pixel values are decay-corrected to (START or NONE)."""
-    if decay_correction == "START":
+    if decay_correction == "START" and ds.get("DecayCorrectionDateTime"):  # Enhanced PET says it outright
+        try:
+            reference, source = _parse_dt(ds.DecayCorrectionDateTime), "DecayCorrectionDateTime"
+        except ValueError:
+            raise SuvError("DecayCorrectionDateTime", f"invalid DT {ds.DecayCorrectionDateTime!r}") from None
+    elif decay_correction == "START":
         reference, source = _scan_start(ds, earliest_acquisition)
     else:  # NONE: mean activity during the frame, Tave after the frame started
         offset_s = _mean_activity_offset_s(ds)

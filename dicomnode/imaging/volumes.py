@@ -1,4 +1,4 @@
-"""Single-frame DICOM series -> 3-D volume in patient coordinates, and resampling between grids.
+"""DICOM series -> 3-D volume in patient coordinates, and resampling between grids.
 
 `load_series(paths)` reads every file with pydicom, checks that the slices form one regular
 axial stack (dicomnode.imaging.geometry: the rule series selection applies too), orders them
@@ -6,6 +6,13 @@ by position along the slice normal and applies the per-slice RescaleSlope/Interc
 headers stay with the volume (`datasets`, in the same slice order as `array`) so SUV
 conversion and SEG creation can use them. One pydicom pass reads headers and pixels (the
 headers are needed anyway); SimpleITK is used for resampling.
+
+Enhanced and Legacy Converted Enhanced multi-frame instances (one or several per series) are
+read frame by frame: each frame's header is its functional groups laid over the instance's top
+level (dicomnode.imaging.frames), and its pixels come from highdicom (`highdicom.Image`: frame
+decoding and the frame's pixel value transformation, RescaleSlope/Intercept or a modality LUT).
+Frames and single-frame slices then meet the same stack rule, and `datasets` holds one header
+per frame (a FrameHeader: `.instance` and `.frame_number` say where it came from).
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
+from dicomnode.imaging.frames import frame_headers, is_enhanced
 from dicomnode.imaging.geometry import GeometryError, slice_stack
 from dicomnode.imaging.headers import first_sentence
 
@@ -70,9 +79,18 @@ class Volume:
 def load_series(paths: Iterable[Path | str]) -> Volume:
     """One series' files (any order) -> Volume; VolumeError says why they do not form one (a
     malformed header too: whatever pydicom raises for it becomes a VolumeError naming it)."""
-    datasets = [_read(p) for p in paths]
+    datasets, planes = [], []
+    for path in paths:
+        ds = _read(path)
+        if is_enhanced(ds):
+            headers = frame_headers(ds)
+            datasets.extend(headers)
+            planes.extend(_enhanced_planes(ds, headers))
+        else:
+            datasets.append(ds)
+            planes.append(None)
     try:
-        return _volume(datasets)
+        return _volume(datasets, planes)
     except VolumeError:
         raise
     except Exception as exc:  # noqa: BLE001 - an attribute pydicom cannot read or convert
@@ -82,7 +100,10 @@ def load_series(paths: Iterable[Path | str]) -> Volume:
         ) from exc
 
 
-def _volume(datasets: list[Dataset]) -> Volume:
+def _volume(datasets: list[Dataset], planes: list | None = None) -> Volume:
+    """`planes[k]`: the rescaled plane of `datasets[k]` when already decoded (a frame), None to
+    decode it from the dataset (a single-frame slice)."""
+    planes = planes or [None] * len(datasets)
     if not datasets:
         raise VolumeError("no files given")
     _check_same_series(datasets)
@@ -94,10 +115,12 @@ def _volume(datasets: list[Dataset]) -> Volume:
     except GeometryError as exc:
         raise VolumeError(f"series {datasets[0].get('SeriesInstanceUID', '?')}: {exc}") from None
     datasets[:] = [datasets[i] for i in stack.order]
+    planes = [planes[i] for i in stack.order]
     row, col, normal = stack.row, stack.col, stack.normal
     slice_spacing = stack.spacing or _single_slice_spacing(datasets[0])
 
-    array = np.stack([_rescaled_plane(ds) for ds in datasets]).astype(np.float32, copy=False)
+    array = np.stack([_rescaled_plane(ds) if plane is None else plane for ds, plane in zip(datasets, planes)])
+    array = array.astype(np.float32, copy=False)
     first = datasets[0]
     row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
     direction = tuple(float(v) for v in np.column_stack([row, col, normal]).ravel())
@@ -156,8 +179,8 @@ def _check_same_series(datasets: list[Dataset]) -> None:
     for ds in datasets:
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             raise VolumeError(f"slice {ds.get('SOPInstanceUID', '?')} has no position/orientation")
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise VolumeError("multi-frame images are not supported")
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1 and not hasattr(ds, "frame_number"):
+            raise VolumeError("multi-frame images without functional groups (not enhanced) are not supported")
 
 
 def _single_slice_spacing(ds: Dataset) -> float:
@@ -182,6 +205,35 @@ def _rescaled_plane(ds: Dataset) -> np.ndarray:
     if ds.get("Modality") == "CT" and "PixelPaddingValue" in ds:
         plane[_padding_mask(ds, stored)] = CT_PADDING_HU
     return plane.astype(np.float32)
+
+
+def _enhanced_planes(ds: Dataset, headers: list[Dataset]) -> list[np.ndarray]:
+    """The rescaled planes of an enhanced multi-frame instance, frame by frame (highdicom decodes
+    the frames and applies each frame's pixel value transformation)."""
+    uid = ds.get("SOPInstanceUID", "?")
+    try:
+        image = hd.Image.from_dataset(ds, copy=False)
+        numbers = [h.frame_number for h in headers]
+        frames = image.get_frames(numbers, apply_real_world_transform=False, apply_modality_transform=True,
+                                  apply_voi_transform=False, apply_presentation_lut=False,
+                                  apply_palette_color_lut=False, apply_icc_profile=False, dtype=np.float64)
+        stored = (image.get_stored_frames(numbers) if ds.get("Modality") == "CT" and "PixelPaddingValue" in ds
+                  else None)
+    except Exception as exc:  # noqa: BLE001 - missing, undecodable or inconsistent pixel data / transforms
+        raise VolumeError(f"cannot decode the frames of {uid}: {type(exc).__name__}: {first_sentence(exc)}") from exc
+    planes = []
+    for k, header in enumerate(headers):
+        plane = np.asarray(frames[k], dtype=np.float64)
+        if not np.isfinite(plane).all():
+            raise VolumeError(
+                f"frame {header.frame_number} of {uid} (series {ds.get('SeriesInstanceUID', '?')}): its pixel "
+                "value transformation (RescaleSlope / RescaleIntercept) and the pixel values give NaN or "
+                "infinite values"
+            )
+        if stored is not None:
+            plane[_padding_mask(ds, stored[k])] = CT_PADDING_HU
+        planes.append(plane.astype(np.float32))
+    return planes
 
 
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 
 from dicomnode.config import ModelSettings
+from dicomnode.imaging.frames import frame_headers
 from dicomnode.imaging.headers import series_from_paths
 from dicomnode.imaging.suv import SuvError, series_factors
 from dicomnode.pipeline.selection import Selection, select_inputs
@@ -106,8 +107,9 @@ def inspect_path(path: Path, model: ModelSettings) -> Report:
 
 def suv_summary(pet_files: list[Path]) -> tuple[dict | None, str | None]:
     """The SUVbw factor of the PET series' first slice (along z) and the attributes it used,
-    computed as the worker computes it (dicomnode.imaging.suv.series_factors)."""
-    headers = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in pet_files]
+    computed as the worker computes it (dicomnode.imaging.suv.series_factors); each frame of an
+    enhanced multi-frame PET is a slice (dicomnode.imaging.frames)."""
+    headers = [frame for p in pet_files for frame in frame_headers(pydicom.dcmread(str(p), stop_before_pixels=True))]
     headers.sort(key=lambda ds: float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else 0.0)
     try:
         factors = series_factors(headers)

@@ -19,6 +19,11 @@ PET (channel "PET"), every rule must hold:
   * consistent: one orientation, no duplicate slice positions, no gaps, and no more
     instances than NumberOfSlices. Fewer instances than NumberOfSlices: the series is still
     arriving ("waiting"), and the study is held back until it is complete.
+  Enhanced multi-frame instances count by their frames: each frame is a slice (its position
+  from the functional groups), NumberOfSlices is compared with the frames, time frames are
+  counted among the frames (TemporalPositionIndex), not NumberOfFrames; an instance that is
+  one part of a concatenation (ConcatenationUID) with parts missing (InConcatenationTotalNumber)
+  is still arriving (for CT and named channels: a reason to ignore it until it is complete).
   Several fit: the most instances, then the latest (SeriesDate/Time, then SeriesNumber).
 
 CT (channel "CT"):
@@ -83,10 +88,11 @@ def _geometry(series: SeriesFacts) -> tuple[SliceStack | None, str | None]:
         return None, _unreadable(series)
     if not series.instances:
         return None, "no instances"
-    if any(i.position is None for i in series.instances):
+    if any(not i.planes for i in series.instances):
         return None, "instances without ImagePositionPatient/ImageOrientationPatient"
+    planes = series.planes  # every frame of an enhanced multi-frame instance is a slice
     try:
-        return slice_stack([i.orientation for i in series.instances], [i.position for i in series.instances]), None
+        return slice_stack([o for o, _ in planes], [p for _, p in planes]), None
     except GeometryError as exc:
         return None, str(exc)
 
@@ -197,12 +203,16 @@ def _pet_reasons(series: SeriesFacts, spec: PetInputSpec) -> tuple[list[str], st
         reasons.append(f"mixed NumberOfSlices {sorted(expected)}")
     elif expected:
         (n,) = expected
-        if series.count > n:
-            reasons.append(f"{series.count} instances but NumberOfSlices is {n}")
-        elif series.count < n:
-            waiting = f"{series.label()} has {series.count} of {n} instances (NumberOfSlices): still arriving"
+        what = "frames" if series.slices != series.count else "instances"  # enhanced multi-frame: its frames
+        if series.slices > n:
+            reasons.append(f"{series.slices} {what} but NumberOfSlices is {n}")
+        elif series.slices < n:
+            waiting = f"{series.label()} has {series.slices} of {n} {what} (NumberOfSlices): still arriving"
             if not series.unreadable:
                 problem = None  # gaps are expected while instances are missing
+    arriving = series.concatenation_arriving()
+    if arriving and not waiting:
+        waiting, problem = arriving, None
     if problem:
         reasons.append(problem)
     return reasons, waiting, geometry
@@ -217,6 +227,7 @@ def _ct_reasons(
         series, spec.image_type, spec.excluded_image_types
     )
     geometry, problem = _geometry(series)
+    problem = series.concatenation_arriving() or problem
     if problem:
         reasons.append(problem)
     if pet is not None and spec.same_frame_of_reference:
@@ -238,6 +249,7 @@ def _named_reasons(series: SeriesFacts, rule: NamedInputSpec) -> tuple[str | Non
         return None, [_unreadable(series)]
     reasons = _image_type_reasons(series, rule.image_type, rule.excluded_image_types)
     _, problem = _geometry(series)
+    problem = series.concatenation_arriving() or problem
     return _description_mismatch(series, rule), reasons + ([problem] if problem else [])
 
 

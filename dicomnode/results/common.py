@@ -70,6 +70,25 @@ def with_type2_attributes(ds: Dataset) -> Dataset:
     return copy
 
 
+def source_instances(source: Sequence[Dataset]) -> list[Dataset]:
+    """The instances `source`'s slices come from, each once, in slice order of first use: the
+    slices themselves for single-frame images, the multi-frame instance of each frame for an
+    enhanced one (dicomnode.imaging.frames.FrameHeader's `.instance`)."""
+    seen: dict[object, Dataset] = {}
+    for ds in source:
+        instance = ds.instance if frame_number(ds) is not None else None
+        if instance is None:
+            seen.setdefault(id(ds), ds)
+        else:
+            seen.setdefault(str(instance.SOPInstanceUID), instance)
+    return list(seen.values())
+
+
+def frame_number(ds: Dataset) -> int | None:
+    """The frame number of a slice that is a frame of a multi-frame instance, else None."""
+    return getattr(ds, "frame_number", None) if hasattr(ds, "instance") else None
+
+
 def write_dicom(ds: Dataset, path: Path | str) -> Path:
     """Write a result object as a DICOM file, durably (dicomnode.store.files): a crash or a full
     disk leaves the whole file or none, never a truncated object to send."""

@@ -35,7 +35,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 from skimage.measure import find_contours
 
-from dicomnode.results.common import check_on_source
+from dicomnode.results.common import check_on_source, frame_number
 from dicomnode.results.preview import PALETTE
 
 # Detached Study Management (retired, but what RTReferencedStudySequence items carry by convention).
@@ -124,6 +124,9 @@ def _image_reference(ds: Dataset) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = ds.SOPClassUID
     item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    frame = frame_number(ds)
+    if frame is not None:  # a frame of an enhanced multi-frame image
+        item.ReferencedFrameNumber = frame
     return item
 
 

@@ -14,6 +14,10 @@ Encoding choices (highdicom 0.28):
   LABELMAP). The demo study (64 slices of 64x64, 6 lesions): pixel data 32768 -> 11350 bytes,
   file 77350 -> 55942 bytes (the per-frame headers stay). A destination that accepts only
   uncompressed SEGs gets them decompressed by the sender (dicomnode.net.sender).
+- Frames of enhanced multi-frame sources (dicomnode.imaging.frames): the plane positions are
+  given, highdicom references each SEG frame's source frame (ReferencedFrameNumber) when the
+  series is one instance; for a series split over several instances (highdicom matches within
+  one only) `_reference_frames` adds the same Derivation Image items by position.
 - Every source slice gets a frame, empty or not (omit_empty_frames=False): viewers cope
   better with a complete stack, and an all-negative result still yields a valid SEG with
   one described, empty segment; likewise a label the model did not find stays a described
@@ -31,7 +35,13 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from dicomnode.config import LabelCode
-from dicomnode.results.common import ResultError, check_on_source, with_type2_attributes
+from dicomnode.results.common import (
+    ResultError,
+    check_on_source,
+    frame_number,
+    source_instances,
+    with_type2_attributes,
+)
 from dicomnode.results.labelcodes import LESION
 
 
@@ -79,8 +89,21 @@ def build_seg(
         )
         for number, code in enumerate(segments.values(), start=1)
     ]
+    instances = [with_type2_attributes(ds) for ds in source_instances(source)]
+    frames = None
+    if any(frame_number(ds) is not None for ds in source):
+        # Frames of enhanced multi-frame instances: highdicom references each frame (Derivation
+        # Image / Source Image with ReferencedFrameNumber) by matching the planes' positions with
+        # the frames of the first instance and of the further ones.
+        frames = dict(
+            plane_positions=[hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, ds.ImagePositionPatient)
+                             for ds in source],
+            further_source_images=instances[1:] or None,
+        )
+        instances = instances[:1]
     encode = dict(
-        source_images=[with_type2_attributes(ds) for ds in source],
+        source_images=instances,
+        **(frames or {}),
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -99,6 +122,8 @@ def build_seg(
     seg = hd.seg.Segmentation(**encode, transfer_syntax_uid=JPEG2000Lossless)
     if len(seg.PixelData) >= packed_size((len(descriptions) * labels.shape[0], *labels.shape[1:])):
         seg = hd.seg.Segmentation(**encode, transfer_syntax_uid=ExplicitVRLittleEndian)
+    if frames is not None:
+        _reference_frames(seg, source)
     if seg.FrameOfReferenceUID != source[0].FrameOfReferenceUID:
         raise ResultError("SEG frame of reference differs from the source images")
     return seg
@@ -123,3 +148,33 @@ def _segment_numbers(labels: np.ndarray, values: list[int]) -> np.ndarray:
     lookup = np.zeros(max([*values, *present]) + 1, dtype=np.uint8)
     lookup[values] = np.arange(1, len(values) + 1)
     return lookup[labels]
+
+
+def _reference_frames(seg: Dataset, source: Sequence[Dataset]) -> None:
+    """Give each SEG frame that highdicom left without a Derivation Image (a series split over
+    several multi-frame instances: highdicom matches planes within one instance only) the source
+    frame at its position, as highdicom writes it for one instance (Segmentation derivation,
+    Source Image for Image Processing Operation, ReferencedFrameNumber, locations preserved)."""
+    by_position = {_position_key(ds.ImagePositionPatient): ds for ds in source}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        if item.get("DerivationImageSequence"):
+            continue
+        frame = by_position.get(_position_key(item.PlanePositionSequence[0].ImagePositionPatient))
+        if frame is None:
+            raise ResultError("a SEG frame lies at no source frame's position")
+        reference = Dataset()
+        reference.ReferencedSOPClassUID = frame.SOPClassUID
+        reference.ReferencedSOPInstanceUID = frame.SOPInstanceUID
+        reference.ReferencedFrameNumber = frame_number(frame)
+        reference.PurposeOfReferenceCodeSequence = [
+            hd.sr.CodedConcept.from_code(codes.cid7202.SourceImageForImageProcessingOperation)
+        ]
+        reference.SpatialLocationsPreserved = "YES"
+        derivation = Dataset()
+        derivation.DerivationCodeSequence = [hd.sr.CodedConcept.from_code(codes.cid7203.SegmentationImageDerivation)]
+        derivation.SourceImageSequence = [reference]
+        item.DerivationImageSequence = [derivation]
+
+
+def _position_key(position: Sequence[float]) -> tuple[float, ...]:
+    return tuple(round(float(v), 3) for v in position)

@@ -32,7 +32,7 @@ from pydicom.sr.coding import Code
 
 from dicomnode.config import LabelCode
 from dicomnode.imaging.measures import SegmentMeasures
-from dicomnode.results.common import ResultError, with_type2_attributes
+from dicomnode.results.common import ResultError, source_instances, with_type2_attributes
 from dicomnode.results.sr import UNIT_ML, device_observation_context, report_document
 
 TITLE = codes.DCM.ImagingMeasurementReport
@@ -71,7 +71,8 @@ def build_segment_sr(
         imaging_measurements=groups,
         title=TITLE,
     )
-    return report_document(report, [*(with_type2_attributes(ds) for ds in source), seg], series_number=series_number,
+    evidence = [*(with_type2_attributes(ds) for ds in source_instances(source)), seg]
+    return report_document(report, evidence, series_number=series_number,
                            series_description=series_description, model_name=model_name, model_version=model_version,
                            manufacturer=manufacturer)
 

@@ -49,7 +49,7 @@ from pydicom.uid import generate_uid
 
 from dicomnode import __version__
 from dicomnode.imaging.measures import LesionMeasures, StudyMeasures
-from dicomnode.results.common import ResultError, check_on_source, with_type2_attributes
+from dicomnode.results.common import ResultError, check_on_source, source_instances, with_type2_attributes
 
 TITLE = Code("126003", "DCM", "PET Measurement Report")
 PROCEDURE_FDG_PET_CT = Code("443271005", "SCT", "PET/CT FDG imaging of whole body")
@@ -108,7 +108,7 @@ def build_sr(
     if unknown:
         raise ResultError(f"segment number(s) {unknown} not in the SEG (it has {sorted(known_segments)})")
 
-    headers = [with_type2_attributes(ds) for ds in source]
+    headers = [with_type2_attributes(ds) for ds in source_instances(source)]  # a multi-frame instance once
     algorithm = hd.sr.AlgorithmIdentification(
         name=model_name,
         version=model_version,
