@@ -146,12 +146,22 @@ def _destination(cfg: Config, name: str):  # noqa: ANN202 - config.Destination
 
 @app.command()
 def echo(destination: str, config: Path = ConfigOption) -> None:
-    """C-ECHO a configured destination."""
+    """C-ECHO a configured destination (a DICOMweb one: a QIDO-RS search with its authorization)."""
     from dicomnode.net.sender import SendError
     from dicomnode.net.sender import echo as c_echo
 
     cfg = _config(config)
     dest = _destination(cfg, destination)
+    if dest.is_dicomweb:
+        from dicomnode.net.stow import check
+
+        try:
+            line = check(dest, cfg.node.network_timeout_seconds)
+        except SendError as exc:
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
+        console.print(f"{destination}: QIDO-RS {line}")
+        raise typer.Exit(0)
     try:
         status = c_echo(dest, cfg.node.ae_title, cfg.node.network_timeout_seconds)
     except SendError as exc:
@@ -166,7 +176,7 @@ SEND_BATCH = 100  # files read and sent per association (store_each holds a batc
 
 @app.command()
 def send(path: Path, destination: str, config: Path = ConfigOption) -> None:
-    """C-STORE every DICOM file under PATH to a configured destination, with a progress bar.
+    """C-STORE (or STOW-RS) every DICOM file under PATH to a configured destination, with a progress bar.
 
     Exit status 0 when the destination stored every file, 1 otherwise (each refusal is listed)."""
     from pydicom.misc import is_dicom
@@ -178,7 +188,7 @@ def send(path: Path, destination: str, config: Path = ConfigOption) -> None:
         TimeRemainingColumn,
     )
 
-    from dicomnode.net.sender import store_each
+    from dicomnode.net.outbound import store_each
 
     cfg = _config(config)
     dest = _destination(cfg, destination)

@@ -151,10 +151,20 @@ LESION_OUTPUTS = (OutputKind.RTSTRUCT, OutputKind.SC)  # drawn from PET lesions:
 
 
 class Destination(_Strict):
+    """Where results go: a DICOM node by C-STORE (`ae_title`, `host`, `port`) or a DICOMweb
+    server by STOW-RS (`url`, e.g. "https://pacs.example/dicom-web"), never both. A DICOMweb
+    destination may send an Authorization header (its full value, e.g. "Bearer ..." or "Basic
+    ...") read at each send from `authorization_file` or the environment variable
+    `authorization_env`; `tls` then checks an https server against `ca_certificates` (none: the
+    system's CA certificates) and presents `certificate` / `private_key` when given."""
+
     name: str
-    ae_title: AETitle
-    host: str
-    port: int = Field(ge=1, le=65535)
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    url: str | None = None
+    authorization_file: Path | None = None
+    authorization_env: str | None = None
     tls: DestinationTls | None = None
     outputs: list[OutputKind] = [OutputKind.SEG, OutputKind.SR]  # what this destination gets, in this order
     # Sent instead of an object whose SOP class the destination refuses for good (no presentation
@@ -165,6 +175,51 @@ class Destination(_Strict):
     @classmethod
     def _fallback_kind(cls, value: str | None) -> OutputKind | None:
         return OutputKind(value) if value is not None else None
+
+    @property
+    def is_dicomweb(self) -> bool:
+        """A STOW-RS destination (`url`), not a C-STORE one."""
+        return self.url is not None
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> "Destination":
+        dimse = {key: getattr(self, key) for key in ("ae_title", "host", "port")}
+        if self.url is None:
+            missing = [key for key, value in dimse.items() if value is None]
+            if missing:
+                raise ValueError(
+                    f"a DIMSE destination needs ae_title, host and port (missing {', '.join(missing)}); "
+                    "a DICOMweb destination needs url instead"
+                )
+            given = [key for key in ("authorization_file", "authorization_env") if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} is for a DICOMweb destination (url), not a DIMSE one")
+            return self
+        given = [key for key, value in dimse.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"a destination is either DIMSE (ae_title, host, port) or DICOMweb (url), not both: "
+                f"drop {', '.join(given)} or url"
+            )
+        scheme, _, rest = self.url.partition("://")
+        if scheme not in ("http", "https") or not rest or rest.startswith("/"):
+            raise ValueError(f"url must be http://host[:port]/path or https://..., got {self.url!r}")
+        if "@" in rest.partition("/")[0]:
+            raise ValueError("url must not carry a user name or password: give the Authorization header by "
+                             "authorization_file or authorization_env")
+        if self.authorization_file is not None and self.authorization_env is not None:
+            raise ValueError("give the authorization header by authorization_file or authorization_env, not both")
+        if self.authorization_env is not None and not self.authorization_env.strip():
+            raise ValueError("authorization_env must name an environment variable")
+        if self.tls is not None:
+            if scheme != "https":
+                raise ValueError("tls needs an https url")
+            if self.tls.server_name is not None:
+                raise ValueError("tls.server_name is for DIMSE destinations: a DICOMweb server is checked "
+                                 "against the url's host name")
+            if (self.tls.certificate is None) != (self.tls.private_key is None):
+                raise ValueError("tls.certificate and tls.private_key go together")
+        return self
 
     @model_validator(mode="after")
     def _outputs_make_sense(self) -> "Destination":
@@ -483,13 +538,21 @@ def _resolve(raw: dict, base: Path) -> dict:
     resolved = {**raw, "node": node}
     if isinstance(raw.get("destinations"), list):
         resolved["destinations"] = [
-            {**d, "tls": _resolve_tls(d["tls"], base)} if isinstance(d, dict) and isinstance(d.get("tls"), dict) else d
-            for d in raw["destinations"]
+            _resolve_destination(d, base) if isinstance(d, dict) else d for d in raw["destinations"]
         ]
     if isinstance(raw.get("models"), list):
         resolved["models"] = [
             _resolve_model(model, base) if isinstance(model, dict) else model for model in raw["models"]
         ]
+    return resolved
+
+
+def _resolve_destination(destination: dict, base: Path) -> dict:
+    resolved = dict(destination)
+    if isinstance(destination.get("tls"), dict):
+        resolved["tls"] = _resolve_tls(destination["tls"], base)
+    if isinstance(destination.get("authorization_file"), str):
+        resolved["authorization_file"] = base / Path(destination["authorization_file"])
     return resolved
 
 

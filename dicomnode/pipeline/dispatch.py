@@ -1,5 +1,6 @@
 """Delivering a job's result objects: each object to each destination as its own delivery
-(dicomnode.pipeline.delivery keeps their state), sent by dicomnode.net.sender; an object a
+(dicomnode.pipeline.delivery keeps their state), sent by dicomnode.net.sender (C-STORE) or
+dicomnode.net.stow (STOW-RS, a destination with a url) through dicomnode.net.outbound; an object a
 destination refuses for good is replaced by the destination's fallback, sent in the same pass."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from pathlib import Path
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, Destination
-from dicomnode.net.sender import Outcome, store_each
+from dicomnode.net.outbound import store_each
+from dicomnode.net.sender import Outcome
 from dicomnode.pipeline import delivery
 from dicomnode.pipeline.errors import DeliveryPending, JobError
 from dicomnode.pipeline.queue import RetryPolicy
@@ -20,7 +22,7 @@ from dicomnode.store.tables import Delivery, DeliveryState, Job
 log = logging.getLogger("dicomnode.processing")  # the name it had before the split: journald filters use it
 
 
-TRIES_PER_PASS = 2  # C-STORE tries of one object in one delivery pass (a lost response is retried at once)
+TRIES_PER_PASS = 2  # C-STORE or STOW-RS tries of one object in one delivery pass (a lost response is retried at once)
 
 
 def fallback_for(

@@ -12,6 +12,7 @@ API with nothing but the standard library. Not imported by the node's runtime co
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -63,6 +64,9 @@ class LocalOrthanc:
 
     ``modalities`` maps a name to ``(AET, host, port)``; more can be added at run time with
     :meth:`add_modality`. ``config_overrides`` is merged last into the generated orthanc.json.
+    ``users`` (name -> password) turns HTTP basic authentication on (Orthanc's
+    ``AuthenticationEnabled`` and ``RegisteredUsers``, for the REST API and DICOMweb alike);
+    this object's own REST calls then go as the first user.
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class LocalOrthanc:
         config_overrides: Mapping[str, Any] | None = None,
         binary: str | None = None,
         dicomweb: bool = False,
+        users: Mapping[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.aet = aet
@@ -91,6 +96,7 @@ class LocalOrthanc:
         self.binary = binary
         self.dicomweb = dicomweb
         self.dicomweb_url = f"{self.url}/dicom-web"
+        self.users = dict(users or {})
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
         self.startup_seconds: float | None = None
@@ -109,7 +115,7 @@ class LocalOrthanc:
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,  # HTTP answers loopback only
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
             "DicomServerEnabled": True,
             "DicomAet": self.aet,
             "DicomPort": self.dicom_port,
@@ -128,6 +134,8 @@ class LocalOrthanc:
             "TcpNoDelay": True,
             "KeepAlive": True,
         }
+        if self.users:
+            cfg["RegisteredUsers"] = dict(self.users)
         if self.dicomweb:  # Debian's orthanc-dicomweb: QIDO-RS, WADO-RS and STOW-RS under /dicom-web/
             cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "EnableWado": False}
         cfg.update(self.config_overrides)
@@ -255,6 +263,8 @@ class LocalOrthanc:
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if content_type:
             req.add_header("Content-Type", content_type)
+        if self.users:
+            req.add_header("Authorization", self.basic_authorization(*next(iter(self.users.items()))))
         try:
             with _OPENER.open(req, timeout=timeout) as resp:
                 payload = resp.read()
@@ -269,6 +279,11 @@ class LocalOrthanc:
             return json.loads(payload)
         except ValueError:
             return payload.decode(errors="replace")
+
+    @staticmethod
+    def basic_authorization(user: str, password: str) -> str:
+        """The Authorization header value of HTTP basic authentication: "Basic base64(user:password)"."""
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
     def get(self, path: str, **kw: Any) -> Any:
         return self.request("GET", path, **kw)
