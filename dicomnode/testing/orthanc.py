@@ -76,6 +76,7 @@ class LocalOrthanc:
         config_overrides: Mapping[str, Any] | None = None,
         binary: str | None = None,
         dicomweb: bool = False,
+        basic_auth: tuple[str, str] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.aet = aet
@@ -90,6 +91,7 @@ class LocalOrthanc:
         self.config_overrides = dict(config_overrides or {})
         self.binary = binary
         self.dicomweb = dicomweb
+        self.basic_auth = basic_auth  # (user, password): HTTP (REST, DICOMweb) asks for it; this wrapper sends it
         self.dicomweb_url = f"{self.url}/dicom-web"
         self.config_path = self.workdir / "orthanc.json"
         self.log_path = self.workdir / "orthanc.log"
@@ -109,7 +111,8 @@ class LocalOrthanc:
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,  # HTTP answers loopback only
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": self.basic_auth is not None,
+            "RegisteredUsers": dict([self.basic_auth]) if self.basic_auth else {},
             "DicomServerEnabled": True,
             "DicomAet": self.aet,
             "DicomPort": self.dicom_port,
@@ -234,6 +237,14 @@ class LocalOrthanc:
 
     # ------------------------------------------------------------------ REST plumbing
 
+    @property
+    def authorization(self) -> str:
+        """The HTTP Authorization header's value for `basic_auth`."""
+        import base64
+
+        user, password = self.basic_auth or ("", "")
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
     def request(
         self,
         method: str,
@@ -255,6 +266,8 @@ class LocalOrthanc:
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if content_type:
             req.add_header("Content-Type", content_type)
+        if self.basic_auth:
+            req.add_header("Authorization", self.authorization)
         try:
             with _OPENER.open(req, timeout=timeout) as resp:
                 payload = resp.read()
