@@ -183,11 +183,13 @@ class DimseSource:
         found = []
         for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
             if not status:
-                raise SourceError(f"{self.source.name}: C-FIND got no response (association lost or timed out)")
+                raise SourceError(f"{self.source.name}: C-FIND got no response (association aborted or timed out; "
+                                  f"does {self.source.ae_title} answer queries from {self.calling_aet}?)")
             code = int(status.Status)
             if code in PENDING:
-                if answer is not None:
-                    found.append(answer)
+                if answer is None:  # a match pynetdicom could not decode: never announce less than there is
+                    raise SourceError(f"{self.source.name}: a C-FIND match (status 0x{code:04X}) could not be read")
+                found.append(answer)
             elif code != SUCCESS:
                 raise SourceError(f"{self.source.name}: C-FIND failed with status 0x{code:04X}")
         return found

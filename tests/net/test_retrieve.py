@@ -102,6 +102,7 @@ def test_find_by_accession_then_c_move_to_the_running_receiver(tmp_path, pacs):
 def test_c_get_by_study_uid_stores_on_the_fetching_association(tmp_path, pacs):
     orthanc, study = pacs
     config, sessions = _node(tmp_path, orthanc, "C-GET")  # no receiver running: nothing but the C-GET's association
+    orthanc.add_modality("node", config.node.ae_title, "127.0.0.1", config.node.port)  # Orthanc answers known AEs
     client = client_for(config.fetch_source("pacs"), config)
     [match] = client.find_studies(StudyQuery(study_uid=study.study_instance_uid))
     seen = []
@@ -120,6 +121,7 @@ def test_c_get_by_study_uid_stores_on_the_fetching_association(tmp_path, pacs):
 def test_fetch_command_by_accession_with_c_get(tmp_path, pacs):
     orthanc, study = pacs
     config, sessions = _node(tmp_path, orthanc, "C-GET")
+    orthanc.add_modality("node", config.node.ae_title, "127.0.0.1", config.node.port)
     result = CliRunner().invoke(app, ["fetch", "--source", "pacs", "--accession", ACCESSION,
                                       "--config", str(config.source)])
     assert result.exit_code == 0, result.output
