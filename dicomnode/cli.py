@@ -218,6 +218,77 @@ def send(path: Path, destination: str, config: Path = ConfigOption) -> None:
     raise typer.Exit(1 if refused else 0)
 
 
+@app.command()
+def fetch(
+    source: str = typer.Option(..., "--source", help="A [[sources]] entry's name."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study Instance UID."),
+    accession: Optional[str] = typer.Option(None, "--accession", help="Accession number."),
+    patient: Optional[str] = typer.Option(None, "--patient", help="Patient ID: every study of the patient."),
+    since: Optional[str] = typer.Option(None, "--since", help="With --patient: studies from this date (YYYY-MM-DD)."),
+    config: Path = ConfigOption,
+) -> None:
+    """Find studies on a source (C-FIND or QIDO-RS) and fetch them (C-MOVE, C-GET or WADO-RS), with a progress bar.
+
+    What arrives is stored, indexed, assembled and queued as a push is. With C-MOVE the source sends to the node's
+    AE title: the node (`serve`) must be running and known to the source. Exit status 1 naming each study that did
+    not arrive whole (fewer instances than the source announced is a failure, whatever status it gave)."""
+    from datetime import datetime as _datetime
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dicomnode.net.fetch import SourceError, StudyQuery, client_for, fetch_study
+    from dicomnode.net.receiver import InstanceStore
+
+    cfg = _config(config)
+    try:
+        src = cfg.fetch_source(source)
+    except KeyError:
+        have = ", ".join(s.name for s in cfg.sources) or "none"
+        console.print(f"[red]no source named {source!r}[/red] (have: {have})")
+        raise typer.Exit(2) from None
+    if sum(x is not None for x in (study, accession, patient)) != 1:
+        console.print("[red]give one of --study, --accession, --patient[/red]")
+        raise typer.Exit(2)
+    if since is not None and patient is None:
+        console.print("[red]--since goes with --patient[/red]")
+        raise typer.Exit(2)
+    since_day = None
+    if since is not None:
+        try:
+            since_day = _datetime.strptime(since.replace("-", ""), "%Y%m%d").date()
+        except ValueError:
+            console.print(f"[red]--since {since!r} is not a date (YYYY-MM-DD)[/red]")
+            raise typer.Exit(2) from None
+    query = StudyQuery(study_uid=study, accession=accession, patient_id=patient, since=since_day)
+    sessions = _sessions(cfg)
+    store = InstanceStore(cfg, sessions)
+    try:
+        client = client_for(src, cfg)
+        matches = client.find_studies(query)
+    except SourceError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    if not matches:
+        console.print(f"[red]{source}: no study matches {query.describe()}[/red]")
+        raise typer.Exit(1)
+    failed = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    for match in matches:
+        try:
+            announced = client.announce(match.study_uid)
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task(f"{match.study_uid} by {client.method}", total=len(announced.wanted()))
+                fetched = fetch_study(client, announced, store, sessions,
+                                      progress=lambda done, total: progress.update(task, completed=done, total=total))
+        except SourceError as exc:
+            failed.append(match.study_uid)
+            console.print(f"[red]not fetched:[/red] {exc}")
+            continue
+        console.print(f"fetched {fetched.describe()}")
+    console.print(f"{len(matches) - len(failed)} of {len(matches)} studies fetched from {source}")
+    raise typer.Exit(1 if failed else 0)
+
+
 # --- what the node is doing: read from the database (dicomnode.ops.history) --------------------------
 
 JsonOption = typer.Option(False, "--json", help="Print the data as JSON instead of tables.")

@@ -233,6 +233,76 @@ class Destination(_Strict):
         return self
 
 
+class RetrieveMethod(StrEnum):
+    """How a DICOM source lets the node retrieve: C-MOVE (to the node's own AE title: the PACS
+    must know it, and the running node's receiver stores what arrives) or C-GET (the instances
+    come back on the fetching process's own association)."""
+
+    C_MOVE = "C-MOVE"
+    C_GET = "C-GET"
+
+
+class Source(_Strict):
+    """A PACS the node fetches studies from (`[[sources]]`): a DICOM one (ae_title, host, port,
+    optional tls; C-FIND to query, then `retrieve`) or a DICOMweb server (`url`, the service root
+    such as "https://pacs/dicom-web": QIDO-RS to query, WADO-RS to retrieve), with an optional
+    Authorization header read from a file (`authorization_file`) or an environment variable
+    (`authorization_env`), e.g. "Bearer eyJ..." or "Basic dXNlcjpwYXNz"."""
+
+    name: str
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    tls: DestinationTls | None = None
+    retrieve: RetrieveMethod = RetrieveMethod.C_MOVE
+    move_destination: AETitle | None = None  # C-MOVE's destination AE title; default: [node] ae_title
+    url: str | None = None
+    authorization_file: Path | None = None
+    authorization_env: str | None = None
+    timeout_seconds: float = Field(60.0, gt=0)  # a response (or a WADO-RS read) that takes longer fails
+
+    @model_validator(mode="after")
+    def _dimse_or_dicomweb(self) -> "Source":
+        dimse = {"ae_title": self.ae_title, "host": self.host, "port": self.port}
+        if self.url is not None:
+            extra = [k for k, v in {**dimse, "tls": self.tls, "move_destination": self.move_destination}.items()
+                     if v is not None]
+            if extra:
+                raise ValueError(f"source {self.name!r}: a DICOMweb source (url) takes no {', '.join(extra)}")
+            if not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"source {self.name!r}: url must start with http:// or https://")
+            if self.authorization_file is not None and self.authorization_env is not None:
+                raise ValueError(f"source {self.name!r}: authorization_file or authorization_env, not both")
+            return self
+        missing = [k for k, v in dimse.items() if v is None]
+        if missing:
+            raise ValueError(f"source {self.name!r} needs either url (DICOMweb) or ae_title, host and port "
+                             f"(DICOM); missing {', '.join(missing)}")
+        if self.authorization_file is not None or self.authorization_env is not None:
+            raise ValueError(f"source {self.name!r}: authorization_* is for a DICOMweb source (url)")
+        return self
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return self.url is not None
+
+
+class PriorSettings(_Strict):
+    """`[models.priors]`: before the model runs, the patient's most recent earlier study is looked
+    up on `source` (C-FIND or QIDO-RS by PatientID) and fetched; the job records which one it used,
+    or why there is none. Only studies of the last `max_age_days` before the study's date that
+    hold one of `modalities` (ModalitiesInStudy; empty: any) count."""
+
+    source: str
+    max_age_days: float = Field(365.0, gt=0)
+    modalities: list[str] = ["PT"]
+
+    @field_validator("modalities")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [m.strip().upper() for m in value]
+
+
 class SeriesPatterns(_Strict):
     """SeriesDescription rules shared by every channel role: case-insensitive shell-style
     globs ("*flair*"); a series must match one of `series_description` (empty: any) and none
@@ -411,6 +481,7 @@ class ModelSettings(_Strict):
         | None
     ) = None
     destinations: list[str] | None = None  # None: every destination
+    priors: PriorSettings | None = None  # [models.priors]: fetch the patient's prior study first
 
     @field_validator("channels")
     @classmethod
@@ -458,6 +529,7 @@ class ModelSettings(_Strict):
 class Config(_Strict):
     node: NodeSettings = NodeSettings()
     destinations: list[Destination] = []
+    sources: list[Source] = []
     models: list[ModelSettings] = Field(min_length=1)
     source: Path | None = None  # the file this was read from
 
@@ -470,6 +542,13 @@ class Config(_Strict):
             for name in model.destinations or []:
                 if name not in names:
                     raise ValueError(f"model {model.name!r} names unknown destination {name!r}")
+        sources = [s.name for s in self.sources]
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"source names must be unique, got {sources}")
+        for model in self.models:
+            if model.priors is not None and model.priors.source not in sources:
+                raise ValueError(f"model {model.name!r}: priors.source {model.priors.source!r} names no source "
+                                 f"(have: {', '.join(sources) or 'none'})")
         return self
 
     @model_validator(mode="after")
@@ -506,6 +585,12 @@ class Config(_Strict):
                 return model
         raise KeyError(name)
 
+    def fetch_source(self, name: str) -> Source:
+        for candidate in self.sources:
+            if candidate.name == name:
+                return candidate
+        raise KeyError(name)
+
     def destinations_for(self, model: ModelSettings) -> list[Destination]:
         if model.destinations is None:
             return list(self.destinations)
@@ -540,6 +625,8 @@ def _resolve(raw: dict, base: Path) -> dict:
         resolved["destinations"] = [
             _resolve_destination(d, base) if isinstance(d, dict) else d for d in raw["destinations"]
         ]
+    if isinstance(raw.get("sources"), list):
+        resolved["sources"] = [_resolve_source(s, base) if isinstance(s, dict) else s for s in raw["sources"]]
     if isinstance(raw.get("models"), list):
         resolved["models"] = [
             _resolve_model(model, base) if isinstance(model, dict) else model for model in raw["models"]
@@ -559,6 +646,15 @@ def _resolve_destination(destination: dict, base: Path) -> dict:
 def _resolve_tls(tls: dict, base: Path) -> dict:
     files = ("certificate", "private_key", "ca_certificates")
     return {key: base / Path(value) if key in files and isinstance(value, str) else value for key, value in tls.items()}
+
+
+def _resolve_source(source: dict, base: Path) -> dict:
+    resolved = dict(source)
+    if isinstance(source.get("tls"), dict):
+        resolved["tls"] = _resolve_tls(source["tls"], base)
+    if isinstance(source.get("authorization_file"), str):
+        resolved["authorization_file"] = base / Path(source["authorization_file"])
+    return resolved
 
 
 def _resolve_model(model: dict, base: Path) -> dict:

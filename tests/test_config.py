@@ -151,3 +151,51 @@ def test_label_code_needs_value_scheme_and_meaning(tmp_path: Path):
 def test_inputs_table_for_no_channel(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"\[models\.inputs\.FLAIR\] names no channel of the model"):
         load_config(write_config(tmp_path, extra='[models.inputs.FLAIR]\nseries_description = ["*flair*"]'))
+
+
+SOURCES = """
+[[sources]]
+name = "pacs"
+ae_title = "PACS"
+host = "pacs.example.org"
+port = 104
+retrieve = "C-GET"
+tls = { ca_certificates = "tls/ca.pem" }
+
+[[sources]]
+name = "web"
+url = "https://pacs.example.org/dicom-web"
+authorization_file = "secrets/token"
+"""
+
+
+def test_sources_dimse_and_dicomweb(tmp_path: Path):
+    from dicomnode.config import RetrieveMethod
+
+    config = load_config(write_config(tmp_path, extra=SOURCES + '[models.priors]\nsource = "web"\n'))
+    pacs, web = config.sources
+    assert (pacs.retrieve, pacs.is_dicomweb, web.is_dicomweb) == (RetrieveMethod.C_GET, False, True)
+    assert pacs.tls.ca_certificates == tmp_path / "tls" / "ca.pem"
+    assert web.authorization_file == tmp_path / "secrets" / "token"
+    assert config.models[0].priors.source == "web" and config.models[0].priors.modalities == ["PT"]
+    assert config.fetch_source("web") is web
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ('name = "a"\nae_title = "PACS"\nhost = "h"', "needs either url .* missing port"),
+        ('name = "a"\nurl = "https://h/dicom-web"\nae_title = "PACS"', "a DICOMweb source .* takes no ae_title"),
+        ('name = "a"\nurl = "ftp://h"', "url must start with http"),
+        ('name = "a"\nae_title = "P"\nhost = "h"\nport = 104\nauthorization_env = "X"', "authorization_.* DICOMweb"),
+        ('name = "a"\nae_title = "P"\nhost = "h"\nport = 104\nretrieve = "C-FIND"', "key 'sources.*retrieve'"),
+    ],
+)
+def test_source_errors_are_named(tmp_path: Path, source: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, extra=f"[[sources]]\n{source}\n"))
+
+
+def test_priors_name_a_source(tmp_path: Path):
+    with pytest.raises(ConfigError, match="priors.source 'nope' names no source"):
+        load_config(write_config(tmp_path, extra='[models.priors]\nsource = "nope"\n'))

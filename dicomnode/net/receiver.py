@@ -20,8 +20,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
@@ -35,6 +39,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.dsutils import create_file_meta, decode, encode_file_meta
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import sessionmaker
 
@@ -93,6 +98,109 @@ def patient_details(ds) -> str:  # noqa: ANN001 - a pydicom Dataset
             f"accession {ds.get('AccessionNumber', '')}")
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What became of one instance offered to the node: `status` as answered (0x0000: in the spool
+    and the index); the rest only when stored."""
+
+    status: int
+    study_uid: str = ""
+    sop_instance_uid: str = ""
+    dataset: Dataset | None = None
+    dropped: bool = False  # acknowledged, not stored: a class no model reads, with drop_non_inputs
+
+
+class InstanceStore:
+    """The one way an instance becomes the node's: checked (dicomnode.net.validation), written
+    durably into the spool, indexed. The receiver's C-STORE SCP, the C-STORE sub-operations of a
+    C-GET on the node's own association, and a WADO-RS fetch all store through it, so a fetched
+    instance is held exactly as a pushed one (`calling_aet`: the sender, or the fetch source)."""
+
+    def __init__(self, config: Config, sessions: sessionmaker) -> None:
+        self.config = config
+        self.sessions = sessions
+        self.spool = Spool(config.spool_dir)
+        self.watermark = Watermark(config.node.data_dir, config.node)
+
+    def store_event(self, event, calling_aet: str) -> Stored:  # noqa: ANN001 - pynetdicom C-STORE event
+        """A C-STORE request, as received on an association (the receiver's, or a C-GET's)."""
+        sent = event.request.DataSet
+        return self.store(lambda: event.dataset, bytes(sent.getbuffer()[:8]),
+                          UID(event.context.transfer_syntax), str(event.request.AffectedSOPClassUID),
+                          str(event.request.AffectedSOPInstanceUID or ""), event.encoded_dataset, calling_aet,
+                          size=sent.getbuffer().nbytes)
+
+    def store_encoded(self, body: bytes, syntax: UID, sop_class_uid: str, sop_instance_uid: str,
+                      calling_aet: str) -> Stored:
+        """A data set encoded in `syntax` (no file meta), as if it came in a C-STORE request for
+        `sop_class_uid` / `sop_instance_uid` (what a query announced it to be)."""
+        syntax = UID(syntax)
+
+        def dataset() -> Dataset:
+            return decode(BytesIO(body), syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+
+        def encoded() -> bytes:
+            meta = create_file_meta(sop_class_uid=UID(sop_class_uid), sop_instance_uid=UID(sop_instance_uid),
+                                    transfer_syntax=syntax)
+            return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), body))
+
+        return self.store(dataset, body[:8], syntax, sop_class_uid, sop_instance_uid, encoded, calling_aet,
+                          size=len(body))
+
+    def store(self, dataset: Callable[[], Dataset], head: bytes, syntax: UID, request_class: str, request_sop: str,
+              encoded: Callable[[], bytes], calling: str, size: int | None = None) -> Stored:
+        """Check, spool and index one data set; the status to answer (logged when it is a refusal).
+        With drop_non_inputs, an instance of a class no model reads is acknowledged, not stored
+        (`dropped`: the caller counts and says it)."""
+        try:
+            ds = dataset()
+            facts = check_instance(ds, head, syntax, request_class, request_sop, IMAGE_CLASSES, size=size)
+        except Refused as refused:
+            log.warning(
+                "refused instance %s from %s: %s (0x%04X)", request_sop, calling, refused.reason, refused.status
+            )
+            return Stored(refused.status)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on a malformed data set
+            log.warning("refused instance %s from %s: unreadable data set: %s (0xC000)", request_sop, calling, exc)
+            return Stored(CANNOT_UNDERSTAND)
+        study_uid, series_uid, sop_uid = facts.study_uid, facts.series_uid, facts.sop_instance_uid
+        sop_class, modality = str(ds.SOPClassUID), facts.modality
+        if self.watermark.low():  # logged once per crossing by the watermark
+            return Stored(OUT_OF_RESOURCES)
+        if self.config.node.drop_non_inputs and sop_class not in INPUT_CLASSES:
+            return Stored(SUCCESS, study_uid, sop_uid, ds, dropped=True)
+        resent = self.spool.path_for(study_uid, series_uid, sop_uid).exists()  # acknowledged before: indexed
+        try:
+            path = self.spool.write(study_uid, series_uid, sop_uid, encoded())
+        except OSError as exc:
+            log.error("could not store instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
+            return Stored(OUT_OF_RESOURCES)
+        try:
+            record_instance(
+                self.sessions,
+                ReceivedInstance(
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    sop_instance_uid=sop_uid,
+                    sop_class_uid=sop_class,
+                    transfer_syntax_uid=str(syntax),
+                    modality=modality,
+                    series_number=facts.series_number,
+                    series_description=facts.series_description,
+                    path=str(path),
+                    calling_aet=calling,
+                    counts_as_arrival=sop_class in INPUT_CLASSES,
+                ),
+            )
+        except Exception as exc:  # noqa: BLE001 - the database refused (locked, gone, full): transient
+            log.error("could not index instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
+            if not resent:  # refused: its file must not stay behind, unindexed (a resent one keeps its row)
+                self.spool.remove(path)
+            return Stored(OUT_OF_RESOURCES)
+        log.debug("stored %s %s of study %s from %s", modality, sop_uid, study_uid, calling)
+        return Stored(SUCCESS, study_uid, sop_uid, ds)
+
+
 class ReceiverCounters:
     """What the receiver counts as it happens."""
 
@@ -124,8 +232,8 @@ class Receiver:
     def __init__(self, config: Config, sessions: sessionmaker, counters: ReceiverCounters | None = None) -> None:
         self.config = config
         self.sessions = sessions
-        self.spool = Spool(config.spool_dir)
-        self.watermark = Watermark(config.node.data_dir, config.node)
+        self.store = InstanceStore(config, sessions)
+        self.spool, self.watermark = self.store.spool, self.store.watermark
         self.counters = counters or ReceiverCounters()
         self._server = None
         self._lock = threading.Lock()
@@ -165,73 +273,20 @@ class Receiver:
         return status
 
     def _store(self, event) -> int:  # noqa: ANN001 - pynetdicom event
-        calling = event.assoc.requestor.ae_title
-        request_sop = str(event.request.AffectedSOPInstanceUID or "")
-        syntax = UID(event.context.transfer_syntax)
-        try:
-            ds = event.dataset
-            sent = event.request.DataSet
-            facts = check_instance(
-                ds,
-                bytes(sent.getbuffer()[:8]),
-                syntax,
-                str(event.request.AffectedSOPClassUID),
-                request_sop,
-                IMAGE_CLASSES,
-                size=sent.getbuffer().nbytes,
-            )
-        except Refused as refused:
-            log.warning(
-                "refused instance %s from %s: %s (0x%04X)", request_sop, calling, refused.reason, refused.status
-            )
-            return refused.status
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on a malformed data set
-            log.warning("refused instance %s from %s: unreadable data set: %s (0xC000)", request_sop, calling, exc)
-            return CANNOT_UNDERSTAND
-        study_uid, series_uid, sop_uid = facts.study_uid, facts.series_uid, facts.sop_instance_uid
-        sop_class, modality = str(ds.SOPClassUID), facts.modality
-        if self.watermark.low():  # logged once per crossing by the watermark
-            return OUT_OF_RESOURCES
-        if self.config.node.drop_non_inputs and sop_class not in INPUT_CLASSES:
+        stored = self.store.store_event(event, event.assoc.requestor.ae_title)
+        if stored.status != SUCCESS:
+            return stored.status
+        if stored.dropped:
             with self._lock:  # said per association when it closes
                 per_study = self._dropped.setdefault(id(event.assoc), {})
-                per_study[study_uid] = per_study.get(study_uid, 0) + 1
+                per_study[stored.study_uid] = per_study.get(stored.study_uid, 0) + 1
             self.counters.instances_dropped.inc()
             return SUCCESS
-        resent = self.spool.path_for(study_uid, series_uid, sop_uid).exists()  # acknowledged before: indexed
-        try:
-            path = self.spool.write(study_uid, series_uid, sop_uid, event.encoded_dataset())
-        except OSError as exc:
-            log.error("could not store instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
-            return OUT_OF_RESOURCES
-        try:
-            record_instance(
-                self.sessions,
-                ReceivedInstance(
-                    study_uid=study_uid,
-                    series_uid=series_uid,
-                    sop_instance_uid=sop_uid,
-                    sop_class_uid=sop_class,
-                    transfer_syntax_uid=str(event.context.transfer_syntax),
-                    modality=modality,
-                    series_number=facts.series_number,
-                    series_description=facts.series_description,
-                    path=str(path),
-                    calling_aet=calling,
-                    counts_as_arrival=sop_class in INPUT_CLASSES,
-                ),
-            )
-        except Exception as exc:  # noqa: BLE001 - the database refused (locked, gone, full): transient
-            log.error("could not index instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
-            if not resent:  # refused: its file must not stay behind, unindexed (a resent one keeps its row)
-                self.spool.remove(path)
-            return OUT_OF_RESOURCES
-        log.debug("stored %s %s of study %s from %s", modality, sop_uid, study_uid, calling)
         with self._lock:
             per_study = self._stored.setdefault(id(event.assoc), {})
-            per_study[study_uid] = per_study.get(study_uid, 0) + 1
+            per_study[stored.study_uid] = per_study.get(stored.study_uid, 0) + 1
             if self.config.node.log_patient_details:
-                self._patients[study_uid] = patient_details(ds)
+                self._patients[stored.study_uid] = patient_details(stored.dataset)
         return SUCCESS
 
     def _on_echo(self, event) -> int:  # noqa: ANN001

@@ -8,7 +8,7 @@ import ssl
 
 from pynetdicom import evt
 
-from dicomnode.config import Destination, DestinationTls, ReceiverTls
+from dicomnode.config import Destination, DestinationTls, ReceiverTls, Source
 
 
 def _set_nodelay(event) -> None:  # noqa: ANN001 - pynetdicom event
@@ -41,8 +41,8 @@ def server_tls_context(tls: ReceiverTls) -> ssl.SSLContext:
     return context
 
 
-def client_tls_args(destination: Destination) -> tuple[ssl.SSLContext, str] | None:
-    """pynetdicom's `tls_args` for associating with `destination`; None without TLS."""
+def client_tls_args(destination: Destination | Source) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's `tls_args` for associating with `destination` (or a fetch source); None without TLS."""
     tls: DestinationTls | None = destination.tls
     if tls is None:
         return None

@@ -11,6 +11,9 @@ PET series still arriving holds the study back, with an "incomplete" event sayin
 arrival. The job is queued with one "series-verdict" event per series of the study: "used
 for channel X" or "ignored because ...".
 
+A study fetched as another study's prior ([models.priors], event "fetched-as-prior") gets no
+job: its results would go into the old study.
+
 Instances that arrive after a study's job was created make the study a candidate again:
 the next run writes a new result series and never touches the earlier one.
 """
@@ -26,6 +29,7 @@ from sqlalchemy.orm import sessionmaker
 from dicomnode.config import Config, ModelSettings
 from dicomnode.imaging.headers import SeriesFacts
 from dicomnode.pipeline.facts import series_from_index
+from dicomnode.pipeline.priors import fetched_as_prior
 from dicomnode.pipeline.queue import RetryPolicy, enqueue
 from dicomnode.pipeline.selection import applies_to, select_inputs
 from dicomnode.store.events import EventKind, log_event
@@ -60,6 +64,9 @@ def queue_ready_studies(sessions: sessionmaker, config: Config, now: datetime | 
 
 def _sweep_study(sessions: sessionmaker, config: Config, study: Study) -> list[int]:
     created = []
+    if any(m.priors for m in config.models) and fetched_as_prior(sessions, study.study_uid):
+        log.debug("study %s: fetched as a prior study: no job of its own", study.study_uid)
+        return created
     series: list[SeriesFacts] | None = None
     for model in config.models:
         with sessions() as session:

@@ -22,6 +22,7 @@ from dicomnode.imaging.measures import measure_lesions, measure_segments
 from dicomnode.pipeline.dispatch import deliver
 from dicomnode.pipeline.errors import JobError
 from dicomnode.pipeline.inputs import Inputs, build_inputs
+from dicomnode.pipeline.priors import settle_prior
 from dicomnode.results.common import write_dicom
 from dicomnode.results.labelcodes import LabelCodesError, label_codes
 from dicomnode.results.writer import (
@@ -203,5 +204,6 @@ def process_data_bytes() -> int:
 
 
 def process(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel) -> str:
+    settle_prior(config, sessions, job, config.model(job.model))  # [models.priors]: fetched or ruled out first
     out = make_results(config, sessions, job, model)
     return f"results in {out}; {deliver(config, sessions, job, out)}"

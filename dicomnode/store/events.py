@@ -26,6 +26,8 @@ class EventKind(StrEnum):
     INCOMPLETE = "incomplete"  # quiet, but not ready for a model: why (said once per arrival)
     ASSEMBLY_FAILED = "assembly-failed"  # the study could not be checked: why (said once per arrival)
     PURGED = "purged"  # retention removed its files
+    FETCHED = "fetched"  # retrieved from a source ([[sources]]) by `dicomnode fetch`: how, how many
+    FETCHED_AS_PRIOR = "fetched-as-prior"  # retrieved as a job's prior study: it gets no job of its own
     # a job: the queue
     QUEUED = "queued"
     SERIES_VERDICT = "series-verdict"  # one per series of the study, written with the job
@@ -41,6 +43,8 @@ class EventKind(StrEnum):
     CANCELLED = "cancelled"
     DELIVERY_PENDING = "delivery-pending"  # results ready, deliveries backing off: the job waits
     # a job: its work
+    PRIOR_USED = "prior-used"  # [models.priors]: the prior study fetched (or already held) for the job
+    NO_PRIOR = "no-prior"  # [models.priors]: no prior study to fetch, and why
     INPUTS_BUILT = "inputs-built"
     INFERENCE_DONE = "inference-done"
     LABELS_REUSED = "labels-reused"

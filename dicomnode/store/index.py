@@ -108,3 +108,12 @@ def series_of_study(session: Session, study_uid: str) -> list[SeriesSummary]:
 
 def instance_paths(session: Session, series_uid: str) -> list[str]:
     return list(session.scalars(select(Instance.path).where(Instance.series_uid == series_uid)))
+
+
+def held_instances(session: Session, sop_instance_uids: list[str] | set[str]) -> set[str]:
+    """Those of `sop_instance_uids` the index holds (in batches: a study may have thousands)."""
+    uids, held = list(sop_instance_uids), set()
+    for start in range(0, len(uids), 500):
+        held.update(session.scalars(
+            select(Instance.sop_instance_uid).where(Instance.sop_instance_uid.in_(uids[start:start + 500]))))
+    return held
