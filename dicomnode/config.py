@@ -150,13 +150,14 @@ class OutputKind(StrEnum):
 LESION_OUTPUTS = (OutputKind.RTSTRUCT, OutputKind.SC)  # drawn from PET lesions: a model needs a PET channel
 
 
-class Destination(_Strict):
-    """Where results go: a DICOM node by C-STORE (`ae_title`, `host`, `port`) or a DICOMweb
-    server by STOW-RS (`url`, e.g. "https://pacs.example/dicom-web"), never both. A DICOMweb
-    destination may send an Authorization header (its full value, e.g. "Bearer ..." or "Basic
-    ...") read at each send from `authorization_file` or the environment variable
-    `authorization_env`; `tls` then checks an https server against `ca_certificates` (none: the
-    system's CA certificates) and presents `certificate` / `private_key` when given."""
+class Endpoint(_Strict):
+    """A peer the node talks to, a destination or a source: a DICOM node (`ae_title`, `host`,
+    `port`, with `tls` for DICOM TLS) or a DICOMweb server (`url`, the service root such as
+    "https://pacs.example/dicom-web"), never both. A DICOMweb peer may be sent an Authorization
+    header (its full value, e.g. "Bearer ..." or "Basic ...") read at each use from
+    `authorization_file` or the environment variable `authorization_env`, never logged; `tls`
+    then checks an https server against `ca_certificates` (none: the system's CA certificates) and
+    presents `certificate` / `private_key` when given."""
 
     name: str
     ae_title: AETitle | None = None
@@ -166,39 +167,35 @@ class Destination(_Strict):
     authorization_file: Path | None = None
     authorization_env: str | None = None
     tls: DestinationTls | None = None
-    outputs: list[OutputKind] = [OutputKind.SEG, OutputKind.SR]  # what this destination gets, in this order
-    # Sent instead of an object whose SOP class the destination refuses for good (no presentation
-    # context for it, or status 0x0122), e.g. "SC" for a PACS without Segmentation Storage.
-    fallback: Literal["SC", "RTSTRUCT"] | None = None  # an OutputKind once read (see _fallback_kind)
-
-    @field_validator("fallback", mode="after")
-    @classmethod
-    def _fallback_kind(cls, value: str | None) -> OutputKind | None:
-        return OutputKind(value) if value is not None else None
 
     @property
     def is_dicomweb(self) -> bool:
-        """A STOW-RS destination (`url`), not a C-STORE one."""
+        """A DICOMweb peer (`url`), not a DIMSE one."""
         return self.url is not None
 
+    @property
+    def kind(self) -> str:
+        return type(self).__name__.lower()
+
     @model_validator(mode="after")
-    def _one_transport(self) -> "Destination":
+    def _one_transport(self) -> "Endpoint":
+        what = f"{self.kind} {self.name!r}"
         dimse = {key: getattr(self, key) for key in ("ae_title", "host", "port")}
         if self.url is None:
             missing = [key for key, value in dimse.items() if value is None]
             if missing:
                 raise ValueError(
-                    f"a DIMSE destination needs ae_title, host and port (missing {', '.join(missing)}); "
-                    "a DICOMweb destination needs url instead"
+                    f"a DIMSE {what} needs ae_title, host and port (missing {', '.join(missing)}); "
+                    f"a DICOMweb {self.kind} needs url instead"
                 )
             given = [key for key in ("authorization_file", "authorization_env") if getattr(self, key) is not None]
             if given:
-                raise ValueError(f"{', '.join(given)} is for a DICOMweb destination (url), not a DIMSE one")
+                raise ValueError(f"{', '.join(given)} is for a DICOMweb {self.kind} (url), not a DIMSE one")
             return self
         given = [key for key, value in dimse.items() if value is not None]
         if given:
             raise ValueError(
-                f"a destination is either DIMSE (ae_title, host, port) or DICOMweb (url), not both: "
+                f"a {self.kind} is either DIMSE (ae_title, host, port) or DICOMweb (url), not both: "
                 f"drop {', '.join(given)} or url"
             )
         scheme, _, rest = self.url.partition("://")
@@ -215,11 +212,25 @@ class Destination(_Strict):
             if scheme != "https":
                 raise ValueError("tls needs an https url")
             if self.tls.server_name is not None:
-                raise ValueError("tls.server_name is for DIMSE destinations: a DICOMweb server is checked "
+                raise ValueError(f"tls.server_name is for DIMSE peers: a DICOMweb {self.kind} is checked "
                                  "against the url's host name")
             if (self.tls.certificate is None) != (self.tls.private_key is None):
                 raise ValueError("tls.certificate and tls.private_key go together")
         return self
+
+
+class Destination(Endpoint):
+    """Where results go: by C-STORE to a DICOM node or by STOW-RS to a DICOMweb server (Endpoint)."""
+
+    outputs: list[OutputKind] = [OutputKind.SEG, OutputKind.SR]  # what this destination gets, in this order
+    # Sent instead of an object whose SOP class the destination refuses for good (no presentation
+    # context for it, or status 0x0122), e.g. "SC" for a PACS without Segmentation Storage.
+    fallback: Literal["SC", "RTSTRUCT"] | None = None  # an OutputKind once read (see _fallback_kind)
+
+    @field_validator("fallback", mode="after")
+    @classmethod
+    def _fallback_kind(cls, value: str | None) -> OutputKind | None:
+        return OutputKind(value) if value is not None else None
 
     @model_validator(mode="after")
     def _outputs_make_sense(self) -> "Destination":
@@ -242,49 +253,19 @@ class RetrieveMethod(StrEnum):
     C_GET = "C-GET"
 
 
-class Source(_Strict):
-    """A PACS the node fetches studies from (`[[sources]]`): a DICOM one (ae_title, host, port,
-    optional tls; C-FIND to query, then `retrieve`) or a DICOMweb server (`url`, the service root
-    such as "https://pacs/dicom-web": QIDO-RS to query, WADO-RS to retrieve), with an optional
-    Authorization header read from a file (`authorization_file`) or an environment variable
-    (`authorization_env`), e.g. "Bearer eyJ..." or "Basic dXNlcjpwYXNz"."""
+class Source(Endpoint):
+    """A PACS the node fetches studies from (`[[sources]]`): a DICOM one (C-FIND to query, then
+    `retrieve`) or a DICOMweb server (QIDO-RS to query, WADO-RS to retrieve); see Endpoint."""
 
-    name: str
-    ae_title: AETitle | None = None
-    host: str | None = None
-    port: int | None = Field(None, ge=1, le=65535)
-    tls: DestinationTls | None = None
     retrieve: RetrieveMethod = RetrieveMethod.C_MOVE
     move_destination: AETitle | None = None  # C-MOVE's destination AE title; default: [node] ae_title
-    url: str | None = None
-    authorization_file: Path | None = None
-    authorization_env: str | None = None
     timeout_seconds: float = Field(60.0, gt=0)  # a response (or a WADO-RS read) that takes longer fails
 
     @model_validator(mode="after")
-    def _dimse_or_dicomweb(self) -> "Source":
-        dimse = {"ae_title": self.ae_title, "host": self.host, "port": self.port}
-        if self.url is not None:
-            extra = [k for k, v in {**dimse, "tls": self.tls, "move_destination": self.move_destination}.items()
-                     if v is not None]
-            if extra:
-                raise ValueError(f"source {self.name!r}: a DICOMweb source (url) takes no {', '.join(extra)}")
-            if not self.url.startswith(("http://", "https://")):
-                raise ValueError(f"source {self.name!r}: url must start with http:// or https://")
-            if self.authorization_file is not None and self.authorization_env is not None:
-                raise ValueError(f"source {self.name!r}: authorization_file or authorization_env, not both")
-            return self
-        missing = [k for k, v in dimse.items() if v is None]
-        if missing:
-            raise ValueError(f"source {self.name!r} needs either url (DICOMweb) or ae_title, host and port "
-                             f"(DICOM); missing {', '.join(missing)}")
-        if self.authorization_file is not None or self.authorization_env is not None:
-            raise ValueError(f"source {self.name!r}: authorization_* is for a DICOMweb source (url)")
+    def _move_is_dimse(self) -> "Source":
+        if self.url is not None and self.move_destination is not None:
+            raise ValueError(f"source {self.name!r}: move_destination is for a DICOM source, not a DICOMweb one")
         return self
-
-    @property
-    def is_dicomweb(self) -> bool:
-        return self.url is not None
 
 
 class PriorSettings(_Strict):
@@ -623,10 +604,10 @@ def _resolve(raw: dict, base: Path) -> dict:
     resolved = {**raw, "node": node}
     if isinstance(raw.get("destinations"), list):
         resolved["destinations"] = [
-            _resolve_destination(d, base) if isinstance(d, dict) else d for d in raw["destinations"]
+            _resolve_endpoint(d, base) if isinstance(d, dict) else d for d in raw["destinations"]
         ]
     if isinstance(raw.get("sources"), list):
-        resolved["sources"] = [_resolve_source(s, base) if isinstance(s, dict) else s for s in raw["sources"]]
+        resolved["sources"] = [_resolve_endpoint(s, base) if isinstance(s, dict) else s for s in raw["sources"]]
     if isinstance(raw.get("models"), list):
         resolved["models"] = [
             _resolve_model(model, base) if isinstance(model, dict) else model for model in raw["models"]
@@ -634,27 +615,19 @@ def _resolve(raw: dict, base: Path) -> dict:
     return resolved
 
 
-def _resolve_destination(destination: dict, base: Path) -> dict:
-    resolved = dict(destination)
-    if isinstance(destination.get("tls"), dict):
-        resolved["tls"] = _resolve_tls(destination["tls"], base)
-    if isinstance(destination.get("authorization_file"), str):
-        resolved["authorization_file"] = base / Path(destination["authorization_file"])
+def _resolve_endpoint(endpoint: dict, base: Path) -> dict:
+    """A destination's or source's file names, relative to the config file's folder."""
+    resolved = dict(endpoint)
+    if isinstance(endpoint.get("tls"), dict):
+        resolved["tls"] = _resolve_tls(endpoint["tls"], base)
+    if isinstance(endpoint.get("authorization_file"), str):
+        resolved["authorization_file"] = base / Path(endpoint["authorization_file"])
     return resolved
 
 
 def _resolve_tls(tls: dict, base: Path) -> dict:
     files = ("certificate", "private_key", "ca_certificates")
     return {key: base / Path(value) if key in files and isinstance(value, str) else value for key, value in tls.items()}
-
-
-def _resolve_source(source: dict, base: Path) -> dict:
-    resolved = dict(source)
-    if isinstance(source.get("tls"), dict):
-        resolved["tls"] = _resolve_tls(source["tls"], base)
-    if isinstance(source.get("authorization_file"), str):
-        resolved["authorization_file"] = base / Path(source["authorization_file"])
-    return resolved
 
 
 def _resolve_model(model: dict, base: Path) -> dict:

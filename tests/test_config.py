@@ -184,9 +184,11 @@ def test_sources_dimse_and_dicomweb(tmp_path: Path):
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ('name = "a"\nae_title = "PACS"\nhost = "h"', "needs either url .* missing port"),
-        ('name = "a"\nurl = "https://h/dicom-web"\nae_title = "PACS"', "a DICOMweb source .* takes no ae_title"),
-        ('name = "a"\nurl = "ftp://h"', "url must start with http"),
+        ('name = "a"\nae_title = "PACS"\nhost = "h"',
+         "a DIMSE source 'a' needs ae_title, host and port \\(missing port\\)"),
+        ('name = "a"\nurl = "https://h/dicom-web"\nae_title = "PACS"',
+         "a source is either DIMSE .* or DICOMweb .*: drop ae_title or url"),
+        ('name = "a"\nurl = "ftp://h"', "url must be http://host"),
         ('name = "a"\nae_title = "P"\nhost = "h"\nport = 104\nauthorization_env = "X"', "authorization_.* DICOMweb"),
         ('name = "a"\nae_title = "P"\nhost = "h"\nport = 104\nretrieve = "C-FIND"', "key 'sources.*retrieve'"),
     ],

@@ -10,7 +10,7 @@ sent, which must be one the receiver accepts) and stored through the receiver's
 from __future__ import annotations
 
 import logging
-import os
+import ssl
 
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -30,28 +30,12 @@ from dicomnode.net.retrieve import (
     values_of,
 )
 from dicomnode.net.status import CANNOT_UNDERSTAND, SUCCESS
+from dicomnode.net.web import AuthorizationUnavailable, authorization, session_for
 
 log = logging.getLogger("dicomnode.retrieve")
 
 _STUDY_FIELDS = ["StudyInstanceUID", "PatientID", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription",
                  "ModalitiesInStudy", "NumberOfStudyRelatedInstances"]
-
-
-def authorization(source: Source) -> str | None:
-    """The Authorization header's value: the file's text, or the environment variable's value."""
-    if source.authorization_file is not None:
-        try:
-            return source.authorization_file.read_text().strip()
-        except OSError as exc:
-            raise SourceError(f"{source.name}: cannot read authorization_file {source.authorization_file}: "
-                              f"{exc.strerror or exc}") from None
-    if source.authorization_env is not None:
-        value = os.environ.get(source.authorization_env)
-        if not value:
-            raise SourceError(f"{source.name}: environment variable {source.authorization_env} "
-                              "(authorization_env) is not set")
-        return value.strip()
-    return None
 
 
 class DicomwebSource:
@@ -61,9 +45,12 @@ class DicomwebSource:
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        header = authorization(source)
-        self.client = DICOMwebClient(source.url, headers={"Authorization": header} if header else None,
-                                     timeout=source.timeout_seconds)
+        try:  # the same Authorization header and https checks as a STOW-RS destination's
+            session = session_for(source, authorization(source))
+        except (AuthorizationUnavailable, OSError, ssl.SSLError) as exc:
+            why = exc if isinstance(exc, AuthorizationUnavailable) else f"TLS settings: {exc}"
+            raise SourceError(f"{source.name}: {why}") from None
+        self.client = DICOMwebClient(source.url.rstrip("/"), session=session, timeout=source.timeout_seconds)
         self.client.set_http_retry_params(retry=False)
 
     def _call(self, what: str, function, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202

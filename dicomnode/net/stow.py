@@ -18,14 +18,14 @@ instance. How an answer maps (PS3.18 10.5.3):
                                                              SOP Instance UID; the server keeps one)
     server not reached (refused, TLS handshake failed)       transient, the files after it not tried
 
-The Authorization header value (from `authorization_file` or `authorization_env`) is read at
-each send, so a rotated token needs no restart, and is never logged nor put in a message.
+The Authorization header value (dicomnode.net.web: from `authorization_file` or
+`authorization_env`) is read at each send, so a rotated token needs no restart, and is never
+logged nor put in a message.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,11 +38,11 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from requests.adapters import HTTPAdapter
 
 from dicomnode.config import Destination
 from dicomnode.net.sender import Outcome, SendError, uncompressed
 from dicomnode.net.status import NOT_AUTHORIZED, SOP_CLASS_NOT_SUPPORTED, is_permanent
+from dicomnode.net.web import AuthorizationUnavailable, authorization, authorization_source, session_for
 
 log = logging.getLogger("dicomnode.sender")  # one log name for both transports: journald filters keep working
 
@@ -55,80 +55,6 @@ FAILURE_REASONS = {
     TRANSFER_SYNTAX_NOT_SUPPORTED: "transfer syntax not supported",
 }
 NO_CHUNKS = 1 << 30  # dicomweb-client sends a body larger than its chunk size chunked; some servers refuse that
-
-
-class AuthorizationUnavailable(Exception):
-    """The configured Authorization header cannot be read; the message names the file or variable."""
-
-
-def authorization_source(destination: Destination) -> str:
-    """Where the destination's Authorization header comes from, for messages (never the value)."""
-    if destination.authorization_file is not None:
-        return f"authorization_file {destination.authorization_file}"
-    if destination.authorization_env is not None:
-        return f"authorization_env {destination.authorization_env}"
-    return "no authorization configured (authorization_file or authorization_env)"
-
-
-def authorization(destination: Destination) -> str | None:
-    """The destination's Authorization header value, read now; None when none is configured."""
-    where = authorization_source(destination)
-    if destination.authorization_file is not None:
-        try:
-            value = Path(destination.authorization_file).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            why = getattr(exc, "strerror", None) or exc
-            raise AuthorizationUnavailable(f"{where}: cannot read it ({why})") from None
-    elif destination.authorization_env is not None:
-        value = os.environ.get(destination.authorization_env)
-        if value is None:
-            raise AuthorizationUnavailable(f"{where}: not set in the node's environment")
-    else:
-        return None
-    value = value.strip()
-    if not value:
-        raise AuthorizationUnavailable(f"{where}: empty")
-    if any(c in value for c in "\r\n\0"):
-        raise AuthorizationUnavailable(f"{where}: the header value must be one line")
-    return value
-
-
-def tls_context(destination: Destination) -> ssl.SSLContext:
-    """The TLS context for an https destination: TLS 1.2 or later, the server checked against
-    `tls.ca_certificates` or else the system's CA certificates, our certificate when given."""
-    tls = destination.tls
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_certificates if tls else None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if tls is not None and tls.certificate is not None:
-        context.load_cert_chain(tls.certificate, tls.private_key)
-    return context
-
-
-class _TlsAdapter(HTTPAdapter):
-    """requests with our SSLContext only (requests would add certifi's CA bundle to it)."""
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self._context = context
-        super().__init__()
-
-    def build_connection_pool_key_attributes(self, request, verify, cert=None) -> tuple[dict, dict]:  # noqa: ANN001
-        host, pool = super().build_connection_pool_key_attributes(request, verify, cert)
-        for key in ("ca_certs", "ca_cert_dir", "cert_file", "key_file"):
-            pool.pop(key, None)
-        pool["ssl_context"], pool["cert_reqs"] = self._context, "CERT_REQUIRED"
-        return host, pool
-
-    def cert_verify(self, conn, url, verify, cert) -> None:  # noqa: ANN001
-        conn.cert_reqs, conn.ca_certs, conn.ca_cert_dir = "CERT_REQUIRED", None, None
-
-
-def session_for(destination: Destination, authorization_value: str | None) -> requests.Session:
-    session = requests.Session()
-    session.headers["Accept"] = "application/dicom+json"
-    if authorization_value is not None:
-        session.headers["Authorization"] = authorization_value
-    session.mount("https://", _TlsAdapter(tls_context(destination)))
-    return session
 
 
 # ---------------------------------------------------------------- what an answer means

@@ -107,7 +107,9 @@ def test_a_flood_of_connections_leaves_room_for_a_well_behaved_sender(small_node
         assert len(list(session.scalars(select(Instance)))) == 32
     limit = receiver.max_per_ae
     assert 0 < peak[0] <= limit + 1  # the flood's AE held at most its share; storescu had the rest
-    assert len(rejected) >= 50 - 2 * limit and all(a.is_rejected for a in rejected)
+    # How many got in over the whole flood depends on how long it lasted (a silent admitted one is
+    # dropped after the network timeout, and its slot taken by a later request): the bound is the peak.
+    assert len(rejected) + len(established) == 50 and rejected and all(a.is_rejected for a in rejected)
     assert receiver.counters.associations_rejected.labels("association-limit")._value.get() == len(rejected)
     # Silent and stalled peers are dropped after the network timeout, freeing their slots.
     assert all(_closed_by_peer(s, TIMEOUT_S * 3 + 5) for s in silent + stalled)

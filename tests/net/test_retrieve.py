@@ -209,7 +209,7 @@ authorization_env = "PACS_AUTH"
         sessions = make_sessionmaker(config.database_url)
         source = config.fetch_source("web")
         monkeypatch.delenv("PACS_AUTH", raising=False)
-        with pytest.raises(SourceError, match="environment variable PACS_AUTH"):
+        with pytest.raises(SourceError, match="authorization_env PACS_AUTH: not set in the node.s environment"):
             client_for(source, config)
         monkeypatch.setenv("PACS_AUTH", "Basic bm9kZTp3cm9uZw==")  # node:wrong
         with pytest.raises(SourceError, match="HTTP 401"):

@@ -15,8 +15,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicomnode.config import ConfigError, Destination, DestinationTls
-from dicomnode.net import stow
-from dicomnode.net.stow import AuthorizationUnavailable, authorization, classify
+from dicomnode.net import stow, web
+from dicomnode.net.stow import classify
+from dicomnode.net.web import AuthorizationUnavailable, authorization
 from dicomnode.testing.ports import free_port
 
 from tests.support.nodeutil import node_config, tiny_instance
@@ -49,7 +50,7 @@ def test_a_dicomweb_destination_is_read_with_its_authorization_file_resolved(tmp
         ('url = "http://pacs/dicom-web"\nae_title = "PACS"\nhost = "pacs"\nport = 104',
          "either DIMSE (ae_title, host, port) or DICOMweb (url), not both: drop ae_title, host, port or url"),
         ('url = "http://pacs/dicom-web"\nport = 104', "not both: drop port or url"),
-        ('ae_title = "PACS"\nhost = "pacs"', "a DIMSE destination needs ae_title, host and port (missing port)"),
+        ('ae_title = "PACS"\nhost = "pacs"', "a DIMSE destination 'web' needs ae_title, host and port (missing port)"),
         ("", "needs ae_title, host and port (missing ae_title, host, port); a DICOMweb destination needs url"),
         ('url = "ftp://pacs/dicom-web"', "url must be http://host[:port]/path or https://"),
         ('url = "pacs/dicom-web"', "url must be http://host[:port]/path"),
@@ -59,7 +60,8 @@ def test_a_dicomweb_destination_is_read_with_its_authorization_file_resolved(tmp
         ('ae_title = "PACS"\nhost = "pacs"\nport = 104\nauthorization_env = "T"',
          "authorization_env is for a DICOMweb destination (url)"),
         ('url = "http://pacs/dicom-web"\ntls = { ca_certificates = "ca.pem" }', "tls needs an https url"),
-        ('url = "https://pacs/dicom-web"\ntls = { server_name = "x" }', "tls.server_name is for DIMSE destinations"),
+        ('url = "https://pacs/dicom-web"\ntls = { server_name = "x" }',
+         "tls.server_name is for DIMSE peers: a DICOMweb destination"),
         ('url = "https://pacs/dicom-web"\ntls = { certificate = "c.pem" }',
          "tls.certificate and tls.private_key go together"),
     ],
@@ -218,13 +220,13 @@ def test_tls_context_trusts_the_configured_ca_only_or_the_system(tmp_path: Path)
     ca = trustme.CA()
     ca.cert_pem.write_to_path(tmp_path / "ca.pem")
     tls = DestinationTls(ca_certificates=tmp_path / "ca.pem")
-    own = stow.tls_context(Destination(name="w", url="https://p/dw", tls=tls))
+    own = web.tls_context(Destination(name="w", url="https://p/dw", tls=tls))
     assert own.verify_mode == ssl.CERT_REQUIRED and own.check_hostname
     assert own.minimum_version == ssl.TLSVersion.TLSv1_2 and len(own.get_ca_certs()) == 1
-    system = stow.tls_context(Destination(name="w", url="https://p/dw"))
+    system = web.tls_context(Destination(name="w", url="https://p/dw"))
     assert system.cert_store_stats()["x509_ca"] == len(ssl.create_default_context().get_ca_certs())
     # requests gets our context, not its own CA bundle (certifi) beside it
-    adapter = stow.session_for(Destination(name="w", url="https://p/dw", tls=DestinationTls(
+    adapter = web.session_for(Destination(name="w", url="https://p/dw", tls=DestinationTls(
         ca_certificates=tmp_path / "ca.pem")), None).get_adapter("https://p/dw")
     request = requests.Request("POST", "https://p/dw/studies").prepare()
     _, pool = adapter.build_connection_pool_key_attributes(request, True, None)
