@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import highdicom as hd
@@ -16,7 +17,7 @@ import SimpleITK as sitk
 from pydicom import dcmread
 from pydicom.uid import generate_uid
 from scipy import ndimage
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.index import ReceivedInstance, record_instance
@@ -150,6 +151,46 @@ def test_orthanc_sends_study_and_gets_seg_back(site):
         "succeeded",
     ):
         assert kind in kinds, kinds
+
+
+def test_the_pacs_forwarding_the_study_with_its_results_makes_no_second_run(site):
+    """A PACS routes whole studies: after the SEG and SR are in Orthanc, it sends the study back
+    to the node, results and all. Every instance is taken (before, the SEG and SR were refused at
+    negotiation and Orthanc's store job failed); the CT and PET are no news, the SEG and SR are
+    the node's own results; no second job, at any sweep after the study's quiet time."""
+    from dicomnode.store.tables import Component, Instance, Job
+
+    pacs, node, work = site
+    study = write_study(work / "study-forwarded", seed=17)
+    pacs.upload(sorted(study.ct_dir.glob("*.dcm")) + sorted(study.pt_dir.glob("*.dcm")))
+    orthanc_study = pacs.find_study(study.study_instance_uid)
+    pacs.store_to_modality("dicomnode", [orthanc_study])
+    _check_seg(pacs, study, work)
+    results = {s["MainDicomTags"]["Modality"]: s for s in pacs.series_of_study(study.study_instance_uid)
+               if s["MainDicomTags"]["Modality"] in ("SEG", "SR")}
+    assert set(results) == {"SEG", "SR"}
+    summary = pacs.store_to_modality("dicomnode", [orthanc_study])  # the whole study, results included
+    assert summary["FailedInstancesCount"] == 0 and summary["InstancesCount"] == 130, summary
+    sessions = make_sessionmaker(f"sqlite:///{work / 'var' / 'dicomnode.db'}")
+    result_uids = {pacs.instance_tags(i)["SOPInstanceUID"] for s in results.values() for i in s["Instances"]}
+    with sessions() as session:
+        held = {row.sop_instance_uid: row for row in session.scalars(
+            select(Instance).where(Instance.study_uid == study.study_instance_uid))}
+    assert result_uids <= set(held) and len(held) == 130
+    arrived = max(held[uid].received_at for uid in result_uids)
+    deadline, swept_after = time.monotonic() + 60, arrived + timedelta(seconds=2.0 + 2 * 0.5 + 1.0)
+    while time.monotonic() < deadline:  # sweeps past the quiet time after the results came back
+        with sessions() as session:
+            seen = session.scalar(select(func.max(Component.last_seen_at)).where(Component.name == "receiver"))
+        if seen is not None and seen > swept_after:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("no sweep after the results came back")
+    with sessions() as session:
+        jobs = list(session.scalars(select(Job).where(Job.study_uid == study.study_instance_uid)))
+    assert [(j.run_number, j.state) for j in jobs] == [(1, "succeeded")]
+    assert {held[uid].calling_aet for uid in result_uids} == {pacs.aet}
 
 
 @pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")
