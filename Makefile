@@ -55,6 +55,8 @@ lint-imports: $(STAMP)
 
 bench: system-packages $(STAMP)
 	$(PY) bench/bench_receive.py
+	$(PY) bench/bench_stow.py
+	$(PY) bench/bench_fetch.py
 
 clean:
 	rm -rf $(VENV) var demo-out .pytest_cache
