@@ -1,8 +1,8 @@
 """A DICOMweb source (`[[sources]] url = ".../dicom-web"`): QIDO-RS to find studies and list
 what a study holds, WADO-RS to retrieve it, with dicomweb-client.
 
-Each instance WADO-RS returns is encoded again in its own transfer syntax (the one the server
-sent, which must be one the receiver accepts) and stored through the receiver's
+Each instance is asked for in the syntax the server holds it in (transfer-syntax=*), and
+encoded again in that syntax (which must be one the receiver accepts for its class) and stored through the receiver's
 `InstanceStore`, as if a C-STORE request had brought it from the AE "named" the source
 (its `name`, at most 16 characters, is the calling AE title recorded in the index).
 """
@@ -19,7 +19,8 @@ from pydicom.uid import UID
 from pynetdicom.dsutils import encode
 
 from dicomnode.config import Source
-from dicomnode.net.receiver import TRANSFER_SYNTAXES, InstanceStore
+from dicomnode.imaging.sopclasses import INPUT_CLASSES
+from dicomnode.net.receiver import STORED_ONLY_SYNTAXES, TRANSFER_SYNTAXES, InstanceStore
 from dicomnode.net.retrieve import (
     Announced,
     Progress,
@@ -98,7 +99,9 @@ class DicomwebSource:
         wanted = announced.wanted()
         calling = self.source.name[:16]
         try:
-            for ds in self.client.iter_study(announced.study_uid):
+            # "*": each instance in the syntax the server holds it in (a server asked for Explicit VR
+            # Little Endian must transcode, and a JPEG 2000 SEG it cannot decode fails the whole retrieve)
+            for ds in self.client.iter_study(announced.study_uid, media_types=(("application/dicom", "*"),)):
                 uid = str(ds.get("SOPInstanceUID", ""))
                 if uid not in wanted:  # not announced, or of a class the node does not store
                     continue
@@ -120,7 +123,9 @@ class DicomwebSource:
     def _store(self, ds: Dataset, uid: str, announced_class: str, store: InstanceStore, calling: str) -> int:
         meta = getattr(ds, "file_meta", None)
         syntax = UID(str(meta.TransferSyntaxUID)) if meta is not None and "TransferSyntaxUID" in meta else None
-        if syntax is None or syntax not in TRANSFER_SYNTAXES:
+        sop_class = announced_class or str(ds.get("SOPClassUID", ""))
+        accepted = TRANSFER_SYNTAXES if sop_class in INPUT_CLASSES else STORED_ONLY_SYNTAXES  # as the receiver
+        if syntax is None or syntax not in accepted:
             log.warning("refused instance %s from %s: transfer syntax %s is not one the node accepts (0xC000)",
                         uid, calling, syntax.name if syntax else "(none)")
             return CANNOT_UNDERSTAND
@@ -131,5 +136,4 @@ class DicomwebSource:
             return CANNOT_UNDERSTAND
         if body is None:
             return CANNOT_UNDERSTAND
-        return store.store_encoded(body, syntax, announced_class or str(ds.get("SOPClassUID", "")), uid,
-                                   calling).status
+        return store.store_encoded(body, syntax, sop_class, uid, calling).status

@@ -207,3 +207,51 @@ def test_echo_of_a_dicomweb_destination(tmp_path: Path):
         answered = CliRunner().invoke(app, ["echo", "web", "--config", str(config.source)])
         assert answered.exit_code == 0 and "web: QIDO-RS HTTP 200 OK" in answered.output, answered.output
 
+
+
+def test_https_destination_and_source_checked_against_the_configured_ca(tmp_path: Path, results):
+    """DICOMweb over https (a trustme CA; TLS terminated in front of Orthanc, as nginx does at a
+    site): the SEG and SR go by STOW-RS to the destination whose tls names that CA, and come back
+    by QIDO-RS/WADO-RS from a source configured the same way; a destination that trusts another
+    CA, or only the system's, fails the handshake, transient, and nothing is stored."""
+    import trustme
+
+    from dicomnode.config import Source
+    from dicomnode.net.fetch import client_for, fetch_study
+    from dicomnode.net.receiver import InstanceStore
+    from dicomnode.net.retrieve import SourceError
+
+    from tests.support.tlsproxy import TlsProxy
+
+    ca, other_ca = trustme.CA(), trustme.CA()
+    server_pem, ca_pem, other_pem = tmp_path / "server.pem", tmp_path / "ca.pem", tmp_path / "other-ca.pem"
+    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(server_pem))
+    ca.cert_pem.write_to_path(str(ca_pem))
+    other_ca.cert_pem.write_to_path(str(other_pem))
+    uids = sorted(str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in results)
+    with LocalOrthanc(tmp_path / "pacs", dicomweb=True) as pacs, TlsProxy(server_pem, pacs.http_port) as proxy:
+        url = f"https://127.0.0.1:{proxy.port}/dicom-web"
+        for name, ca_file in (("wrong-ca", other_pem), ("system-ca", None)):
+            tls = f'\ntls = {{ ca_certificates = "{ca_file}" }}' if ca_file else ""
+            _, sessions, job_id, worker = _job(tmp_path / name, results, f'url = "{url}"{tls}')
+            assert worker.run_one()
+            job = _job_row(sessions, job_id)
+            assert job.state == JobState.QUEUED and "TLS handshake failed: unable to get local issuer" in job.error
+        assert pacs.get("/instances") == []
+        right = f'url = "{url}"\ntls = {{ ca_certificates = "{ca_pem}" }}'
+        config, sessions, job_id, worker = _job(tmp_path / "right-ca", results, right)
+        assert worker.run_one()
+        job = _job_row(sessions, job_id)
+        assert job.state == JobState.SUCCEEDED, job.error
+        assert len(pacs.get("/instances")) == 2
+        with pytest.raises(SourceError, match="certificate verify failed"):
+            client_for(Source(name="web", url=url), config).announce(job.study_uid)
+        client = client_for(Source(name="web", url=url, tls={"ca_certificates": ca_pem}), config)
+        announced = client.announce(job.study_uid)
+        assert sorted(announced.instances) == uids
+        fetch_config = node_config(tmp_path / "fetcher")
+        fetch_sessions = make_sessionmaker(fetch_config.database_url)
+        fetched = fetch_study(client, announced, InstanceStore(fetch_config, fetch_sessions), fetch_sessions)
+    assert (fetched.method, fetched.arrived) == ("WADO-RS", 2)
+    spooled = sorted(fetch_config.spool_dir.rglob("*.dcm"))
+    assert sorted(str(dcmread(p).SOPInstanceUID) for p in spooled) == uids
