@@ -219,6 +219,17 @@ class Endpoint(_Strict):
         return self
 
 
+class VerifyMethod(StrEnum):
+    """How a destination confirms it holds what it was sent (a delivery is `confirmed` only then):
+    not at all (its C-STORE / STOW-RS answer is all), by a Storage Commitment request (N-ACTION,
+    push model; a DIMSE destination) whose report says which objects it committed, or by a query
+    (C-FIND at IMAGE level, QIDO-RS for a DICOMweb destination) that must find every object."""
+
+    NONE = "none"
+    COMMITMENT = "commitment"
+    QUERY = "query"
+
+
 class Destination(Endpoint):
     """Where results go: by C-STORE to a DICOM node or by STOW-RS to a DICOMweb server (Endpoint)."""
 
@@ -226,6 +237,14 @@ class Destination(Endpoint):
     # Sent instead of an object whose SOP class the destination refuses for good (no presentation
     # context for it, or status 0x0122), e.g. "SC" for a PACS without Segmentation Storage.
     fallback: Literal["SC", "RTSTRUCT"] | None = None  # an OutputKind once read (see _fallback_kind)
+    # Proof of delivery (see VerifyMethod). With "commitment" the report may come on the request's
+    # association or on a new one to the node's receiver (the PACS must know the node's AE and be an
+    # allowed calling AE); an object not committed, or no report within verify_timeout_seconds, is
+    # sent again (same SOP Instance UID) under the delivery retry policy. The worker waits up to
+    # verify_wait_seconds for the report before it moves on to other jobs (the report wakes the job).
+    verify: VerifyMethod = VerifyMethod.NONE
+    verify_timeout_seconds: float = Field(300.0, gt=0)
+    verify_wait_seconds: float = Field(5.0, ge=0)
 
     @field_validator("fallback", mode="after")
     @classmethod
@@ -241,6 +260,9 @@ class Destination(Endpoint):
         if self.fallback in self.outputs:
             raise ValueError(f"fallback {self.fallback} is already one of the outputs "
                              f"{[k.value for k in self.outputs]}")
+        if self.verify == VerifyMethod.COMMITMENT and self.is_dicomweb:
+            raise ValueError(f"destination {self.name!r}: verify = \"commitment\" is a DIMSE service; "
+                             "a DICOMweb destination can verify = \"query\" (QIDO-RS)")
         return self
 
 

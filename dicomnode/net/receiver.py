@@ -40,20 +40,24 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import create_file_meta, decode, encode_file_meta
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
 from dicomnode.imaging.sopclasses import INPUT_CLASSES, STORAGE_CLASSES
 from dicomnode.net.status import (
     CANNOT_UNDERSTAND,
+    NO_SUCH_SOP_CLASS,
     OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
     REJECT_LOCAL_LIMIT,
     REJECT_REASONS,
     SUCCESS,
 )
 from dicomnode.net.tls import NODELAY_HANDLER, server_tls_context
 from dicomnode.net.validation import Refused, check_instance
+from dicomnode.net.verify import report_of
+from dicomnode.store.commitments import record_report
 from dicomnode.store.diskspace import Watermark
 from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.store.spool import Spool
@@ -259,6 +263,10 @@ class Receiver:
         # _on_requested applies max_associations to the associations actually requested.
         self.ae.maximum_associations = self.max_connections
         self.ae.add_supported_context(Verification)
+        # Storage commitment reports (N-EVENT-REPORT) for the worker's requests (verify = "commitment"):
+        # the PACS opens the association and acts as the SCP of the Push Model (Orthanc proposes that
+        # role), or proposes no roles at all.
+        self.ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         for sop_class in STORAGE_CLASSES:  # every storage class pynetdicom knows
             self.ae.add_supported_context(
                 sop_class, TRANSFER_SYNTAXES if sop_class in INPUT_CLASSES else STORED_ONLY_SYNTAXES)
@@ -288,6 +296,25 @@ class Receiver:
             if self.config.node.log_patient_details:
                 self._patients[stored.study_uid] = patient_details(stored.dataset)
         return SUCCESS
+
+    def _on_event_report(self, event) -> tuple[int, None]:  # noqa: ANN001 - pynetdicom event
+        """A storage commitment report: written for the worker (dicomnode.store.commitments), 0x0000."""
+        calling = event.assoc.requestor.ae_title
+        try:
+            report = report_of(event)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("unreadable N-EVENT-REPORT from %s: %s", calling, exc)
+            return CANNOT_UNDERSTAND, None
+        if report is None:
+            log.warning("N-EVENT-REPORT from %s for %s: not a storage commitment report", calling,
+                        event.request.AffectedSOPClassUID)
+            return NO_SUCH_SOP_CLASS, None
+        try:
+            record_report(self.sessions, report, str(calling))
+        except Exception as exc:  # noqa: BLE001 - the database refused: the PACS may send it again
+            log.error("storage commitment report from %s not recorded: %s", calling, exc)
+            return PROCESSING_FAILURE, None
+        return SUCCESS, None
 
     def _on_echo(self, event) -> int:  # noqa: ANN001
         log.info("C-ECHO from %s", event.assoc.requestor.ae_title)
@@ -408,6 +435,7 @@ class Receiver:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_N_EVENT_REPORT, self._on_event_report),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_closed),

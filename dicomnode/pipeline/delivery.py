@@ -11,6 +11,13 @@ dicomnode.net.sender.store_each and the orchestration is dicomnode.processing.de
                  +--the destination has a fallback--> replaced (its error kept; the fallback
                     object, e.g. the secondary capture, is planned to the destination instead)
 
+    A destination that verifies (verify = "commitment" or "query") confirms what it stored:
+    sent --commitment requested--> confirming --committed in the report--> confirmed
+    sent --found by C-FIND / QIDO-RS--> confirmed
+    confirming or sent --not committed (Failure Reason), not found, no report by confirm_by,
+        request refused--> pending again (the same file and SOP Instance UID, after the backoff
+        of its attempts so far), or failed at the retry policy's horizon, with the reason
+
 A job succeeds once every one of its deliveries is sent or replaced and fails once none is
 pending and one failed. While some wait for their backoff the job waits in the queue (queue.defer), so
 a PACS that is down never holds the worker.
@@ -30,24 +37,28 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.net.sender import Outcome
 from dicomnode.pipeline.queue import RetryPolicy
+from dicomnode.store import commitments
 from dicomnode.store.events import EventKind, log_event
 from dicomnode.store.tables import Delivery, DeliveryState, utcnow
 
 
 @dataclass(frozen=True)
 class Summary:
-    """Where a job's deliveries stand."""
+    """Where a job's deliveries stand. `pending` counts every delivery not settled yet: those to
+    send, and those sent to a destination that verifies and not confirmed yet (`confirming`)."""
 
     pending: int
-    sent: int
+    sent: int  # settled by the destination's answer alone (verify = "none")
     failed: tuple[str, ...]  # one line per failed delivery: the object, the destination, why
     next_due: datetime | None  # the earliest not_before of a pending delivery
     waiting: tuple[str, ...] = ()  # the last error of each pending delivery that has one
     replaced: tuple[str, ...] = ()  # one line per delivery replaced by a fallback: the object, the destination, why
+    confirmed: int = 0  # sent and confirmed by the destination
+    confirming: int = 0  # sent, the destination's confirmation awaited (among `pending`)
 
     @property
     def total(self) -> int:
-        return self.pending + self.sent + len(self.failed) + len(self.replaced)
+        return self.pending + self.sent + self.confirmed + len(self.failed) + len(self.replaced)
 
 
 def describe(delivery: Delivery) -> str:
@@ -225,14 +236,145 @@ def record(
         return delivery.state
 
 
-def summary(sessions: sessionmaker, job_id: int) -> Summary:
+def summary(sessions: sessionmaker, job_id: int, verifying: frozenset[str] = frozenset()) -> Summary:
+    """`verifying`: the destinations that confirm (a sent delivery to one is not settled yet)."""
     rows = of_job(sessions, job_id)
     pending = [d for d in rows if d.state == DeliveryState.PENDING]
+    confirming = [d for d in rows if d.state == DeliveryState.CONFIRMING
+                  or (d.state == DeliveryState.SENT and d.destination in verifying)]
+    due = [d.not_before for d in pending] + [d.confirm_by or utcnow() for d in confirming]
     return Summary(
-        pending=len(pending),
-        sent=sum(d.state == DeliveryState.SENT for d in rows),
+        pending=len(pending) + len(confirming),
+        sent=sum(d.state == DeliveryState.SENT and d.destination not in verifying for d in rows),
         failed=tuple(f"{describe(d)}: {d.last_error}" for d in rows if d.state == DeliveryState.FAILED),
-        next_due=min((d.not_before for d in pending), default=None),
-        waiting=tuple(f"{describe(d)}: {d.last_error}" for d in pending if d.last_error),
+        next_due=min(due, default=None),
+        waiting=tuple(f"{describe(d)}: {d.last_error}" for d in pending if d.last_error)
+        + tuple(f"{describe(d)}: {_awaited(d)}" for d in confirming),
         replaced=tuple(f"{describe(d)}: {d.last_error}" for d in rows if d.state == DeliveryState.REPLACED),
+        confirmed=sum(d.state == DeliveryState.CONFIRMED for d in rows),
+        confirming=len(confirming),
     )
+
+
+def _awaited(d: Delivery) -> str:
+    if d.state == DeliveryState.CONFIRMING and d.confirm_by is not None:
+        return (f"storage commitment report for transaction {d.transaction_uid} awaited until "
+                f"{d.confirm_by:%H:%M:%S} UTC")
+    return "sent, not confirmed yet"
+
+
+# ---------------------------------------------------------------- proof of delivery (verify)
+
+
+def sent_to(sessions: sessionmaker, job_id: int, destination: str) -> list[Delivery]:
+    """The job's deliveries to `destination` that are sent and not yet confirmed nor being confirmed."""
+    with sessions() as session:
+        return list(session.scalars(
+            select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination,
+                                   Delivery.state == DeliveryState.SENT).order_by(Delivery.id)))
+
+
+def commitment_requested(
+    sessions: sessionmaker, job_id: int, destination: str, transaction_uid: str, delivery_ids: Sequence[int],
+    confirm_by: datetime, *, study_uid: str | None = None, now: datetime | None = None,
+) -> None:
+    """Before the N-ACTION goes out (its report may come at once, to another process): the
+    transaction is opened and the deliveries are `confirming` until `confirm_by`."""
+    now = now or utcnow()
+    with sessions.begin() as session:
+        commitments.opened(session, transaction_uid, job_id, destination, now)
+        rows = [session.get(Delivery, i) for i in delivery_ids]
+        for d in rows:
+            d.state, d.transaction_uid, d.confirm_by = DeliveryState.CONFIRMING, transaction_uid, confirm_by
+            d.updated_at = now
+        log_event(session, EventKind.COMMITMENT_REQUESTED,
+                  f"transaction {transaction_uid} to {destination}: {', '.join(Path(d.path).name for d in rows)}; "
+                  f"report awaited until {confirm_by:%H:%M:%S} UTC",
+                  study_uid=study_uid, job_id=job_id, at=now,
+                  data={"transaction_uid": transaction_uid, "objects": len(rows)})
+
+
+def confirm(sessions: sessionmaker, delivery_id: int, how: str, *, study_uid: str | None = None,
+            now: datetime | None = None) -> str:
+    """The destination holds the object: `confirmed` (from sent or confirming)."""
+    now = now or utcnow()
+    with sessions.begin() as session:
+        d = session.get(Delivery, delivery_id)
+        if d is None or d.state not in (DeliveryState.SENT, DeliveryState.CONFIRMING):
+            return d.state if d else "missing"
+        _confirm(session, d, how, study_uid, now)
+        return d.state
+
+
+def unconfirmed(sessions: sessionmaker, delivery_id: int, reason: str, policy: RetryPolicy, *,
+                study_uid: str | None = None, now: datetime | None = None) -> str:
+    """The destination does not confirm the object: sent again (pending) or failed; the new state."""
+    now = now or utcnow()
+    with sessions.begin() as session:
+        d = session.get(Delivery, delivery_id)
+        if d is None or d.state not in (DeliveryState.SENT, DeliveryState.CONFIRMING):
+            return d.state if d else "missing"
+        _unconfirm(session, d, reason, policy, study_uid, now)
+        return d.state
+
+
+def apply_reports(sessions: sessionmaker, job_id: int, policy: RetryPolicy, *, study_uid: str | None = None,
+                  now: datetime | None = None) -> int:
+    """Settle the job's `confirming` deliveries whose report came (committed: confirmed; failed or
+    left out: pending again) or is overdue (pending again). Returns how many changed."""
+    now = now or utcnow()
+    changed = 0
+    with sessions.begin() as session:
+        waiting = list(session.scalars(select(Delivery).where(Delivery.job_id == job_id,
+                                                              Delivery.state == DeliveryState.CONFIRMING)))
+        reported = commitments.reports(session, {d.transaction_uid for d in waiting if d.transaction_uid})
+        for d in waiting:
+            row = reported.get(d.transaction_uid)
+            if row is not None:
+                failed = commitments.failed_of(row)
+                if d.sop_instance_uid in commitments.committed_of(row) and d.sop_instance_uid not in failed:
+                    _confirm(session, d, f"committed by {row.reported_by} (transaction {d.transaction_uid})",
+                             study_uid, now, at=row.reported_at)
+                elif d.sop_instance_uid in failed:
+                    _unconfirm(session, d, f"storage commitment failed at {d.destination}: "
+                               f"{commitments.failure_reason(failed[d.sop_instance_uid])} "
+                               f"(transaction {d.transaction_uid})", policy, study_uid, now)
+                else:
+                    _unconfirm(session, d, f"left out of {d.destination}'s storage commitment report "
+                               f"(transaction {d.transaction_uid})", policy, study_uid, now)
+                changed += 1
+            elif d.confirm_by is not None and now >= d.confirm_by:
+                _unconfirm(session, d, f"no storage commitment report from {d.destination} for transaction "
+                           f"{d.transaction_uid} by {d.confirm_by:%H:%M:%S} UTC (verify_timeout_seconds)",
+                           policy, study_uid, now)
+                changed += 1
+    return changed
+
+
+def _confirm(session, d: Delivery, how: str, study_uid: str | None, now: datetime,  # noqa: ANN001 - a Session
+             at: datetime | None = None) -> None:
+    d.state, d.confirmed_at, d.updated_at, d.last_error = DeliveryState.CONFIRMED, at or now, now, None
+    log_event(session, EventKind.CONFIRMED, f"{describe(d)}: {how}", study_uid=study_uid, job_id=d.job_id, at=now)
+
+
+def _unconfirm(session, d: Delivery, reason: str, policy: RetryPolicy, study_uid: str | None,  # noqa: ANN001
+               now: datetime) -> None:
+    """Not confirmed: sent again after the backoff of the attempts so far (not one more: the next
+    C-STORE counts), unless its attempts are used up or its horizon has passed."""
+    what = describe(d)
+    d.transaction_uid, d.confirm_by, d.updated_at = None, None, now
+    if not policy.attempts_left(d.attempts, d.max_attempts):
+        d.state, d.last_error = DeliveryState.FAILED, f"{reason}; no attempts left"
+    elif d.give_up_at is not None and now >= d.give_up_at:
+        hours = (now - d.created_at).total_seconds() / 3600
+        d.state, d.last_error = DeliveryState.FAILED, f"{reason}; gave up after {hours:.1f} h (delivery_give_up_hours)"
+    else:
+        d.state, d.last_error = DeliveryState.PENDING, reason
+        d.not_before = now + policy.delay(d.attempts)
+        log_event(session, EventKind.UNCONFIRMED,
+                  f"{what}: {reason}; sent again (same SOP Instance UID) after {d.not_before:%H:%M:%S} UTC",
+                  study_uid=study_uid, job_id=d.job_id, at=now)
+        return
+    log_event(session, EventKind.UNCONFIRMED, f"{what}: {d.last_error}", study_uid=study_uid, job_id=d.job_id, at=now)
+    log_event(session, EventKind.DELIVERY_FAILED, f"{what}: {d.last_error}", study_uid=study_uid, job_id=d.job_id,
+              at=now)

@@ -1,23 +1,33 @@
 """Delivering a job's result objects: each object to each destination as its own delivery
 (dicomnode.pipeline.delivery keeps their state), sent by dicomnode.net.sender (C-STORE) or
 dicomnode.net.stow (STOW-RS, a destination with a url) through dicomnode.net.outbound; an object a
-destination refuses for good is replaced by the destination's fallback, sent in the same pass."""
+destination refuses for good is replaced by the destination's fallback, sent in the same pass.
+
+A destination with `verify` confirms what it stored (dicomnode.net.verify): "query" lists the
+study (C-FIND / QIDO-RS) right after the pass; "commitment" opens a transaction, sends the
+N-ACTION and waits up to verify_wait_seconds for its report, then leaves the deliveries
+`confirming` until the report comes (it wakes the job) or verify_timeout_seconds pass."""
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from pathlib import Path
 
+from pydicom.uid import generate_uid
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.config import Config, Destination
+from dicomnode.config import Config, Destination, VerifyMethod
 from dicomnode.net.outbound import store_each
+from dicomnode.net.retrieve import SourceError
 from dicomnode.net.sender import Outcome
+from dicomnode.net.verify import missing_by_query, request_commitment
 from dicomnode.pipeline import delivery
 from dicomnode.pipeline.errors import DeliveryPending, JobError
 from dicomnode.pipeline.queue import RetryPolicy
 from dicomnode.results.writer import RESULT_FILES
-from dicomnode.store.tables import Delivery, DeliveryState, Job
+from dicomnode.store import commitments
+from dicomnode.store.tables import Delivery, DeliveryState, Job, utcnow
 
 log = logging.getLogger("dicomnode.processing")  # the name it had before the split: journald filters use it
 
@@ -51,9 +61,11 @@ def deliver(config: Config, sessions: sessionmaker, job: Job, out: Path) -> str:
     settings = config.model(job.model)
     policy = RetryPolicy.for_deliveries(config.node)
     destinations = {d.name: d for d in config.destinations_for(settings)}
+    verifying = frozenset(d.name for d in destinations.values() if d.verify != VerifyMethod.NONE)
     for destination in destinations.values():
         files = [out / RESULT_FILES[kind] for kind in destination.outputs]
         delivery.plan(sessions, job.id, job.study_uid, files, [destination.name], policy)
+    delivery.apply_reports(sessions, job.id, policy, study_uid=job.study_uid)  # reports that came meanwhile
     fallbacks = _send(config, sessions, job, out, destinations, delivery.due(sessions, job.id), policy)
     if fallbacks:  # planned just now: sent at once, not after a trip through the queue
         _send(
@@ -65,14 +77,67 @@ def deliver(config: Config, sessions: sessionmaker, job: Job, out: Path) -> str:
             [d for d in delivery.due(sessions, job.id) if d.id in fallbacks],
             policy,
         )
-    summary = delivery.summary(sessions, job.id)
+    for name in sorted(verifying):
+        _verify(config, sessions, job, destinations[name], policy)
+    summary = delivery.summary(sessions, job.id, verifying)
     if summary.pending:
         why = "; ".join(summary.waiting) or "not tried yet"
         raise DeliveryPending(f"{summary.pending} of {summary.total} deliveries pending: {why}", summary.next_due)
     if summary.failed:
         raise JobError("delivery failed: " + "; ".join(summary.failed), retryable=False)
     replaced = f"; replaced by the destination's fallback: {'; '.join(summary.replaced)}" if summary.replaced else ""
-    return f"{summary.sent} objects delivered to {len(destinations)} destinations{replaced}"
+    confirmed = f" ({summary.confirmed} confirmed by the destination)" if summary.confirmed else ""
+    return (f"{summary.sent + summary.confirmed} objects delivered to {len(destinations)} destinations"
+            f"{confirmed}{replaced}")
+
+
+def _verify(config: Config, sessions: sessionmaker, job: Job, destination: Destination, policy: RetryPolicy) -> None:
+    """Ask `destination` to confirm the deliveries it stored in this pass (or an earlier one that
+    ended before it asked): by a query at once, or by a storage commitment request."""
+    items = delivery.sent_to(sessions, job.id, destination.name)
+    if not items:
+        return
+    timeout = config.node.network_timeout_seconds
+    if destination.verify == VerifyMethod.QUERY:
+        try:
+            missing = missing_by_query(destination, config.node.ae_title, job.study_uid,
+                                       [d.sop_instance_uid for d in items], timeout)
+        except SourceError as exc:
+            for item in items:
+                delivery.unconfirmed(sessions, item.id, f"not confirmed by query: {exc}", policy,
+                                     study_uid=job.study_uid)
+            return
+        how = "C-FIND" if not destination.is_dicomweb else "QIDO-RS"
+        for item in items:
+            if item.sop_instance_uid in missing:
+                state = delivery.unconfirmed(sessions, item.id, f"not found on {destination.name} by {how} after it "
+                                             "was stored (missing)", policy, study_uid=job.study_uid)
+            else:
+                state = delivery.confirm(sessions, item.id, f"found on {destination.name} by {how}",
+                                         study_uid=job.study_uid)
+            log.info("job %d: %s: %s", job.id, delivery.describe(item), state)
+        return
+    transaction_uid = generate_uid(prefix=None)  # 2.25.<a UUID>: unique without an org root
+    delivery.commitment_requested(sessions, job.id, destination.name, transaction_uid, [d.id for d in items],
+                                  utcnow() + timedelta(seconds=destination.verify_timeout_seconds),
+                                  study_uid=job.study_uid)
+
+    def on_report(report: commitments.Report) -> None:  # on the request's own association
+        commitments.record_report(sessions, report, destination.ae_title)
+
+    def reported() -> bool:
+        with sessions() as session:
+            return bool(commitments.reports(session, {transaction_uid}))
+
+    error = request_commitment(destination, config.node.ae_title, transaction_uid,
+                               [(d.sop_class_uid, d.sop_instance_uid) for d in items], timeout=timeout,
+                               on_report=on_report, reported=reported, wait=destination.verify_wait_seconds)
+    if error is not None:
+        log.warning("job %d: %s", job.id, error)
+        for item in items:
+            delivery.unconfirmed(sessions, item.id, error, policy, study_uid=job.study_uid)
+        return
+    delivery.apply_reports(sessions, job.id, policy, study_uid=job.study_uid)
 
 
 def _send(

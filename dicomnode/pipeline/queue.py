@@ -5,8 +5,9 @@
        |   (attempts     +--fail--> failed (attempts used up, or not retryable)
        +--- left) -------+
     running with an expired lease (worker died) --> queued again at the next sweep
-    running --defer--> queued until a delivery's backoff is over (the attempt is not
-                       counted: each delivery counts its own, see dicomnode.pipeline.delivery)
+    running --defer--> queued until a delivery's backoff is over or a storage commitment
+                       report is due (the attempt is not counted: each delivery counts its own,
+                       see dicomnode.pipeline.delivery); a report that arrives wakes it (now)
     queued or failed --cancel (operator)--> cancelled (its pending deliveries too); a running
                        job is not cancelled: its worker may be sending results right now
     a study --requeue (operator)--> a new job, the next run number, whatever earlier runs did
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.config import NodeSettings
 from dicomnode.store.components import process_alive
 from dicomnode.store.events import EventKind, log_event
-from dicomnode.store.tables import Delivery, DeliveryState, Event, Job, JobState, Study, utcnow
+from dicomnode.store.tables import Commitment, Delivery, DeliveryState, Event, Job, JobState, Study, utcnow
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,17 @@ def defer(sessions: sessionmaker, job_id: int, owner: str, not_before: datetime,
         job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
         job.not_before, job.error = max(not_before, now), reason
         job.attempts = max(job.attempts - 1, 0)
+        # A storage commitment report written while the job ran (after its deliveries were read)
+        # found it running and could not wake it: it is due now. (A report written after this
+        # transaction finds the job queued and wakes it itself: dicomnode.store.commitments.)
+        reported = session.scalar(
+            select(func.count()).select_from(Delivery)
+            .join(Commitment, Commitment.transaction_uid == Delivery.transaction_uid)
+            .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.CONFIRMING,
+                   Commitment.reported_at.is_not(None))
+        )
+        if reported:
+            job.not_before = now
         log_event(
             session,
             EventKind.DELIVERY_PENDING,
@@ -361,7 +373,8 @@ def cancel(sessions: sessionmaker, job_id: int) -> None:
             raise RefusedError(_not_cancellable(job))
         dropped = session.execute(
             update(Delivery)
-            .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING)
+            .where(Delivery.job_id == job_id,
+                   Delivery.state.in_((DeliveryState.PENDING, DeliveryState.CONFIRMING)))
             .values(state=DeliveryState.CANCELLED, updated_at=now)
         ).rowcount
         log_event(

@@ -56,11 +56,16 @@ class EventKind(StrEnum):
     DELIVERED = "delivered"
     DELIVERY_FAILED = "delivery-failed"
     FALLBACK_PLANNED = "fallback-planned"
+    # a job: proof of delivery (a destination's verify)
+    COMMITMENT_REQUESTED = "commitment-requested"  # N-ACTION sent: the transaction, the objects
+    COMMITMENT_REPORTED = "commitment-reported"  # N-EVENT-REPORT received: committed and failed objects
+    CONFIRMED = "delivery-confirmed"  # the destination holds the object (commitment or query)
+    UNCONFIRMED = "delivery-unconfirmed"  # not committed, missing, or no report in time: sent again, or failed
 
 
 # What `dicomnode status` lists as the last errors.
 ERROR_KINDS = (EventKind.FAILED, EventKind.RETRY_SCHEDULED, EventKind.DELIVERY_FAILED, EventKind.LEASE_EXPIRED,
-               EventKind.ASSEMBLY_FAILED)
+               EventKind.ASSEMBLY_FAILED, EventKind.UNCONFIRMED)
 
 
 def log_event(session: Session, kind: EventKind, message: str = "", *, study_uid: str | None = None,

@@ -58,7 +58,9 @@ class DeliveryState(StrEnum):
     """A delivery's state (dicomnode.pipeline.delivery draws the machine); stored as its value."""
 
     PENDING = "pending"
-    SENT = "sent"
+    SENT = "sent"  # stored by the destination (its C-STORE / STOW-RS answer); final unless it verifies
+    CONFIRMING = "confirming"  # verify = "commitment": a storage commitment requested, its report awaited
+    CONFIRMED = "confirmed"  # verified: committed by the destination's report, or found by C-FIND / QIDO-RS
     FAILED = "failed"
     REPLACED = "replaced"  # refused for good; the destination's fallback object was sent instead
     CANCELLED = "cancelled"  # its job was cancelled
@@ -122,7 +124,8 @@ class Job(Base):
 
 class Delivery(Base):
     """One result object (a file of the job's result folder) to one destination: its own state
-    and retries. pending --sent--> sent; pending --attempts used up / refused for good--> failed.
+    and retries. pending --sent--> sent; pending --attempts used up / refused for good--> failed;
+    with the destination's verify: sent --> confirming --> confirmed, or pending again (dicomnode.pipeline.delivery).
     The file stays on disk and keeps its SOP Instance UID however often it is sent."""
 
     __tablename__ = "deliveries"
@@ -132,7 +135,7 @@ class Delivery(Base):
     path: Mapped[str] = mapped_column(Text)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     sop_class_uid: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), index=True)  # pending sent failed cancelled (its job was cancelled)
+    state: Mapped[str] = mapped_column(String(16), index=True)  # a DeliveryState
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # C-STORE requests (or association tries) so far
     max_attempts: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: bounded by give_up_at alone
     not_before: Mapped[datetime] = mapped_column(Timestamp)  # retry backoff
@@ -141,8 +144,28 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp)
     updated_at: Mapped[datetime] = mapped_column(Timestamp)
     sent_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # verify = "commitment": the storage commitment transaction it is in, and when its report is due
+    transaction_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    confirm_by: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    confirmed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
     __table_args__ = (UniqueConstraint("job_id", "destination", "sop_instance_uid", name="uq_deliveries_object"),)
+
+
+class Commitment(Base):
+    """A storage commitment request (N-ACTION, push model) the worker sent to a destination, and
+    the report (N-EVENT-REPORT) the destination sent back, on the same association or a new one
+    to the receiver: whichever process got it writes it here, by Transaction UID, for the worker."""
+
+    __tablename__ = "commitments"
+    transaction_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    requested_at: Mapped[datetime] = mapped_column(Timestamp)
+    reported_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    reported_by: Mapped[str | None] = mapped_column(String(16), nullable=True)  # the calling AE of the report
+    committed: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: SOP Instance UIDs committed
+    failed: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: SOP Instance UID -> Failure Reason
 
 
 class Event(Base):
