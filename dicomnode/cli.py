@@ -362,6 +362,8 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
         )
     )
     console.print("queue: " + ", ".join(f"{state} {count}" for state, count in node.queue.items()))
+    console.print("deliveries: " + ", ".join(f"{state} {count}" for state, count in node.deliveries.items())
+                  + " (sent: stored, not asked to confirm; confirmed: committed or found by the destination)")
     if node.oldest_waiting:
         w = node.oldest_waiting
         console.print(
@@ -479,14 +481,17 @@ def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOpti
         console.print(
             _table(
                 "deliveries",
-                ("destination", "file", "state", "attempts", "next try", "last error"),
+                ("destination", "file", "state", "attempts", "sent", "confirmed", "next try", "last error"),
                 (
                     (
                         d.destination,
                         d.file,
                         d.state,
                         f"{d.attempts}/{d.max_attempts}",
-                        _when(d.not_before) if d.state == DeliveryState.PENDING else "",
+                        _when(d.sent_at) if d.sent_at else "",
+                        _when(d.confirmed_at) if d.confirmed_at else "",
+                        _when(d.not_before) if d.state == DeliveryState.PENDING
+                        else (f"report by {_when(d.confirm_by)}" if d.state == DeliveryState.CONFIRMING else ""),
                         d.last_error or "",
                     )
                     for d in job.deliveries

@@ -119,6 +119,9 @@ class DeliveryRow:
     not_before: datetime
     sent_at: datetime | None
     last_error: str | None
+    confirmed_at: datetime | None = None  # the destination confirmed it (verify): committed, or found by a query
+    confirm_by: datetime | None = None  # confirming: the storage commitment report is awaited until then
+    transaction_uid: str | None = None  # confirming: the storage commitment transaction
 
 
 @dataclass
@@ -193,6 +196,9 @@ def job_detail(sessions: sessionmaker, job_id: int) -> JobDetail | None:
                 d.not_before,
                 d.sent_at,
                 d.last_error,
+                d.confirmed_at,
+                d.confirm_by,
+                d.transaction_uid,
             )
             for d in sends
         ],

@@ -24,7 +24,7 @@ from dicomnode.config import Config
 from dicomnode.net.receiver import ReceiverCounters
 from dicomnode.store import diskspace
 from dicomnode.store.events import EventKind, event_data
-from dicomnode.store.tables import Event, Job, JobState
+from dicomnode.store.tables import Delivery, DeliveryState, Event, Job, JobState
 
 
 class DatabaseCollector(Collector):
@@ -43,6 +43,10 @@ class DatabaseCollector(Collector):
             failures = session.scalar(
                 select(func.count()).select_from(Event).where(Event.kind == EventKind.DELIVERY_FAILED)
             )
+            deliveries = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+            unconfirmed = session.scalar(
+                select(func.count()).select_from(Event).where(Event.kind == EventKind.UNCONFIRMED)
+            )
             inference = [
                 event_data(data)["seconds"]
                 for data in session.scalars(
@@ -56,6 +60,20 @@ class DatabaseCollector(Collector):
         yield CounterMetricFamily("dicomnode_studies_completed", "Studies with a succeeded job", value=completed)
         yield CounterMetricFamily(
             "dicomnode_delivery_failures", "Failed C-STORE tries of result objects", value=failures
+        )
+        states = GaugeMetricFamily(
+            "dicomnode_deliveries",
+            "Result object deliveries by state: sent (stored, no confirmation asked), confirming, confirmed "
+            "(committed or found by the destination), pending, failed, ...",
+            labels=["state"],
+        )
+        for state in dict.fromkeys([*DeliveryState, *deliveries]):
+            states.add_metric([state], deliveries.get(state, 0))
+        yield states
+        yield CounterMetricFamily(
+            "dicomnode_delivery_confirmation_failures",
+            "Result objects a destination did not confirm (not committed, not found, no report in time)",
+            value=unconfirmed,
         )
         yield SummaryMetricFamily(
             "dicomnode_inference_seconds",

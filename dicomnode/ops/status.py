@@ -131,6 +131,9 @@ class NodeStatus:
     last_errors: list[EventRow]  # newest first
     schema: str | None  # the database's schema revision (dicomnode.store.schema)
     undelivered: list[Undelivered] = field(default_factory=list)  # of failed jobs: `jobs retry` sends them again
+    # deliveries by state, every state: "sent" (stored, the destination not asked to confirm) apart from
+    # "confirming" (asked) and "confirmed" (the destination committed or listed it)
+    deliveries: dict[str, int] = field(default_factory=dict)
 
 
 def tree_bytes(folder: Path) -> int:
@@ -169,6 +172,7 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
     parts = components(sessions, stale_after, now)
     with sessions() as session:
         counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        by_state = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
         oldest = session.scalar(
             select(Job).where(Job.state == JobState.QUEUED).order_by(Job.created_at, Job.id).limit(1)
         )
@@ -203,4 +207,5 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
         last_errors=[EventRow(e.at, e.kind, e.message, e.study_uid, e.job_id) for e in recent],
         schema=current_revision(sessions.kw["bind"]),
         undelivered=undelivered,
+        deliveries={state: by_state.get(state, 0) for state in DeliveryState},
     )
