@@ -11,6 +11,9 @@ already in the job's folder, no model runs) sends the SEG and SR, then asks Orth
 
 from __future__ import annotations
 
+import json
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -29,12 +32,16 @@ from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.events import EventKind
 from dicomnode.store.tables import Commitment, DeliveryState, Event, Job, JobState
+from dicomnode.synth.petct import write_study
+from dicomnode.testing.node import start_node
 from dicomnode.testing.orthanc import LocalOrthanc
 from dicomnode.testing.ports import free_port
 
+from tests.support.e2e import DEMO_MODEL, REPO, write_node_config
 from tests.support.nodeutil import node_config, tiny_instance
 
 pytestmark = pytest.mark.e2e
+SEG_TIMEOUT = 300
 
 DELETE_FIRST_SR = """
 deleted = false
@@ -116,8 +123,10 @@ def test_commitment_report_on_a_new_association_confirms_both_objects(tmp_path: 
         assert "2 objects delivered to 1 destinations (2 confirmed by the destination)" in _events(
             sessions, job_id)[-1].message
         assert _held(pacs, study_uid) == set(uids)
-        shown = CliRunner().invoke(app, ["jobs", "show", str(job_id), "--config", str(config.source)])
-        assert shown.exit_code == 0 and shown.output.count("confirmed") >= 2, shown.output
+        shown = CliRunner().invoke(app, ["jobs", "show", str(job_id), "--json", "--config", str(config.source)])
+        assert shown.exit_code == 0, shown.output
+        assert [(d["state"], d["confirmed_at"] is not None) for d in json.loads(shown.output)["deliveries"]] == [
+            ("confirmed", True), ("confirmed", True)]
 
 
 def test_an_instance_deleted_before_the_commitment_is_reported_missing_and_sent_again(tmp_path: Path):
@@ -184,3 +193,54 @@ def test_query_finds_an_instance_missing_and_it_is_sent_again(tmp_path: Path):
         assert _job(sessions, job_id).state == JobState.SUCCEEDED
         assert [d.state for d in delivery.of_job(sessions, job_id)] == [DeliveryState.CONFIRMED] * 2
         assert _held(pacs, study_uid) == set(uids)
+
+
+def _until(condition, timeout: float, what: str):  # noqa: ANN001, ANN202
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.2)  # polling a condition, not a fixed wait
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+@pytest.mark.skipif(not (REPO / "models" / "demo-petct" / "plans.json").exists(), reason="demo model not built")
+def test_demo_study_through_a_running_node_confirmed_by_storage_commitment(tmp_path: Path):
+    """The figure for the note: Orthanc sends the demo study to a running node (demo model); the
+    SEG and SR are stored back and committed; time from the last instance received to confirmed."""
+    node_port = free_port()
+    with LocalOrthanc(tmp_path / "pacs", modalities={"node": ("DICOMNODE", "127.0.0.1", node_port)}) as pacs:
+        config = write_node_config(tmp_path, pacs, node_port,
+                                   models='verify = "commitment"\n' + DEMO_MODEL)
+        node = start_node(config, node_port, tmp_path / "node.log")
+        try:
+            study = write_study(tmp_path / "study", seed=7)
+            pacs.upload(sorted(study.ct_dir.glob("*.dcm")) + sorted(study.pt_dir.glob("*.dcm")))
+            pacs.store_to_modality("node", [pacs.find_study(study.study_instance_uid)])
+
+            def succeeded() -> dict | None:
+                jobs = json.loads(node.cli("jobs", "list", "--json").stdout)
+                done = [j for j in jobs if j["study"] == study.study_instance_uid and j["state"] in ("succeeded",
+                                                                                                      "failed")]
+                return done[0] if done else None
+
+            job = _until(succeeded, SEG_TIMEOUT, "the job finished")
+            assert job["state"] == "succeeded", job
+            shown = json.loads(node.cli("jobs", "show", str(job["id"]), "--json").stdout)
+            status = node.cli("status")
+        finally:
+            code = node.stop()
+        assert code == 0, (tmp_path / "node.log").read_text()[-3000:]
+        assert [d["state"] for d in shown["deliveries"]] == ["confirmed", "confirmed"], shown["deliveries"]
+        assert _held(pacs, study.study_instance_uid) >= {d["sop_instance_uid"] for d in shown["deliveries"]}
+        assert "confirmed 2" in status.stdout, status.stdout
+        steps = {s["event"]: datetime.fromisoformat(s["at"]) for s in shown["timeline"]}
+        last = steps["last-instance"]
+        sent = max(datetime.fromisoformat(d["sent_at"]) for d in shown["deliveries"])
+        confirmed = max(datetime.fromisoformat(d["confirmed_at"]) for d in shown["deliveries"])
+        print(f"demo study, verify = commitment: last instance received -> last object sent "
+              f"{(sent - last).total_seconds():.2f} s, -> confirmed {(confirmed - last).total_seconds():.2f} s "
+              f"(commitment round trip {(confirmed - sent).total_seconds():.2f} s; study_quiet_seconds 2 and the "
+              "model load included)")
+        assert confirmed >= sent >= last
