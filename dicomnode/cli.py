@@ -387,12 +387,23 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption, wide: bool =
         ),
         wide,
     )
-    console.print("queue: " + ", ".join(f"{state} {count}" for state, count in node.queue.items()))
+    by_priority = ", ".join(f"{p} {n}" for p, n in node.queued_by_priority.items() if n)
+    console.print("queue: " + ", ".join(
+        f"{state} {count}" + (f" ({by_priority})" if state == "queued" and by_priority else "")
+        for state, count in node.queue.items()))
     if node.oldest_waiting:
         w = node.oldest_waiting
         console.print(
-            f"oldest waiting: job {w.job_id}, study {w.study_uid}, model {w.model}, queued "
-            f"{_duration(w.waiting_seconds)} ago"
+            f"oldest waiting: job {w.job_id}" + (f" ({w.priority})" if w.priority != "normal" else "")
+            + f", study {w.study_uid}, model {w.model}, queued {_duration(w.waiting_seconds)} ago"
+        )
+    if node.low_priority_hours:
+        low = node.low_priority_hours
+        waiting = node.queued_by_priority.get("low", 0)
+        console.print(
+            f"low-priority jobs run {low.window} (local time): "
+            + ("[green]open now[/green]" if low.open_now else "closed now")
+            + (f", {waiting} low job(s) queued" if waiting else "")
         )
     d = node.disk
     console.print(
@@ -425,6 +436,10 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption, wide: bool =
     raise typer.Exit(code)
 
 
+def _priority(priority: str) -> str:
+    return {"urgent": "[bold red]urgent[/bold red]", "high": "[yellow]high[/yellow]"}.get(priority, priority)
+
+
 def _print_jobs(jobs, wide: bool) -> None:  # noqa: ANN001 - ops.history.JobRow
     """The jobs table; at 80 columns: id, state, study (shortened), model and the error's start."""
     from rich.text import Text
@@ -436,6 +451,7 @@ def _print_jobs(jobs, wide: bool) -> None:  # noqa: ANN001 - ops.history.JobRow
         (
             Column("id"),
             Column("state"),
+            Column("priority", drop=7),
             Column("study", Kind.UID),
             Column("model", drop=6),
             Column("run", drop=2),
@@ -448,6 +464,7 @@ def _print_jobs(jobs, wide: bool) -> None:  # noqa: ANN001 - ops.history.JobRow
             (
                 str(j.id),
                 j.state,
+                _priority(j.priority),
                 j.study,
                 j.model,
                 str(j.run),
@@ -515,8 +532,9 @@ def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOpti
     if _shown_as_json(job, f"no job {job_id}", as_json):
         return
     console.print(
-        f"job {job.id}: [bold]{job.state}[/bold]  model {job.model}  run {job.run}  "
-        f"attempts {job.attempts}/{job.max_attempts}" + (f"  worker {job.lease_owner}" if job.lease_owner else "")
+        f"job {job.id}: [bold]{job.state}[/bold]  priority {_priority(job.priority)}  model {job.model}  "
+        f"run {job.run}  attempts {job.attempts}/{job.max_attempts}"
+        + (f"  worker {job.lease_owner}" if job.lease_owner else "")
     )
     console.print(f"study {job.study}", soft_wrap=True)  # whole, on its own line: a UID to copy
     if job.error:
@@ -594,14 +612,51 @@ def jobs_cancel(job_id: int, config: Path = ConfigOption) -> None:
     console.print(f"job {job_id} cancelled")
 
 
+PRIORITIES = "urgent, high, normal, low"
+
+
+def _priority_argument(text: str):  # noqa: ANN202 - config.Priority
+    from dicomnode.config import Priority
+
+    try:
+        return Priority(text.strip().lower())
+    except ValueError:
+        console.print(f"[red]no priority {text!r}[/red] (one of {PRIORITIES})")
+        raise typer.Exit(2) from None
+
+
+@jobs_app.command("prioritize")
+def jobs_prioritize(
+    job_id: int,
+    priority: str = typer.Argument(..., help=f"One of {PRIORITIES}."),
+    config: Path = ConfigOption,
+) -> None:
+    """Change a job's priority (an event in its timeline): a queued job is claimed by it from now
+    on (urgent first; low only within [node] low_priority_hours), a running or failed one when it
+    goes back to the queue."""
+    from dicomnode.pipeline.queue import RefusedError, prioritize
+
+    wanted = _priority_argument(priority)
+    try:
+        was = prioritize(_sessions(_config(config)), job_id, wanted)
+    except RefusedError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"job {job_id}: priority {wanted}" + (f" (was {was})" if was != wanted else " already"))
+
+
 @jobs_app.command("requeue")
 def jobs_requeue(
     study: str,
     config: Path = ConfigOption,
     model: Optional[str] = typer.Option(None, help="Only this model (default: every configured model)."),
+    priority: Optional[str] = typer.Option(
+        None, help=f"The new jobs' priority, one of {PRIORITIES} (default: the model's)."
+    ),
 ) -> None:
     """Run a study again now, as a new job per model (the next run number: new result series),
     even when an earlier run succeeded."""
+    from dicomnode.config import Priority
     from dicomnode.pipeline.queue import RefusedError, RetryPolicy, requeue
 
     cfg = _config(config)
@@ -611,9 +666,14 @@ def jobs_requeue(
     sessions = _sessions(cfg)
     policy = RetryPolicy.for_jobs(cfg.node)
     refused = False
+    wanted = _priority_argument(priority) if priority is not None else None
     for name in [model] if model else [m.name for m in cfg.models]:
+        chosen = wanted or cfg.model(name).priority
+        why = "by operator" if wanted else (f"model {name}" if chosen != Priority.NORMAL else "")
         try:
-            console.print(f"job {requeue(sessions, study, name, policy)} queued for model {name}")
+            job_id = requeue(sessions, study, name, policy, chosen, why)
+            console.print(f"job {job_id} queued for model {name}"
+                          + (f", priority {chosen}" if chosen != Priority.NORMAL else ""))
         except RefusedError as exc:
             console.print(f"[red]{exc}[/red]")
             refused = True
