@@ -117,7 +117,7 @@ def test_listings_keep_one_line_per_row_at_80_columns(node: Path, monkeypatch, c
     rows = _table_rows(output)
     assert len(rows) == len(listed) == 5  # one line per row
     assert all(len(line) <= 80 for line in output.splitlines())
-    shown = [row.split("│")[1 if command[0] == "studies" else 3].strip() for row in rows]
+    shown = [row.split("│")[1 if command[0] == "studies" else 4].strip() for row in rows]
     for uid, short in zip(uids, shown):
         head, _, tail = short.partition("…")
         assert tail and uid.startswith(head) and uid.endswith(tail)

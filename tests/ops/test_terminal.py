@@ -63,7 +63,7 @@ def _rows(output: str) -> list[str]:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("command, uid_cell", [(("jobs", "list"), 3), (("studies", "list"), 1)])
+@pytest.mark.parametrize("command, uid_cell", [(("jobs", "list"), 4), (("studies", "list"), 1)])
 def test_listings_on_an_80_column_terminal(node: Path, command, uid_cell):
     config = ("--config", str(node))
     listed = json.loads(in_terminal(*command, "--json", *config, columns=200))
