@@ -292,6 +292,9 @@ def fetch(
 # --- what the node is doing: read from the database (dicomnode.ops.history) --------------------------
 
 JsonOption = typer.Option(False, "--json", help="Print the data as JSON instead of tables.")
+WideOption = typer.Option(
+    False, "--wide", help="Every column and whole UIDs, the tables as wide as they need (the terminal wraps them)."
+)
 
 
 def _when(value) -> str:  # noqa: ANN001 - a datetime or None
@@ -316,6 +319,20 @@ def _table(title: str, columns: tuple[str, ...], rows) -> Table:  # noqa: ANN001
     return table
 
 
+def _print_fitted(title: str, columns, rows, wide: bool = False) -> None:  # noqa: ANN001 - tablefit.Column, cells
+    """A table that keeps one line per row at the terminal's width (dicomnode.ops.tablefit): UIDs
+    shortened in the middle and the least useful columns dropped when it does not fit; `wide`:
+    every column, UIDs whole, as wide as it needs."""
+    from dicomnode.ops.tablefit import fit_table
+
+    fitted = fit_table(title, list(columns), list(rows), console.width, wide)
+    if wide and fitted.width > console.width:
+        Console(file=console.file, width=fitted.width, force_terminal=console.is_terminal,
+                color_system=console.color_system, no_color=console.no_color).print(fitted.table)
+    else:
+        console.print(fitted.table)
+
+
 def _since(text: Optional[str]):  # noqa: ANN202 - datetime or None
     from dicomnode.ops.history import parse_since
 
@@ -327,15 +344,17 @@ def _since(text: Optional[str]):  # noqa: ANN202 - datetime or None
 
 
 @app.command()
-def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
+def status(config: Path = ConfigOption, as_json: bool = JsonOption, wide: bool = WideOption) -> None:
     """Receiver and worker up, queue depth, oldest waiting job, disk use, models loaded, last errors,
     and result objects that failed for good to reach a destination.
 
     Exit status 0 when every component is up and no result object failed for good, 1 otherwise."""
     from rich.filesize import decimal
+    from rich.text import Text
 
     from dicomnode.ops.history import as_json as to_json
     from dicomnode.ops.status import node_status
+    from dicomnode.ops.tablefit import Column, Kind
 
     cfg = _config(config)
     node = node_status(_sessions(cfg), cfg)
@@ -343,32 +362,50 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
     if as_json:
         print(to_json(node))
         raise typer.Exit(code)
-    console.print(
-        _table(
-            "components",
-            ("component", "state", "host", "pid", "started", "last seen", "detail"),
+    _print_fitted(
+        "components",
+        (
+            Column("component"),
+            Column("state", Kind.TEXT, min_width=24),
+            Column("host", drop=4),
+            Column("pid", drop=2),
+            Column("started", drop=1),
+            Column("last seen", drop=3),
+            Column("detail", Kind.TEXT, drop=5),
+        ),
+        (
             (
-                (
-                    c.name,
-                    f"[green]up[/green] ({c.why})" if c.up else f"[red]down[/red] ({c.why})",
-                    c.host or "",
-                    str(c.pid or ""),
-                    _when(c.started_at),
-                    _when(c.last_seen_at),
-                    ", ".join(f"{k}: {v}" for k, v in c.detail.items()),
-                )
-                for c in node.components
-            ),
-        )
+                c.name,
+                Text.assemble(("up", "green") if c.up else ("down", "red"), f" ({c.why})"),
+                c.host or "",
+                str(c.pid or ""),
+                _when(c.started_at),
+                _when(c.last_seen_at),
+                Text(", ".join(f"{k}: {v}" for k, v in c.detail.items())),
+            )
+            for c in node.components
+        ),
+        wide,
     )
-    console.print("queue: " + ", ".join(f"{state} {count}" for state, count in node.queue.items()))
+    by_priority = ", ".join(f"{p} {n}" for p, n in node.queued_by_priority.items() if n)
+    console.print("queue: " + ", ".join(
+        f"{state} {count}" + (f" ({by_priority})" if state == "queued" and by_priority else "")
+        for state, count in node.queue.items()))
     console.print("deliveries: " + ", ".join(f"{state} {count}" for state, count in node.deliveries.items())
                   + " (sent: stored, not asked to confirm; confirmed: committed or found by the destination)")
     if node.oldest_waiting:
         w = node.oldest_waiting
         console.print(
-            f"oldest waiting: job {w.job_id}, study {w.study_uid}, model {w.model}, queued "
-            f"{_duration(w.waiting_seconds)} ago"
+            f"oldest waiting: job {w.job_id}" + (f" ({w.priority})" if w.priority != "normal" else "")
+            + f", study {w.study_uid}, model {w.model}, queued {_duration(w.waiting_seconds)} ago"
+        )
+    if node.low_priority_hours:
+        low = node.low_priority_hours
+        waiting = node.queued_by_priority.get("low", 0)
+        console.print(
+            f"low-priority jobs run {low.window} (local time): "
+            + ("[green]open now[/green]" if low.open_now else "closed now")
+            + (f", {waiting} low job(s) queued" if waiting else "")
         )
     d = node.disk
     console.print(
@@ -392,34 +429,55 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
         )
     )
     if node.last_errors:
-        console.print(
-            _table(
-                "last errors",
-                ("at", "event", "job", "message"),
-                ((_when(e.at), e.kind, str(e.job_id or ""), e.message) for e in node.last_errors),
-            )
+        _print_fitted(
+            "last errors",
+            (Column("at", drop=2), Column("event"), Column("job", drop=1), Column("message", Kind.TEXT)),
+            ((_when(e.at), e.kind, str(e.job_id or ""), Text(e.message)) for e in node.last_errors),
+            wide,
         )
     raise typer.Exit(code)
 
 
-def _job_rows(jobs) -> Table:  # noqa: ANN001 - ops.history.JobRow
-    return _table(
+def _priority(priority: str) -> str:
+    return {"urgent": "[bold red]urgent[/bold red]", "high": "[yellow]high[/yellow]"}.get(priority, priority)
+
+
+def _print_jobs(jobs, wide: bool) -> None:  # noqa: ANN001 - ops.history.JobRow
+    """The jobs table; at 80 columns: id, state, study (shortened), model and the error's start."""
+    from rich.text import Text
+
+    from dicomnode.ops.tablefit import Column, Kind
+
+    _print_fitted(
         "jobs",
-        ("id", "state", "study", "model", "run", "attempts", "created", "finished", "error"),
+        (
+            Column("id"),
+            Column("state"),
+            Column("priority", drop=7),
+            Column("study", Kind.UID),
+            Column("model", drop=6),
+            Column("run", drop=2),
+            Column("attempts", drop=3),
+            Column("created", drop=4),
+            Column("finished", drop=1),
+            Column("error", Kind.TEXT, drop=5),
+        ),
         (
             (
                 str(j.id),
                 j.state,
+                _priority(j.priority),
                 j.study,
                 j.model,
                 str(j.run),
                 f"{j.attempts}/{j.max_attempts}",
                 _when(j.created),
                 _when(j.finished),
-                j.error or "",
+                Text(j.error or ""),
             )
             for j in jobs
         ),
+        wide,
     )
 
 
@@ -432,8 +490,9 @@ def jobs_list(
     since: Optional[str] = typer.Option(None, help="Only jobs created since: 30m, 2h, 1d or an ISO time (UTC)."),
     study: Optional[str] = typer.Option(None, help="Only jobs of this Study Instance UID."),
     as_json: bool = JsonOption,
+    wide: bool = WideOption,
 ) -> None:
-    """Jobs, newest first."""
+    """Jobs, newest first (at 80 columns: UIDs shortened, some columns left out; --wide for all)."""
     from dicomnode.ops.history import as_json as to_json
     from dicomnode.ops.history import list_jobs
 
@@ -445,7 +504,7 @@ def jobs_list(
     if as_json:
         print(to_json(jobs))
         return
-    console.print(_job_rows(jobs))
+    _print_jobs(jobs, wide)
 
 
 def _shown_as_json(detail, missing: str, as_json: bool) -> bool:  # noqa: ANN001 - an admin dataclass or None
@@ -462,57 +521,75 @@ def _shown_as_json(detail, missing: str, as_json: bool) -> bool:  # noqa: ANN001
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
+def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOption, wide: bool = WideOption) -> None:
     """One job: its deliveries and its timeline (each step with the time since the one before and
     since the study's first instance), and the error text."""
+    from rich.text import Text
+
     from dicomnode.ops.history import job_detail
+    from dicomnode.ops.tablefit import Column, Kind
     from dicomnode.store.tables import DeliveryState
 
     job = job_detail(_sessions(_config(config)), job_id)
     if _shown_as_json(job, f"no job {job_id}", as_json):
         return
     console.print(
-        f"job {job.id}: [bold]{job.state}[/bold]  study {job.study}  model {job.model}  run {job.run}  "
-        f"attempts {job.attempts}/{job.max_attempts}" + (f"  worker {job.lease_owner}" if job.lease_owner else "")
+        f"job {job.id}: [bold]{job.state}[/bold]  priority {_priority(job.priority)}  model {job.model}  "
+        f"run {job.run}  attempts {job.attempts}/{job.max_attempts}"
+        + (f"  worker {job.lease_owner}" if job.lease_owner else "")
     )
+    console.print(f"study {job.study}", soft_wrap=True)  # whole, on its own line: a UID to copy
     if job.error:
         console.print(f"[red]error:[/red] {job.error}")
     if job.deliveries:
-        console.print(
-            _table(
-                "deliveries",
-                ("destination", "file", "state", "attempts", "sent", "confirmed", "next try", "last error"),
-                (
-                    (
-                        d.destination,
-                        d.file,
-                        d.state,
-                        f"{d.attempts}/{d.max_attempts}",
-                        _when(d.sent_at) if d.sent_at else "",
-                        _when(d.confirmed_at) if d.confirmed_at else "",
-                        _when(d.not_before) if d.state == DeliveryState.PENDING
-                        else (f"report by {_when(d.confirm_by)}" if d.state == DeliveryState.CONFIRMING else ""),
-                        d.last_error or "",
-                    )
-                    for d in job.deliveries
-                ),
-            )
-        )
-    console.print(
-        _table(
-            "timeline (UTC)",
-            ("at", "after", "since received", "event", "message"),
+        _print_fitted(
+            "deliveries",
+            (
+                Column("destination"),
+                Column("file"),
+                Column("state"),
+                Column("attempts", drop=3),
+                Column("sent", drop=2),
+                Column("confirmed", drop=4),
+                Column("next try", drop=1),
+                Column("last error", Kind.TEXT, drop=5),
+            ),
             (
                 (
-                    _when(s.at),
-                    _duration(s.since_previous_seconds),
-                    _duration(s.since_received_seconds),
-                    s.event,
-                    s.message,
+                    d.destination,
+                    d.file,
+                    d.state,
+                    f"{d.attempts}/{d.max_attempts}",
+                    _when(d.sent_at) if d.sent_at else "",
+                    _when(d.confirmed_at) if d.confirmed_at else "",
+                    _when(d.not_before) if d.state == DeliveryState.PENDING
+                    else (f"report by {_when(d.confirm_by)}" if d.state == DeliveryState.CONFIRMING else ""),
+                    Text(d.last_error or ""),
                 )
-                for s in job.timeline
+                for d in job.deliveries
             ),
+            wide,
         )
+    _print_fitted(
+        "timeline (UTC)",
+        (
+            Column("at"),
+            Column("after", drop=1),
+            Column("since received", drop=2),
+            Column("event"),
+            Column("message", Kind.PROSE, min_width=30),
+        ),
+        (
+            (
+                _when(s.at),
+                _duration(s.since_previous_seconds),
+                _duration(s.since_received_seconds),
+                s.event,
+                Text(s.message),
+            )
+            for s in job.timeline
+        ),
+        wide,
     )
 
 
@@ -542,14 +619,51 @@ def jobs_cancel(job_id: int, config: Path = ConfigOption) -> None:
     console.print(f"job {job_id} cancelled")
 
 
+PRIORITIES = "urgent, high, normal, low"
+
+
+def _priority_argument(text: str):  # noqa: ANN202 - config.Priority
+    from dicomnode.config import Priority
+
+    try:
+        return Priority(text.strip().lower())
+    except ValueError:
+        console.print(f"[red]no priority {text!r}[/red] (one of {PRIORITIES})")
+        raise typer.Exit(2) from None
+
+
+@jobs_app.command("prioritize")
+def jobs_prioritize(
+    job_id: int,
+    priority: str = typer.Argument(..., help=f"One of {PRIORITIES}."),
+    config: Path = ConfigOption,
+) -> None:
+    """Change a job's priority (an event in its timeline): a queued job is claimed by it from now
+    on (urgent first; low only within [node] low_priority_hours), a running or failed one when it
+    goes back to the queue."""
+    from dicomnode.pipeline.queue import RefusedError, prioritize
+
+    wanted = _priority_argument(priority)
+    try:
+        was = prioritize(_sessions(_config(config)), job_id, wanted)
+    except RefusedError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"job {job_id}: priority {wanted}" + (f" (was {was})" if was != wanted else " already"))
+
+
 @jobs_app.command("requeue")
 def jobs_requeue(
     study: str,
     config: Path = ConfigOption,
     model: Optional[str] = typer.Option(None, help="Only this model (default: every configured model)."),
+    priority: Optional[str] = typer.Option(
+        None, help=f"The new jobs' priority, one of {PRIORITIES} (default: the model's)."
+    ),
 ) -> None:
     """Run a study again now, as a new job per model (the next run number: new result series),
     even when an earlier run succeeded."""
+    from dicomnode.config import Priority
     from dicomnode.pipeline.queue import RefusedError, RetryPolicy, requeue
 
     cfg = _config(config)
@@ -559,17 +673,22 @@ def jobs_requeue(
     sessions = _sessions(cfg)
     policy = RetryPolicy.for_jobs(cfg.node)
     refused = False
+    wanted = _priority_argument(priority) if priority is not None else None
     for name in [model] if model else [m.name for m in cfg.models]:
+        chosen = wanted or cfg.model(name).priority
+        why = "by operator" if wanted else (f"model {name}" if chosen != Priority.NORMAL else "")
         try:
-            console.print(f"job {requeue(sessions, study, name, policy)} queued for model {name}")
+            job_id = requeue(sessions, study, name, policy, chosen, why)
+            console.print(f"job {job_id} queued for model {name}"
+                          + (f", priority {chosen}" if chosen != Priority.NORMAL else ""))
         except RefusedError as exc:
             console.print(f"[red]{exc}[/red]")
             refused = True
     raise typer.Exit(1 if refused else 0)
 
 
-def _series_lines(study) -> str:  # noqa: ANN001 - ops.history.StudyRow
-    return "\n".join(f"{s.modality} #{s.number} {s.description} ({s.instances})" for s in study.series)
+def _series_line(study) -> str:  # noqa: ANN001 - ops.history.StudyRow
+    return "; ".join(f"{s.modality} #{s.number} {s.description} ({s.instances})" for s in study.series)
 
 
 @app.command()
@@ -592,37 +711,52 @@ def studies_list(
     config: Path = ConfigOption,
     since: Optional[str] = typer.Option(None, help="Only studies received since: 30m, 2h, 1d or an ISO time (UTC)."),
     as_json: bool = JsonOption,
+    wide: bool = WideOption,
 ) -> None:
-    """Received studies, the latest first: their series and their latest job."""
+    """Received studies, the latest first: their series and their latest job (at 80 columns: UIDs
+    shortened, some columns left out; --wide for all)."""
+    from rich.text import Text
+
     from dicomnode.ops.history import as_json as to_json
     from dicomnode.ops.history import list_studies
+    from dicomnode.ops.tablefit import Column, Kind
 
     studies = list_studies(_sessions(_config(config)), since=_since(since))
     if as_json:
         print(to_json(studies))
         return
-    console.print(
-        _table(
-            "studies",
-            ("study", "last received", "instances", "series", "latest job"),
+    _print_fitted(
+        "studies",
+        (
+            Column("study", Kind.UID),
+            Column("last received", drop=3),
+            Column("instances", drop=1),
+            Column("series", Kind.TEXT, drop=2),
+            Column("latest job"),
+        ),
+        (
             (
-                (
-                    s.study,
-                    _when(s.last_received),
-                    str(s.instances),
-                    _series_lines(s),
-                    f"{s.jobs[0].id} {s.jobs[0].state} (run {s.jobs[0].run})" if s.jobs else "",
-                )
-                for s in studies
-            ),
-        )
+                s.study,
+                _when(s.last_received),
+                str(s.instances),
+                Text(_series_line(s)),
+                f"{s.jobs[0].id} {s.jobs[0].state} (run {s.jobs[0].run})" if s.jobs else "",
+            )
+            for s in studies
+        ),
+        wide,
     )
 
 
 @studies_app.command("show")
-def studies_show(study_uid: str, config: Path = ConfigOption, as_json: bool = JsonOption) -> None:
+def studies_show(
+    study_uid: str, config: Path = ConfigOption, as_json: bool = JsonOption, wide: bool = WideOption
+) -> None:
     """One study: its series with the verdict of the latest job, its jobs and its events."""
+    from rich.text import Text
+
     from dicomnode.ops.history import study_detail
+    from dicomnode.ops.tablefit import Column, Kind
 
     study = study_detail(_sessions(_config(config)), study_uid)
     if _shown_as_json(study, f"no study {study_uid} in the index", as_json):
@@ -631,27 +765,36 @@ def studies_show(study_uid: str, config: Path = ConfigOption, as_json: bool = Js
         f"study {study.study}: {study.instances} instances, first received {_when(study.first_received)}, "
         f"last {_when(study.last_received)} UTC"
     )
-    console.print(
-        _table(
-            "series",
-            ("#", "modality", "description", "instances", "last received", "verdict"),
+    _print_fitted(
+        "series",
+        (
+            Column("#"),
+            Column("modality"),
+            Column("description", Kind.PROSE, drop=2),
+            Column("instances", drop=3),
+            Column("last received", drop=1),
+            Column("verdict", Kind.PROSE, min_width=24),
+        ),
+        (
             (
-                (
-                    "" if s.number is None else str(s.number),
-                    s.modality,
-                    s.description,
-                    str(s.instances),
-                    _when(s.last_received),
-                    f"{s.verdict} (job {s.verdict_job})" if s.verdict else "",
-                )
-                for s in study.series
-            ),
-        )
+                "" if s.number is None else str(s.number),
+                s.modality,
+                Text(s.description),
+                str(s.instances),
+                _when(s.last_received),
+                Text(f"{s.verdict} (job {s.verdict_job})" if s.verdict else ""),
+            )
+            for s in study.series
+        ),
+        wide,
     )
     if study.jobs:
-        console.print(_job_rows(study.jobs))
-    console.print(
-        _table("events", ("at", "event", "message"), ((_when(e.at), e.kind, e.message) for e in study.events))
+        _print_jobs(study.jobs, wide)
+    _print_fitted(
+        "events",
+        (Column("at"), Column("event"), Column("message", Kind.PROSE, min_width=24)),
+        ((_when(e.at), e.kind, Text(e.message)) for e in study.events),
+        wide,
     )
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 import tomllib
+from dataclasses import dataclass
+from datetime import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -70,6 +73,55 @@ class DestinationTls(_Strict):
     server_name: str | None = None
     certificate: Path | None = None
     private_key: Path | None = None
+
+
+class Priority(StrEnum):
+    """A job's priority: queued jobs are claimed urgent first, then high, normal, low (within one
+    priority, the one runnable longest first); low jobs only within [node] low_priority_hours."""
+
+    URGENT = "urgent"
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """0 for urgent ... 3 for low: the claim order."""
+        return list(Priority).index(self)
+
+
+HOURS = re.compile(r"^\s*([01]?\d|2[0-3]):([0-5]\d)\s*-\s*([01]?\d|2[0-3]):([0-5]\d)\s*$")
+
+
+@dataclass(frozen=True)
+class HoursWindow:
+    """A daily window of local time, "20:00-06:00" (across midnight) or "12:00-14:00"."""
+
+    start: time
+    end: time
+
+    @classmethod
+    def parse(cls, text: str) -> "HoursWindow":
+        found = HOURS.match(text)
+        if not found:
+            raise ValueError(f"{text!r} is not a daily window of local time such as \"20:00-06:00\"")
+        window = cls(time(int(found[1]), int(found[2])), time(int(found[3]), int(found[4])))
+        if window.start == window.end:
+            raise ValueError(f"{text!r} is an empty window: start and end are the same time")
+        return window
+
+    def contains(self, moment: time) -> bool:
+        moment = moment.replace(tzinfo=None)
+        if self.start < self.end:
+            return self.start <= moment < self.end
+        return moment >= self.start or moment < self.end  # across midnight
+
+    def __str__(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+
+def _hours_window(value: object) -> object:
+    return HoursWindow.parse(value) if isinstance(value, str) else value
 
 
 class NodeSettings(_Strict):
@@ -134,6 +186,9 @@ class NodeSettings(_Strict):
     # Memory the worker's loaded models may take together (GPU memory on a GPU); the least
     # recently used are unloaded when a new one does not fit. None: keep every model loaded.
     model_memory_gb: float | None = Field(None, gt=0)
+    # Jobs of priority "low" are claimed only within this daily window of the node's local time
+    # (the host's time zone), e.g. "20:00-06:00"; outside it they wait. None: at any time.
+    low_priority_hours: Annotated[HoursWindow, BeforeValidator(_hours_window)] | None = None
 
 
 class OutputKind(StrEnum):
@@ -380,6 +435,7 @@ TAG_KEYWORDS = (
     "ManufacturerModelName",
     "InstitutionName",
     "StationName",
+    "RequestedProcedureDescription",
 )
 TagKeyword = Literal[
     "StudyDescription",
@@ -390,6 +446,7 @@ TagKeyword = Literal[
     "ManufacturerModelName",
     "InstitutionName",
     "StationName",
+    "RequestedProcedureDescription",
 ]
 
 
@@ -484,6 +541,7 @@ class ModelSettings(_Strict):
         | None
     ) = None
     destinations: list[str] | None = None  # None: every destination
+    priority: Priority = Priority.NORMAL  # its jobs' priority, unless a [[priority_rules]] entry says otherwise
     priors: PriorSettings | None = None  # [models.priors]: fetch the patient's prior study first
 
     @field_validator("channels")
@@ -529,11 +587,33 @@ class ModelSettings(_Strict):
         return list(dict.fromkeys(channel_modality(c, inputs) for c in info.data["channels"]))
 
 
+class PriorityRule(_Strict):
+    """`[[priority_rules]]`: a job whose study meets every condition given gets `priority`. The
+    first rule that fits (in the file's order) decides; a job no rule fits has its model's
+    `priority`. Conditions: `calling_aets`, globs of the AE titles that sent the study (some
+    instance from one of them); `tags`, as in [models.applies_to] (per keyword, some series
+    whose value matches one of the case-insensitive globs); `models`, the rule's models (default:
+    every model)."""
+
+    priority: Priority
+    calling_aets: list[str] = []
+    tags: dict[TagKeyword, list[str]] = {}
+    models: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _has_a_condition(self) -> "PriorityRule":
+        if not self.calling_aets and not self.tags and self.models is None:
+            raise ValueError("a priority rule needs a condition: calling_aets, tags or models "
+                             "(for every job of a model, give the model a priority)")
+        return self
+
+
 class Config(_Strict):
     node: NodeSettings = NodeSettings()
     destinations: list[Destination] = []
     sources: list[Source] = []
     models: list[ModelSettings] = Field(min_length=1)
+    priority_rules: list[PriorityRule] = []
     source: Path | None = None  # the file this was read from
 
     @model_validator(mode="after")
@@ -548,6 +628,11 @@ class Config(_Strict):
         sources = [s.name for s in self.sources]
         if len(set(sources)) != len(sources):
             raise ValueError(f"source names must be unique, got {sources}")
+        models = [m.name for m in self.models]
+        for number, rule in enumerate(self.priority_rules, 1):
+            for name in rule.models or []:
+                if name not in models:
+                    raise ValueError(f"priority rule {number} names unknown model {name!r} (have: {', '.join(models)})")
         for model in self.models:
             if model.priors is not None and model.priors.source not in sources:
                 raise ValueError(f"model {model.name!r}: priors.source {model.priors.source!r} names no source "

@@ -27,7 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("message", help="what the change does, e.g. 'add jobs.priority'")
     args = parser.parse_args()
-    rev_id = f"{int(head_revision()) + 1:04d}"
+    number = re.match(r"\d+", head_revision())[0]  # "0006" -> "0006" (a revision named with a suffix keeps its number)
+    rev_id = f"{int(number) + 1:04d}"
     with tempfile.TemporaryDirectory() as scratch:
         engine = create_engine(f"sqlite:///{scratch}/schema.db")
         with engine.begin() as connection:

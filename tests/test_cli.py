@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from dicomnode import cli
 from dicomnode.config import load_config
-from dicomnode.pipeline.queue import RetryPolicy, claim, enqueue, fail
+from dicomnode.pipeline.queue import RetryPolicy, claim, enqueue, fail, succeed
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
 
@@ -110,3 +110,36 @@ def test_echo_and_send_a_folder_to_a_receiver(node, tmp_path: Path, monkeypatch)
     assert "sent 0 of 1 files" in result.output
     unknown = runner.invoke(cli.app, ["echo", "pacs", "--config", str(sender)])
     assert unknown.exit_code == 2 and "no destination named 'pacs' (have: node)" in unknown.output
+
+
+def test_jobs_prioritize_list_show_and_status(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(cli.console, "width", 200)
+    config = write_config(tmp_path, node='low_priority_hours = "20:00-06:00"')
+    sessions = make_sessionmaker(load_config(config).database_url)
+    first, second = (enqueue(sessions, uid, "demo-petct", RetryPolicy()) for uid in ("1.2.3", "1.2.4"))
+
+    done = _invoke(config, "jobs", "prioritize", str(second), "URGENT")
+    assert (done.exit_code, done.output.strip()) == (0, f"job {second}: priority urgent (was normal)")
+    assert _invoke(config, "jobs", "prioritize", str(first), "soon").exit_code == 2
+    assert "no job 999" in _invoke(config, "jobs", "prioritize", "999", "low").output
+
+    listing = json.loads(_invoke(config, "jobs", "list", "--json").output)
+    assert [(j["id"], j["priority"]) for j in listing] == [(second, "urgent"), (first, "normal")]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in _invoke(config, "jobs", "list").output.splitlines()
+            if line.startswith("│")]
+    assert [row[:3] for row in rows] == [[str(second), "queued", "urgent"], [str(first), "queued", "normal"]]
+    shown = _invoke(config, "jobs", "show", str(second))
+    assert "priority urgent" in shown.output and "urgent (was normal) by operator" in shown.output
+    assert json.loads(_invoke(config, "jobs", "show", str(second), "--json").output)["timeline"][-1]["event"] == (
+        "prioritized")
+
+    status = json.loads(_invoke(config, "status", "--json").output)
+    assert status["queued_by_priority"] == {"urgent": 1, "high": 0, "normal": 1, "low": 0}
+    assert status["low_priority_hours"]["window"] == "20:00-06:00"
+    text = _invoke(config, "status").output
+    assert "queued 2 (urgent 1, normal 1)" in text and "low-priority jobs run 20:00-06:00 (local time)" in text
+
+    assert claim(sessions, "w", timedelta(seconds=60)).id == second
+    assert succeed(sessions, second, "w")
+    refused = _invoke(config, "jobs", "prioritize", str(second), "low")
+    assert refused.exit_code == 1 and f"job {second} is succeeded" in refused.output

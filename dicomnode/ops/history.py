@@ -49,6 +49,7 @@ class EventRow:
 class JobRow:
     id: int
     state: str
+    priority: str  # a config.Priority
     study: str
     model: str
     run: int
@@ -61,8 +62,8 @@ class JobRow:
 
 
 def _job_row(job: Job) -> JobRow:
-    return JobRow(job.id, job.state, job.study_uid, job.model, job.run_number, job.attempts, job.max_attempts,
-                  job.created_at, job.started_at, job.finished_at, job.error)
+    return JobRow(job.id, job.state, job.priority, job.study_uid, job.model, job.run_number, job.attempts,
+                  job.max_attempts, job.created_at, job.started_at, job.finished_at, job.error)
 
 
 RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")

@@ -17,8 +17,9 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.config import Config
+from dicomnode.config import Config, Priority
 from dicomnode.ops.history import EventRow
+from dicomnode.pipeline.queue import low_priority_open
 from dicomnode.store.components import EXPECTED, HEARTBEAT_SECONDS, Role, process_alive
 from dicomnode.store.diskspace import existing_folder
 from dicomnode.store.events import ERROR_KINDS
@@ -101,6 +102,15 @@ class WaitingJob:
     model: str
     queued_at: datetime
     waiting_seconds: float
+    priority: str = Priority.NORMAL.value
+
+
+@dataclass
+class LowPriorityHours:
+    """[node] low_priority_hours: low jobs are claimed only within it (the node's local time)."""
+
+    window: str  # "20:00-06:00"
+    open_now: bool
 
 
 @dataclass
@@ -125,6 +135,7 @@ class NodeStatus:
     checked_at: datetime
     components: list[ComponentStatus]
     queue: dict[str, int]  # jobs by state, every state
+    queued_by_priority: dict[str, int]  # queued jobs by priority, every priority, urgent first
     oldest_waiting: WaitingJob | None
     disk: DiskUse
     models: list[ModelStatus]
@@ -134,6 +145,7 @@ class NodeStatus:
     # deliveries by state, every state: "sent" (stored, the destination not asked to confirm) apart from
     # "confirming" (asked) and "confirmed" (the destination committed or listed it)
     deliveries: dict[str, int] = field(default_factory=dict)
+    low_priority_hours: LowPriorityHours | None = None  # None: low jobs run at any time
 
 
 def tree_bytes(folder: Path) -> int:
@@ -173,6 +185,8 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
     with sessions() as session:
         counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         by_state = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+        by_priority = dict(session.execute(
+            select(Job.priority, func.count()).where(Job.state == JobState.QUEUED).group_by(Job.priority)).all())
         oldest = session.scalar(
             select(Job).where(Job.state == JobState.QUEUED).order_by(Job.created_at, Job.id).limit(1)
         )
@@ -190,8 +204,10 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
     waiting = None
     if oldest is not None:
         waiting = WaitingJob(
-            oldest.id, oldest.study_uid, oldest.model, oldest.created_at, (now - oldest.created_at).total_seconds()
+            oldest.id, oldest.study_uid, oldest.model, oldest.created_at, (now - oldest.created_at).total_seconds(),
+            oldest.priority,
         )
+    window = config.node.low_priority_hours
     workers = [c for c in parts if c.name == Role.WORKER and c.up]
     models = [
         ModelStatus(m.name, [f"{w.host}:{w.pid}" for w in workers if m.name in w.detail.get("models", [])])
@@ -201,6 +217,7 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
         checked_at=now,
         components=parts,
         queue={state: counts.get(state, 0) for state in JobState},
+        queued_by_priority={p.value: by_priority.get(p.value, 0) for p in Priority},
         oldest_waiting=waiting,
         disk=disk_use(config),
         models=models,
@@ -208,4 +225,5 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
         schema=current_revision(sessions.kw["bind"]),
         undelivered=undelivered,
         deliveries={state: by_state.get(state, 0) for state in DeliveryState},
+        low_priority_hours=None if window is None else LowPriorityHours(str(window), low_priority_open(window)),
     )

@@ -11,6 +11,9 @@ PET series still arriving holds the study back, with an "incomplete" event sayin
 arrival. The job is queued with one "series-verdict" event per series of the study: "used
 for channel X" or "ignored because ...".
 
+Each job gets its priority (dicomnode.pipeline.priority): the first [[priority_rules]] entry
+that fits the study (calling AE title, header tags) and the model, else the model's priority.
+
 A study fetched as another study's prior ([models.priors], event "fetched-as-prior") gets no
 job: its results would go into the old study.
 
@@ -29,6 +32,7 @@ from sqlalchemy.orm import sessionmaker
 from dicomnode.config import Config, ModelSettings
 from dicomnode.imaging.headers import SeriesFacts
 from dicomnode.pipeline.facts import series_from_index
+from dicomnode.pipeline.priority import calling_aets, job_priority
 from dicomnode.pipeline.priors import fetched_as_prior
 from dicomnode.pipeline.queue import RetryPolicy, enqueue
 from dicomnode.pipeline.selection import applies_to, select_inputs
@@ -68,6 +72,7 @@ def _sweep_study(sessions: sessionmaker, config: Config, study: Study) -> list[i
         log.debug("study %s: fetched as a prior study: no job of its own", study.study_uid)
         return created
     series: list[SeriesFacts] | None = None
+    aets: set[str] = set()
     for model in config.models:
         with sessions() as session:
             latest = session.scalar(
@@ -78,8 +83,10 @@ def _sweep_study(sessions: sessionmaker, config: Config, study: Study) -> list[i
             )
             if latest is not None and (latest.state == JobState.QUEUED or latest.created_at >= study.last_received_at):
                 continue  # already queued, or nothing new since the last job
-            series = series if series is not None else series_from_index(session, study.study_uid)
-        job_id = _queue_if_ready(sessions, config, study, model, series, latest)
+            if series is None:
+                series = series_from_index(session, study.study_uid)
+                aets = calling_aets(session, study.study_uid)
+        job_id = _queue_if_ready(sessions, config, study, model, series, latest, aets)
         if job_id is not None:
             created.append(job_id)
     return created
@@ -92,6 +99,7 @@ def _queue_if_ready(
     model: ModelSettings,
     series: list[SeriesFacts],
     latest: Job | None,
+    aets: frozenset[str] | set[str] = frozenset(),
 ) -> int | None:
     """Queue a job for `model` when it applies to the study and its inputs are complete."""
     why_not = applies_to(series, model)
@@ -108,6 +116,7 @@ def _queue_if_ready(
         return None
     policy = RetryPolicy.for_jobs(config.node)
     reason = "study complete and quiet" if latest is None else "new instances after run %d" % latest.run_number
+    priority, priority_reason = job_priority(config, model, series, aets)
     job_id = enqueue(
         sessions,
         study.study_uid,
@@ -115,8 +124,11 @@ def _queue_if_ready(
         policy,
         reason,
         details=[(EventKind.SERIES_VERDICT, v.message, v.as_dict()) for v in selection.verdicts],
+        priority=priority,
+        priority_reason=priority_reason,
     )
-    log.info("study %s: queued job %d for model %s (%s)", study.study_uid, job_id, model.name, reason)
+    log.info("study %s: queued job %d for model %s, priority %s (%s)", study.study_uid, job_id, model.name,
+             priority, reason)
     return job_id
 
 

@@ -11,8 +11,11 @@
     queued or failed --cancel (operator)--> cancelled (its pending deliveries too); a running
                        job is not cancelled: its worker may be sending results right now
     a study --requeue (operator)--> a new job, the next run number, whatever earlier runs did
+    a job --prioritize (operator)--> its priority changed (an event); it takes effect at the next claim
 
-Claiming is a compare-and-set UPDATE (... WHERE state = 'queued'), atomic on SQLite and
+Claiming takes the runnable job of the highest priority (urgent, high, normal, low; a low job only
+within [node] low_priority_hours), within one priority the one runnable longest (not_before,
+then id). Claiming is a compare-and-set UPDATE (... WHERE state = 'queued'), atomic on SQLite and
 PostgreSQL alike, so two workers never run the same job.
 """
 
@@ -22,10 +25,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import NodeSettings
+from dicomnode.config import HoursWindow, NodeSettings, Priority
 from dicomnode.store.components import process_alive
 from dicomnode.store.events import EventKind, log_event
 from dicomnode.store.tables import Commitment, Delivery, DeliveryState, Event, Job, JobState, Study, utcnow
@@ -73,9 +76,11 @@ class RetryPolicy:
 
 def enqueue(
     sessions: sessionmaker, study_uid: str, model: str, policy: RetryPolicy, reason: str = "",
-    details: Sequence[tuple[EventKind, str, dict | None]] = (),
+    details: Sequence[tuple[EventKind, str, dict | None]] = (), priority: Priority = Priority.NORMAL,
+    priority_reason: str = "",
 ) -> int:
-    """Queue a job; `details` are further (kind, message, data) events of the job, written with it."""
+    """Queue a job; `details` are further (kind, message, data) events of the job, written with it;
+    `priority_reason` says where a priority other than normal came from (a rule, the model)."""
     now = utcnow()
     with sessions.begin() as session:
         previous = session.scalar(
@@ -88,6 +93,7 @@ def enqueue(
             study_uid=study_uid,
             model=model,
             state=JobState.QUEUED,
+            priority=Priority(priority).value,
             attempts=0,
             max_attempts=policy.max_attempts,
             run_number=(previous or 0) + 1,
@@ -97,27 +103,44 @@ def enqueue(
         )
         session.add(job)
         session.flush()
+        said = "" if priority == Priority.NORMAL and not priority_reason else (
+            f", priority {priority}" + (f" ({priority_reason})" if priority_reason else ""))
         log_event(
             session,
             EventKind.QUEUED,
-            f"model {model}, run {job.run_number}{': ' + reason if reason else ''}",
+            f"model {model}, run {job.run_number}{said}{': ' + reason if reason else ''}",
             study_uid=study_uid,
             job_id=job.id,
             at=now,
+            data={"priority": job.priority, "priority_reason": priority_reason},
         )
         for kind, message, data in details:
             log_event(session, kind, message, study_uid=study_uid, job_id=job.id, at=now, data=data)
         return job.id
 
 
-def claim(sessions: sessionmaker, owner: str, lease: timedelta) -> Job | None:
-    """Take the oldest runnable job, or None. Atomic against other workers."""
+# The claim order: urgent first ... low last (the column holds the Priority's value).
+PRIORITY_RANK = case({p.value: p.rank for p in Priority}, value=Job.priority, else_=Priority.NORMAL.rank)
+
+
+def low_priority_open(window: HoursWindow | None, local_now: datetime | None = None) -> bool:
+    """Whether low jobs may be claimed now: always without a window, else within it (local time)."""
+    return window is None or window.contains((local_now or datetime.now().astimezone()).time())
+
+
+def claim(sessions: sessionmaker, owner: str, lease: timedelta, low_hours: HoursWindow | None = None,
+          local_now: datetime | None = None) -> Job | None:
+    """Take the runnable job of the highest priority, within it the one runnable longest, or None;
+    a low job only within `low_hours` ([node] low_priority_hours, the node's local time; `local_now`
+    for tests). Atomic against other workers."""
+    low_open = low_priority_open(low_hours, local_now)
     while True:
         now = utcnow()
         with sessions.begin() as session:
-            candidate = session.scalar(
-                select(Job.id).where(Job.state == JobState.QUEUED, Job.not_before <= now).order_by(Job.id).limit(1)
-            )
+            runnable = select(Job.id).where(Job.state == JobState.QUEUED, Job.not_before <= now)
+            if not low_open:
+                runnable = runnable.where(Job.priority != Priority.LOW.value)
+            candidate = session.scalar(runnable.order_by(PRIORITY_RANK, Job.not_before, Job.id).limit(1))
             if candidate is None:
                 return None
             taken = session.execute(
@@ -139,7 +162,8 @@ def claim(sessions: sessionmaker, owner: str, lease: timedelta) -> Job | None:
             log_event(
                 session,
                 EventKind.STARTED,
-                f"attempt {job.attempts} of {job.max_attempts} by {owner}",
+                f"attempt {job.attempts} of {job.max_attempts} by {owner}"
+                + ("" if job.priority == Priority.NORMAL else f", priority {job.priority}"),
                 study_uid=job.study_uid,
                 job_id=job.id,
                 at=now,
@@ -396,7 +420,36 @@ def _not_cancellable(job: Job) -> str:
     return f"job {job.id} is {job.state}: only queued or failed jobs can be cancelled"
 
 
-def requeue(sessions: sessionmaker, study_uid: str, model: str, policy: RetryPolicy) -> int:
+def prioritize(sessions: sessionmaker, job_id: int, priority: Priority, by: str = "operator") -> str:
+    """Change a job's priority (an event in its timeline); returns the one it had. A queued job is
+    claimed by it from now on; a running or failed one when it goes back to the queue. A job that
+    succeeded or was cancelled is refused: it will not be claimed again."""
+    priority = Priority(priority)
+    now = utcnow()
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise RefusedError(f"no job {job_id}")
+        if job.state in (JobState.SUCCEEDED, JobState.CANCELLED):
+            raise RefusedError(f"job {job_id} is {job.state}: it will not run again (`dicomnode jobs requeue "
+                               f"{job.study_uid} --priority {priority}` makes a new job)")
+        was = job.priority
+        if was == priority:
+            return was
+        changed = session.execute(  # compare-and-set: a worker may claim or finish it meanwhile
+            update(Job).where(Job.id == job_id, Job.priority == was,
+                              Job.state.notin_((JobState.SUCCEEDED, JobState.CANCELLED)))
+            .values(priority=priority.value).execution_options(synchronize_session=False)
+        ).rowcount
+        if changed != 1:
+            raise RefusedError(f"job {job_id} changed meanwhile; try again")
+        log_event(session, EventKind.PRIORITIZED, f"{priority} (was {was}) by {by}", study_uid=job.study_uid,
+                  job_id=job_id, at=now, data={"priority": priority.value, "was": was})
+        return was
+
+
+def requeue(sessions: sessionmaker, study_uid: str, model: str, policy: RetryPolicy,
+            priority: Priority = Priority.NORMAL, priority_reason: str = "") -> int:
     """Operator re-run of a study with a model: a new job with the next run number (its results
     go into new series), even when an earlier run succeeded. Refused while a job of the study
     for the model is queued or running."""
@@ -410,4 +463,5 @@ def requeue(sessions: sessionmaker, study_uid: str, model: str, policy: RetryPol
         )
         if active is not None:
             raise RefusedError(f"job {active.id} of study {study_uid} for model {model} is already {active.state}")
-    return enqueue(sessions, study_uid, model, policy, "requeued by operator")
+    return enqueue(sessions, study_uid, model, policy, "requeued by operator", priority=priority,
+                   priority_reason=priority_reason)

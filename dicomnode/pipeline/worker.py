@@ -113,7 +113,7 @@ class Worker:
         """Claim and run one job; False when none was waiting."""
         self._claiming = True
         try:
-            job = claim(self.sessions, self.owner, self.lease)
+            job = claim(self.sessions, self.owner, self.lease, self.config.node.low_priority_hours)
         except BaseException:
             self._claiming = False
             raise

@@ -42,6 +42,7 @@ class EventKind(StrEnum):
     RETRY_REQUESTED = "retry-requested"
     CANCELLED = "cancelled"
     DELIVERY_PENDING = "delivery-pending"  # results ready, deliveries backing off: the job waits
+    PRIORITIZED = "prioritized"  # its priority changed by an operator (data: priority, was)
     # a job: its work
     PRIOR_USED = "prior-used"  # [models.priors]: the prior study fetched (or already held) for the job
     NO_PRIOR = "no-prior"  # [models.priors]: no prior study to fetch, and why

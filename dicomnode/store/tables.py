@@ -22,6 +22,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from dicomnode.config import Priority
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -106,6 +108,9 @@ class Job(Base):
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     model: Mapped[str] = mapped_column(String(64))
     state: Mapped[str] = mapped_column(String(16), index=True)  # queued running succeeded failed cancelled
+    # a config.Priority: urgent jobs are claimed first, low ones only within [node] low_priority_hours
+    priority: Mapped[str] = mapped_column(String(8), default=Priority.NORMAL.value,
+                                          server_default=Priority.NORMAL.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     run_number: Mapped[int] = mapped_column(Integer, default=1)  # 1 for a study's first job, 2 after a re-trigger...

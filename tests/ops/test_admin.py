@@ -206,7 +206,7 @@ def test_jobs_list_has_every_state_as_table_and_json(site: Site):
 
     rows = {row[0]: row for row in _rows(_cli(site, "jobs", "list")) if row[0].isdigit()}
     assert {int(i): row[1] for i, row in rows.items()} == {v: k for k, v in site.jobs.items()}
-    assert rows[str(site.jobs["failed"])][5] == "1/3" and "PatientWeight" in rows[str(site.jobs["failed"])][8]
+    assert rows[str(site.jobs["failed"])][6] == "1/3" and "PatientWeight" in rows[str(site.jobs["failed"])][9]
 
     for state, job_id in site.jobs.items():
         assert [j["id"] for j in json.loads(_cli(site, "jobs", "list", "--state", state, "--json"))] == [job_id]

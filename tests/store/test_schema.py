@@ -18,7 +18,7 @@ from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from dicomnode.cli import app
-from dicomnode.config import load_config
+from dicomnode.config import Priority, load_config
 from dicomnode.store import schema
 from dicomnode.store.engine import make_engine, make_sessionmaker
 from dicomnode.store.events import event_data
@@ -77,6 +77,7 @@ def test_an_older_database_is_upgraded_and_keeps_its_rows(tmp_path: Path):
         job = session.scalar(select(Job))
         event = session.scalar(select(Event))
     assert (job.study_uid, job.state, job.created_at) == ("1.2.3", "succeeded", AT)
+    assert job.priority == Priority.NORMAL  # revision 0006: jobs made before priorities are normal
     assert (event.job_id, event.kind) == (job.id, "inference-done")
     assert event_data(event) == {"seconds": 12.5, "device": "cpu"}  # 0003 gave the old event its data
     assert "ix_events_kind" in _indexes(path, "events")
@@ -118,7 +119,7 @@ def test_processes_opening_a_new_database_at_once_upgrade_it_once(tmp_path: Path
 
 
 HEAD = head_revision()
-BROKEN = f"{int(HEAD) + 1:04d}"
+BROKEN = "9998"  # a revision after every real one
 
 
 @pytest.fixture
