@@ -1,11 +1,17 @@
-"""Receive throughput: instances per second into dicomnode (fsync + index per instance),
-beside Orthanc and dcmtk storescp on the same files, all sent by dcmtk storescu over one
-association on loopback with TCP_NODELAY=1.
+"""Receive throughput on whole-body-sized studies: instances per second into dicomnode (checked,
+fsynced into the spool, indexed before 0x0000), beside Orthanc and dcmtk storescp on the same
+files, all sent by dcmtk storescu on loopback with TCP_NODELAY=1, over one association (one
+study) and over four concurrent associations (four studies, one storescu each).
 
-    .venv/bin/python bench/bench_receive.py [--studies 3] [--repeats 3]
+    .venv/bin/python bench/bench_receive.py [--repeats 3] [--slices 300]
 
-Prints a table and each peer's ratio to dicomnode. dicomnode and Orthanc both make an
-instance durable before answering; storescp writes without fsync (an upper bound).
+A study is a CT of 512 x 512 x `slices` and a PET of 200 x 200 x `slices` (16-bit, Explicit VR
+Little Endian): 300 slices is about 181 MB and 600 instances. Each repeat starts every receiver
+afresh with empty storage, in a rotating order, so the three are measured interleaved under the
+same load (the machine may be shared: read the medians and the ratios, not one run). Each
+receiver's peak resident memory (VmHWM, and the largest VmRSS sampled every 50 ms) is reported.
+dicomnode and Orthanc both make an instance durable before answering; storescp (with --fork: one
+process per association) writes without fsync, an upper bound.
 """
 
 from __future__ import annotations
@@ -17,28 +23,53 @@ import socket
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dicomnode.synth.petct import write_study
+import numpy as np
+from pydicom.uid import generate_uid
+
+from dicomnode.synth.petct import _pt_slice, ct_slice, study_dataset, write_series
+from dicomnode.synth.petct_phantom import Grid
 from dicomnode.testing.node import start_node
 from dicomnode.testing.orthanc import LocalOrthanc
 from dicomnode.testing.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
-def storescu(folder: Path, aec: str, port: int) -> float:
-    started = time.perf_counter()
-    subprocess.run(
+def write_whole_body(out: Path, seed: int, slices: int) -> int:
+    """One PET/CT study of whole-body size under `out`; its instance count."""
+    rng = np.random.default_rng(seed)
+    study = study_dataset(f"BENCH-{seed}", "Bench^WholeBody")
+    frame = generate_uid()
+    ct_grid = Grid.centred((slices, 512, 512), (3.0, 0.98, 0.98))
+    pt_grid = Grid.centred((slices, 200, 200), (3.0, 4.0, 4.0))
+    ct_plane = rng.integers(-1000, 1500, (512, 512)).astype(np.int32)
+    pt_plane = rng.uniform(0, 20000, (200, 200))
+    ct_series, pt_series = generate_uid(), generate_uid()
+    write_series(out / "CT", "ct", [ct_slice(study, frame, ct_series, ct_grid, k, ct_plane) for k in range(slices)])
+    write_series(out / "PT", "pt", [_pt_slice(study, frame, pt_series, pt_grid, k, pt_plane) for k in range(slices)])
+    return 2 * slices
+
+
+def storescu(folder: Path, aec: str, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
         ["storescu", "-aet", "BENCH", "-aec", aec, "+sd", "+r", "+sp", "*.dcm", "127.0.0.1", str(port), str(folder)],
-        check=True,
-        env=ENV,
-        capture_output=True,
-        timeout=600,
-    )
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def send(folders: list[Path], aec: str, port: int) -> float:
+    """Seconds to send each folder on its own association, all at once."""
+    started = time.perf_counter()
+    senders = [storescu(folder, aec, port) for folder in folders]
+    for sender in senders:
+        _, err = sender.communicate(timeout=1200)
+        if sender.returncode != 0 or b"E: " in err:
+            raise RuntimeError(f"storescu to {aec} failed: {err.decode(errors='replace')[-2000:]}")
     return time.perf_counter() - started
 
 
@@ -53,60 +84,144 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(port)
 
 
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssWatch:
+    """The largest VmRSS of a process and its children (storescp --fork), sampled every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_kb, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _pids(self) -> list[int]:
+        try:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return [self.pid, *map(int, children)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, max(_status_kb(pid, "VmRSS") for pid in self._pids()))
+            self._stop.wait(0.05)
+
+    def stop(self) -> float:
+        """Peak MB: the sampled peak or the kernel's high-water mark of the main process."""
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak_kb, _status_kb(self.pid, "VmHWM")) / 1024
+
+
+class Node:
+    name = "dicomnode"
+    aet = "DICOMNODE"
+
+    def __init__(self, work: Path) -> None:
+        self.port = free_port()
+        work.mkdir(parents=True)
+        config = work / "config.toml"
+        config.write_text(
+            f'[node]\nae_title = "DICOMNODE"\nbind = "127.0.0.1"\nport = {self.port}\ndata_dir = "var"\n'
+            f'study_quiet_seconds = 3600\n[[models]]\nname = "m"\npath = "{REPO / "models" / "demo-petct"}"\n')
+        self.node = start_node(config, self.port, work / "node.log", extra_args=("--no-worker",))
+        self.pid = self.node.process.pid
+
+    def stop(self) -> None:
+        self.node.stop()
+
+
+class Orthanc:
+    name = "Orthanc"
+
+    def __init__(self, work: Path) -> None:
+        self.pacs = LocalOrthanc(work)
+        self.pacs.__enter__()
+        self.aet, self.port, self.pid = self.pacs.aet, self.pacs.dicom_port, self.pacs._proc.pid
+
+    def stop(self) -> None:
+        self.pacs.__exit__(None, None, None)
+
+
+class StoreScp:
+    name = "storescp"
+    aet = "STORESCP"
+
+    def __init__(self, work: Path) -> None:
+        self.port = free_port()
+        work.mkdir(parents=True)
+        self.process = subprocess.Popen(["storescp", "--fork", "-aet", self.aet, "-od", str(work), str(self.port)],
+                                        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.pid = self.process.pid
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--studies", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--only", nargs="*", default=["dicomnode", "Orthanc", "storescp"])
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
     files = work / "files"
-    for seed in range(args.studies):
-        write_study(files / f"s{seed}", seed=100 + seed)
-    count = len(list(files.rglob("*.dcm")))
-    size_mb = sum(p.stat().st_size for p in files.rglob("*.dcm")) / 1e6
-    print(f"{count} instances ({size_mb:.1f} MB): {args.studies} synthetic PET/CT studies; {args.repeats} runs each\n")
-    results: dict[str, list[float]] = {}
-
-    port = free_port()
-    (work / "node").mkdir()
-    config = work / "node" / "config.toml"
-    config.write_text(
-        f'[node]\nae_title = "DICOMNODE"\nbind = "127.0.0.1"\nport = {port}\ndata_dir = "var"\n'
-        f'study_quiet_seconds = 3600\n[[models]]\nname = "m"\npath = "{REPO / "models" / "demo-petct"}"\n'
-    )
-    node = start_node(config, port, work / "node" / "node.log", extra_args=("--no-worker",))
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        counts = list(pool.map(lambda seed: write_whole_body(files / f"s{seed}", seed, args.slices), range(5)))
+    size_mb = sum(p.stat().st_size for p in (files / "s0").rglob("*.dcm")) / 1e6
+    print(f"one study: {counts[0]} instances, {size_mb:.0f} MB (CT 512x512x{args.slices}, PET 200x200x{args.slices});"
+          f" written in {time.perf_counter() - started:.0f} s; {args.repeats} repeats, receivers interleaved\n",
+          flush=True)
+    peers = [peer for peer in (Node, Orthanc, StoreScp) if peer.name in args.only]
+    one: dict[str, list[float]] = {p.name: [] for p in peers}
+    four: dict[str, list[float]] = {p.name: [] for p in peers}
+    rss: dict[str, list[float]] = {p.name: [] for p in peers}
     try:
-        results["dicomnode (fsync + SQLite FULL)"] = [
-            count / storescu(files, "DICOMNODE", port) for _ in range(args.repeats)
-        ]
+        for repeat in range(args.repeats):
+            order = peers[repeat % len(peers):] + peers[:repeat % len(peers)]
+            for peer_class in order:
+                peer = peer_class(work / f"{peer_class.name}-{repeat}")
+                watch = RssWatch(peer.pid)
+                try:
+                    one[peer.name].append(counts[0] / send([files / "s0"], peer.aet, peer.port))
+                    four[peer.name].append(sum(counts[1:]) / send([files / f"s{i}" for i in range(1, 5)],
+                                                                  peer.aet, peer.port))
+                finally:
+                    rss[peer.name].append(watch.stop())
+                    peer.stop()
+                    shutil.rmtree(work / f"{peer_class.name}-{repeat}", ignore_errors=True)
+                print(f"repeat {repeat + 1} {peer.name:10} 1 assoc {one[peer.name][-1]:7.1f} inst/s   4 assoc "
+                      f"{four[peer.name][-1]:7.1f} inst/s   peak RSS {rss[peer.name][-1]:6.0f} MB", flush=True)
     finally:
-        node.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
-    with LocalOrthanc(work / "orthanc") as pacs:
-        results["Orthanc"] = [count / storescu(files, pacs.aet, pacs.dicom_port) for _ in range(args.repeats)]
+    def ratios(results: dict[str, list[float]], base: str) -> str:
+        if base not in results or "dicomnode" not in results:
+            return ""
+        per_run = [n / b for n, b in zip(results["dicomnode"], results[base], strict=True)]
+        return f"{statistics.median(per_run):.2f}"
 
-    port = free_port()
-    out = work / "storescp"
-    out.mkdir()
-    scp = subprocess.Popen(
-        ["storescp", "-aet", "STORESCP", "-od", str(out), str(port)],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_port(port)
-        results["dcmtk storescp (no fsync)"] = [count / storescu(files, "STORESCP", port) for _ in range(args.repeats)]
-    finally:
-        scp.terminate()
-        scp.wait()
-
-    ours = statistics.median(results["dicomnode (fsync + SQLite FULL)"])
-    print(f"{'receiver':34} {'median inst/s':>14} {'runs':>24} {'ratio to dicomnode':>20}")
-    for name, rates in results.items():
-        median = statistics.median(rates)
-        print(f"{name:34} {median:14.1f} {' '.join(f'{r:.0f}' for r in rates):>24} {median / ours:20.2f}")
-    shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{'receiver':10} {'1 assoc median':>15} {'runs':>18} {'4 assoc median':>15} {'runs':>18} "
+          f"{'peak RSS MB':>12}")
+    for name in one:
+        print(f"{name:10} {statistics.median(one[name]):15.1f} {' '.join(f'{r:.0f}' for r in one[name]):>18} "
+              f"{statistics.median(four[name]):15.1f} {' '.join(f'{r:.0f}' for r in four[name]):>18} "
+              f"{max(rss[name]):12.0f}")
+    for base in ("Orthanc", "storescp"):
+        if base in one and "dicomnode" in one:
+            print(f"dicomnode / {base}: 1 assoc {ratios(one, base)}x, 4 assoc {ratios(four, base)}x "
+                  "(median of the per-repeat ratios)")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from dicomnode.net.validation import Refused, check_instance
 from dicomnode.net.verify import report_of
 from dicomnode.store.commitments import record_report
 from dicomnode.store.diskspace import Watermark
-from dicomnode.store.index import ReceivedInstance, record_instance
+from dicomnode.store.index import IndexWriter, ReceivedInstance
 from dicomnode.store.spool import Spool
 
 log = logging.getLogger("dicomnode.receiver")
@@ -91,6 +91,10 @@ STORED_ONLY_SYNTAXES = UNCOMPRESSED_SYNTAXES + [
     UID(uid) for uid in AllTransferSyntaxes if UID(uid).is_encapsulated and UID(uid) not in UNCOMPRESSED_SYNTAXES
 ]
 
+# The largest P-DATA-TF PDU the node receives (it says so in its A-ASSOCIATE-AC; the sender may send
+# smaller ones). pynetdicom's default, 16 KiB, splits a 512 x 512 CT slice into 32 PDUs, each parsed
+# in Python: 1 MiB ones cut the receiver's CPU per instance (bench/profile_receive.py).
+MAX_PDU_BYTES = 1024 * 1024
 LIMIT_LOG_SECONDS = 10.0  # association-limit rejections: one log line per this many seconds
 IMAGE_CLASSES = INPUT_CLASSES  # their pixel data is read by the pipeline: it must be whole
 
@@ -125,6 +129,7 @@ class InstanceStore:
         self.sessions = sessions
         self.spool = Spool(config.spool_dir)
         self.watermark = Watermark(config.node.data_dir, config.node)
+        self.index = IndexWriter(sessions)  # group commit across the associations storing at once
 
     def store_event(self, event, calling_aet: str) -> Stored:  # noqa: ANN001 - pynetdicom C-STORE event
         """A C-STORE request, as received on an association (the receiver's, or a C-GET's)."""
@@ -175,13 +180,12 @@ class InstanceStore:
             return Stored(SUCCESS, study_uid, sop_uid, ds, dropped=True)
         resent = self.spool.path_for(study_uid, series_uid, sop_uid).exists()  # acknowledged before: indexed
         try:
-            path = self.spool.write(study_uid, series_uid, sop_uid, encoded())
+            path = self.spool.write(study_uid, series_uid, sop_uid, encoded(), sync_folder=False)
         except OSError as exc:
             log.error("could not store instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
             return Stored(OUT_OF_RESOURCES)
         try:
-            record_instance(
-                self.sessions,
+            self.index.record(  # fsyncs the folder, commits the row: then acknowledged
                 ReceivedInstance(
                     study_uid=study_uid,
                     series_uid=series_uid,
@@ -195,6 +199,7 @@ class InstanceStore:
                     calling_aet=calling,
                     counts_as_arrival=sop_class in INPUT_CLASSES,
                 ),
+                path.parent,
             )
         except Exception as exc:  # noqa: BLE001 - the database refused (locked, gone, full): transient
             log.error("could not index instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
@@ -262,6 +267,7 @@ class Receiver:
         # pynetdicom counts every connection, silent ones too: its limit is the connection cap, and
         # _on_requested applies max_associations to the associations actually requested.
         self.ae.maximum_associations = self.max_connections
+        self.ae.maximum_pdu_size = MAX_PDU_BYTES
         self.ae.add_supported_context(Verification)
         # Storage commitment reports (N-EVENT-REPORT) for the worker's requests (verify = "commitment"):
         # the PACS opens the association and acts as the SCP of the Push Model (Orthanc proposes that

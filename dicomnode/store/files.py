@@ -20,9 +20,10 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(final: Path, write: Callable[[BinaryIO], object], temp: Path) -> Path:
-    """`write(file)` into `temp`, then fsync, rename to `final` and fsync the folder; on any
-    failure `temp` is removed and the error raised. Returns `final`."""
+def write_durably(final: Path, write: Callable[[BinaryIO], object], temp: Path, sync_folder: bool = True) -> Path:
+    """`write(file)` into `temp`, then fsync, rename to `final` and fsync the folder (with
+    `sync_folder` False the caller must fsync it before relying on the file); on any failure
+    `temp` is removed and the error raised. Returns `final`."""
     try:
         with open(temp, "wb") as fh:
             write(fh)
@@ -32,5 +33,6 @@ def write_durably(final: Path, write: Callable[[BinaryIO], object], temp: Path) 
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    fsync_dir(final.parent)
+    if sync_folder:
+        fsync_dir(final.parent)
     return final

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.files import fsync_dir
 from dicomnode.store.tables import Instance, Series, Study, utcnow
 
 
@@ -30,57 +34,110 @@ class ReceivedInstance:
 
 
 def record_instance(sessions: sessionmaker, item: ReceivedInstance, now: datetime | None = None) -> bool:
-    """Index one stored instance; True when it is new. An instance the node holds already (the
-    same SOP Instance UID in the same series: a sender that sends a study again after a lost
-    response or an outage) is no news: its row stays, and the study's arrival time does not move,
-    so a resend after a job was queued never makes a second run."""
-    now = now or utcnow()
+    """Index one stored instance in its own transaction; True when it is new. An instance the node
+    holds already (the same SOP Instance UID in the same series: a sender that sends a study again
+    after a lost response or an outage) is no news: its row stays, and the study's arrival time does
+    not move, so a resend after a job was queued never makes a second run."""
     with sessions.begin() as session:
-        held = session.get(Instance, item.sop_instance_uid)
-        if held is not None and (held.study_uid, held.series_uid) == (item.study_uid, item.series_uid):
-            held.path = item.path
-            return False
-        study = session.get(Study, item.study_uid)
-        if study is None:
-            study = Study(study_uid=item.study_uid, first_received_at=now, last_received_at=now, instances_received=0)
-            session.add(study)
-            log_event(
-                session,
-                EventKind.STUDY_RECEIVED,
-                f"first instance from {item.calling_aet}",
-                study_uid=item.study_uid,
-                at=now,
-            )
-        if item.counts_as_arrival:
-            study.last_received_at = now
-        study.instances_received += 1
-        series = session.get(Series, item.series_uid)
-        if series is None:
-            session.add(
-                Series(
-                    series_uid=item.series_uid,
-                    study_uid=item.study_uid,
-                    modality=item.modality,
-                    series_number=item.series_number,
-                    description=item.series_description[:64],
-                    last_received_at=now,
-                )
-            )
-        else:
-            series.last_received_at = now
-        session.merge(
-            Instance(
-                sop_instance_uid=item.sop_instance_uid,
-                series_uid=item.series_uid,
-                study_uid=item.study_uid,
-                sop_class_uid=item.sop_class_uid,
-                transfer_syntax_uid=item.transfer_syntax_uid,
-                path=item.path,
-                calling_aet=item.calling_aet,
-                received_at=now,
-            )
+        return add_instance(session, item, now or utcnow())
+
+
+def add_instance(session: Session, item: ReceivedInstance, now: datetime) -> bool:
+    """record_instance's work inside `session`'s transaction (IndexWriter puts several in one), in
+    SQL statements rather than ORM objects: a lookup and two or three writes per instance, the
+    receiver's largest cost once the ORM's was gone (bench/profile_receive.py)."""
+    instances, studies, series = Instance.__table__, Study.__table__, Series.__table__
+    held = session.execute(select(instances.c.study_uid, instances.c.series_uid)
+                           .where(instances.c.sop_instance_uid == item.sop_instance_uid)).first()
+    if held is not None and tuple(held) == (item.study_uid, item.series_uid):
+        session.execute(update(instances).where(instances.c.sop_instance_uid == item.sop_instance_uid)
+                        .values(path=item.path))
+        return False
+    study_values: dict = {"instances_received": studies.c.instances_received + 1}
+    if item.counts_as_arrival:
+        study_values["last_received_at"] = now
+    study_row = update(studies).where(studies.c.study_uid == item.study_uid).values(**study_values)
+    if session.execute(study_row).rowcount == 0:
+        session.execute(insert(studies).values(study_uid=item.study_uid, first_received_at=now, last_received_at=now,
+                                               instances_received=1))
+        log_event(
+            session,
+            EventKind.STUDY_RECEIVED,
+            f"first instance from {item.calling_aet}",
+            study_uid=item.study_uid,
+            at=now,
         )
+    if session.execute(update(series).where(series.c.series_uid == item.series_uid)
+                       .values(last_received_at=now)).rowcount == 0:
+        session.execute(insert(series).values(series_uid=item.series_uid, study_uid=item.study_uid,
+                                              modality=item.modality, series_number=item.series_number,
+                                              description=item.series_description[:64], last_received_at=now))
+    row = {"series_uid": item.series_uid, "study_uid": item.study_uid, "sop_class_uid": item.sop_class_uid,
+           "transfer_syntax_uid": item.transfer_syntax_uid, "path": item.path, "calling_aet": item.calling_aet,
+           "received_at": now}
+    if held is None:
+        session.execute(insert(instances).values(sop_instance_uid=item.sop_instance_uid, **row))
+    else:  # held in another series or study: it moves, as session.merge did
+        session.execute(update(instances).where(instances.c.sop_instance_uid == item.sop_instance_uid).values(**row))
     return True
+
+
+class IndexWriter:
+    """Group commit for the receiver: every association thread queues its instance (already fsynced
+    into the spool under a temporary name and renamed) and then takes its turn as the committer:
+    the committer takes all that are queued, fsyncs each spool folder they were renamed into once,
+    indexes them all in one transaction and commits (one database sync for the batch); only then
+    are they answered, each with record_instance's answer or its error. A thread whose instance was
+    committed by another's turn returns at once. With one association a batch is one instance and
+    no thread is handed anything; with several, they share the syncs and no two connections ever
+    contend for SQLite's write lock. A batch that fails is indexed again one instance per
+    transaction, so one bad row fails only its own instance."""
+
+    def __init__(self, sessions: sessionmaker) -> None:
+        self.sessions = sessions
+        self._pending: list[tuple[ReceivedInstance, Path | None, Future]] = []
+        self._queue_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+
+    def record(self, item: ReceivedInstance, folder: Path | None = None) -> bool:
+        """Index `item` (after fsyncing `folder`, where its file was renamed); record_instance's
+        answer once committed, or its error."""
+        done: Future = Future()
+        with self._queue_lock:
+            self._pending.append((item, folder, done))
+        with self._commit_lock:
+            if not done.done():  # no other thread's turn took it: this one commits what is queued
+                with self._queue_lock:
+                    batch, self._pending = self._pending, []
+                try:
+                    self._write(batch)
+                finally:  # never leave another thread waiting for an answer
+                    for _, _, waiting in batch:
+                        if not waiting.done():
+                            waiting.set_exception(RuntimeError("the index write was interrupted"))
+        return done.result()
+
+    def _write(self, batch: list[tuple[ReceivedInstance, Path | None, Future]]) -> None:
+        try:
+            for folder in dict.fromkeys(folder for _, folder, _ in batch if folder is not None):
+                fsync_dir(folder)
+        except OSError as exc:
+            for _, _, done in batch:
+                done.set_exception(exc)
+            return
+        now = utcnow()
+        try:
+            with self.sessions.begin() as session:
+                answers = [add_instance(session, item, now) for item, _, _ in batch]
+        except Exception:  # noqa: BLE001 - one at a time below: each instance gets its own answer
+            for item, _, done in batch:
+                try:
+                    done.set_result(record_instance(self.sessions, item, now))
+                except Exception as exc:  # noqa: BLE001 - the caller answers 0xA700
+                    done.set_exception(exc)
+            return
+        for (_, _, done), answer in zip(batch, answers, strict=True):
+            done.set_result(answer)
 
 
 @dataclass(frozen=True)

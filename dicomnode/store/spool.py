@@ -40,14 +40,17 @@ class Spool:
             / f"{check_uid('SOPInstanceUID', sop_instance_uid)}.dcm"
         )
 
-    def write(self, study_uid: str, series_uid: str, sop_instance_uid: str, data: bytes) -> Path:
-        """Write one encoded DICOM file durably; return its final path."""
+    def write(self, study_uid: str, series_uid: str, sop_instance_uid: str, data: bytes,
+              sync_folder: bool = True) -> Path:
+        """Write one encoded DICOM file durably; return its final path. With `sync_folder` False,
+        the series folder's entry for it is left for the caller to fsync (the receiver's index
+        writer fsyncs each folder once for all the instances of a batch, before acknowledging)."""
         final = self.path_for(study_uid, series_uid, sop_instance_uid)
         folder = final.parent
         new_folders = [p for p in (folder.parent, folder) if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
         temp = folder / f"{TEMP_PREFIX}{sop_instance_uid}-{secrets.token_hex(4)}"
-        write_durably(final, lambda fh: fh.write(data), temp)
+        write_durably(final, lambda fh: fh.write(data), temp, sync_folder)
         for created in new_folders:  # make new folder entries durable too
             fsync_dir(created.parent)
         return final

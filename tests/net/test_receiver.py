@@ -123,7 +123,7 @@ def test_an_instance_the_database_refuses_leaves_no_file_and_a_resent_one_keeps_
     """0xA700 when the index cannot take the instance: a new instance's spool file is removed (it
     was never acknowledged); an instance acknowledged before and sent again keeps its file, which
     its index row still points to."""
-    from dicomnode.net import receiver as receiver_module
+    from dicomnode.store import index as index_module
 
     config, sessions, _ = node
     study = generate_uid()
@@ -134,7 +134,7 @@ def test_an_instance_the_database_refuses_leaves_no_file_and_a_resent_one_keeps_
     def database_down(*_args, **_kwargs):
         raise RuntimeError("database is locked")
 
-    monkeypatch.setattr(receiver_module, "record_instance", database_down)
+    monkeypatch.setattr(index_module, "add_instance", database_down)
     new = tiny_instance(study, kept.SeriesInstanceUID, 1)
     assert assoc.send_c_store(new).Status == 0xA700
     assert assoc.send_c_store(kept).Status == 0xA700
