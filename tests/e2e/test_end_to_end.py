@@ -25,12 +25,11 @@ from dicomnode.store.spool import Spool
 from dicomnode.store.tables import Event
 from dicomnode.synth.petct import write_study
 from dicomnode.synth.petct_phantom import PET_GRID, pet_suv
-from dicomnode.testing.node import dice, seg_on_source_grid, start_node
+from dicomnode.testing.node import dice, seg_on_source_grid
 from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
-from dicomnode.testing.ports import free_port
 
 from tests.support.dicomtools import dciodvfy_errors
-from tests.support.e2e import REPO, write_node_config
+from tests.support.e2e import REPO, running_site
 from tests.support.malformed import CASES, send_raw, valid_pet, write_case
 
 pytestmark = [
@@ -44,20 +43,8 @@ SEG_TIMEOUT = 300
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """Orthanc and a node that know each other, both on free loopback ports."""
-    work = tmp_path_factory.mktemp("site")
-    node_port = free_port()
-    pacs = LocalOrthanc(work / "orthanc", modalities={"dicomnode": ("DICOMNODE", "127.0.0.1", node_port)})
-    pacs.start()
-    node = None
-    try:
-        node = start_node(write_node_config(work, pacs, node_port), node_port, work / "node.log")
-        yield pacs, node, work
-    finally:
-        if node is not None:
-            code = node.stop()
-            print((work / "node.log").read_text()[-5000:])
-            assert code == 0, f"node exited with {code} on SIGTERM"
-        pacs.stop()
+    with running_site(tmp_path_factory.mktemp("site")) as running:
+        yield running
 
 
 def _check_seg(pacs: LocalOrthanc, study, work: Path, timeout: float = SEG_TIMEOUT):

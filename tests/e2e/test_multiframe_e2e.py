@@ -15,12 +15,11 @@ import pytest
 
 from dicomnode.imaging.frames import frame_headers
 from dicomnode.synth.petct import write_study
-from dicomnode.testing.node import seg_on_source_grid, start_node
+from dicomnode.testing.node import seg_on_source_grid
 from dicomnode.testing.orthanc import LocalOrthanc, orthanc_binary
-from dicomnode.testing.ports import free_port
 
 from tests.support.dicomtools import dciodvfy_errors
-from tests.support.e2e import REPO, write_node_config
+from tests.support.e2e import REPO, running_site
 from tests.support.multiframe import convert_series
 
 pytestmark = [
@@ -34,20 +33,9 @@ SEG_TIMEOUT = 300
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    work = tmp_path_factory.mktemp("mf-site")
-    node_port = free_port()
-    pacs = LocalOrthanc(work / "orthanc", modalities={"dicomnode": ("DICOMNODE", "127.0.0.1", node_port)})
-    pacs.start()
-    node = None
-    try:
-        node = start_node(write_node_config(work, pacs, node_port), node_port, work / "node.log")
-        yield pacs, node, work
-    finally:
-        if node is not None:
-            code = node.stop()
-            print((work / "node.log").read_text()[-5000:])
-            assert code == 0, f"node exited with {code} on SIGTERM"
-        pacs.stop()
+    """Orthanc and a node that know each other, both on free loopback ports."""
+    with running_site(tmp_path_factory.mktemp("mf-site")) as running:
+        yield running
 
 
 def _storescu(folder: Path, port: int) -> None:

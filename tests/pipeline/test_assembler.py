@@ -10,7 +10,7 @@ from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.index import ReceivedInstance, record_instance, series_of_study
 from dicomnode.store.tables import Event, Job, Study, utcnow
 
-from tests.support.nodeutil import node_config, tiny_instance
+from tests.support.nodeutil import node_config, selectable_instance, tiny_instance
 
 
 def _tiny_series(
@@ -20,15 +20,7 @@ def _tiny_series(
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        ds = tiny_instance(study, series, i, modality)
-        ds.FrameOfReferenceUID = frame_of_reference
-        if modality == "CT":
-            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        else:
-            ds.ImageType = ["ORIGINAL", "PRIMARY"]
-            ds.CorrectedImage = ["ATTN", "DECY"]
-            ds.SeriesType = ["WHOLE BODY", "IMAGE"]
-            ds.NumberOfSlices = count
+        ds = selectable_instance(study, series, i, modality, frame_of_reference, count)
         path = folder / f"{series}-{i}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

@@ -21,7 +21,7 @@ from dicomnode.store.events import EventKind, event_data
 from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.store.tables import Event, Job, utcnow
 
-from tests.support.nodeutil import tiny_instance, write_config
+from tests.support.nodeutil import selectable_instance, write_config
 
 LEASE = timedelta(minutes=10)
 
@@ -46,15 +46,7 @@ def _study(folder: Path, sessions, at: datetime, aet: str = "PACS", **tags: str)
     for modality in ("CT", "PT"):
         series = generate_uid()
         for i in range(4):
-            ds = tiny_instance(study, series, i, modality)
-            ds.FrameOfReferenceUID = frame
-            if modality == "CT":
-                ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-            else:
-                ds.ImageType = ["ORIGINAL", "PRIMARY"]
-                ds.CorrectedImage = ["ATTN", "DECY"]
-                ds.SeriesType = ["WHOLE BODY", "IMAGE"]
-                ds.NumberOfSlices = 4
+            ds = selectable_instance(study, series, i, modality, frame)
             for keyword, value in tags.items():
                 setattr(ds, keyword, value)
             path = folder / study / f"{series}-{i}.dcm"

@@ -79,6 +79,22 @@ def tiny_instance(study_uid: str, series_uid: str, index: int, modality: str = "
     return ds
 
 
+def selectable_instance(study_uid: str, series_uid: str, index: int, modality: str, frame_of_reference: str,
+                        count: int = 4) -> Dataset:
+    """tiny_instance with the headers series selection reads: an axial CT, or a static attenuation-
+    and decay-corrected PET of `count` slices, in `frame_of_reference`."""
+    ds = tiny_instance(study_uid, series_uid, index, modality)
+    ds.FrameOfReferenceUID = frame_of_reference
+    if modality == "CT":
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    else:
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.CorrectedImage = ["ATTN", "DECY"]
+        ds.SeriesType = ["WHOLE BODY", "IMAGE"]
+        ds.NumberOfSlices = count
+    return ds
+
+
 def write_series(folder: Path, study_uid: str, modality: str, count: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = generate_uid()
