@@ -181,8 +181,8 @@ def serve(config: Config, with_worker: bool = True) -> None:
         coalesce=True,
         next_run_time=datetime.now(timezone.utc),
     )
-    scheduler.start()
-    periodic_sweep(sessions, config)  # restart recovery: expired leases now, not after the first interval
+    periodic_sweep(sessions, config)  # restart recovery now, not after the first interval; before the
+    scheduler.start()  # scheduler's own sweeps, which would otherwise run beside this one on a slow start
     supervisor = WorkerSupervisor(config) if with_worker else None
     if supervisor:
         supervisor.start()

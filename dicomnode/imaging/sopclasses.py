@@ -41,9 +41,11 @@ INPUT_CLASSES: frozenset[str] = frozenset(
     )
 )
 
-# Every storage SOP class pynetdicom knows (170 in pynetdicom 3.0), inputs first
+# Every storage SOP class pynetdicom knows (170 in pynetdicom 3.0), inputs first, then by UID (the same
+# order in every process: a C-GET proposes the first 127)
 STORAGE_CLASSES: tuple[str, ...] = tuple(
-    sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}, key=lambda u: u not in INPUT_CLASSES)
+    sorted({str(cx.abstract_syntax) for cx in AllStoragePresentationContexts},
+           key=lambda uid: (uid not in INPUT_CLASSES, uid))
 )
 
 

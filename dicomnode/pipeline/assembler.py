@@ -24,6 +24,7 @@ the next run writes a new result series and never touches the earlier one.
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
@@ -40,6 +41,7 @@ from dicomnode.store.events import EventKind, log_event
 from dicomnode.store.tables import Event, Job, JobState, Study, utcnow
 
 log = logging.getLogger("dicomnode.assembler")
+_SWEEPING = threading.Lock()  # whoever calls it (the scheduler, the start-up sweep), one sweep at a time
 
 
 def missing_modalities(series: list[SeriesFacts], model: ModelSettings) -> list[str]:
@@ -50,7 +52,13 @@ def missing_modalities(series: list[SeriesFacts], model: ModelSettings) -> list[
 def queue_ready_studies(sessions: sessionmaker, config: Config, now: datetime | None = None) -> list[int]:
     """Queue a job for every quiet, complete study that needs one; return the new job ids. A study
     that cannot be assembled (a bug, a database error) is that study's problem: it is said once per
-    arrival as an "assembly-failed" event and the sweep goes on with the next study."""
+    arrival as an "assembly-failed" event and the sweep goes on with the next study. One sweep at a
+    time in a process: two at once would each find no job and each queue one (two runs, two SEGs)."""
+    with _SWEEPING:
+        return _queue_ready_studies(sessions, config, now)
+
+
+def _queue_ready_studies(sessions: sessionmaker, config: Config, now: datetime | None) -> list[int]:
     now = now or utcnow()
     quiet_since = now - timedelta(seconds=config.node.study_quiet_seconds)
     created: list[int] = []

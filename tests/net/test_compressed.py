@@ -31,7 +31,7 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from sqlalchemy import select
 
 from dicomnode.imaging.sopclasses import INPUT_CLASSES, STORAGE_CLASSES
@@ -134,7 +134,8 @@ def test_receiver_offers_exactly_those_for_every_input_class_and_stores_the_rest
     config = node_config(tmp_path)
     receiver = Receiver(config, make_sessionmaker(config.database_url))
     contexts = {cx.abstract_syntax: cx.transfer_syntax for cx in receiver.ae.supported_contexts}
-    assert len(STORAGE_CLASSES) >= 170 and set(contexts) == set(STORAGE_CLASSES) | {Verification}
+    assert len(STORAGE_CLASSES) >= 170
+    assert set(contexts) == set(STORAGE_CLASSES) | {Verification, StorageCommitmentPushModel}
     for sop_class in STORAGE_CLASSES:
         if sop_class in INPUT_CLASSES:  # read by the pipeline: decodable ones only
             assert contexts[sop_class] == EXPECTED

@@ -204,3 +204,37 @@ def test_objects_no_model_reads_and_the_nodes_own_results_never_start_a_job(tmp_
     assert any(f"a result of this node (job {first}, Segmentation Storage) sent back: not an input of any model"
                in v for v in verdicts)
     assert any("not an input of any model: X-Ray Radiation Dose SR Storage is stored, not read" in v for v in verdicts)
+
+
+def test_two_sweeps_at_once_queue_one_job(tmp_path: Path, monkeypatch):
+    """The scheduler's sweep and the start-up sweep may overlap on a slow start (the soak found a
+    study with two run-1 jobs, two SEGs): both paused where a sweep has decided that a study needs
+    a job and not yet queued it; only one may get there."""
+    import threading
+
+    config, sessions = _setup(tmp_path)
+    t0 = utcnow() - timedelta(seconds=300)
+    frame = generate_uid()
+    _receive(sessions, _tiny_series(tmp_path / "in", "1.8", "1.8.1", "CT", frame), t0)
+    _receive(sessions, _tiny_series(tmp_path / "in", "1.8", "1.8.2", "PT", frame), t0)
+    both_deciding = threading.Barrier(2)
+    select_inputs = assembler.select_inputs
+
+    def decide_together(*args, **kwargs):
+        try:  # wait (at most 2 s) for the other sweep to reach the same point
+            both_deciding.wait(timeout=2)
+        except threading.BrokenBarrierError:
+            pass
+        return select_inputs(*args, **kwargs)
+
+    monkeypatch.setattr(assembler, "select_inputs", decide_together)
+    created: list[list[int]] = []
+    sweeps = [threading.Thread(target=lambda: created.append(assembler.queue_ready_studies(sessions, config)))
+              for _ in range(2)]
+    for sweep in sweeps:
+        sweep.start()
+    for sweep in sweeps:
+        sweep.join(30)
+    with sessions() as session:
+        jobs = list(session.scalars(select(Job).where(Job.study_uid == "1.8")))
+    assert len(jobs) == 1 and sorted(len(c) for c in created) == [0, 1]

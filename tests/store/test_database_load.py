@@ -65,6 +65,18 @@ class Readers(threading.Thread):
         self.seconds = time.monotonic() - began
 
 
+def _wait_for_metrics(url: str, within: float = 60.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_readers_during_a_four_study_ingest_cause_no_refusal_and_no_lock(tmp_path: Path):
     metrics_port = free_port()
     config_path = write_config(tmp_path, node=f'allowed_calling_aets = ["STORESCU"]\nmetrics_port = {metrics_port}\n'
@@ -85,6 +97,7 @@ def test_readers_during_a_four_study_ingest_cause_no_refusal_and_no_lock(tmp_pat
     node = start_node(config_path, config.node.port, tmp_path / "node.log", extra_args=("--no-worker",))
     readers = Readers(make_sessionmaker(config.database_url), config, f"http://127.0.0.1:{metrics_port}/metrics")
     try:
+        _wait_for_metrics(readers.metrics_url)  # it opens after the DICOM port start_node waits for
         readers.start()
         started = time.monotonic()
         export = subprocess.Popen([sys.executable, "-m", "dicomnode", "events", "--config", str(config_path)],
