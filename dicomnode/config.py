@@ -189,17 +189,25 @@ class NodeSettings(_Strict):
     # Jobs of priority "low" are claimed only within this daily window of the node's local time
     # (the host's time zone), e.g. "20:00-06:00"; outside it they wait. None: at any time.
     low_priority_hours: Annotated[HoursWindow, BeforeValidator(_hours_window)] | None = None
+    # A study held back (quiet, but a series missing or still arriving for a model that applies)
+    # this long after its last instance gets that model's "not performed" status SR (a destination's
+    # "STATUS" output), once per arrival; new instances later make it a candidate again. 0: never.
+    status_after_hours: float = Field(24.0, ge=0)
 
 
 class OutputKind(StrEnum):
     """Result objects a job can send: the SEG, the TID 1500 SR, an RT Structure Set of the lesions
     (for radiotherapy systems) and a secondary capture of the PET MIP with the lesions outlined and
-    the key figures burned in (for viewers that do not display a SEG)."""
+    the key figures burned in (for viewers that do not display a SEG). STATUS is not a result: a
+    small SR saying that the model did not run and why, sent only by a job that ends without
+    results (failed for good before any result was delivered, or a study held back past
+    [node] status_after_hours; dicomnode.pipeline.notperformed)."""
 
     SEG = "SEG"
     SR = "SR"
     RTSTRUCT = "RTSTRUCT"
     SC = "SC"
+    STATUS = "STATUS"
 
 
 LESION_OUTPUTS = (OutputKind.RTSTRUCT, OutputKind.SC)  # drawn from PET lesions: a model needs a PET channel
@@ -288,7 +296,8 @@ class VerifyMethod(StrEnum):
 class Destination(Endpoint):
     """Where results go: by C-STORE to a DICOM node or by STOW-RS to a DICOMweb server (Endpoint)."""
 
-    outputs: list[OutputKind] = [OutputKind.SEG, OutputKind.SR]  # what this destination gets, in this order
+    # What this destination gets, in this order; STATUS (on by default) only when a job ends without results.
+    outputs: list[OutputKind] = [OutputKind.SEG, OutputKind.SR, OutputKind.STATUS]
     # Sent instead of an object whose SOP class the destination refuses for good (no presentation
     # context for it, or status 0x0122), e.g. "SC" for a PACS without Segmentation Storage.
     fallback: Literal["SC", "RTSTRUCT"] | None = None  # an OutputKind once read (see _fallback_kind)
@@ -309,7 +318,7 @@ class Destination(Endpoint):
     @model_validator(mode="after")
     def _outputs_make_sense(self) -> "Destination":
         if not self.outputs:
-            raise ValueError("outputs must name at least one of SEG, SR, RTSTRUCT, SC")
+            raise ValueError("outputs must name at least one of SEG, SR, RTSTRUCT, SC, STATUS")
         if len(set(self.outputs)) != len(self.outputs):
             raise ValueError(f"outputs must be distinct, got {[k.value for k in self.outputs]}")
         if self.fallback in self.outputs:

@@ -19,6 +19,12 @@ job: its results would go into the old study.
 
 Instances that arrive after a study's job was created make the study a candidate again:
 the next run writes a new result series and never touches the earlier one.
+
+A study held back (quiet but incomplete for a model that applies) for [node] status_after_hours
+after its last instance, for a model with a destination that wants "STATUS", gets a job failed at
+once with the reason (queue.held_back): it never runs and carries the model's "not performed"
+status SR (dicomnode.pipeline.notperformed). That is once per arrival: the job is newer than the
+study's last instance, so the study is not looked at again until new instances come.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from sqlalchemy.orm import sessionmaker
 from dicomnode.config import Config, ModelSettings
 from dicomnode.imaging.headers import SeriesFacts
 from dicomnode.pipeline.facts import series_from_index
+from dicomnode.pipeline.notperformed import status_destinations
 from dicomnode.pipeline.priority import calling_aets, job_priority
 from dicomnode.pipeline.priors import fetched_as_prior
-from dicomnode.pipeline.queue import RetryPolicy, enqueue
+from dicomnode.pipeline.queue import RetryPolicy, enqueue, held_back
 from dicomnode.pipeline.selection import applies_to, select_inputs
 from dicomnode.store.events import EventKind, log_event
 from dicomnode.store.tables import Event, Job, JobState, Study, utcnow
@@ -66,7 +73,7 @@ def _queue_ready_studies(sessions: sessionmaker, config: Config, now: datetime |
         quiet_studies = list(session.scalars(select(Study).where(Study.last_received_at <= quiet_since)))
     for study in quiet_studies:
         try:
-            created.extend(_sweep_study(sessions, config, study))
+            created.extend(_sweep_study(sessions, config, study, now))
         except Exception as exc:  # noqa: BLE001 - one study never stops the others
             message = f"could not be checked for completeness: {type(exc).__name__}: {exc}"
             if _note_once(sessions, study, EventKind.ASSEMBLY_FAILED, message):
@@ -74,7 +81,7 @@ def _queue_ready_studies(sessions: sessionmaker, config: Config, now: datetime |
     return created
 
 
-def _sweep_study(sessions: sessionmaker, config: Config, study: Study) -> list[int]:
+def _sweep_study(sessions: sessionmaker, config: Config, study: Study, now: datetime | None = None) -> list[int]:
     created = []
     if any(m.priors for m in config.models) and fetched_as_prior(sessions, study.study_uid):
         log.debug("study %s: fetched as a prior study: no job of its own", study.study_uid)
@@ -94,7 +101,7 @@ def _sweep_study(sessions: sessionmaker, config: Config, study: Study) -> list[i
             if series is None:
                 series = series_from_index(session, study.study_uid)
                 aets = calling_aets(session, study.study_uid)
-        job_id = _queue_if_ready(sessions, config, study, model, series, latest, aets)
+        job_id = _queue_if_ready(sessions, config, study, model, series, latest, aets, now)
         if job_id is not None:
             created.append(job_id)
     return created
@@ -108,20 +115,24 @@ def _queue_if_ready(
     series: list[SeriesFacts],
     latest: Job | None,
     aets: frozenset[str] | set[str] = frozenset(),
+    now: datetime | None = None,
 ) -> int | None:
-    """Queue a job for `model` when it applies to the study and its inputs are complete."""
+    """Queue a job for `model` when it applies to the study and its inputs are complete (or, held
+    back past status_after_hours, a job failed at once for its status SR)."""
     why_not = applies_to(series, model)
     if why_not:
         log.debug("study %s: %s", study.study_uid, why_not)
         return None
     missing = missing_modalities(series, model)
     if missing:
-        _note_incomplete(sessions, study, f"model {model.name} needs {', '.join(missing)}: not present")
-        return None
+        problem = f"model {model.name} needs {', '.join(missing)}: not present"
+        _note_incomplete(sessions, study, problem)
+        return _held_back_too_long(sessions, config, study, model, problem, now)
     selection = select_inputs(series, model.channels, model.inputs, model.grid)
     if not selection.ready:
-        _note_incomplete(sessions, study, f"model {model.name}: {selection.problem}")
-        return None
+        problem = f"model {model.name}: {selection.problem}"
+        _note_incomplete(sessions, study, problem)
+        return _held_back_too_long(sessions, config, study, model, problem, now)
     policy = RetryPolicy.for_jobs(config.node)
     reason = "study complete and quiet" if latest is None else "new instances after run %d" % latest.run_number
     priority, priority_reason = job_priority(config, model, series, aets)
@@ -137,6 +148,22 @@ def _queue_if_ready(
     )
     log.info("study %s: queued job %d for model %s, priority %s (%s)", study.study_uid, job_id, model.name,
              priority, reason)
+    return job_id
+
+
+def _held_back_too_long(sessions: sessionmaker, config: Config, study: Study, model: ModelSettings, problem: str,
+                        now: datetime | None) -> int | None:
+    """A job failed at once (queue.held_back) when the study has waited status_after_hours since its
+    last instance and a destination of the model wants the status SR; else None."""
+    hours = config.node.status_after_hours
+    now = now or utcnow()
+    if not hours or now - study.last_received_at < timedelta(hours=hours) or not status_destinations(config, model):
+        return None
+    waited = (now - study.last_received_at).total_seconds() / 3600
+    reason = (f"study held back: {problem}; nothing arrived for {waited:.1f} h since the last instance "
+              f"(status_after_hours = {hours:g})")
+    job_id = held_back(sessions, study.study_uid, model.name, reason, RetryPolicy.for_jobs(config.node), now)
+    log.warning("study %s: job %d for model %s not run: %s", study.study_uid, job_id, model.name, reason)
     return job_id
 
 

@@ -19,8 +19,11 @@ dicomnode.net.sender.store_each and the orchestration is dicomnode.processing.de
         of its attempts so far), or failed at the retry policy's horizon, with the reason
 
 A job succeeds once every one of its deliveries is sent or replaced and fails once none is
-pending and one failed. While some wait for their backoff the job waits in the queue (queue.defer), so
-a PACS that is down never holds the worker.
+pending and one failed. The "not performed" status SR (status.dcm, dicomnode.pipeline.notperformed)
+is planned and retried here like a result object, but it is a delivery of a job that ended
+without results: `due`, `summary` and `sent_to` leave it out unless asked (status=True), so it
+never holds up, verifies with, or fails a job's results. While some wait for their backoff the
+job waits in the queue (queue.defer), so a PACS that is down never holds the worker.
 """
 
 from __future__ import annotations
@@ -35,11 +38,20 @@ from pydicom.uid import UID
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from dicomnode.config import OutputKind
 from dicomnode.net.sender import Outcome
 from dicomnode.pipeline.queue import RetryPolicy
+from dicomnode.results.writer import RESULT_FILES
 from dicomnode.store import commitments
 from dicomnode.store.events import EventKind, log_event
 from dicomnode.store.tables import Delivery, DeliveryState, utcnow
+
+STATUS_FILE = RESULT_FILES[OutputKind.STATUS]
+
+
+def is_status(delivery: Delivery) -> bool:
+    """Whether `delivery` sends the job's "not performed" status SR rather than a result object."""
+    return Path(delivery.path).name == STATUS_FILE
 
 
 @dataclass(frozen=True)
@@ -166,17 +178,17 @@ def of_job(sessions: sessionmaker, job_id: int) -> list[Delivery]:
         return list(session.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.id)))
 
 
-def due(sessions: sessionmaker, job_id: int, now: datetime | None = None) -> list[Delivery]:
-    """The job's pending deliveries whose backoff is over, in the order they were planned."""
+def due(sessions: sessionmaker, job_id: int, now: datetime | None = None, *, status: bool = False) -> list[Delivery]:
+    """The job's pending deliveries whose backoff is over, in the order they were planned: its
+    result objects' (status=False) or its status SR's (status=True)."""
     now = now or utcnow()
     with sessions() as session:
-        return list(
-            session.scalars(
-                select(Delivery)
-                .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING, Delivery.not_before <= now)
-                .order_by(Delivery.id)
-            )
+        rows = session.scalars(
+            select(Delivery)
+            .where(Delivery.job_id == job_id, Delivery.state == DeliveryState.PENDING, Delivery.not_before <= now)
+            .order_by(Delivery.id)
         )
+        return [d for d in rows if is_status(d) == status]
 
 
 def record(
@@ -236,9 +248,11 @@ def record(
         return delivery.state
 
 
-def summary(sessions: sessionmaker, job_id: int, verifying: frozenset[str] = frozenset()) -> Summary:
-    """`verifying`: the destinations that confirm (a sent delivery to one is not settled yet)."""
-    rows = of_job(sessions, job_id)
+def summary(sessions: sessionmaker, job_id: int, verifying: frozenset[str] = frozenset(), *,
+            status: bool = False) -> Summary:
+    """`verifying`: the destinations that confirm (a sent delivery to one is not settled yet);
+    `status`: of the status SR's deliveries instead of the result objects'."""
+    rows = [d for d in of_job(sessions, job_id) if is_status(d) == status]
     pending = [d for d in rows if d.state == DeliveryState.PENDING]
     confirming = [d for d in rows if d.state == DeliveryState.CONFIRMING
                   or (d.state == DeliveryState.SENT and d.destination in verifying)]
@@ -269,9 +283,10 @@ def _awaited(d: Delivery) -> str:
 def sent_to(sessions: sessionmaker, job_id: int, destination: str) -> list[Delivery]:
     """The job's deliveries to `destination` that are sent and not yet confirmed nor being confirmed."""
     with sessions() as session:
-        return list(session.scalars(
+        rows = session.scalars(
             select(Delivery).where(Delivery.job_id == job_id, Delivery.destination == destination,
-                                   Delivery.state == DeliveryState.SENT).order_by(Delivery.id)))
+                                   Delivery.state == DeliveryState.SENT).order_by(Delivery.id))
+        return [d for d in rows if not is_status(d)]  # the status SR is not verified
 
 
 def commitment_requested(

@@ -25,7 +25,7 @@ from dicomnode.net.verify import missing_by_query, request_commitment
 from dicomnode.pipeline import delivery
 from dicomnode.pipeline.errors import DeliveryPending, JobError
 from dicomnode.pipeline.queue import RetryPolicy
-from dicomnode.results.writer import RESULT_FILES
+from dicomnode.results.writer import RESULT_FILES, RESULT_KINDS
 from dicomnode.store import commitments
 from dicomnode.store.tables import Delivery, DeliveryState, Job, utcnow
 
@@ -63,12 +63,12 @@ def deliver(config: Config, sessions: sessionmaker, job: Job, out: Path) -> str:
     destinations = {d.name: d for d in config.destinations_for(settings)}
     verifying = frozenset(d.name for d in destinations.values() if d.verify != VerifyMethod.NONE)
     for destination in destinations.values():
-        files = [out / RESULT_FILES[kind] for kind in destination.outputs]
+        files = [out / RESULT_FILES[kind] for kind in destination.outputs if kind in RESULT_KINDS]  # not STATUS
         delivery.plan(sessions, job.id, job.study_uid, files, [destination.name], policy)
     delivery.apply_reports(sessions, job.id, policy, study_uid=job.study_uid)  # reports that came meanwhile
-    fallbacks = _send(config, sessions, job, out, destinations, delivery.due(sessions, job.id), policy)
+    fallbacks = send_pass(config, sessions, job, out, destinations, delivery.due(sessions, job.id), policy)
     if fallbacks:  # planned just now: sent at once, not after a trip through the queue
-        _send(
+        send_pass(
             config,
             sessions,
             job,
@@ -140,7 +140,7 @@ def _verify(config: Config, sessions: sessionmaker, job: Job, destination: Desti
     delivery.apply_reports(sessions, job.id, policy, study_uid=job.study_uid)
 
 
-def _send(
+def send_pass(
     config: Config,
     sessions: sessionmaker,
     job: Job,
@@ -148,9 +148,11 @@ def _send(
     destinations: dict[str, Destination],
     items: list[Delivery],
     policy: RetryPolicy,
+    with_fallbacks: bool = True,
 ) -> set[int]:
     """One pass over due deliveries, destination by destination: send, record each outcome, plan
-    fallbacks for objects refused for good. Returns the fallback deliveries planned."""
+    fallbacks for objects refused for good (unless not `with_fallbacks`: the status SR has none).
+    Returns the fallback deliveries planned."""
     by_destination: dict[str, list[Delivery]] = {}
     for item in items:
         by_destination.setdefault(item.destination, []).append(item)
@@ -166,7 +168,7 @@ def _send(
             )
             planned = (
                 fallback_for(sessions, job, out, item, outcome, destination, policy)
-                if state == DeliveryState.FAILED
+                if state == DeliveryState.FAILED and with_fallbacks
                 else None
             )
             if planned is not None:

@@ -12,6 +12,8 @@
                        job is not cancelled: its worker may be sending results right now
     a study --requeue (operator)--> a new job, the next run number, whatever earlier runs did
     a job --prioritize (operator)--> its priority changed (an event); it takes effect at the next claim
+    a study held back past [node] status_after_hours --held_back (assembler)--> a new job, failed at
+                       once with the reason: it never runs, it carries the "not performed" status SR
 
 Claiming takes the runnable job of the highest priority (urgent, high, normal, low; a low job only
 within [node] low_priority_hours), within one priority the one runnable longest (not_before,
@@ -116,6 +118,31 @@ def enqueue(
         )
         for kind, message, data in details:
             log_event(session, kind, message, study_uid=study_uid, job_id=job.id, at=now, data=data)
+        return job.id
+
+
+def held_back(sessions: sessionmaker, study_uid: str, model: str, reason: str, policy: RetryPolicy,
+              now: datetime | None = None) -> int:
+    """A job for a study that was held back too long (a series missing or still arriving), made
+    failed at once with `reason` as its error: it never runs; its run number is taken (a later run
+    that does produce results comes after it) and it carries the "not performed" status SR
+    (dicomnode.pipeline.notperformed); `jobs retry` runs it like any failed job (`policy`'s attempts).
+    Returns its id."""
+    now = now or utcnow()
+    with sessions.begin() as session:
+        previous = session.scalar(
+            select(Job.run_number).where(Job.study_uid == study_uid, Job.model == model)
+            .order_by(Job.run_number.desc()).limit(1)
+        )
+        job = Job(study_uid=study_uid, model=model, state=JobState.FAILED, priority=Priority.NORMAL.value,
+                  attempts=0, max_attempts=policy.max_attempts, run_number=(previous or 0) + 1, not_before=now,
+                  give_up_at=now, created_at=now, finished_at=now, error=reason)
+        session.add(job)
+        session.flush()
+        log_event(session, EventKind.HELD_BACK, f"model {model}, run {job.run_number}: not run",
+                  study_uid=study_uid, job_id=job.id, at=now)
+        log_event(session, EventKind.FAILED, reason, study_uid=study_uid, job_id=job.id, at=now,
+                  data={"held_back": True})
         return job.id
 
 

@@ -6,6 +6,9 @@ renews its lease; if the process dies, the lease expires and the job is queued a
 On SIGTERM the running job is released back to the queue and the worker exits.
 A job whose results wait for a delivery's backoff goes back to the queue until then
 (queue.defer), so a PACS that is down never holds the worker.
+A job that fails for good without results sends its "not performed" status SR right away
+(dicomnode.pipeline.notperformed); the worker's periodic pass sends the due retries of those, and
+the status SR of a study the assembler held back (a job failed at once).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dicomnode.config import Config, NodeSettings
 from dicomnode.pipeline.errors import DeliveryPending, InputsNotReady, JobError
 from dicomnode.pipeline.job import process
 from dicomnode.pipeline.model_cache import ModelCache
+from dicomnode.pipeline.notperformed import report_not_performed, send_status_reports
 from dicomnode.pipeline.queue import (
     RetryPolicy,
     claim,
@@ -39,6 +43,7 @@ from dicomnode.pipeline.queue import (
 )
 from dicomnode.store.components import HEARTBEAT_SECONDS, Role, heartbeat
 from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import JobState
 
 log = logging.getLogger("dicomnode.worker")
 
@@ -101,6 +106,7 @@ class Worker:
         self.poll_seconds = poll_seconds
         self.stop_requested: str | None = None  # the signal's name once SIGTERM/SIGINT came
         self._claiming = False  # a stop signal now would leave a claimed job unreleased: deferred
+        self._status_pass_at = float("-inf")
 
     def request_stop(self, reason: str) -> None:
         """SIGTERM/SIGINT: stop now (Shutdown), unless a job is being claimed; then run_one stops
@@ -141,9 +147,11 @@ class Worker:
         except InputsNotReady as exc:  # a transient cause: wait, the attempt not counted
             state = wait(self.sessions, job.id, self.owner, str(exc), self.policy)
             log.warning("job %d study %s: %s (now %s)", job.id, job.study_uid, exc, state)
+            self._not_performed(job.id, state)
         except JobError as exc:
             state = fail(self.sessions, job.id, self.owner, str(exc), self.policy, retryable=exc.retryable)
             log.error("job %d study %s: %s (now %s)", job.id, job.study_uid, exc, state)
+            self._not_performed(job.id, state)
         except Exception as exc:  # noqa: BLE001 - a bug or a torch error: keep the worker alive, keep the reason
             memory = out_of_memory(exc)
             if memory:  # the process lives on: what failed to allocate is freed with the attempt
@@ -154,12 +162,31 @@ class Worker:
                 log.error("job %d study %s: unexpected error\n%s", job.id, job.study_uid, traceback.format_exc())
                 reason = f"{type(exc).__name__}: {exc}"
             state = fail(self.sessions, job.id, self.owner, reason, self.policy)
+            self._not_performed(job.id, state)
         else:
             succeed(self.sessions, job.id, self.owner, message)
             log.info("job %d study %s: succeeded, %s", job.id, job.study_uid, message)
         finally:
             heartbeat.stopped.set()
         return True
+
+    def _not_performed(self, job_id: int, state: str) -> None:
+        """A job failed for good: its status SR to the destinations that want it (never raises)."""
+        if state == JobState.FAILED:
+            said = report_not_performed(self.config, self.sessions, job_id)
+            if said:
+                log.info("job %d: %s", job_id, said)
+
+    def send_status_reports(self, every: float = 0.0) -> None:
+        """The status SRs due (retries, studies held back), at most once per `every` seconds."""
+        now = time.monotonic()
+        if now - self._status_pass_at < every:
+            return
+        self._status_pass_at = now
+        try:
+            send_status_reports(self.config, self.sessions)
+        except Exception:  # noqa: BLE001 - a database hiccup: the next pass tries again
+            log.exception("status SR pass failed; will try again")
 
     def report_alive(self, every: float = 0.0) -> None:
         """The worker's row for `dicomnode status`: alive, and the models it holds."""
@@ -176,6 +203,7 @@ class Worker:
         try:
             while True:
                 self.report_alive(every=HEARTBEAT_SECONDS)
+                self.send_status_reports(every=HEARTBEAT_SECONDS)
                 if not self.run_one():
                     time.sleep(self.poll_seconds)
         except Shutdown as exc:

@@ -24,9 +24,13 @@ from dicomnode.results.segment_sr import build_segment_sr
 from dicomnode.results.sr import build_sr
 
 # Each result object's file in the job's result folder, in the order they are built and sent.
+# STATUS, the "not performed" SR (results/status_sr.py), is written only by a job that ends without
+# results (dicomnode.pipeline.notperformed), never by build_results.
 RESULT_FILES = {OutputKind.SEG: "seg.dcm", OutputKind.SR: "sr.dcm", OutputKind.RTSTRUCT: "rtstruct.dcm",
-                OutputKind.SC: "sc.dcm"}
-RESULT_SERIES_OFFSET = {OutputKind.SEG: 1, OutputKind.SR: 2, OutputKind.RTSTRUCT: 3, OutputKind.SC: 4}
+                OutputKind.SC: "sc.dcm", OutputKind.STATUS: "status.dcm"}
+RESULT_SERIES_OFFSET = {OutputKind.SEG: 1, OutputKind.SR: 2, OutputKind.RTSTRUCT: 3, OutputKind.SC: 4,
+                        OutputKind.STATUS: 5}
+RESULT_KINDS = (OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT, OutputKind.SC)  # what a job with results sends
 
 
 def results_needed(config: Config, settings: ModelSettings) -> list[OutputKind]:
@@ -36,14 +40,14 @@ def results_needed(config: Config, settings: ModelSettings) -> list[OutputKind]:
     for destination in config.destinations_for(settings):
         kinds.update(destination.outputs)
         kinds.update([destination.fallback] if destination.fallback else [])
-    return [kind for kind in RESULT_FILES if kind in kinds]
+    return [kind for kind in RESULT_KINDS if kind in kinds]
 
 
 def result_series_number(kind: OutputKind, run: int, model_position: int) -> int:
     """SeriesNumber of a result object: 900 + 1000 per model before it in the config + 10 per
-    earlier run + 1 SEG / 2 SR / 3 RTSTRUCT / 4 SC, so run 1 of the first model gives 901..904,
-    run 2 911..914, the second model 1901..; no two results of a study share a number until a
-    model's 100th run."""
+    earlier run + 1 SEG / 2 SR / 3 RTSTRUCT / 4 SC / 5 the "not performed" status SR, so run 1 of
+    the first model gives 901..905, run 2 911..915, the second model 1901..; no two results of a
+    study share a number until a model's 100th run."""
     return 900 + 1000 * model_position + 10 * (run - 1) + RESULT_SERIES_OFFSET[kind]
 
 

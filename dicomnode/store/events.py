@@ -43,6 +43,7 @@ class EventKind(StrEnum):
     CANCELLED = "cancelled"
     DELIVERY_PENDING = "delivery-pending"  # results ready, deliveries backing off: the job waits
     PRIORITIZED = "prioritized"  # its priority changed by an operator (data: priority, was)
+    HELD_BACK = "held-back"  # a job made failed at once: its study was held back past status_after_hours
     # a job: its work
     PRIOR_USED = "prior-used"  # [models.priors]: the prior study fetched (or already held) for the job
     NO_PRIOR = "no-prior"  # [models.priors]: no prior study to fetch, and why
@@ -57,6 +58,7 @@ class EventKind(StrEnum):
     DELIVERED = "delivered"
     DELIVERY_FAILED = "delivery-failed"
     FALLBACK_PLANNED = "fallback-planned"
+    STATUS_WRITTEN = "status-written"  # a job without results: its "not performed" status SR written (UID, series)
     # a job: proof of delivery (a destination's verify)
     COMMITMENT_REQUESTED = "commitment-requested"  # N-ACTION sent: the transaction, the objects
     COMMITMENT_REPORTED = "commitment-reported"  # N-EVENT-REPORT received: committed and failed objects

@@ -178,7 +178,7 @@ def test_fallback_added_later_is_built_from_the_saved_labels(tmp_path: Path, syn
     [
         (
             'outputs = ["SEG", "PDF"]',
-            "key 'destinations[0].outputs[1]': Input should be 'SEG', 'SR', 'RTSTRUCT' or 'SC'",
+            "key 'destinations[0].outputs[1]': Input should be 'SEG', 'SR', 'RTSTRUCT', 'SC' or 'STATUS'",
         ),
         ("outputs = []", "outputs must name at least one of SEG, SR, RTSTRUCT, SC"),
         ('outputs = ["SC"]\nfallback = "SC"', "fallback SC is already one of the outputs"),
