@@ -926,3 +926,20 @@ def models_check(
 
 def main() -> None:
     app()
+
+
+@app.command()
+def conformance(
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="Path to config.toml (default: the built-in defaults, as docs/conformance.md)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the statement here (default: stdout)."),
+) -> None:
+    """The DICOM conformance statement (Markdown, PS3.2's order) from what the node negotiates and writes."""
+    from dicomnode.ops.conformance import statement
+
+    text = statement(_config(config) if config is not None else None)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        console.print(f"wrote {out}")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import date
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, build_context, build_role, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -44,6 +44,18 @@ log = logging.getLogger("dicomnode.retrieve")
 
 PENDING = {0xFF00, 0xFF01}
 MAX_CONTEXTS = 128  # pynetdicom's limit for one association
+# The query/retrieve contexts proposed (Study Root, SCU role, pynetdicom's default transfer syntaxes);
+# a C-GET adds `get_storage_contexts` with the SCP role for each.
+FIND_CONTEXT = build_context(StudyRootQueryRetrieveInformationModelFind)
+MOVE_CONTEXT = build_context(StudyRootQueryRetrieveInformationModelMove)
+GET_CONTEXT = build_context(StudyRootQueryRetrieveInformationModelGet)
+
+
+def get_storage_contexts(classes: list[str]) -> list:
+    """The storage contexts a C-GET proposes for `classes` (at most MAX_CONTEXTS - 1 of them, in
+    order), as the receiver takes them: inputs in the decodable syntaxes, the rest as stored."""
+    return [build_context(c, TRANSFER_SYNTAXES if c in INPUT_CLASSES else STORED_ONLY_SYNTAXES)
+            for c in classes[: MAX_CONTEXTS - 1]]
 
 
 class SourceError(Exception):
@@ -198,7 +210,7 @@ class DimseSource:
     def find_studies(self, query: StudyQuery) -> list[StudyMatch]:
         """C-FIND at STUDY level."""
         ae = self._ae()
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_requested_context(FIND_CONTEXT.abstract_syntax, FIND_CONTEXT.transfer_syntax)
         identifier = _identifier(
             "STUDY", StudyInstanceUID=query.study_uid or "", AccessionNumber=query.accession or "",
             PatientID=query.patient_id or "", StudyDate=query.date_range, StudyTime="", StudyDescription="",
@@ -221,7 +233,7 @@ class DimseSource:
     def announce(self, study_uid: str) -> Announced:
         """C-FIND at SERIES level, then at IMAGE level per series: every instance and its SOP class."""
         ae = self._ae()
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_requested_context(FIND_CONTEXT.abstract_syntax, FIND_CONTEXT.transfer_syntax)
         instances: dict[str, str] = {}
         with self._association(ae) as assoc:
             series = [_text(ds, "SeriesInstanceUID") for ds in
@@ -263,7 +275,7 @@ class DimseSource:
 
     def _move(self, announced: Announced, progress: Progress | None) -> Retrieved:
         ae = self._ae()
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        ae.add_requested_context(MOVE_CONTEXT.abstract_syntax, MOVE_CONTEXT.transfer_syntax)
         retrieved = Retrieved(RetrieveMethod.C_MOVE.value, stores_here=False)
         identifier = _identifier("STUDY", StudyInstanceUID=announced.study_uid)
         with self._association(ae) as assoc:
@@ -274,14 +286,13 @@ class DimseSource:
 
     def _get(self, announced: Announced, store: InstanceStore, progress: Progress | None) -> Retrieved:
         ae = self._ae()
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(GET_CONTEXT.abstract_syntax, GET_CONTEXT.transfer_syntax)
         reported = sorted({cls for cls in announced.wanted().values() if cls})
         classes = reported or [str(c) for c in STORAGE_CLASSES]
-        classes = classes[: MAX_CONTEXTS - 1]
-        for sop_class in classes:  # as the receiver takes them: inputs decodable, the rest as stored
-            syntaxes = TRANSFER_SYNTAXES if sop_class in INPUT_CLASSES else STORED_ONLY_SYNTAXES
-            ae.add_requested_context(sop_class, syntaxes)
-        roles = [build_role(sop_class, scp_role=True) for sop_class in classes]
+        contexts = get_storage_contexts(classes)
+        for context in contexts:
+            ae.add_requested_context(context.abstract_syntax, context.transfer_syntax)
+        roles = [build_role(context.abstract_syntax, scp_role=True) for context in contexts]
         retrieved = Retrieved(RetrieveMethod.C_GET.value)
         total = len(announced.wanted())
         lock = threading.Lock()

@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels import pack_bits
 from pydicom.uid import UID, ExplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Destination
@@ -30,7 +30,9 @@ from dicomnode.net.tls import NODELAY_HANDLER, client_tls_args
 
 log = logging.getLogger("dicomnode.sender")
 
-
+# What `echo` proposes: Verification in pynetdicom's default transfer syntaxes. `store_each` proposes,
+# per SOP class and transfer syntax of the files it sends, `proposed_syntaxes(syntax)`.
+ECHO_CONTEXT = build_context(Verification)
 
 class SendError(Exception):
     """Some instances could not be delivered; the message says which and why."""
@@ -59,7 +61,7 @@ def _associate(ae: AE, destination: Destination):  # noqa: ANN202 - pynetdicom A
 def echo(destination: Destination, calling_aet: str, timeout: float = 10.0) -> int:
     """C-ECHO a destination; return the status (0x0000 is success)."""
     ae = _ae(calling_aet, timeout)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(ECHO_CONTEXT.abstract_syntax, ECHO_CONTEXT.transfer_syntax)
     assoc = _associate(ae, destination)
     if not assoc.is_established:
         raise SendError(

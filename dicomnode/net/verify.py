@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from dicomnode.config import Destination, Source
@@ -35,6 +35,8 @@ log = logging.getLogger("dicomnode.sender")
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Instance of the Push Model
 REQUEST_COMMITMENT = 1  # Action Type ID
 POLL_SECONDS = 0.05
+# What `request_commitment` proposes: the Push Model, SCU role (no role selection), pynetdicom's default syntaxes
+COMMITMENT_CONTEXT = build_context(StorageCommitmentPushModel)
 
 
 def report_of(event) -> Report | None:  # noqa: ANN001 - a pynetdicom N-EVENT-REPORT event
@@ -65,7 +67,7 @@ def request_commitment(
     on this association goes to `on_report` (answered 0x0000)."""
     ae = AE(ae_title=calling_aet)
     ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = ae.connection_timeout = timeout
-    ae.add_requested_context(StorageCommitmentPushModel)
+    ae.add_requested_context(COMMITMENT_CONTEXT.abstract_syntax, COMMITMENT_CONTEXT.transfer_syntax)
     came = threading.Event()
 
     def on_event_report(event) -> tuple[int, None]:  # noqa: ANN001 - pynetdicom event

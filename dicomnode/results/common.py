@@ -11,6 +11,8 @@ from pydicom.dataset import Dataset
 
 from dicomnode.store.files import write_durably
 
+MANUFACTURER = "dicomnode"  # Manufacturer of every result object (and the SR's observer device)
+
 
 class ResultError(ValueError):
     """A result object cannot be built from what it was given (a label map, measures, a SEG and

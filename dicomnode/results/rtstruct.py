@@ -35,12 +35,14 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 from skimage.measure import find_contours
 
-from dicomnode.results.common import check_on_source, frame_number
+from dicomnode.results.common import MANUFACTURER, check_on_source, frame_number
 from dicomnode.results.preview import PALETTE
 
 # Detached Study Management (retired, but what RTReferencedStudySequence items carry by convention).
 STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 NO_LESIONS = "no lesions"
+TRANSFER_SYNTAX = ExplicitVRLittleEndian
+DEFAULT_CHARACTER_SET = "ISO_IR 100"  # when the source images name none
 _PATIENT_AND_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
                       "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
@@ -53,7 +55,7 @@ def build_rtstruct(
     model_version: str,
     series_number: int,
     series_description: str,
-    manufacturer: str = "dicomnode",
+    manufacturer: str = MANUFACTURER,
 ) -> Dataset:
     """An RT Structure Set with one ROI per lesion; `lesion_labels[k]` lies on `source[k]`
     (0 background, n = lesion n)."""
@@ -96,8 +98,8 @@ def _header(first: Dataset, series_number: int, series_description: str, manufac
     now = datetime.now()
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 100")
+    ds.file_meta.TransferSyntaxUID = TRANSFER_SYNTAX
+    ds.SpecificCharacterSet = first.get("SpecificCharacterSet", DEFAULT_CHARACTER_SET)
     ds.SOPClassUID = RTStructureSetStorage
     ds.SOPInstanceUID = generate_uid()
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")

@@ -20,9 +20,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode.imaging.measures import StudyMeasures
-from dicomnode.results.common import ResultError, check_on_source
+from dicomnode.results.common import MANUFACTURER, ResultError, check_on_source
 from dicomnode.results.preview import display_window, render_preview
 
+TRANSFER_SYNTAX = ExplicitVRLittleEndian  # uncompressed RGB: any viewer shows it
 CAVEAT = "automatic segmentation, not reviewed: not for diagnosis"
 
 
@@ -49,7 +50,7 @@ def build_sc(
     model_version: str,
     series_number: int,
     series_description: str,
-    manufacturer: str = "dicomnode",
+    manufacturer: str = MANUFACTURER,
 ) -> hd.sc.SCImage:
     """A secondary capture of the PET MIP with the lesions outlined; `suv` and `lesion_labels`
     are (z, y, x) on the grid of `source` (its slices, in order)."""
@@ -68,7 +69,7 @@ def build_sc(
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer=manufacturer,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
+        transfer_syntax_uid=TRANSFER_SYNTAX,
     )
     image.SeriesDescription = series_description
     image.ManufacturerModelName = model_name[:64]

@@ -36,6 +36,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from dicomnode.config import LabelCode
 from dicomnode.results.common import (
+    MANUFACTURER,
     ResultError,
     check_on_source,
     frame_number,
@@ -43,6 +44,10 @@ from dicomnode.results.common import (
     with_type2_attributes,
 )
 from dicomnode.results.labelcodes import LESION
+
+# JPEG 2000 lossless when smaller than bit-packed Explicit VR Little Endian, else the latter
+TRANSFER_SYNTAXES = (JPEG2000Lossless, ExplicitVRLittleEndian)
+ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
 
 
 def build_seg(
@@ -55,7 +60,7 @@ def build_seg(
     series_number: int,
     series_description: str,
     segment_label: str = "lesion",
-    manufacturer: str = "dicomnode",
+    manufacturer: str = MANUFACTURER,
     segments: Mapping[int, LabelCode] | None = None,
 ) -> hd.seg.Segmentation:
     """A BINARY SEG; `labels[k]` lies on `source[k]` (same slice order). Without `segments`: one
@@ -69,7 +74,7 @@ def build_seg(
     fold_text = ",".join(str(f) for f in folds)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model_name,
-        family=codes.cid7162.ArtificialIntelligence,
+        family=ALGORITHM_FAMILY,
         version=model_version,
         source=manufacturer,
         parameters={"folds": fold_text},
@@ -119,9 +124,9 @@ def build_seg(
         content_description=f"{model_name} {model_version} folds {fold_text}"[:64],  # LO
         omit_empty_frames=False,
     )
-    seg = hd.seg.Segmentation(**encode, transfer_syntax_uid=JPEG2000Lossless)
+    seg = hd.seg.Segmentation(**encode, transfer_syntax_uid=TRANSFER_SYNTAXES[0])
     if len(seg.PixelData) >= packed_size((len(descriptions) * labels.shape[0], *labels.shape[1:])):
-        seg = hd.seg.Segmentation(**encode, transfer_syntax_uid=ExplicitVRLittleEndian)
+        seg = hd.seg.Segmentation(**encode, transfer_syntax_uid=TRANSFER_SYNTAXES[1])
     if frames is not None:
         _reference_frames(seg, source)
     if seg.FrameOfReferenceUID != source[0].FrameOfReferenceUID:

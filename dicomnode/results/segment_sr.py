@@ -32,7 +32,7 @@ from pydicom.sr.coding import Code
 
 from dicomnode.config import LabelCode
 from dicomnode.imaging.measures import SegmentMeasures
-from dicomnode.results.common import ResultError, source_instances, with_type2_attributes
+from dicomnode.results.common import MANUFACTURER, ResultError, source_instances, with_type2_attributes
 from dicomnode.results.sr import UNIT_ML, device_observation_context, report_document
 
 TITLE = codes.DCM.ImagingMeasurementReport
@@ -51,7 +51,7 @@ def build_segment_sr(
     model_version: str,
     series_number: int,
     series_description: str,
-    manufacturer: str = "dicomnode",
+    manufacturer: str = MANUFACTURER,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report of one Volume per SEG segment; `measures[k]` is segment k + 1 of `seg`
     (build_seg numbers `segment_codes` 1, 2, ... in label value order)."""

@@ -45,11 +45,17 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomnode import __version__
 from dicomnode.imaging.measures import LesionMeasures, StudyMeasures
-from dicomnode.results.common import ResultError, check_on_source, source_instances, with_type2_attributes
+from dicomnode.results.common import (
+    MANUFACTURER,
+    ResultError,
+    check_on_source,
+    source_instances,
+    with_type2_attributes,
+)
 
 TITLE = Code("126003", "DCM", "PET Measurement Report")
 PROCEDURE_FDG_PET_CT = Code("443271005", "SCT", "PET/CT FDG imaging of whole body")
@@ -72,6 +78,8 @@ UNIT_NONE = Code("1", "UCUM", "no units")
 FINDING_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure  # as the SEG's segment
 FINDING_TYPE = codes.SCT.Neoplasm
 
+TRANSFER_SYNTAX = ExplicitVRLittleEndian  # of the SR documents (this one and dicomnode.results.segment_sr)
+
 _FDG_CODES = {("35321007", "SCT"), ("C-B1031", "SRT")}
 
 
@@ -85,7 +93,7 @@ def build_sr(
     model_version: str,
     series_number: int,
     series_description: str,
-    manufacturer: str = "dicomnode",
+    manufacturer: str = MANUFACTURER,
     lesion_segment_numbers: Sequence[int] | None = None,
     pet_header: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
@@ -168,6 +176,7 @@ def report_document(
         manufacturer_model_name=model_name,
         software_versions=model_version,
         device_serial_number="0",
+        transfer_syntax_uid=TRANSFER_SYNTAX,
     )
 
 

@@ -31,6 +31,14 @@ RESULT_FILES = {OutputKind.SEG: "seg.dcm", OutputKind.SR: "sr.dcm", OutputKind.R
 RESULT_SERIES_OFFSET = {OutputKind.SEG: 1, OutputKind.SR: 2, OutputKind.RTSTRUCT: 3, OutputKind.SC: 4,
                         OutputKind.STATUS: 5}
 RESULT_KINDS = (OutputKind.SEG, OutputKind.SR, OutputKind.RTSTRUCT, OutputKind.SC)  # what a job with results sends
+# SeriesDescription of each result object (at most 64 characters): of a model with a PET channel
+# (lesions), and of one without (one segment per label: SEG and SR only).
+LESION_SERIES_DESCRIPTIONS = {OutputKind.SEG: "{model} lesions (run {run})",
+                              OutputKind.SR: "{model} PET measurements (run {run})",
+                              OutputKind.RTSTRUCT: "{model} lesion contours (run {run})",
+                              OutputKind.SC: "{model} PET MIP (run {run})"}
+SEGMENT_SERIES_DESCRIPTIONS = {OutputKind.SEG: "{model} segments (run {run})",
+                               OutputKind.SR: "{model} volumes (run {run})"}
 
 
 def results_needed(config: Config, settings: ModelSettings) -> list[OutputKind]:
@@ -98,6 +106,11 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
     model = dict(model_name=algorithm.name, model_version=algorithm.version)
     run, name, images = algorithm.run, algorithm.name, source.datasets
     lesions = findings.segments is None
+    described = LESION_SERIES_DESCRIPTIONS if lesions else SEGMENT_SERIES_DESCRIPTIONS
+
+    def description(kind: OutputKind) -> str:
+        return described[kind].format(model=name, run=run)[:64]
+
     seg = None
     if OutputKind.SEG in kinds:
         if lesions:
@@ -107,7 +120,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 **model,
                 folds=list(algorithm.folds),
                 series_number=numbers[OutputKind.SEG],
-                series_description=f"{name} lesions (run {run})"[:64],
+                series_description=description(OutputKind.SEG),
             )
         else:
             seg = build_seg(
@@ -117,7 +130,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 folds=list(algorithm.folds),
                 segments=findings.segments,
                 series_number=numbers[OutputKind.SEG],
-                series_description=f"{name} segments (run {run})"[:64],
+                series_description=description(OutputKind.SEG),
             )
         yield OutputKind.SEG, seg
     elif OutputKind.SR in kinds:
@@ -133,7 +146,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 pet_header=source.pet_header,
                 **model,
                 series_number=numbers[OutputKind.SR],
-                series_description=f"{name} PET measurements (run {run})"[:64],
+                series_description=description(OutputKind.SR),
             ),
         )
     elif OutputKind.SR in kinds:
@@ -146,7 +159,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 segment_codes=findings.segments,
                 **model,
                 series_number=numbers[OutputKind.SR],
-                series_description=f"{name} volumes (run {run})"[:64],
+                series_description=description(OutputKind.SR),
             ),
         )
     if OutputKind.RTSTRUCT in kinds:
@@ -157,7 +170,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 images,
                 **model,
                 series_number=numbers[OutputKind.RTSTRUCT],
-                series_description=f"{name} lesion contours (run {run})"[:64],
+                series_description=description(OutputKind.RTSTRUCT),
             ),
         )
     if OutputKind.SC in kinds:
@@ -171,6 +184,6 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 source.spacing,
                 **model,
                 series_number=numbers[OutputKind.SC],
-                series_description=f"{name} PET MIP (run {run})"[:64],
+                series_description=description(OutputKind.SC),
             ),
         )
