@@ -693,6 +693,10 @@ class Config(_Strict):
             return list(self.destinations)
         return [d for d in self.destinations if d.name in model.destinations]
 
+    def status_destinations(self, model: ModelSettings) -> list[Destination]:
+        """The model's destinations that want the "not performed" status SR (outputs include STATUS)."""
+        return [d for d in self.destinations_for(model) if OutputKind.STATUS in d.outputs]
+
 
 def _location(loc: tuple) -> str:
     parts: list[str] = []

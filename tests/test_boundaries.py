@@ -38,6 +38,17 @@ def test_dicomnode_modules_do_not_import_torch():
     assert result.returncode == 0, result.stderr
 
 
+def test_the_receiver_process_stays_small():
+    """`dicomnode serve` (the receiver, the sweeps) loads no image or result library: no highdicom,
+    SimpleITK or scipy (about 130 MB more; the soak saw the receiver double to 250 MB when the
+    assembler imported the status SR's and the priors' modules). Those load in the worker."""
+    code = ("import sys, resource\nimport dicomnode.service\n"
+            "heavy = [m for m in ('highdicom', 'SimpleITK', 'scipy', 'torch') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    result = _fresh_python(code)
+    assert result.returncode == 0, result.stderr
+
+
 def test_inference_does_not_import_dicom_libraries():
     result = _fresh_python(
         "import sys, inference, inference.model\n"

@@ -39,12 +39,10 @@ from sqlalchemy.orm import sessionmaker
 from dicomnode.config import Config, ModelSettings
 from dicomnode.imaging.headers import SeriesFacts
 from dicomnode.pipeline.facts import series_from_index
-from dicomnode.pipeline.notperformed import status_destinations
 from dicomnode.pipeline.priority import calling_aets, job_priority
-from dicomnode.pipeline.priors import fetched_as_prior
 from dicomnode.pipeline.queue import RetryPolicy, enqueue, held_back
 from dicomnode.pipeline.selection import applies_to, select_inputs
-from dicomnode.store.events import EventKind, log_event
+from dicomnode.store.events import EventKind, fetched_as_prior, log_event
 from dicomnode.store.tables import Event, Job, JobState, Study, utcnow
 
 log = logging.getLogger("dicomnode.assembler")
@@ -157,7 +155,7 @@ def _held_back_too_long(sessions: sessionmaker, config: Config, study: Study, mo
     last instance and a destination of the model wants the status SR; else None."""
     hours = config.node.status_after_hours
     now = now or utcnow()
-    if not hours or now - study.last_received_at < timedelta(hours=hours) or not status_destinations(config, model):
+    if not hours or now - study.last_received_at < timedelta(hours=hours) or not config.status_destinations(model):
         return None
     waited = (now - study.last_received_at).total_seconds() / 3600
     reason = (f"study held back: {problem}; nothing arrived for {waited:.1f} h since the last instance "

@@ -32,7 +32,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.config import Config, Destination, ModelSettings, OutputKind
+from dicomnode.config import Config, ModelSettings, OutputKind
 from dicomnode.pipeline import delivery
 from dicomnode.pipeline.dispatch import send_pass
 from dicomnode.pipeline.job import model_fingerprint, result_dir
@@ -47,11 +47,6 @@ log = logging.getLogger("dicomnode.processing")
 
 STATUS_FILE = delivery.STATUS_FILE
 MAX_EVIDENCE_SERIES = 64  # one instance per series of the study as the SR's evidence (patient, study)
-
-
-def status_destinations(config: Config, settings: ModelSettings) -> list[Destination]:
-    """The model's destinations that want the status SR (outputs include STATUS)."""
-    return [d for d in config.destinations_for(settings) if OutputKind.STATUS in d.outputs]
 
 
 def report_not_performed(config: Config, sessions: sessionmaker, job_id: int,
@@ -88,7 +83,7 @@ def _report(config: Config, sessions: sessionmaker, job_id: int, now: datetime |
         settings = config.model(job.model)
     except KeyError:
         return None  # a model no longer configured: no destinations to name
-    destinations = status_destinations(config, settings)
+    destinations = config.status_destinations(settings)
     if not destinations:
         return None
     rows = delivery.of_job(sessions, job.id)

@@ -44,14 +44,6 @@ def prior_decision(sessions: sessionmaker, job_id: int) -> Event | None:
                               .order_by(Event.id).limit(1))
 
 
-def fetched_as_prior(sessions: sessionmaker, study_uid: str) -> bool:
-    """Whether the study was fetched as some job's prior (the assembler queues no job for it)."""
-    with sessions() as session:
-        found = session.scalar(select(Event.id).where(Event.study_uid == study_uid,
-                                                      Event.kind == EventKind.FETCHED_AS_PRIOR.value).limit(1))
-    return found is not None
-
-
 def _study_header(sessions: sessionmaker, study_uid: str) -> tuple[str, str, str]:
     """PatientID, StudyDate, StudyTime of a held study, from one of its spooled instances."""
     with sessions() as session:

@@ -13,6 +13,7 @@ import logging
 from datetime import datetime
 from enum import StrEnum
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.store.tables import Event, Job, utcnow
@@ -91,3 +92,12 @@ def event_data(event: Event | str | None) -> dict:
     """An event's data (or the `data` column's text) as a dict; {} when it has none."""
     text = event.data if isinstance(event, Event) else event
     return json.loads(text) if text else {}
+
+
+def fetched_as_prior(sessions: sessionmaker, study_uid: str) -> bool:
+    """Whether the study was fetched as some job's prior ([models.priors]: the assembler queues no
+    job for it). Here, not in pipeline/priors, so the receiver's sweep does not load the fetching code."""
+    with sessions() as session:
+        found = session.scalar(select(Event.id).where(Event.study_uid == study_uid,
+                                                      Event.kind == EventKind.FETCHED_AS_PRIOR.value).limit(1))
+    return found is not None
