@@ -393,6 +393,12 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption, wide: bool =
         for state, count in node.queue.items()))
     console.print("deliveries: " + ", ".join(f"{state} {count}" for state, count in node.deliveries.items())
                   + " (sent: stored, not asked to confirm; confirmed: committed or found by the destination)")
+    if any(node.notifications.values()):
+        console.print("notifications: " + ", ".join(f"{state} {count}" for state, count in node.notifications.items())
+                      + " ([[notify]] webhooks and RIS; a failed one never holds up a job)")
+    for g in node.notifications_given_up:
+        console.print(f"  notification given up: {g.event} of job {g.job_id} to {g.target} after {g.attempts} "
+                      f"tries: {g.error}", style="yellow")
     if node.oldest_waiting:
         w = node.oldest_waiting
         console.print(

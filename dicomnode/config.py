@@ -617,12 +617,107 @@ class PriorityRule(_Strict):
         return self
 
 
+class NotifyEvent(StrEnum):
+    """What a `[[notify]]` target is told about (one notification per event, dicomnode.pipeline.notify)."""
+
+    JOB_SUCCEEDED = "job-succeeded"  # every result object delivered (confirmed, where a destination verifies)
+    JOB_FAILED = "job-failed"  # failed for good, with the reason
+    HELD_FOR_REVIEW = "held-for-review"  # results built and held until a reviewer releases them
+    DELIVERY_FAILED = "delivery-failed"  # a result object failed for good to reach a destination
+    # every result object of the job reached a destination: confirmed by it (verify "commitment" or
+    # "query"), or sent (its C-STORE / STOW-RS answer) where it does not verify
+    RESULTS_CONFIRMED = "results-confirmed"
+    NOT_PERFORMED = "not-performed"  # failed for good without results (the "not performed" status SR's case)
+
+
+# Told by default (not-performed is opt-in: the job-failed notification says it too).
+DEFAULT_NOTIFY_EVENTS = [NotifyEvent.JOB_SUCCEEDED, NotifyEvent.JOB_FAILED, NotifyEvent.HELD_FOR_REVIEW,
+                         NotifyEvent.DELIVERY_FAILED, NotifyEvent.RESULTS_CONFIRMED]
+
+
+class NotifyType(StrEnum):
+    """How a target is told: a JSON POST to a webhook, or an HL7 v2.5.1 ORU^R01 over MLLP to a RIS."""
+
+    WEBHOOK = "webhook"
+    HL7 = "hl7"
+
+
+class NotifyTarget(_Strict):
+    """`[[notify]]`: a webhook (`url`: a JSON POST per event) or a RIS (`type = "hl7"`, `host`,
+    `port`: an ORU^R01 over MLLP when a job's results are confirmed at a destination). Tried with a
+    timeout, again after `backoff_seconds` (doubled after each failed try, at most
+    `backoff_max_seconds`) up to `max_attempts` tries, then given up (an event); a target that is
+    down never holds up or fails a job or a delivery. No patient details unless `include_patient`;
+    the accession number only with `include_accession`."""
+
+    name: str
+    type: NotifyType = NotifyType.WEBHOOK
+    url: str | None = None  # webhook: http(s)://...
+    headers: dict[str, str] = {}  # webhook: more request headers (not secrets: see authorization_*)
+    # webhook: the Authorization header's whole value ("Bearer eyJ..."), read at each send, never logged
+    authorization_file: Path | None = None
+    authorization_env: str | None = None
+    tls: DestinationTls | None = None  # webhook over https: ca_certificates (default: the system's)
+    host: str | None = None  # hl7: the RIS's MLLP listener
+    port: int | None = Field(None, ge=1, le=65535)
+    events: list[NotifyEvent] | None = None  # None: DEFAULT_NOTIFY_EVENTS (hl7: results-confirmed, the only one)
+    destinations: list[str] | None = None  # results-confirmed / delivery-failed of these destinations only
+    include_patient: bool = False  # patient name, ID, birth date, sex (webhook: "patient"; hl7: PID)
+    include_accession: bool = False  # the accession number (webhook: "accession_number"; hl7: ORC-3, OBR-3)
+    timeout_seconds: float = Field(10.0, gt=0)
+    max_attempts: int = Field(5, ge=1)
+    backoff_seconds: float = Field(10.0, ge=0)
+    backoff_max_seconds: float = Field(300.0, gt=0)
+    # hl7: MSH-3/4 (sending application / facility) and MSH-5/6 (receiving application / facility)
+    sending_application: str = "DICOMNODE"
+    sending_facility: str = ""
+    receiving_application: str = ""
+    receiving_facility: str = ""
+
+    @property
+    def wanted(self) -> list[NotifyEvent]:
+        if self.events is not None:
+            return list(self.events)
+        return [NotifyEvent.RESULTS_CONFIRMED] if self.type == NotifyType.HL7 else list(DEFAULT_NOTIFY_EVENTS)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "NotifyTarget":
+        what = f"notify target {self.name!r}"
+        if self.type == NotifyType.WEBHOOK:
+            if self.url is None:
+                raise ValueError(f"{what}: a webhook needs url (or type = \"hl7\" with host and port)")
+            scheme, _, rest = self.url.partition("://")
+            if scheme not in ("http", "https") or not rest or rest.startswith("/"):
+                raise ValueError(f"{what}: url must be http://host[:port]/path or https://..., got {self.url!r}")
+            if self.host is not None or self.port is not None:
+                raise ValueError(f"{what}: host and port are for type = \"hl7\"; a webhook has url")
+            if self.authorization_file is not None and self.authorization_env is not None:
+                raise ValueError(f"{what}: give the authorization header by authorization_file or "
+                                 "authorization_env, not both")
+            if any(k.lower() == "authorization" for k in self.headers):
+                raise ValueError(f"{what}: the Authorization header goes in authorization_file or "
+                                 "authorization_env (read at each send, never logged), not in headers")
+            if self.tls is not None and scheme != "https":
+                raise ValueError(f"{what}: tls needs an https url")
+            return self
+        if self.host is None or self.port is None:
+            raise ValueError(f"{what}: type = \"hl7\" needs host and port (the RIS's MLLP listener)")
+        given = [k for k in ("url", "authorization_file", "authorization_env", "tls") if getattr(self, k) is not None]
+        if given or self.headers:
+            raise ValueError(f"{what}: {', '.join(given or ['headers'])} is for a webhook, not type = \"hl7\"")
+        if self.events is not None and set(self.events) - {NotifyEvent.RESULTS_CONFIRMED}:
+            raise ValueError(f"{what}: an hl7 target sends an ORU^R01 with the results: events can only be "
+                             "[\"results-confirmed\"]")
+        return self
+
+
 class Config(_Strict):
     node: NodeSettings = NodeSettings()
     destinations: list[Destination] = []
     sources: list[Source] = []
     models: list[ModelSettings] = Field(min_length=1)
     priority_rules: list[PriorityRule] = []
+    notify: list[NotifyTarget] = []  # [[notify]]: webhooks and RIS told about jobs (dicomnode.pipeline.notify)
     source: Path | None = None  # the file this was read from
 
     @model_validator(mode="after")
@@ -642,6 +737,13 @@ class Config(_Strict):
             for name in rule.models or []:
                 if name not in models:
                     raise ValueError(f"priority rule {number} names unknown model {name!r} (have: {', '.join(models)})")
+        targets = [t.name for t in self.notify]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"notify target names must be unique, got {targets}")
+        for target in self.notify:
+            for name in target.destinations or []:
+                if name not in names:
+                    raise ValueError(f"notify target {target.name!r} names unknown destination {name!r}")
         for model in self.models:
             if model.priors is not None and model.priors.source not in sources:
                 raise ValueError(f"model {model.name!r}: priors.source {model.priors.source!r} names no source "
@@ -675,6 +777,10 @@ class Config(_Strict):
     @property
     def results_dir(self) -> Path:
         return self.node.data_dir / "results"
+
+    def job_folder(self, study_uid: str, job_id: int) -> Path:
+        """Where a job writes its result objects (data_dir/results/<study>/job-<id>)."""
+        return self.results_dir / study_uid / f"job-{job_id}"
 
     def model(self, name: str) -> ModelSettings:
         for model in self.models:
@@ -728,6 +834,8 @@ def _resolve(raw: dict, base: Path) -> dict:
         ]
     if isinstance(raw.get("sources"), list):
         resolved["sources"] = [_resolve_endpoint(s, base) if isinstance(s, dict) else s for s in raw["sources"]]
+    if isinstance(raw.get("notify"), list):
+        resolved["notify"] = [_resolve_endpoint(t, base) if isinstance(t, dict) else t for t in raw["notify"]]
     if isinstance(raw.get("models"), list):
         resolved["models"] = [
             _resolve_model(model, base) if isinstance(model, dict) else model for model in raw["models"]

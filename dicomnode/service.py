@@ -1,7 +1,8 @@
 """`dicomnode serve`: the receiver, the periodic sweeps and a supervised worker process.
 
 The receiver runs in this process; APScheduler runs the sweeps (completeness, expired
-leases, retention); the worker runs in a child process that is restarted if it dies, so
+leases, retention) and sends the notifications ([[notify]], dicomnode.pipeline.notify); the
+worker runs in a child process that is restarted if it dies, so
 nothing the model does can stop C-STORE from being accepted. Under systemd (Type=notify) it
 says READY=1 once the receiver listens, pings the watchdog while the receiver and the
 scheduler run, and says STOPPING=1 on SIGTERM: then it stops accepting associations, lets
@@ -26,7 +27,7 @@ from dicomnode.config import Config
 from dicomnode.net.receiver import Receiver
 from dicomnode.ops import systemd
 from dicomnode.ops.metrics import Metrics
-from dicomnode.pipeline import assembler, queue
+from dicomnode.pipeline import assembler, notify, queue
 from dicomnode.store import retention
 from dicomnode.store.components import Role, heartbeat
 from dicomnode.store.engine import make_sessionmaker
@@ -181,6 +182,9 @@ def serve(config: Config, with_worker: bool = True) -> None:
         coalesce=True,
         next_run_time=datetime.now(timezone.utc),
     )
+    if config.notify:  # [[notify]]: the outbox sent in the scheduler's own thread, never in the worker's way
+        scheduler.add_job(notify.send_due, "interval", seconds=notify.POLL_SECONDS, args=(config, sessions),
+                          id="notify", max_instances=1, coalesce=True)
     periodic_sweep(sessions, config)  # restart recovery now, not after the first interval; before the
     scheduler.start()  # scheduler's own sweeps, which would otherwise run beside this one on a slow start
     supervisor = WorkerSupervisor(config) if with_worker else None

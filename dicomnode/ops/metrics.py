@@ -22,6 +22,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
 from dicomnode.net.receiver import ReceiverCounters
+from dicomnode.pipeline import notify
 from dicomnode.store import diskspace
 from dicomnode.store.events import EventKind, event_data
 from dicomnode.store.tables import Delivery, DeliveryState, Event, Job, JobState
@@ -47,6 +48,8 @@ class DatabaseCollector(Collector):
             unconfirmed = session.scalar(
                 select(func.count()).select_from(Event).where(Event.kind == EventKind.UNCONFIRMED)
             )
+            notifications = notify.counts_by_state(session)
+            notify_failures = notify.failed_tries(session)
             inference = [
                 event_data(data)["seconds"]
                 for data in session.scalars(
@@ -74,6 +77,16 @@ class DatabaseCollector(Collector):
             "dicomnode_delivery_confirmation_failures",
             "Result objects a destination did not confirm (not committed, not found, no report in time)",
             value=unconfirmed,
+        )
+        told = GaugeMetricFamily("dicomnode_notifications", "Notifications to [[notify]] targets by state: "
+                                 "pending, sending, sent, failed (given up)", labels=["state"])
+        for state, count in notifications.items():
+            told.add_metric([state], count)
+        yield told
+        yield CounterMetricFamily(
+            "dicomnode_notification_failures",
+            "Failed tries to tell a [[notify]] target (webhook or RIS): no answer, an error, a refusal",
+            value=notify_failures,
         )
         yield SummaryMetricFamily(
             "dicomnode_inference_seconds",

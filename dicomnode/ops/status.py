@@ -19,12 +19,24 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, Priority
 from dicomnode.ops.history import EventRow
+from dicomnode.pipeline import notify
 from dicomnode.pipeline.queue import low_priority_open
 from dicomnode.store.components import EXPECTED, HEARTBEAT_SECONDS, Role, process_alive
 from dicomnode.store.diskspace import existing_folder
 from dicomnode.store.events import ERROR_KINDS
 from dicomnode.store.schema import current_revision
-from dicomnode.store.tables import Component, Delivery, DeliveryState, Event, Job, JobState, utcnow
+from dicomnode.store.tables import (
+    Component,
+    Delivery,
+    DeliveryState,
+    Event,
+    Job,
+    JobState,
+    Notification,
+    NotificationSend,
+    NotifyState,
+    utcnow,
+)
 
 # --- components: which processes are alive ---------------------------------------------------
 
@@ -131,6 +143,18 @@ class Undelivered:
 
 
 @dataclass
+class NotificationGivenUp:
+    """A notification a [[notify]] target never took (refused, or every try failed): the job goes on."""
+
+    job_id: int | None
+    event: str
+    target: str
+    attempts: int
+    error: str | None
+    at: datetime
+
+
+@dataclass
 class NodeStatus:
     checked_at: datetime
     components: list[ComponentStatus]
@@ -146,6 +170,8 @@ class NodeStatus:
     # "confirming" (asked) and "confirmed" (the destination committed or listed it)
     deliveries: dict[str, int] = field(default_factory=dict)
     low_priority_hours: LowPriorityHours | None = None  # None: low jobs run at any time
+    notifications: dict[str, int] = field(default_factory=dict)  # [[notify]] sends by state, every state
+    notifications_given_up: list[NotificationGivenUp] = field(default_factory=list)  # the latest, newest first
 
 
 def tree_bytes(folder: Path) -> int:
@@ -201,6 +227,15 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
                 .order_by(Delivery.id)
             )
         ]
+        notifications = notify.counts_by_state(session)
+        given_up = [
+            NotificationGivenUp(n.job_id, n.kind, send.target, send.attempts, send.last_error, send.updated_at)
+            for send, n in session.execute(
+                select(NotificationSend, Notification)
+                .join(Notification, Notification.id == NotificationSend.notification_id)
+                .where(NotificationSend.state == NotifyState.FAILED).order_by(NotificationSend.id.desc()).limit(errors)
+            )
+        ]
     waiting = None
     if oldest is not None:
         waiting = WaitingJob(
@@ -226,4 +261,6 @@ def node_status(sessions: sessionmaker, config: Config, now: datetime | None = N
         undelivered=undelivered,
         deliveries={state: by_state.get(state, 0) for state in DeliveryState},
         low_priority_hours=None if window is None else LowPriorityHours(str(window), low_priority_open(window)),
+        notifications=notifications,
+        notifications_given_up=given_up,
     )

@@ -40,6 +40,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import OutputKind
 from dicomnode.net.sender import Outcome
+from dicomnode.pipeline import notify
 from dicomnode.pipeline.queue import RetryPolicy
 from dicomnode.results.writer import RESULT_FILES
 from dicomnode.store import commitments
@@ -245,6 +246,8 @@ def record(
                     f"{what}: {outcome.error}; {tally}, next try after {delivery.not_before:%H:%M:%S} UTC",
                 )
         log_event(session, kind, message, study_uid=study_uid, job_id=delivery.job_id, at=now)
+        if delivery.state == DeliveryState.FAILED:
+            notify.delivery_failed(session, delivery, now)
         return delivery.state
 
 
@@ -393,3 +396,4 @@ def _unconfirm(session, d: Delivery, reason: str, policy: RetryPolicy, study_uid
     log_event(session, EventKind.UNCONFIRMED, f"{what}: {d.last_error}", study_uid=study_uid, job_id=d.job_id, at=now)
     log_event(session, EventKind.DELIVERY_FAILED, f"{what}: {d.last_error}", study_uid=study_uid, job_id=d.job_id,
               at=now)
+    notify.delivery_failed(session, d, now)

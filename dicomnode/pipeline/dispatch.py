@@ -22,7 +22,7 @@ from dicomnode.net.outbound import store_each
 from dicomnode.net.retrieve import SourceError
 from dicomnode.net.sender import Outcome
 from dicomnode.net.verify import missing_by_query, request_commitment
-from dicomnode.pipeline import delivery
+from dicomnode.pipeline import delivery, notify
 from dicomnode.pipeline.errors import DeliveryPending, JobError
 from dicomnode.pipeline.queue import RetryPolicy
 from dicomnode.results.writer import RESULT_FILES, RESULT_KINDS
@@ -79,6 +79,7 @@ def deliver(config: Config, sessions: sessionmaker, job: Job, out: Path) -> str:
         )
     for name in sorted(verifying):
         _verify(config, sessions, job, destinations[name], policy)
+    notify.results_confirmed(sessions, job, verifying)  # once per destination whose objects all arrived
     summary = delivery.summary(sessions, job.id, verifying)
     if summary.pending:
         why = "; ".join(summary.waiting) or "not tried yet"

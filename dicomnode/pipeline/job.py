@@ -63,7 +63,7 @@ def model_fingerprint(settings: ModelSettings, root: Path | None = None) -> str:
 
 
 def result_dir(config: Config, job: Job) -> Path:
-    return config.results_dir / job.study_uid / f"job-{job.id}"
+    return config.job_folder(job.study_uid, job.id)
 
 
 LABELS_FILE = "labels.npz"  # the model's label map: objects missing later are built without inference

@@ -30,7 +30,8 @@ from typing import Sequence
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import HoursWindow, NodeSettings, Priority
+from dicomnode.config import HoursWindow, NodeSettings, NotifyEvent, Priority
+from dicomnode.pipeline import notify
 from dicomnode.store.components import process_alive
 from dicomnode.store.events import EventKind, log_event
 from dicomnode.store.tables import Commitment, Delivery, DeliveryState, Event, Job, JobState, Study, utcnow
@@ -143,6 +144,7 @@ def held_back(sessions: sessionmaker, study_uid: str, model: str, reason: str, p
                   study_uid=study_uid, job_id=job.id, at=now)
         log_event(session, EventKind.FAILED, reason, study_uid=study_uid, job_id=job.id, at=now,
                   data={"held_back": True})
+        notify.job_failed(session, job, now)
         return job.id
 
 
@@ -219,6 +221,7 @@ def succeed(sessions: sessionmaker, job_id: int, owner: str, message: str = "") 
             return False
         job.state, job.finished_at, job.lease_owner, job.lease_expires_at = JobState.SUCCEEDED, now, None, None
         log_event(session, EventKind.SUCCEEDED, message, study_uid=job.study_uid, job_id=job.id, at=now)
+        notify.enqueue(session, NotifyEvent.JOB_SUCCEEDED, job, reason=message or None, now=now)
         return True
 
 
@@ -254,6 +257,7 @@ def fail(
         else:
             job.state, job.finished_at = JobState.FAILED, now
             log_event(session, EventKind.FAILED, error, study_uid=job.study_uid, job_id=job.id, at=now)
+            notify.job_failed(session, job, now)
         return job.state
 
 
@@ -275,6 +279,7 @@ def wait(sessions: sessionmaker, job_id: int, owner: str, reason: str, policy: R
             job.state, job.finished_at = JobState.FAILED, now
             job.error = f"{reason}; still not ready after {waited:.1f} h (job_give_up_hours)"
             log_event(session, EventKind.FAILED, job.error, study_uid=job.study_uid, job_id=job.id, at=now)
+            notify.job_failed(session, job, now)
             return job.state
         waits = session.scalar(select(func.count()).select_from(Event).where(
             Event.job_id == job.id, Event.kind == EventKind.WAITING))

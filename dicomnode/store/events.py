@@ -65,11 +65,14 @@ class EventKind(StrEnum):
     COMMITMENT_REPORTED = "commitment-reported"  # N-EVENT-REPORT received: committed and failed objects
     CONFIRMED = "delivery-confirmed"  # the destination holds the object (commitment or query)
     UNCONFIRMED = "delivery-unconfirmed"  # not committed, missing, or no report in time: sent again, or failed
+    # a job: its notifications ([[notify]] targets, dicomnode.pipeline.notify)
+    NOTIFIED = "notified"  # a target took a notification (data: target, event, attempts)
+    NOTIFY_FAILED = "notify-failed"  # a try failed (data: target, event, given_up): tried again, or given up
 
 
 # What `dicomnode status` lists as the last errors.
 ERROR_KINDS = (EventKind.FAILED, EventKind.RETRY_SCHEDULED, EventKind.DELIVERY_FAILED, EventKind.LEASE_EXPIRED,
-               EventKind.ASSEMBLY_FAILED, EventKind.UNCONFIRMED)
+               EventKind.ASSEMBLY_FAILED, EventKind.UNCONFIRMED, EventKind.NOTIFY_FAILED)
 
 
 def log_event(session: Session, kind: EventKind, message: str = "", *, study_uid: str | None = None,

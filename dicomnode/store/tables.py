@@ -68,6 +68,15 @@ class DeliveryState(StrEnum):
     CANCELLED = "cancelled"  # its job was cancelled
 
 
+class NotifyState(StrEnum):
+    """A notification to one target (dicomnode.pipeline.notify draws the machine); stored as its value."""
+
+    PENDING = "pending"  # to send, from not_before
+    SENDING = "sending"  # claimed by a sender until lease_until (a sender that died: pending again after it)
+    SENT = "sent"  # the target took it (webhook: 2xx; hl7: ACK with MSA-1 AA)
+    FAILED = "failed"  # given up: refused for good, or max_attempts tries failed
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -184,6 +193,47 @@ class Event(Base):
     kind: Mapped[str] = mapped_column(String(32), index=True)  # an events.EventKind
     message: Mapped[str] = mapped_column(Text, default="")  # for people
     data: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: what other modules read (events.event_data)
+
+
+class Notification(Base):
+    """Something to tell the `[[notify]]` targets (a job succeeded or failed, a delivery failed for
+    good, results confirmed...), written in the same transaction as the state change it tells:
+    the outbox. The sender routes it once to the targets that want its kind (NotificationSend)."""
+
+    __tablename__ = "notifications"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))  # a config.NotifyEvent
+    job_id: Mapped[int | None] = mapped_column(Integer, index=True, nullable=True)
+    study_uid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    state: Mapped[str] = mapped_column(String(16), default="")  # the job's (or the delivery's) state then
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    key: Mapped[str | None] = mapped_column(String(128), nullable=True)  # once per (kind, job, key) when given
+    data: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: the destination, the object...
+    routed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True, index=True)
+
+    __table_args__ = (UniqueConstraint("kind", "job_id", "key", name="uq_notifications_once"),)
+
+
+class NotificationSend(Base):
+    """One notification to one target: its own state (a NotifyState), tries and backoff. The body is
+    built at the first try and kept, so every try sends the same message."""
+
+    __tablename__ = "notification_sends"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    notification_id: Mapped[int] = mapped_column(ForeignKey("notifications.id"), index=True)
+    target: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime] = mapped_column(Timestamp)
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+    sent_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+    __table_args__ = (UniqueConstraint("notification_id", "target", name="uq_notification_sends_target"),)
 
 
 class Component(Base):
