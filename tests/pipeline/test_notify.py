@@ -15,7 +15,9 @@ import pytest
 from pydicom.uid import generate_uid
 from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+from dicomnode.cli import app
 from dicomnode.config import ConfigError, NotifyEvent
 from dicomnode.net import hl7v2
 from dicomnode.net.sender import Outcome
@@ -276,6 +278,11 @@ def test_failed_tries_back_off_then_give_up_with_an_event_in_status_and_metrics(
     assert [s.value for s in metrics["dicomnode_notification_failures"].samples if s.name.endswith("_total")] == [3]
     by_state = {s.labels["state"]: s.value for s in metrics["dicomnode_notifications"].samples}
     assert by_state == {"pending": 3, "sending": 0, "sent": 0, "failed": 1}
+    text = CliRunner().invoke(app, ["status", "--config", str(config.source)], env={"COLUMNS": "200"}).output
+    assert "notifications: pending 3, sending 0, sent 0, failed 1" in text
+    assert f"notification given up: job-succeeded of job {job_id} to hook after 3 tries" in text
+    as_json = json.loads(CliRunner().invoke(app, ["status", "--json", "--config", str(config.source)]).output)
+    assert as_json["notifications"]["failed"] == 1 and as_json["notifications_given_up"][0]["target"] == "hook"
 
 
 def test_a_refusal_for_good_is_not_tried_again(config, sessions, study):
@@ -311,3 +318,19 @@ def test_config_checks_the_targets(tmp_path: Path):
     assert config.notify[0].wanted == [NotifyEvent.JOB_SUCCEEDED, NotifyEvent.JOB_FAILED, NotifyEvent.HELD_FOR_REVIEW,
                                        NotifyEvent.DELIVERY_FAILED, NotifyEvent.RESULTS_CONFIRMED]
     assert config.notify[1].wanted == [NotifyEvent.RESULTS_CONFIRMED]
+
+
+def test_the_review_gate_hook_is_one_call_in_the_callers_transaction(config, sessions, study):
+    job_id = enqueue(sessions, study, "demo-petct", RetryPolicy())
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        assert notify.enqueue(session, NotifyEvent.HELD_FOR_REVIEW, job, reason="results held for review",
+                              state="awaiting-review")
+    [held] = _notifications(sessions)
+    assert (held.kind, held.state, held.reason) == ("held-for-review", "awaiting-review", "results held for review")
+    notify.route(config, sessions)
+    assert sorted(_sends(sessions)) == [("held-for-review", "hook")]  # the default events; not the ORU, not hook-phi
+    with sessions() as session:
+        job = session.get(Job, job_id)
+    said = notify.payload(config, sessions, held, job, config.notify[0])
+    assert (said["event"], said["state"], said["results"]) == ("held-for-review", "awaiting-review", None)
