@@ -182,9 +182,10 @@ def serve(config: Config, with_worker: bool = True) -> None:
         coalesce=True,
         next_run_time=datetime.now(timezone.utc),
     )
-    if config.notify:  # [[notify]]: the outbox sent in the scheduler's own thread, never in the worker's way
-        scheduler.add_job(notify.send_due, "interval", seconds=notify.POLL_SECONDS, args=(config, sessions),
-                          id="notify", max_instances=1, coalesce=True)
+    # [[notify]]: the outbox, sent from the scheduler's threads, never in the worker's way (also without
+    # targets: new notifications are marked routed, so a target added later is not told the past)
+    scheduler.add_job(notify.send_due, "interval", seconds=notify.POLL_SECONDS, args=(config, sessions),
+                      id="notify", max_instances=1, coalesce=True)
     periodic_sweep(sessions, config)  # restart recovery now, not after the first interval; before the
     scheduler.start()  # scheduler's own sweeps, which would otherwise run beside this one on a slow start
     supervisor = WorkerSupervisor(config) if with_worker else None

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -60,6 +61,7 @@ log = logging.getLogger("dicomnode.notify")
 
 SCHEMA = "dicomnode-notification/1"
 POLL_SECONDS = 1.0  # how often `serve` looks for notifications to send
+MAX_PARALLEL_TARGETS = 8  # targets served side by side in one pass
 STATUS_FILE = "status.dcm"  # the "not performed" status SR (dicomnode.results.writer.RESULT_FILES[STATUS])
 PATIENT_TAGS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber")
 
@@ -154,37 +156,64 @@ def wants(target: NotifyTarget, kind: NotifyEvent, destination: str | None) -> b
 
 
 def send_due(config: Config, sessions: sessionmaker, now: datetime | None = None, limit: int = 100) -> int:
-    """Route new notifications, then send those due, one try each (at most `limit`). Returns how
-    many were tried. Never raises: a problem is logged and the next pass tries again."""
-    tried = 0
+    """Route new notifications, then send those due, one try each (at most `limit` per target).
+    Targets are served side by side, each in its own thread and its own sends one after the other,
+    so a target that hangs (up to its timeout_seconds per try) holds up no other target; a target
+    whose try failed is left for the rest of this pass (its other sends wait for the next one,
+    their tries not counted). Returns how many were tried. Never raises: a problem is logged and
+    the next pass tries again."""
     try:
         route(config, sessions, now)
-        targets = {t.name: t for t in config.notify}
+        with sessions() as session:
+            names = sorted(set(session.scalars(select(NotificationSend.target).where(_due(now or utcnow())))))
+    except Exception:  # noqa: BLE001 - a database hiccup: the next pass tries again
+        log.exception("notification pass failed; will try again")
+        return 0
+    if not names:
+        return 0
+    targets = {t.name: t for t in config.notify}
+    if len(names) == 1:
+        return _send_to(config, sessions, names[0], targets.get(names[0]), now, limit)
+    with ThreadPoolExecutor(max_workers=min(len(names), MAX_PARALLEL_TARGETS), thread_name_prefix="notify") as pool:
+        return sum(pool.map(lambda name: _send_to(config, sessions, name, targets.get(name), now, limit), names))
+
+
+def _send_to(config: Config, sessions: sessionmaker, name: str, target: NotifyTarget | None, now: datetime | None,
+             limit: int) -> int:
+    """One target's due sends, oldest first, until one fails (or `limit`)."""
+    tried = 0
+    try:
         while tried < limit:
-            claimed = _claim(sessions, targets, now)
+            claimed = _claim(sessions, name, target, now)
             if claimed is None:
                 break
             tried += 1
-            _try(config, sessions, claimed, targets.get(claimed.target), now)
+            if _try(config, sessions, claimed, target, now) != NotifyState.SENT:
+                break
     except Exception:  # noqa: BLE001 - a database hiccup: the next pass tries again
-        log.exception("notification pass failed; will try again")
+        log.exception("notification pass to %s failed; will try again", name)
     return tried
 
 
-def _claim(sessions: sessionmaker, targets: dict[str, NotifyTarget], now: datetime | None) -> NotificationSend | None:
-    """The oldest due send (pending from not_before, or sending with its lease run out), taken
-    with a compare-and-set so two senders never try the same one at once."""
+def _due(moment: datetime):  # noqa: ANN202 - an SQL condition
+    """Sends to try now: pending from not_before, or sending with its lease run out (a sender died)."""
+    return or_((NotificationSend.state == NotifyState.PENDING) & (NotificationSend.not_before <= moment),
+               (NotificationSend.state == NotifyState.SENDING) & (NotificationSend.lease_until < moment))
+
+
+def _claim(sessions: sessionmaker, name: str, target: NotifyTarget | None,
+           now: datetime | None) -> NotificationSend | None:
+    """The target's oldest due send, taken with a compare-and-set so two senders never try the same
+    one at once."""
+    lease = timedelta(seconds=2 * (target.timeout_seconds if target else 10.0) + 30)
     while True:
         moment = now or utcnow()
         with sessions.begin() as session:
-            due = or_((NotificationSend.state == NotifyState.PENDING) & (NotificationSend.not_before <= moment),
-                      (NotificationSend.state == NotifyState.SENDING) & (NotificationSend.lease_until < moment))
+            due = _due(moment) & (NotificationSend.target == name)
             row = session.scalar(select(NotificationSend).where(due).order_by(NotificationSend.not_before,
                                                                                NotificationSend.id).limit(1))
             if row is None:
                 return None
-            target = targets.get(row.target)
-            lease = timedelta(seconds=2 * (target.timeout_seconds if target else 10.0) + 30)
             taken = session.execute(
                 update(NotificationSend).where(NotificationSend.id == row.id, due)
                 .values(state=NotifyState.SENDING, lease_until=moment + lease, updated_at=moment)
@@ -194,14 +223,14 @@ def _claim(sessions: sessionmaker, targets: dict[str, NotifyTarget], now: dateti
 
 
 def _try(config: Config, sessions: sessionmaker, send: NotificationSend, target: NotifyTarget | None,
-         now: datetime | None) -> None:
+         now: datetime | None) -> str:
+    """One try of `send`; returns its new state."""
     with sessions() as session:
         notification = session.get(Notification, send.notification_id)
         job = session.get(Job, notification.job_id) if notification.job_id is not None else None
     if target is None:
-        _record(sessions, send.id, Told(False, f"notify target {send.target} is no longer configured", True),
-                None, notification, now)
-        return
+        return _record(sessions, send.id, Told(False, f"notify target {send.target} is no longer configured", True),
+                       None, notification, now)
     body = send.body
     try:
         if body is None:
@@ -217,7 +246,7 @@ def _try(config: Config, sessions: sessionmaker, send: NotificationSend, target:
     except Exception as exc:  # noqa: BLE001 - a bug or an unreadable file: a failed try, with the reason
         log.exception("notification %d to %s", notification.id, target.name)
         told = Told(False, f"{type(exc).__name__}: {exc}")
-    _record(sessions, send.id, told, target, notification, now)
+    return _record(sessions, send.id, told, target, notification, now)
 
 
 def _record(sessions: sessionmaker, send_id: int, told: Told, target: NotifyTarget | None,

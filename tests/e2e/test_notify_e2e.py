@@ -15,7 +15,9 @@ already in the job's folder: no model runs).
 from __future__ import annotations
 
 import json
+import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
 from sqlalchemy import select
 
 from dicomnode.pipeline import notify
-from dicomnode.pipeline.queue import RetryPolicy, enqueue
+from dicomnode.pipeline.queue import RetryPolicy, claim, enqueue, succeed
 from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.events import EventKind, event_data
@@ -185,6 +187,38 @@ def test_targets_down_or_silent_never_hold_up_the_job_and_are_given_up(tmp_path:
         with sessions() as session:
             assert session.get(Job, job_id).state == JobState.SUCCEEDED  # still
         print(f"job with three dead targets ran in {took:.2f} s")
+
+
+def test_a_hanging_target_holds_up_no_other_target(tmp_path: Path):
+    """Targets are served side by side: three notifications reach a working webhook while the
+    first try to a target that never answers is still waiting for its timeout (5 s), though that
+    target's sends come first in the queue; the hanging target's other sends wait for the next pass
+    (no try counted)."""
+    with SilentListener() as silent, HttpReceiver() as hook:
+        config = node_config(tmp_path, extra=(
+            f'[[notify]]\nname = "a-hanging"\nurl = "http://127.0.0.1:{silent.port}/x"\ntimeout_seconds = 5\n'
+            f'max_attempts = 1\n[[notify]]\nname = "hook"\nurl = "{hook.url}/x"\n'))
+        sessions = make_sessionmaker(config.database_url)
+        jobs = []
+        for _ in range(3):
+            jobs.append(enqueue(sessions, generate_uid(), "demo-petct", RetryPolicy()))
+            claim(sessions, "w1", timedelta(seconds=60))
+            assert succeed(sessions, jobs[-1], "w1", "done")
+        started = time.monotonic()
+        passing = threading.Thread(target=notify.send_due, args=(config, sessions))
+        passing.start()
+        try:
+            assert hook.wait_for(3, 4.5), f"the webhook got {len(hook.got)} of 3 while the other target hung"
+            took = time.monotonic() - started
+        finally:
+            passing.join(30)
+        assert sorted(body["job_id"] for _path, _headers, body in hook.got) == jobs
+        with sessions() as session:
+            hanging = sorted((s.state, s.attempts) for s in session.scalars(
+                select(NotificationSend).where(NotificationSend.target == "a-hanging")))
+        assert hanging == [(NotifyState.FAILED, 1), (NotifyState.PENDING, 0), (NotifyState.PENDING, 0)]
+        assert silent.wait_for(1, 5)
+        print(f"three notifications to a working webhook in {took:.2f} s beside a target that hangs 5 s")
 
 
 @pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "models" / "demo-petct" / "plans.json").exists(),
