@@ -128,10 +128,11 @@ class Timeline:
         return rotation_matrix(self.rotation_deg) @ point + np.asarray(self.translation_mm)
 
     # --- direct construction for unit tests ---
-    def timepoints(self, *, ct_grid: ph.Grid = ph.PET_GRID, liver: bool = True,
+    def timepoints(self, *, ct_grid: ph.Grid = ph.PET_GRID, liver: bool = True, ct: bool = True,
                    patient: Patient | None = None, prior_patient: Patient | None = None) -> tuple[TimePoint, TimePoint]:
         """(prior, current): the truth lesion masks stand for the model's, the truth liver for
-        the organ model's. `ct_grid`: the CT's grid (the PET's by default: fast registration)."""
+        the organ model's. `ct_grid`: the CT's grid (the PET's by default: fast registration);
+        `ct` False: no CT (nothing to register), `liver` False: no liver mask."""
         made = []
         for when, who in (("before", prior_patient or patient or self.patient), ("after", patient or self.patient)):
             phantom, pose = self.phantom(when), self.pose(when)
@@ -144,8 +145,8 @@ class Timeline:
                 suv=ph.pet_suv(phantom, grid, pose=pose),
                 labels=(ph.lesion_masks(phantom, grid, pose) > 0).astype(np.uint8),
                 geometry=grid_geometry(grid),
-                ct=ph.ct_hu(phantom, ct_grid, pose=pose).astype(np.float32),
-                ct_geometry=grid_geometry(ct_grid),
+                ct=ph.ct_hu(phantom, ct_grid, pose=pose).astype(np.float32) if ct else None,
+                ct_geometry=grid_geometry(ct_grid) if ct else None,
                 liver=ph.liver_mask(grid, pose).astype(np.uint8) if liver else None,
             ))
         return made[0], made[1]
