@@ -120,7 +120,8 @@ def test_not_assessable_names_the_premise():
     no_liver = LiverReference(assessed=False, reason="no liver mask")
     r = categorise(figures("prior", [10.0], liver=no_liver), figures("current", [5.0]), [])
     assert r.category is Category.NOT_ASSESSABLE and r.reason == "no liver reference for the prior study: no liver mask"
-    r = categorise(figures("prior", [10.0]), figures("current", [5.0], sul_reason="no patient height (PatientSize)"), [])
+    no_height = "no patient height (PatientSize)"
+    r = categorise(figures("prior", [10.0]), figures("current", [5.0], sul_reason=no_height), [])
     assert r.reason == "no SUL for the current study: no patient height (PatientSize)"
 
 
