@@ -169,8 +169,9 @@ def coarse(ct: np.ndarray, geometry: VolumeGeometry) -> tuple[np.ndarray, Volume
     if min(geometry.spacing) >= REGISTRATION_SPACING_MM * 0.99:
         return np.asarray(ct), geometry
     image = geometry.image(np.asarray(ct, dtype=np.float32))
-    image = sitk.SmoothingRecursiveGaussian(image, [max(0.0, (REGISTRATION_SPACING_MM ** 2 - s ** 2)) ** 0.5 / 2.0
-                                                    for s in geometry.spacing])
+    # ITK wants every sigma > 0; an axis already coarse enough gets a negligible one
+    image = sitk.SmoothingRecursiveGaussian(image, [max(1e-2, max(0.0, REGISTRATION_SPACING_MM ** 2 - s ** 2) ** 0.5
+                                                        / 2.0) for s in geometry.spacing])
     new_spacing = tuple(max(s, REGISTRATION_SPACING_MM) for s in geometry.spacing)
     size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), geometry.spacing, new_spacing)]
     target = VolumeGeometry(geometry.origin, new_spacing, geometry.direction)

@@ -194,3 +194,68 @@ def test_without_comparison_nothing_changes(case, written):
     sr = build_sr(measures, lesion_labels, seg, pet.datasets, series_number=902, series_description="m", **MODEL)
     assert all(item.CodingSchemeDesignator != PRIVATE for item in sr.get("CodingSchemeIdentificationSequence", []))
     assert "C2348792" not in str(sr)
+
+
+# --- the side-by-side secondary capture and preview ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def side_by_side(case, written, tmp_path_factory):
+    from dicomnode.results.preview import PriorView
+    from dicomnode.results.sc import build_sc
+
+    comparison, measures, _ = case
+    pet = load_series(written.followup.pt_files)
+    before = load_series(written.baseline.pt_files)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(written.followup.truth_labels))) > 0
+    labels_before = sitk.GetArrayFromImage(sitk.ReadImage(str(written.baseline.truth_labels))) > 0
+    suv = pet_suv_volume(pet)
+    _, numbered = measure_lesions(labels, suv, pet.spacing)
+    prior = PriorView(pet_suv_volume(before), labels_before.astype(np.uint8), before.spacing,
+                      str(before.datasets[0].StudyDate))
+    sc = build_sc(suv, numbered, measures, pet.datasets, pet.spacing, series_number=904, series_description="MIP",
+                  prior=prior, comparison=comparison, **MODEL)
+    path = tmp_path_factory.mktemp("sc") / "sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    plain = build_sc(suv, numbered, measures, pet.datasets, pet.spacing, series_number=904,
+                     series_description="MIP", **MODEL)
+    return path, plain
+
+
+@pytest.mark.e2e  # dciodvfy is a subprocess
+def test_side_by_side_capture_passes_dciodvfy(side_by_side):
+    assert dciodvfy_errors(side_by_side[0]) == []
+
+
+def test_side_by_side_capture_shows_both_studies_and_every_course(side_by_side):
+    from dicomnode.imaging.lesion_match import MatchStatus as S
+    from dicomnode.results.preview import STATUS_COLOURS
+
+    path, plain = side_by_side
+    image = pydicom.dcmread(path).pixel_array
+    assert image.shape[1] > 2 * plain.pixel_array.shape[1] * 0.9  # two panels wide
+    half = image.shape[1] // 2
+    colours = dict(STATUS_COLOURS)
+
+    def has(part, colour):
+        return bool(np.all(part == np.asarray(colour, np.uint8), axis=-1).any())
+
+    left, right = image[:, :half], image[:, half:]
+    assert has(left, colours[S.MATCHED]) and has(right, colours[S.MATCHED])
+    assert has(right, colours[S.NEW]) and not has(left, colours[S.NEW])  # the new lesion: now only
+    assert has(left, colours[S.RESOLVED]) and not has(right, colours[S.RESOLVED])  # the resolved one: before only
+
+
+def test_preview_png_side_by_side(case, written, tmp_path):
+    from PIL import Image
+
+    from dicomnode.results.preview import PriorView, mip_png
+
+    comparison, _, _ = case
+    pet, before = load_series(written.followup.pt_files), load_series(written.baseline.pt_files)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(written.followup.truth_labels)))
+    single = mip_png(pet_suv_volume(pet), labels, pet.spacing, tmp_path / "one.png")
+    both = mip_png(pet_suv_volume(pet), labels, pet.spacing, tmp_path / "two.png",
+                   prior=PriorView(pet_suv_volume(before), None, before.spacing, "20240315"), comparison=comparison,
+                   current_date="20240607")
+    assert Image.open(both).size[0] > 2 * Image.open(single).size[0] * 0.9
