@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 from dicomnode.imaging import registration
 from dicomnode.imaging.comparison import compare
@@ -26,7 +28,7 @@ from dicomnode.synth import petct_phantom as ph
 from dicomnode.synth.timeline import timeline
 
 
-def cpu(fn, repeats: int) -> tuple[float, object]:
+def cpu(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     times, result = [], None
     for _ in range(repeats):
         start = time.process_time()
