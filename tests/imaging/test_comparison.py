@@ -20,7 +20,7 @@ from dicomnode.imaging.comparison import Comparison, compare
 from dicomnode.imaging.lesion_match import MatchStatus
 from dicomnode.imaging.percist import Category
 from dicomnode.imaging.sul import lean_body_mass_kg
-from dicomnode.imaging.timepoint import Patient
+from dicomnode.imaging.timepoint import Patient, TimePoint
 from dicomnode.synth import petct_phantom as ph
 from dicomnode.synth.timeline import PATIENT, Timeline, rotation_matrix, timeline
 
@@ -186,3 +186,18 @@ def test_lines_and_json():
 
 def test_patient_default_has_height_and_sex():
     assert PATIENT.height_m and PATIENT.sex == "M"
+
+
+def test_registration_failure_falls_back_and_says_why():
+    tl = timeline("stable")
+    prior, current = tl.timepoints(liver=False)
+    air = TimePoint(**{**prior.__dict__, "ct": np.full_like(prior.ct, -1000.0)})
+    comparison = compare(current, air)
+    assert comparison.registration.stage == "none"
+    assert "no body" in comparison.registration_note and "scanner coordinates" in comparison.registration_note
+
+
+def test_liver_reason_when_the_chained_model_gave_nothing():
+    prior, current = timeline("stable").timepoints(liver=False, ct=False)
+    comparison = compare(current, prior, liver_label_present=True)
+    assert "liver model's label map was not available" in comparison.current.liver.reason
