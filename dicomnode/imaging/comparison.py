@@ -191,47 +191,59 @@ class Comparison:
         }
 
     def lines(self) -> list[str]:
-        u = self.unit
-        cur, pri = self.current, self.prior
-        out = [
-            f"compared with prior study {pri.study_uid} of {_date(pri.study_date)}"
-            + (f" ({self.days_between} days earlier)" if self.days_between is not None else ""),
-            f"PERCIST 1.0: {self.response.category.value} - {self.response.reason}",
-        ]
-        out += [f"  warning: {w}" for w in self.response.warnings]
-        for label, study in (("now", cur), ("before", pri)):
-            sul = (f"LBM {study.sul.lbm_kg:.1f} kg (factor {study.sul.factor:.3f})" if study.sul
-                   else f"no SUL: {study.sul_reason}")
-            liver = (f"liver {u}mean {study.liver.mean:.2f} SD {study.liver.sd:.2f}" if study.liver.assessed
-                     else f"liver not assessed: {study.liver.reason}")
-            out.append(f"  {label:<6} {sul}; {liver}")
-        before, now = pri.hottest, cur.hottest
-        hottest = (f"hottest {u}peak {_num(before.peak if before else None)} (lesion "
-                   f"{before.number if before else '-'}) -> {_num(now.peak if now else None)} "
-                   f"(lesion {now.number if now else '-'})")
-        if self.hottest_change is not None:
-            hottest += f": {self.hottest_change:+.2f} {u}, {_pct(self.hottest_change_percent)}"
-        out.append("  " + hottest)
-        out.append(f"  lesions {pri.lesion_count} -> {cur.lesion_count} ({len(self.new_lesions)} new, "
-                   f"{len(self.resolved_lesions)} resolved); MTV {pri.total_mtv_ml:.1f} -> {cur.total_mtv_ml:.1f} ml "
-                   f"({_pct(self.mtv_change_percent)}); TLG {pri.total_tlg:.1f} -> {cur.total_tlg:.1f} "
-                   f"({_pct(self.tlg_change_percent)})")
-        reg = self.registration
-        if reg.stage == "none":
-            out.append(f"  registration: none ({self.registration_note})")
-        else:
-            out.append(f"  registration: {reg.stage}, rotation {reg.rotation_deg:.1f} deg, translation "
-                       f"{math.hypot(*reg.translation_mm):.1f} mm, metric {reg.final_metric:.3f}, body-surface "
-                       f"residual {_num(reg.surface_residual_mm, 1)} mm (unregistered "
-                       f"{_num(reg.surface_residual_before_mm, 1)} mm)")
-        out.append(f"  {'now':>4} {'before':>6}  {'status':<8} {u + 'peak':>15} {'MTV ml':>15} {'TLG':>15}")
-        for row in self.lesions:
-            c, p = row.current, row.prior
-            out.append(f"  {c.number if c else '-':>4} {p.number if p else '-':>6}  {row.status.value:<8} "
-                       f"{_pair(p and p.peak, c and c.peak):>15} {_pair(p and p.mtv_ml, c and c.mtv_ml, 1):>15} "
-                       f"{_pair(p and p.tlg, c and c.tlg, 1):>15}")
-        out += [f"  note: {n}" for n in self.notes]
-        return out
+        """A plain-text table (what `dicomnode jobs show` prints); the same as lines_of(as_json())."""
+        return lines_of(self.as_json())
+
+
+def lines_of(data: dict) -> list[str]:
+    """The plain-text table of a comparison from its as_json() (e.g. read back from an event), so
+    a reader needs neither the images nor a new comparison."""
+    u = data["unit"]
+    cur, pri, response, reg = data["current"], data["prior"], data["response"], data["registration"]
+    out = [
+        f"compared with prior study {pri['study_uid']} of {_date(pri['study_date'])}"
+        + (f" ({data['days_between']} days earlier)" if data.get("days_between") is not None else ""),
+        f"PERCIST 1.0: {response['category']} - {response['reason']}",
+    ]
+    out += [f"  warning: {w}" for w in response.get("warnings", [])]
+    for label, study in (("now", cur), ("before", pri)):
+        sul = (f"LBM {study['sul']['lbm_kg']:.1f} kg (factor {study['sul']['factor']:.3f})" if study["sul"]
+               else f"no SUL: {study['sul_reason']}")
+        liver = study["liver"]
+        liver_text = (f"liver {u}mean {liver['mean']:.2f} SD {liver['sd']:.2f}" if liver["assessed"]
+                      else f"liver not assessed: {liver['reason']}")
+        out.append(f"  {label:<6} {sul}; {liver_text}")
+    before, now = pri["hottest"], cur["hottest"]
+    hottest = (f"hottest {u}peak {_num(before['peak'] if before else None)} (lesion "
+               f"{before['number'] if before else '-'}) -> {_num(now['peak'] if now else None)} "
+               f"(lesion {now['number'] if now else '-'})")
+    if data.get("hottest_change") is not None:
+        hottest += f": {data['hottest_change']:+.2f} {u}, {_pct(data.get('hottest_change_percent'))}"
+    out.append("  " + hottest)
+    out.append(f"  lesions {pri['lesion_count']} -> {cur['lesion_count']} ({data['new_lesions']} new, "
+               f"{data['resolved_lesions']} resolved); MTV {pri['total_mtv_ml']:.1f} -> {cur['total_mtv_ml']:.1f} ml "
+               f"({_pct(data.get('total_mtv_change_percent'))}); TLG {pri['total_tlg']:.1f} -> "
+               f"{cur['total_tlg']:.1f} ({_pct(data.get('total_tlg_change_percent'))})")
+    if reg["stage"] == "none":
+        out.append(f"  registration: none ({reg.get('note', '')})")
+    else:
+        out.append(f"  registration: {reg['stage']}, rotation {reg['rotation_deg']:.1f} deg, translation "
+                   f"{math.hypot(*reg['translation_mm']):.1f} mm, metric {reg['final_metric']:.3f}, body-surface "
+                   f"residual {_num(reg.get('surface_residual_mm'), 1)} mm (unregistered "
+                   f"{_num(reg.get('surface_residual_before_mm'), 1)} mm)")
+    out.append(f"  {'now':>4} {'before':>6}  {'status':<8} {u + 'peak':>15} {'MTV ml':>15} {'TLG':>15}")
+    for row in data["lesions"]:
+        c, p = row["current_values"], row["prior_values"]
+
+        def value(d: dict | None, name: str) -> float | None:
+            return d[name] if d else None
+
+        out.append(f"  {c['number'] if c else '-':>4} {p['number'] if p else '-':>6}  {row['status']:<8} "
+                   f"{_pair(value(p, 'peak'), value(c, 'peak')):>15} "
+                   f"{_pair(value(p, 'mtv_ml'), value(c, 'mtv_ml'), 1):>15} "
+                   f"{_pair(value(p, 'tlg'), value(c, 'tlg'), 1):>15}")
+    out += [f"  note: {n}" for n in data.get("notes", [])]
+    return out
 
 
 def compare(current: TimePoint, prior: TimePoint, *, liver_label_present: bool | None = None,
@@ -291,7 +303,8 @@ def compare(current: TimePoint, prior: TimePoint, *, liver_label_present: bool |
                      measures_before.total_tlg_g),
         StudyFigures("current", reason_now, liver_now, tuple(les.suv_peak for les in measures_now.lesions),
                      measures_now.total_tlg_g),
-        [row.current.peak for row in rows if row.status is MatchStatus.NEW and row.current is not None],
+        [row.current.peak for row in rows if row.status is MatchStatus.NEW and row.current is not None]
+        if registration.stage != "none" else None,
     )
     notes: list[str] = []
     if not use_sul:

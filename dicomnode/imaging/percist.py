@@ -115,9 +115,11 @@ def measurability_threshold(liver: LiverReference) -> float:
     return MEASURABLE_LIVER_MEAN_FACTOR * liver.mean + MEASURABLE_LIVER_SD_FACTOR * liver.sd
 
 
-def categorise(prior: StudyFigures, current: StudyFigures, new_lesion_peaks: Sequence[float]) -> Response:
+def categorise(prior: StudyFigures, current: StudyFigures, new_lesion_peaks: Sequence[float] | None) -> Response:
     """The PERCIST 1.0 category of `current` against `prior` (see the module's docstring);
-    `new_lesion_peaks`: SULpeak of each current lesion that matched no prior lesion."""
+    `new_lesion_peaks`: SULpeak of each current lesion that matched no prior lesion, None when
+    lesions could not be matched (the studies were not registered): then no lesion counts as
+    new, the category rests on the targets, and a warning says so."""
     for study in (current, prior):
         if study.sul_reason:
             return Response(Category.NOT_ASSESSABLE, f"no SUL for the {study.label} study: {study.sul_reason}")
@@ -128,6 +130,10 @@ def categorise(prior: StudyFigures, current: StudyFigures, new_lesion_peaks: Seq
     threshold_prior = measurability_threshold(prior.liver)
     threshold_current = measurability_threshold(current.liver)
     warnings = _liver_agreement(prior.liver, current.liver)
+    if new_lesion_peaks is None:
+        warnings += ("new lesions not judged: the studies could not be registered, so lesions were not matched "
+                     "reliably",)
+        new_lesion_peaks = ()
     figures = dict(threshold_prior=threshold_prior, threshold_current=threshold_current, warnings=warnings)
     avid = [peak for peak in new_lesion_peaks if peak >= threshold_current]
     before, now = prior.hottest_peak, current.hottest_peak

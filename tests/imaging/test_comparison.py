@@ -172,6 +172,17 @@ def test_without_ct_lesions_are_matched_in_scanner_coordinates_and_said_so():
     assert "registration: none" in "\n".join(comparison.lines())
 
 
+def test_without_registration_new_lesions_do_not_decide():
+    # 27 mm apart in scanner coordinates, the lesions do not match: without a registration they
+    # would all be "new"; the category rests on the targets instead, with a warning
+    tl = timeline("response")
+    prior, current = tl.timepoints(ct=False)
+    comparison = compare(current, prior)
+    assert len(comparison.new_lesions) == 2  # unmatched, as said
+    assert comparison.response.category is Category.PMR
+    assert any("new lesions not judged" in w for w in comparison.response.warnings)
+
+
 def test_lines_and_json():
     _, comparison = compared("mixed")
     text = "\n".join(comparison.lines())
@@ -181,7 +192,9 @@ def test_lines_and_json():
     assert data["days_between"] == 84
     import json
 
-    json.dumps(data)  # serialisable as it is
+    from dicomnode.imaging.comparison import lines_of
+
+    assert lines_of(json.loads(json.dumps(data))) == comparison.lines()  # jobs show can print it from an event
 
 
 def test_patient_default_has_height_and_sex():
