@@ -6,8 +6,9 @@ Steps, each in its own module:
    values are given in SUVbw and the category is not assessable.
 2. The liver reference of each study (dicomnode.imaging.liver_reference), in the uptake's unit.
 3. Lesions of each study measured on its own grid (dicomnode.imaging.measures: connected
-   components numbered by SUVmax, SULpeak = the 1 cm^3 local peak, MTV, TLG = SULmean x MTV),
-   so the current lesion numbers are the SR's.
+   components numbered by SUVmax, so the current lesion numbers are the SR's; MTV; TLG = SULmean
+   x MTV); SULpeak as PERCIST defines it: the highest mean of a 1 cm^3 sphere centred anywhere
+   in the lesion (measures.sphere_peaks).
 4. The prior CT registered onto the current CT (dicomnode.imaging.registration); the prior's
    numbered lesions mapped onto the current PET grid (nearest neighbour) and their centroids
    into the current space; without a CT in either study, scanner coordinates are taken as they
@@ -30,7 +31,7 @@ from scipy import ndimage
 
 from dicomnode.imaging.lesion_match import LesionPair, MatchStatus, match_lesions
 from dicomnode.imaging.liver_reference import LiverReference, liver_reference, not_assessed
-from dicomnode.imaging.measures import LesionMeasures, StudyMeasures, measure_lesions
+from dicomnode.imaging.measures import LesionMeasures, StudyMeasures, measure_lesions, sphere_peaks
 from dicomnode.imaging.percist import Response, StudyFigures, categorise
 from dicomnode.imaging.registration import Registration, RegistrationError, identity_registration, register_ct
 from dicomnode.imaging.sul import SulError, SulFactor, sul_factor
@@ -50,8 +51,8 @@ class LesionValues:
     centroid_mm: tuple[float, float, float]  # in the current study's space (the prior's mapped)
 
     @classmethod
-    def of(cls, lesion: LesionMeasures, centroid: np.ndarray) -> "LesionValues":
-        return cls(lesion.number, lesion.suv_peak, lesion.suv_max, lesion.suv_mean, lesion.volume_ml, lesion.tlg_g,
+    def of(cls, lesion: LesionMeasures, peak: float, centroid: np.ndarray) -> "LesionValues":
+        return cls(lesion.number, peak, lesion.suv_max, lesion.suv_mean, lesion.volume_ml, lesion.tlg_g,
                    tuple(float(v) for v in centroid))
 
     def as_json(self) -> dict:
@@ -289,8 +290,12 @@ def compare(current: TimePoint, prior: TimePoint, *, liver_label_present: bool |
                                             labels=True)
     pairs = match_lesions(labels_now, mapped_before, centroids_now, centroids_before)
 
-    values_now = {les.number: LesionValues.of(les, centroids_now[les.number - 1]) for les in measures_now.lesions}
-    values_before = {les.number: LesionValues.of(les, centroids_before[les.number - 1])
+    peaks_now = sphere_peaks(uptake_now, labels_now, current.spacing_zyx, measures_now.lesion_count)
+    peaks_before = sphere_peaks(uptake_before, labels_before, prior.spacing_zyx, measures_before.lesion_count)
+    values_now = {les.number: LesionValues.of(les, peaks_now[les.number - 1][0], centroids_now[les.number - 1])
+                  for les in measures_now.lesions}
+    values_before = {les.number: LesionValues.of(les, peaks_before[les.number - 1][0],
+                                                 centroids_before[les.number - 1])
                      for les in measures_before.lesions}
     rows = tuple(LesionChange(pair, values_now.get(pair.current or 0), values_before.get(pair.prior or 0))
                  for pair in pairs)
@@ -299,9 +304,9 @@ def compare(current: TimePoint, prior: TimePoint, *, liver_label_present: bool |
     summary_before = _summary(prior, sul_before, reason_before, liver_before, measures_before, values_before,
                               factor_before)
     response = categorise(
-        StudyFigures("prior", reason_before, liver_before, tuple(les.suv_peak for les in measures_before.lesions),
+        StudyFigures("prior", reason_before, liver_before, tuple(v.peak for v in values_before.values()),
                      measures_before.total_tlg_g),
-        StudyFigures("current", reason_now, liver_now, tuple(les.suv_peak for les in measures_now.lesions),
+        StudyFigures("current", reason_now, liver_now, tuple(v.peak for v in values_now.values()),
                      measures_now.total_tlg_g),
         [row.current.peak for row in rows if row.status is MatchStatus.NEW and row.current is not None]
         if registration.stage != "none" else None,

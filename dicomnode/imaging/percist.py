@@ -8,9 +8,9 @@ Per patient, from the two studies' figures in SUL (SUV normalised to lean body m
 - measurability: a study's hottest lesion is measurable when its SULpeak is at least
   MEASURABLE_LIVER_MEAN_FACTOR x liver SULmean + MEASURABLE_LIVER_SD_FACTOR x liver SD of that
   study (1.5 x mean + 2 SD);
-- the target is the hottest lesion of each study (largest SULpeak; SULpeak = the mean in a
-  1 cm^3 sphere around the lesion's hottest voxel, dicomnode.imaging.measures); before and now
-  may be different lesions, as PERCIST defines.
+- the target is the hottest lesion of each study (largest SULpeak; SULpeak = the highest mean of
+  a 1 cm^3 sphere centred anywhere in the lesion, dicomnode.imaging.measures.sphere_peaks);
+  before and now may be different lesions, as PERCIST defines.
 
 Categories, decided in this order:
 

@@ -6,9 +6,9 @@ courses. Known truth, stated tolerances:
   new one new, the disappeared one resolved); current and mapped prior centroids within
   CENTROID_TOLERANCE_MM of the truth position;
 - registration: body-surface residual under 2 mm (a 4.08 mm grid), rotation within 0.5 deg;
-- changes: the shrinking lesion's MTV ratio 0.5 +- 0.1 and SULpeak ratio 0.5 +- 0.15 (the 1 ml
-  peak sphere around a noisy maximum reaches the blurred edge of the smaller lesion), the
-  unchanged lesion's MTV and SULpeak within 10 %; the liver SULmean = 2.0 SUVbw x LBM/W within 5 %;
+- changes: the shrinking lesion's MTV ratio and SULpeak ratio 0.5 +- 0.1 (partial volume of the
+  smaller lesion on 4 mm voxels lowers its peak a little), the unchanged lesion's MTV and SULpeak
+  within 10 %; the liver SULmean = 2.0 SUVbw x LBM/W within 5 %;
 - the PERCIST category of each scenario, and "not assessable" with the premise named."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_changes_within_tolerance():
     shrinking = row_near(comparison, tl.scanner_point(tl.courses[0].centre_mm, "after"), "current")[0]
     unchanged = row_near(comparison, tl.scanner_point(tl.courses[2].centre_mm, "after"), "current")[0]
     assert shrinking.current.mtv_ml / shrinking.prior.mtv_ml == pytest.approx(0.5, abs=0.1)
-    assert shrinking.current.peak / shrinking.prior.peak == pytest.approx(0.5, abs=0.15)
+    assert shrinking.current.peak / shrinking.prior.peak == pytest.approx(0.5, abs=0.1)
     assert shrinking.mtv_change_percent == pytest.approx(-50, abs=10)
     assert unchanged.current.mtv_ml / unchanged.prior.mtv_ml == pytest.approx(1.0, abs=0.1)
     assert unchanged.current.peak / unchanged.prior.peak == pytest.approx(1.0, abs=0.1)
