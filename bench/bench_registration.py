@@ -7,7 +7,7 @@ against named peers in the same run:
   registration on the CT's own 2.04 mm grid (the written studies' CT: 128 x 128 x 64), with
   the body-surface residual of each.
 
-    .venv/bin/python bench/bench_compare.py [--repeats 3]
+    .venv/bin/python bench/bench_registration.py [--repeats 3]
 
 Figures are process CPU seconds (all threads), median of the repeats; the machine's load does
 not change the ratios much, wall times would.
