@@ -259,3 +259,36 @@ def test_preview_png_side_by_side(case, written, tmp_path):
                    prior=PriorView(pet_suv_volume(before), None, before.spacing, "20240315"), comparison=comparison,
                    current_date="20240607")
     assert Image.open(both).size[0] > 2 * Image.open(single).size[0] * 0.9
+
+
+@pytest.fixture(scope="module")
+def not_assessable_sr(written, tmp_path_factory):
+    """A comparison without SUL (no height in either study) and without a CT: values in SUVbw."""
+    tl = written.timeline
+    no_height = Patient(75.0, None, "M")
+    prior, current = tl.timepoints(ct=False, patient=no_height)
+    comparison = compare(current, prior)
+    pet = load_series(written.followup.pt_files)
+    measures, labels = measure_lesions(current.labels, current.suv, pet.spacing)
+    seg = build_seg(current.labels, pet.datasets, folds=[0], series_number=901, series_description="l", **MODEL)
+    sr = build_sr(measures, labels, seg, pet.datasets, series_number=902, series_description="m",
+                  comparison=comparison, **MODEL)
+    return comparison, write_dicom(sr, tmp_path_factory.mktemp("sr-na") / "sr.dcm")
+
+
+@pytest.mark.e2e  # dciodvfy is a subprocess
+def test_not_assessable_sr_passes_dciodvfy(not_assessable_sr):
+    assert dciodvfy_errors(not_assessable_sr[1]) == []
+
+
+def test_not_assessable_sr_says_why_in_suvbw(not_assessable_sr):
+    comparison, path = not_assessable_sr
+    sr = pydicom.dcmread(path)
+    (group,) = _groups_by_identifier(sr)["response"]
+    (response,) = _items(group, "112048")
+    assert response.ConceptCodeSequence[0].CodeValue == "NOTASSESSABLE"
+    (comment,) = _items(group, "121106")
+    assert "no SUL for the current study: no patient height" in comment.TextValue
+    assert "no CT in the current study" in comment.TextValue
+    assert "126405" not in str(sr)  # no SUL anywhere: the uptake values are SUVbw
+    assert comparison.unit == "SUVbw"
