@@ -214,3 +214,14 @@ def test_liver_reason_when_the_chained_model_gave_nothing():
     prior, current = timeline("stable").timepoints(liver=False, ct=False)
     comparison = compare(current, prior, liver_label_present=True)
     assert "liver model's label map was not available" in comparison.current.liver.reason
+
+
+def test_registration_holds_for_a_larger_move():
+    # 13.7 deg and 71 mm: more than a patient usually moves between two scans on one scanner
+    tl = timeline("mixed", rotation_deg=(5.0, 5.0, 12.0), translation_mm=(50.0, -40.0, 30.0))
+    prior, current = tl.timepoints()
+    comparison = compare(current, prior)
+    truth_angle = np.degrees(np.arccos((np.trace(rotation_matrix(tl.rotation_deg)) - 1) / 2))
+    assert comparison.registration.rotation_deg == pytest.approx(truth_angle, abs=0.5)
+    assert comparison.registration.surface_residual_mm < 2.0
+    assert sorted(r.status.value for r in comparison.lesions) == ["matched", "matched", "new", "resolved"]
