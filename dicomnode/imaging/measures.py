@@ -133,6 +133,28 @@ def measure_lesions(
     return study, lesion_labels
 
 
+def sphere_peaks(suv: np.ndarray, lesion_labels: np.ndarray, spacing_zyx: Sequence[float],
+                 count: int) -> list[tuple[float, tuple[int, int, int]]]:
+    """The peak as PERCIST 1.0 defines SULpeak, per numbered lesion 1..count: the highest mean
+    within PEAK_RADIUS_MM (a 1 cm^3 sphere) over every sphere centred on a voxel of the lesion
+    (the sphere's voxels need not be in the lesion; those outside the image do not exist), with
+    the centre it was found at. `measure_lesions`' SUVpeak centres the sphere on the hottest
+    voxel only (IBSI's local intensity peak); this one moves it to where the mean is highest."""
+    spacing = tuple(float(v) for v in spacing_zyx)
+    offsets = _sphere_offsets(spacing, PEAK_RADIUS_MM)  # type: ignore[arg-type]
+    out = []
+    boxes = ndimage.find_objects(np.asarray(lesion_labels, dtype=np.int64), max_label=count)
+    for number, box in enumerate(boxes, start=1):
+        if box is None:
+            out.append((float("nan"), (0, 0, 0)))
+            continue
+        centres = np.argwhere(lesion_labels[box] == number) + np.array([b.start for b in box])
+        peaks = _local_peaks(np.asarray(suv), centres, offsets)
+        best = int(np.argmax(peaks))
+        out.append((float(peaks[best]), tuple(int(v) for v in centres[best])))
+    return out
+
+
 def _check_inputs(mask: np.ndarray, suv: np.ndarray, spacing_zyx: Sequence[float], connectivity: int,
                   min_volume_ml: float) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     mask = np.asarray(mask)

@@ -197,3 +197,17 @@ def test_equal_maxima_take_the_highest_peak():
     assert lesion.max_index_zyx == (5, 5, 6)  # not (5, 5, 2), the first in C order
     # 19 voxels around (5, 5, 6): itself 10, (5, 5, 5) 2, (5, 5, 7) 9, 16 background voxels of 1
     assert lesion.suv_peak == pytest.approx((10.0 + 2.0 + 9.0 + 16) / 19)
+
+
+def test_sphere_peaks_find_the_hottest_sphere_not_the_hottest_voxel():
+    from dicomnode.imaging.measures import sphere_peaks
+
+    suv = np.ones((20, 20, 20), np.float32)
+    labels = np.zeros((20, 20, 20), np.int32)
+    labels[2:18, 2:18, 2:18] = 1
+    suv[4, 4, 4] = 50.0  # one hot voxel: the IBSI local peak centres on it
+    suv[9:16, 9:16, 9:16] = 8.0  # a hot region holding a whole sphere: the sphere's best place
+    measures, numbered = measure_lesions(labels, suv, (2.0, 2.0, 2.0))
+    ((peak, centre),) = sphere_peaks(suv, numbered, (2.0, 2.0, 2.0), 1)
+    assert peak == pytest.approx(8.0) and centre == (12, 12, 12)
+    assert measures.lesions[0].suv_peak < peak  # the sphere around the 50 voxel averages lower
