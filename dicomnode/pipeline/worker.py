@@ -6,6 +6,8 @@ renews its lease; if the process dies, the lease expires and the job is queued a
 On SIGTERM the running job is released back to the queue and the worker exits.
 A job whose results wait for a delivery's backoff goes back to the queue until then
 (queue.defer), so a PACS that is down never holds the worker.
+A job of a model with review = true is held (awaiting-review) once its results are built and
+delivered only after a reader releases it (dicomnode.pipeline.review).
 A job that fails for good without results sends its "not performed" status SR right away
 (dicomnode.pipeline.notperformed); the worker's periodic pass sends the due retries of those, and
 the status SR of a study the assembler held back (a job failed at once).
@@ -27,7 +29,8 @@ from pathlib import Path
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, NodeSettings
-from dicomnode.pipeline.errors import DeliveryPending, InputsNotReady, JobError
+from dicomnode.pipeline import review
+from dicomnode.pipeline.errors import AwaitingReview, DeliveryPending, InputsNotReady, JobError
 from dicomnode.pipeline.job import process
 from dicomnode.pipeline.model_cache import ModelCache
 from dicomnode.pipeline.notperformed import report_not_performed, send_status_reports
@@ -141,6 +144,9 @@ class Worker:
         except Shutdown:
             release(self.sessions, job.id, self.owner, "worker shutting down")
             raise
+        except AwaitingReview as exc:  # review = true: results built and held until a reader decides
+            review.hold(self.sessions, job.id, self.owner, str(exc), exc.data)
+            log.info("job %d study %s: awaiting review: %s", job.id, job.study_uid, exc)
         except DeliveryPending as exc:  # results ready, deliveries backing off: free the worker meanwhile
             defer(self.sessions, job.id, self.owner, exc.not_before, str(exc))
             log.warning("job %d study %s: %s (queued until %s)", job.id, job.study_uid, exc, exc.not_before)
