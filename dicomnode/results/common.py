@@ -52,8 +52,8 @@ def contributing_equipment(manufacturer: str, model_name: str, model_version: st
                            provenance: Provenance | None = None) -> Dataset:
     """One Contributing Equipment Sequence item (SOP Common Module) for the node and the model
     that processed the source images: purpose Processing Equipment (DCM 109102), the model as
-    the model name, its version and the node's as software versions, the device UID, when, and
-    the algorithm's parameters in words."""
+    the model name, its version and the node's as software versions, when, and the algorithm's
+    parameters in words."""
     provenance = provenance or Provenance()
     purpose = Dataset()
     purpose.CodeValue = PROCESSING_EQUIPMENT.value
@@ -66,7 +66,8 @@ def contributing_equipment(manufacturer: str, model_name: str, model_version: st
         item.InstitutionName = provenance.organization[:64]
     item.ManufacturerModelName = model_name[:64]
     item.SoftwareVersions = [model_version[:64], f"dicomnode {__version__}"[:64]]
-    item.DeviceUID = device_uid(manufacturer, model_name, model_version)
+    # no Device UID (0018,1002): dciodvfy (dicom3tools) does not know it in this sequence and would
+    # call the object a Standard Extended SOP Class; the SR's observer context carries that UID
     item.ContributionDateTime = dicom_datetime(provenance.when or datetime.now(timezone.utc))
     parameters = "; ".join(f"{key} {value}" for key, value in provenance.parameters.items())
     item.ContributionDescription = (f"AI segmentation by nnU-Net model {model_name} version {model_version}"

@@ -44,7 +44,7 @@ def _node(tmp_path: Path, synth_study, monkeypatch, cache, review: bool = True):
         tmp_path, model_path=str(MODEL),
         node='study_quiet_seconds = 0\norganization = "St Elsewhere Hospital"\n'
              'result_disclaimer = "Not for diagnostic use without review"',
-        extra="folds = [0]\nuse_mirroring = false\n" + ("review = true\n" if review else "")
+        extra=("review = true\n" if review else "")
         + '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 1\n',
     )
     sessions = make_sessionmaker(config.database_url)

@@ -19,7 +19,7 @@ from dicomnode.results.seg import build_seg
 from dicomnode.results.sr import build_sr
 from dicomnode.results.verification import verify_sr
 
-from tests.support.dicomtools import dciodvfy_errors
+from tests.support.dicomtools import dciodvfy_errors, dciodvfy_output
 
 MODEL = dict(model_name="demo-petct", model_version="1.2.0")
 PARAMETERS = {"mirroring": "off", "tile_step_size": "0.5", "weights": "sha256:0123456789ab"}
@@ -65,7 +65,7 @@ def test_seg_names_the_algorithm_its_parameters_and_the_processing_equipment(seg
     assert item.Manufacturer == "dicomnode" and item.ManufacturerModelName == "demo-petct"
     assert item.SoftwareVersions[0] == "1.2.0" and str(item.SoftwareVersions[1]).startswith("dicomnode ")
     assert item.InstitutionName == "St Elsewhere Hospital"
-    assert item.DeviceUID == device_uid("dicomnode", "demo-petct", "1.2.0")
+    assert "DeviceUID" not in item  # dciodvfy does not know it there (README): the SR's observer UID
     assert item.ContributionDateTime == "20261201120000.000000+0000"
     assert "weights sha256:0123456789ab" in item.ContributionDescription
     assert "folds 0,1,2,3,4" in item.ContributionDescription
@@ -97,7 +97,7 @@ def test_sr_device_observer_algorithm_and_disclaimer(sr_path):
     assert comments == [DISCLAIMER]
     item = _contributing(sr)
     assert item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
-    assert item.DeviceUID == observer_uid[0].UID
+    assert item.ManufacturerModelName == "demo-petct" and item.SoftwareVersions[0] == "1.2.0"
     assert sr.VerificationFlag == "UNVERIFIED" and sr.PreliminaryFlag == "PRELIMINARY"
 
 
@@ -133,4 +133,5 @@ def test_air_objects_pass_dciodvfy(seg_path, sr_path, tmp_path):
     verify_sr(verified, "Curie^Marie", "", datetime.now(timezone.utc))
     for path in (seg_path, sr_path, verified):
         assert dciodvfy_errors(path) == [], path
+        assert "Standard Extended" not in dciodvfy_output(path), path  # nothing outside the standard IOD
     assert pydicom.dcmread(verified).VerifyingObserverSequence[0].VerifyingOrganization == "unspecified"
