@@ -608,7 +608,8 @@ def jobs_retry(job_id: int, config: Path = ConfigOption) -> None:
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int, config: Path = ConfigOption) -> None:
-    """Cancel a queued or failed job (and its pending deliveries); a running job is refused."""
+    """Cancel a queued, failed or awaiting-review job (and its pending deliveries); a running job is
+    refused. A job held for review sends nothing, not even the status SR (`review reject` does)."""
     from dicomnode.pipeline.queue import RefusedError, cancel
 
     try:

@@ -281,7 +281,7 @@ def test_cancel_and_requeue_change_states_with_events(site: Site):
     assert "cancelled" in _cli(site, "jobs", "cancel", str(site.jobs["queued"]))
     refused = _cli(site, "jobs", "cancel", str(site.jobs["running"]), code=1)
     assert f"job {site.jobs['running']} is running (worker {REMOTE_WORKER})" in refused
-    assert "is succeeded: only queued or failed jobs can be cancelled" in _cli(
+    assert "is succeeded: only queued, failed or awaiting-review jobs can be cancelled" in _cli(
         site, "jobs", "cancel", str(site.jobs["succeeded"]), code=1
     )
     assert "no job 999" in _cli(site, "jobs", "cancel", "999", code=1)

@@ -206,3 +206,16 @@ def test_decisions_on_jobs_not_awaiting_review_are_refused(tmp_path: Path, synth
         reject(sessions, job_id, "Roentgen^Wilhelm", "no")
     result = _cli(config, "review", "release", "999", "--by", READER)
     assert result.exit_code == 1 and "no job 999" in result.output
+
+
+def test_a_held_job_can_be_cancelled_and_then_not_decided(tmp_path: Path, synth_study):
+    config = node_config(tmp_path, model_path=str(MODEL))
+    sessions = make_sessionmaker(config.database_url)
+    job_id = enqueue(sessions, synth_study.study_instance_uid, "demo-petct", RetryPolicy())
+    with sessions.begin() as session:
+        session.get(Job, job_id).state = JobState.AWAITING_REVIEW
+    result = _cli(config, "jobs", "cancel", str(job_id))
+    assert result.exit_code == 0, result.output
+    assert _job(sessions, job_id).state == JobState.CANCELLED
+    with pytest.raises(RefusedError, match="not awaiting review \\(it is cancelled\\)"):
+        release(sessions, job_id, READER)
