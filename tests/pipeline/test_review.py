@@ -108,6 +108,8 @@ def test_results_are_built_and_held_nothing_sent(held):
     assert shown.exit_code == 0, shown.output
     assert "preview: " + str(out / "preview.png") in shown.output.replace("\n", "")
     assert "lesions, total MTV" in shown.output and "UNVERIFIED" in shown.output
+    table_lines = [line for line in shown.output.splitlines() if "│" in line]
+    assert table_lines and all(cell_len(line) <= 80 for line in table_lines), shown.output  # one line per row
     detail = json.loads(_cli(config, "review", "show", str(job_id), "--json").output)
     measures = json.loads((out / "measures.json").read_text())
     assert detail["measures"] == measures and detail["preview"] == str(out / "preview.png")
