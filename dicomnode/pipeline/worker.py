@@ -81,6 +81,20 @@ def out_of_memory(exc: BaseException) -> str | None:
     return None
 
 
+class LoadedOnUse:
+    """The job's model, loaded (or taken from the cache) when the job first uses it: a job whose
+    results are already written (a delivery retried, results released at review) sends them
+    without loading a model into memory."""
+
+    def __init__(self, load) -> None:  # noqa: ANN001 - a callable returning the model
+        self._load, self._model = load, None
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        if self._model is None:
+            self._model = self._load()
+        return getattr(self._model, name)
+
+
 class Shutdown(BaseException):
     """Raised in the worker's main thread by SIGTERM/SIGINT."""
 
@@ -138,8 +152,8 @@ class Worker:
                 raise Shutdown(self.stop_requested)
             log.info("job %d study %s model %s: attempt %d", job.id, job.study_uid, job.model, job.attempts)
             heartbeat.start()
-            model = self.models.get(job.model)
-            self.report_alive()  # a model may have just loaded
+            self.report_alive()
+            model = LoadedOnUse(lambda name=job.model: self._model(name))
             message = process(self.config, self.sessions, job, model)
         except Shutdown:
             release(self.sessions, job.id, self.owner, "worker shutting down")
@@ -175,6 +189,11 @@ class Worker:
         finally:
             heartbeat.stopped.set()
         return True
+
+    def _model(self, name: str):  # noqa: ANN202 - an inference.SegmentationModel
+        model = self.models.get(name)
+        self.report_alive()  # a model may have just loaded
+        return model
 
     def _not_performed(self, job_id: int, state: str) -> None:
         """A job failed for good: its status SR to the destinations that want it (never raises)."""
