@@ -491,7 +491,7 @@ def _print_jobs(jobs, wide: bool) -> None:  # noqa: ANN001 - ops.history.JobRow
 def jobs_list(
     config: Path = ConfigOption,
     state: Optional[str] = typer.Option(
-        None, help="Only jobs in this state: queued, running, succeeded, failed, cancelled."
+        None, help="Only jobs in this state: queued, running, succeeded, failed, cancelled, awaiting-review, rejected."
     ),
     since: Optional[str] = typer.Option(None, help="Only jobs created since: 30m, 2h, 1d or an ISO time (UTC)."),
     study: Optional[str] = typer.Option(None, help="Only jobs of this Study Instance UID."),
@@ -614,7 +614,8 @@ def jobs_retry(job_id: int, config: Path = ConfigOption) -> None:
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int, config: Path = ConfigOption) -> None:
-    """Cancel a queued or failed job (and its pending deliveries); a running job is refused."""
+    """Cancel a queued, failed or awaiting-review job (and its pending deliveries); a running job is
+    refused. A job held for review sends nothing, not even the status SR (`review reject` does)."""
     from dicomnode.pipeline.queue import RefusedError, cancel
 
     try:
@@ -888,6 +889,122 @@ def inspect_cmd(
         for channel, file in study.exported.items():
             console.print(f"exported {channel}: {file}")
     raise typer.Exit(0 if ok else 1)
+
+
+review_app = typer.Typer(help="Results held for review ([[models]] review = true): list, show, release, reject.",
+                         no_args_is_help=True)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("list")
+def review_list(config: Path = ConfigOption, as_json: bool = JsonOption, wide: bool = WideOption) -> None:
+    """Jobs whose results await review, oldest first: what each found (at 80 columns: UIDs
+    shortened; --wide for whole UIDs)."""
+    from rich.text import Text
+
+    from dicomnode.ops.history import as_json as to_json
+    from dicomnode.ops.review import list_awaiting
+    from dicomnode.ops.tablefit import Column, Kind
+
+    cfg = _config(config)
+    rows = list_awaiting(cfg, _sessions(cfg))
+    if as_json:
+        print(to_json(rows))
+        return
+    _print_fitted(
+        "awaiting review",
+        (Column("id"), Column("study", Kind.UID), Column("model", drop=3), Column("run", drop=1),
+         Column("held since", drop=2), Column("found", Kind.TEXT, drop=4)),
+        ((str(r.id), r.study, r.model, str(r.run), _when(r.held_at), Text(r.found)) for r in rows),
+        wide,
+    )
+
+
+@review_app.command("show")
+def review_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOption,
+                wide: bool = WideOption) -> None:
+    """One job's results as a reader reviews them: the measures, the preview PNG's path, the
+    result files (SOP class, SOP Instance UID, an SR's verification)."""
+    from dicomnode.ops.review import review_detail
+    from dicomnode.ops.tablefit import Column, Kind
+
+    cfg = _config(config)
+    detail = review_detail(cfg, _sessions(cfg), job_id)
+    if _shown_as_json(detail, f"no job {job_id}", as_json):
+        return
+    console.print(f"job {detail.id}: [bold]{detail.state}[/bold]  model {detail.model}  run {detail.run}"
+                  + (f"  held since {_when(detail.held_at)}" if detail.held_at else ""))
+    if detail.reviewed_by:
+        console.print(f"reviewed by {detail.reviewed_by} at {_when(detail.reviewed_at)} UTC")
+    console.print(f"study {detail.study}", soft_wrap=True)
+    console.print(f"results: {detail.result_dir}", soft_wrap=True)
+    console.print(f"preview: {detail.preview or 'none (a model without PET, or not written)'}", soft_wrap=True)
+    m = detail.measures
+    if isinstance(m, dict) and "lesion_count" in m:
+        console.print(f"{m['lesion_count']} lesions, total MTV {m['total_mtv_ml']:.1f} ml, "
+                      f"total TLG {m['total_tlg_g']:.1f} g")
+        if m.get("lesions"):
+            _print_fitted(
+                "lesions",
+                (Column("lesion"), Column("SUVmax"), Column("SUVmean"), Column("SUVpeak"), Column("MTV ml"),
+                 Column("TLG g")),
+                ((str(les["number"]), f"{les['suv_max']:.2f}", f"{les['suv_mean']:.2f}", f"{les['suv_peak']:.2f}",
+                  f"{les['volume_ml']:.2f}", f"{les['tlg_g']:.1f}") for les in m["lesions"]),
+                wide,
+            )
+    elif isinstance(m, list):
+        _print_fitted("segments", (Column("label"), Column("name", Kind.TEXT), Column("volume ml"),
+                                   Column("parts")),
+                      ((str(s["label"]), s["name"], f"{s['volume_ml']:.2f}", str(s["components"])) for s in m),
+                      wide)
+    else:
+        console.print("[yellow]no measures.json in the result folder[/yellow]")
+    _print_fitted(
+        "result files",
+        (Column("kind"), Column("file", Kind.TEXT, drop=3), Column("SOP class", Kind.TEXT, drop=2),
+         Column("SOP Instance UID", Kind.UID), Column("verification", drop=1)),
+        ((f.kind, Path(f.path).name, f.sop_class, f.sop_instance_uid, f.verification) for f in detail.files),
+        wide,
+    )
+
+
+@review_app.command("release")
+def review_release(
+    job_id: int,
+    by: str = typer.Option(..., "--by", help="The reader's name: the SR's Verifying Observer ('Family^Given')."),
+    config: Path = ConfigOption,
+) -> None:
+    """Release held results: the SR is made VERIFIED by the reader and the objects are sent by
+    the running node (its worker claims the job within about a second)."""
+    from dicomnode.pipeline.queue import RefusedError
+    from dicomnode.pipeline.review import release
+
+    try:
+        job = release(_sessions(_config(config)), job_id, by)
+    except RefusedError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"job {job.id} released by {job.reviewed_by}: queued for delivery (SR made VERIFIED first)")
+
+
+@review_app.command("reject")
+def review_reject(
+    job_id: int,
+    by: str = typer.Option(..., "--by", help="The reader's name."),
+    reason: str = typer.Option(..., "--reason", help="Why the results are rejected (sent in the status SR)."),
+    config: Path = ConfigOption,
+) -> None:
+    """Reject held results: nothing is sent but, to each destination with STATUS in its outputs,
+    the "not performed" status SR with the reason and the reader."""
+    from dicomnode.pipeline.queue import RefusedError
+    from dicomnode.pipeline.review import reject
+
+    try:
+        job = reject(_sessions(_config(config)), job_id, by, reason)
+    except RefusedError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"job {job.id} rejected by {job.reviewed_by}: {job.error}")
 
 
 models_app = typer.Typer(help="Check the configured models.", no_args_is_help=True)

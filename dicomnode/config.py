@@ -193,6 +193,12 @@ class NodeSettings(_Strict):
     # this long after its last instance gets that model's "not performed" status SR (a destination's
     # "STATUS" output), once per arrival; new instances later make it a candidate again. 0: never.
     status_after_hours: float = Field(24.0, ge=0)
+    # The site's name: the Verifying Organization of an SR released at review ([[models]] review),
+    # and the Institution Name of the result objects' Contributing Equipment item. "": not given.
+    organization: str = Field("", max_length=64)
+    # A sentence the site wants on every SEG and SR, e.g. "Not for diagnostic use without review by a
+    # physician": the SEG's Image Comments and a Comment (DCM 121106) TEXT item of the SR. "": none.
+    result_disclaimer: str = Field("", max_length=1024)
 
 
 class OutputKind(StrEnum):
@@ -552,6 +558,10 @@ class ModelSettings(_Strict):
     destinations: list[str] | None = None  # None: every destination
     priority: Priority = Priority.NORMAL  # its jobs' priority, unless a [[priority_rules]] entry says otherwise
     priors: PriorSettings | None = None  # [models.priors]: fetch the patient's prior study first
+    # Results are built but held (job state awaiting-review) until a reader runs `dicomnode review
+    # release JOB --by NAME` (the SR made VERIFIED, then delivered) or `review reject` (only the
+    # "not performed" status SR is sent). False: delivered at once, unverified.
+    review: bool = False
 
     @field_validator("channels")
     @classmethod

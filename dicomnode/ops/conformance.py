@@ -41,7 +41,7 @@ from dicomnode.net import receiver as receiving
 from dicomnode.net import retrieve, sender, verify
 from dicomnode.net.status import PERMANENT, REJECT_LOCAL_LIMIT, STORED
 from dicomnode.results import rtstruct, sc, seg, segment_sr, sr
-from dicomnode.results.common import MANUFACTURER
+from dicomnode.results.common import MANUFACTURER, PROCESSING_EQUIPMENT
 from dicomnode.results.labelcodes import LESION
 from dicomnode.results.writer import (
     LESION_SERIES_DESCRIPTIONS,
@@ -483,7 +483,8 @@ def statement(config: Config | None = None) -> str:
                    for kind, (uid, modality) in CREATED.items()])
     add("")
     add("A job that ends without results (refused for good, a model error, a study held back past "
-        "`status_after_hours`) writes instead, for destinations whose outputs include `STATUS`, a \"not "
+        "`status_after_hours`, results rejected at review) writes "
+        "instead, for destinations whose outputs include `STATUS`, a \"not "
         "performed\" Comprehensive SR (`1.2.840.10008.5.1.4.1.1.88.33`, Modality `SR`, SeriesNumber "
         f"{_series_number_rule(OutputKind.STATUS)}, SeriesDescription `{{model}} not performed (run {{run}})`): "
         "the model, the run and the reason in words, no measurements (dicomnode/results/status_sr.py).")
@@ -543,6 +544,16 @@ def _attributes(kind: OutputKind, uid: str, modality: str) -> list[tuple[str, st
         ("SpecificCharacterSet", "the source images'"),
         ("SeriesInstanceUID, SOPInstanceUID", "new"),
     ]
+    if kind in (OutputKind.SEG, OutputKind.SR):
+        rows += [
+            ("ContributingEquipmentSequence[0].PurposeOfReferenceCodeSequence[0].CodeValue",
+             f"`{PROCESSING_EQUIPMENT.value}`"),
+            ("ContributingEquipmentSequence[0].Manufacturer", f"`{MANUFACTURER}`"),
+            ("ContributingEquipmentSequence[0].ManufacturerModelName", "`{model}`"),
+            ("ContributingEquipmentSequence[0].SoftwareVersions", "{version} and dicomnode's"),
+            ("ContributingEquipmentSequence[0].InstitutionName", "[node] organization, when set"),
+            ("ContributingEquipmentSequence[0].ContributionDescription", "the model, its version, its parameters"),
+        ]
     if kind is OutputKind.SEG:
         rows += [
             ("SegmentationType", "`BINARY`"),
@@ -551,6 +562,9 @@ def _attributes(kind: OutputKind, uid: str, modality: str) -> list[tuple[str, st
             ("SegmentSequence[0].SegmentAlgorithmName", "`{model}`"),
             ("SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmFamilyCodeSequence[0]"
              ".CodeValue", f"`{seg.ALGORITHM_FAMILY.value}`"),
+            ("SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters",
+             "folds, mirroring, tile_step_size, weights (SHA-256 of the checkpoints), as key=value, comma separated"),
+            ("ImageComments", "[node] result_disclaimer, when set"),
             ("SegmentSequence[0].SegmentedPropertyCategoryCodeSequence[0].CodeValue",
              f"`{LESION.category.value}` (lesion model; else the label's codes)"),
             ("SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue",
@@ -560,8 +574,9 @@ def _attributes(kind: OutputKind, uid: str, modality: str) -> list[tuple[str, st
     elif kind is OutputKind.SR:
         rows += [
             ("CompletionFlag", "`COMPLETE`"),
-            ("VerificationFlag", "`UNVERIFIED`"),
-            ("PreliminaryFlag", "`PRELIMINARY`"),
+            ("VerificationFlag", "`UNVERIFIED` (`VERIFIED` once released at review: [[models]] review)"),
+            ("PreliminaryFlag", "`PRELIMINARY` (`FINAL` once released at review)"),
+            ("VerifyingObserverSequence", "released at review only: the reader, [node] organization, the time"),
             ("ContentTemplateSequence[0].TemplateIdentifier", "`1500`"),
             ("ConceptNameCodeSequence[0].CodeValue",
              f"`{sr.TITLE.value}` (lesion model; else `{segment_sr.TITLE.value}`)"),
@@ -586,7 +601,8 @@ def _codes() -> list[list[str]]:
     rows = [["SEG", "segment category (lesion)", f"`{LESION.category.value}`", LESION.category.scheme,
              LESION.category.meaning],
             ["SEG", "segment type (lesion)", f"`{LESION.type.value}`", LESION.type.scheme, LESION.type.meaning],
-            ["SEG", "algorithm family", *_code(seg.ALGORITHM_FAMILY)]]
+            ["SEG", "algorithm family", *_code(seg.ALGORITHM_FAMILY)],
+            ["SEG", "contributing equipment purpose", *_code(PROCESSING_EQUIPMENT)]]
     for concept, code in (("document title", sr.TITLE), ("procedure reported (FDG)", sr.PROCEDURE_FDG_PET_CT),
                           ("procedure reported", sr.PROCEDURE_PET), ("finding category", sr.FINDING_CATEGORY),
                           ("finding type", sr.FINDING_TYPE), ("measurement", sr.SUVBW),
@@ -594,8 +610,9 @@ def _codes() -> list[list[str]]:
                           ("derivation", sr.TOTAL), ("measurement", sr.METABOLIC_VOLUME),
                           ("measurement", sr.TOTAL_LESION_GLYCOLYSIS), ("measurement", sr.NUMBER_OF_LESIONS),
                           ("unit", sr.UNIT_SUVBW), ("unit", sr.UNIT_ML), ("unit", sr.UNIT_G),
-                          ("unit", sr.UNIT_NONE)):
+                          ("unit", sr.UNIT_NONE), ("contributing equipment purpose", PROCESSING_EQUIPMENT)):
         rows.append(["SR (PET lesions)", concept, *_code(code)])
+    rows.append(["SR (site disclaimer)", "comment ([node] result_disclaimer)", *_code(sr.COMMENT)])
     procedures = [("procedure reported", code) for code in (*segment_sr.PROCEDURES.values(),
                                                             segment_sr.IMAGING_PROCEDURE)]
     for concept, code in (("document title", segment_sr.TITLE), *procedures, ("measurement", segment_sr.VOLUME)):

@@ -28,3 +28,12 @@ class DeliveryPending(Exception):
     def __init__(self, message: str, not_before: datetime) -> None:
         super().__init__(message)
         self.not_before = not_before
+
+
+class AwaitingReview(Exception):
+    """[[models]] review = true: the results are built and held, nothing sent, until a reader
+    releases or rejects them (dicomnode.pipeline.review); the message says what was found."""
+
+    def __init__(self, message: str, data: dict | None = None) -> None:
+        super().__init__(message)
+        self.data = data or {}

@@ -20,9 +20,10 @@ from sqlalchemy.orm import sessionmaker
 from dicomnode.config import Config, ModelSettings
 from dicomnode.imaging.measures import measure_lesions, measure_segments
 from dicomnode.pipeline.dispatch import deliver
-from dicomnode.pipeline.errors import JobError
+from dicomnode.pipeline.errors import AwaitingReview, JobError
 from dicomnode.pipeline.inputs import Inputs, build_inputs
 from dicomnode.pipeline.priors import settle_prior
+from dicomnode.pipeline.review import PREVIEW_FILE, found_in, held_for_review, verify_released
 from dicomnode.results.common import write_dicom
 from dicomnode.results.labelcodes import LabelCodesError, label_codes
 from dicomnode.results.writer import (
@@ -62,6 +63,27 @@ def model_fingerprint(settings: ModelSettings, root: Path | None = None) -> str:
     return f"sha256:{digest.hexdigest()[:12]}"
 
 
+_WEIGHTS: dict[tuple, str] = {}  # (checkpoint paths, sizes, mtimes) -> digest: each file hashed once per process
+
+
+def weights_fingerprint(settings: ModelSettings, root: Path | None = None) -> str:
+    """A fingerprint of the model's weights themselves: SHA-256 over the bytes of each fold's
+    checkpoint, in fold order (12 hex digits); remembered per file size and mtime, so a model is
+    hashed once per worker process (about 1 s per GB)."""
+    root = root or settings.path
+    files = [root / f"fold_{fold}" / settings.checkpoint for fold in settings.folds]
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _WEIGHTS:
+        digest = hashlib.sha256()
+        for fold, checkpoint in zip(settings.folds, files):
+            digest.update(f"{fold}:".encode())
+            with checkpoint.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        _WEIGHTS[key] = f"sha256:{digest.hexdigest()[:12]}"
+    return _WEIGHTS[key]
+
+
 def result_dir(config: Config, job: Job) -> Path:
     return config.job_folder(job.study_uid, job.id)
 
@@ -87,9 +109,13 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
     written = []
     position = [m.name for m in config.models].index(settings.name)
     numbers = {kind: result_series_number(kind, job.run_number, position) for kind in RESULT_SERIES_OFFSET}
-    version = settings.version or model_fingerprint(settings, getattr(model, "model_dir", None))
+    root = getattr(model, "model_dir", None)
+    version = settings.version or model_fingerprint(settings, root)
     source = Source(inputs.grid.datasets, inputs.spacing, inputs.suv, inputs.pet_header)
-    algorithm = Algorithm(settings.name, version, tuple(settings.folds), job.run_number)
+    algorithm = Algorithm(settings.name, version, tuple(settings.folds), job.run_number,
+                          mirroring=settings.use_mirroring, tile_step_size=settings.tile_step_size,
+                          weights=_weights_or_none(settings, root), organization=config.node.organization,
+                          disclaimer=config.node.result_disclaimer)
     try:
         out.mkdir(parents=True, exist_ok=True)
         summary = json.dumps(findings.as_json(), indent=2).encode()
@@ -97,11 +123,31 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
         for kind, ds in build_results(missing, out, findings, source, algorithm, numbers):
             write_dicom(ds, out / RESULT_FILES[kind])  # whole or not at all: nothing truncated is ever sent
             written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
+        if settings.review and source.suv is not None and not (out / PREVIEW_FILE).exists():
+            _write_preview(out / PREVIEW_FILE, source, findings, f"{settings.name} run {job.run_number}")
     except OSError as exc:  # a full disk, say: this attempt fails, a later one writes what is missing
         raise JobError(f"cannot write the result objects into {out}: {exc.strerror or exc}"
                        + (f" ({', '.join(written)} written)" if written else ""), retryable=True) from exc
     _event(sessions, job, EventKind.RESULTS_WRITTEN, ", ".join(written))
     return out
+
+
+def _weights_or_none(settings: ModelSettings, root: Path | None) -> str | None:
+    try:
+        return weights_fingerprint(settings, root)
+    except OSError as exc:  # a layout without the checkpoints where we look: the version still names it
+        log.warning("model %s: no weights fingerprint: %s", settings.name, exc)
+        return None
+
+
+def _write_preview(path: Path, source: Source, findings: Findings, title: str) -> None:
+    """The PET MIP with the lesions outlined (results.preview) for a reader at review."""
+    from dicomnode.results.preview import mip_png
+
+    partial = path.with_name(f".{path.name}.partial.png")
+    mip_png(source.suv, findings.labels, source.spacing, partial, title)
+    write_durably(path, lambda fh: fh.write(partial.read_bytes()), path.with_name(f".{path.name}.partial"))
+    partial.unlink(missing_ok=True)
 
 
 def _measure(sessions: sessionmaker, job: Job, settings: ModelSettings, model: SegmentationModel, inputs: Inputs,
@@ -204,6 +250,16 @@ def process_data_bytes() -> int:
 
 
 def process(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel) -> str:
-    settle_prior(config, sessions, job, config.model(job.model))  # [models.priors]: fetched or ruled out first
+    settings = config.model(job.model)
+    settle_prior(config, sessions, job, settings)  # [models.priors]: fetched or ruled out first
     out = make_results(config, sessions, job, model)
+    if held_for_review(sessions, settings, job):  # review = true: nothing is sent until a reader decides
+        raise AwaitingReview(_held_message(out), {"result_dir": str(out)})
+    verify_released(sessions, job, out, config.node.organization)  # a released job: its SR VERIFIED first
     return f"results in {out}; {deliver(config, sessions, job, out)}"
+
+
+def _held_message(out: Path) -> str:
+    """What a held job found, from its measures.json, for the held-for-review event."""
+    return (f"{found_in(out)}; results in {out}, nothing sent: `dicomnode review release JOB --by NAME` "
+            "or `review reject JOB --by NAME --reason TEXT`")

@@ -5,7 +5,9 @@ which model did not run and why, in a series of its own.
 A job ends without results when it is failed for good and none of its result objects was ever
 planned for delivery: its input was refused, the model raised, its inputs never became ready
 (job_give_up_hours), or its study was held back (a series missing or still arriving) longer than
-[node] status_after_hours (the assembler then makes a job failed at once: queue.held_back). A
+[node] status_after_hours (the assembler then makes a job failed at once: queue.held_back); or
+when a reader rejected its results at review (state rejected, dicomnode.pipeline.review: the
+reason is "results rejected at review by NAME: TEXT"). A
 job that wrote results and failed delivering them gets none: the model did run, and its result
 deliveries say what failed.
 
@@ -46,6 +48,8 @@ from dicomnode.store.tables import Instance, Job, JobState, utcnow
 log = logging.getLogger("dicomnode.processing")
 
 STATUS_FILE = delivery.STATUS_FILE
+# failed for good, or rejected at review (dicomnode.pipeline.review: its results were never planned)
+ENDED_WITHOUT_RESULTS = (JobState.FAILED, JobState.REJECTED)
 MAX_EVIDENCE_SERIES = 64  # one instance per series of the study as the SR's evidence (patient, study)
 
 
@@ -69,7 +73,7 @@ def send_status_reports(config: Config, sessions: sessionmaker, now: datetime | 
     now = now or utcnow()
     since = now - timedelta(hours=config.node.delivery_give_up_hours)
     with sessions() as session:
-        ids = list(session.scalars(select(Job.id).where(Job.state == JobState.FAILED, Job.finished_at >= since)
+        ids = list(session.scalars(select(Job.id).where(Job.state.in_(ENDED_WITHOUT_RESULTS), Job.finished_at >= since)
                                    .order_by(Job.id)))
     return sum(bool(report_not_performed(config, sessions, job_id, now)) for job_id in ids)
 
@@ -77,7 +81,7 @@ def send_status_reports(config: Config, sessions: sessionmaker, now: datetime | 
 def _report(config: Config, sessions: sessionmaker, job_id: int, now: datetime | None) -> str | None:
     with sessions() as session:
         job = session.get(Job, job_id)
-    if job is None or job.state != JobState.FAILED:
+    if job is None or job.state not in ENDED_WITHOUT_RESULTS:
         return None
     try:
         settings = config.model(job.model)

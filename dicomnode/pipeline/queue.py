@@ -8,7 +8,8 @@
     running --defer--> queued until a delivery's backoff is over or a storage commitment
                        report is due (the attempt is not counted: each delivery counts its own,
                        see dicomnode.pipeline.delivery); a report that arrives wakes it (now)
-    queued or failed --cancel (operator)--> cancelled (its pending deliveries too); a running
+    queued, failed or awaiting-review --cancel (operator)--> cancelled (its pending deliveries too;
+                       a held job sends nothing, not even a status SR); a running
                        job is not cancelled: its worker may be sending results right now
     a study --requeue (operator)--> a new job, the next run number, whatever earlier runs did
     a job --prioritize (operator)--> its priority changed (an event); it takes effect at the next claim
@@ -411,7 +412,7 @@ class RefusedError(Exception):
 
 
 def cancel(sessions: sessionmaker, job_id: int) -> None:
-    """Operator cancel of a queued or failed job: it will not run again, and its pending
+    """Operator cancel of a queued, failed or awaiting-review job: it will not run again, and its pending
     deliveries are cancelled with it. A running job is refused (its worker may be sending)."""
     now = utcnow()
     with sessions.begin() as session:
@@ -420,7 +421,7 @@ def cancel(sessions: sessionmaker, job_id: int) -> None:
             raise RefusedError(f"no job {job_id}")
         cancelled = session.execute(  # compare-and-set: a worker may claim the job meanwhile
             update(Job)
-            .where(Job.id == job_id, Job.state.in_((JobState.QUEUED, JobState.FAILED)))
+            .where(Job.id == job_id, Job.state.in_((JobState.QUEUED, JobState.FAILED, JobState.AWAITING_REVIEW)))
             .values(state=JobState.CANCELLED, finished_at=now)
             .execution_options(synchronize_session=False)
         ).rowcount
@@ -449,7 +450,7 @@ def _not_cancellable(job: Job) -> str:
             f"job {job.id} is running (worker {job.lease_owner}) and may be sending results: "
             "cancel it once it has finished or gone back to the queue"
         )
-    return f"job {job.id} is {job.state}: only queued or failed jobs can be cancelled"
+    return f"job {job.id} is {job.state}: only queued, failed or awaiting-review jobs can be cancelled"
 
 
 def prioritize(sessions: sessionmaker, job_id: int, priority: Priority, by: str = "operator") -> str:

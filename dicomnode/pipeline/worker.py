@@ -6,6 +6,8 @@ renews its lease; if the process dies, the lease expires and the job is queued a
 On SIGTERM the running job is released back to the queue and the worker exits.
 A job whose results wait for a delivery's backoff goes back to the queue until then
 (queue.defer), so a PACS that is down never holds the worker.
+A job of a model with review = true is held (awaiting-review) once its results are built and
+delivered only after a reader releases it (dicomnode.pipeline.review).
 A job that fails for good without results sends its "not performed" status SR right away
 (dicomnode.pipeline.notperformed); the worker's periodic pass sends the due retries of those, and
 the status SR of a study the assembler held back (a job failed at once).
@@ -27,7 +29,8 @@ from pathlib import Path
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, NodeSettings
-from dicomnode.pipeline.errors import DeliveryPending, InputsNotReady, JobError
+from dicomnode.pipeline import review
+from dicomnode.pipeline.errors import AwaitingReview, DeliveryPending, InputsNotReady, JobError
 from dicomnode.pipeline.job import process
 from dicomnode.pipeline.model_cache import ModelCache
 from dicomnode.pipeline.notperformed import report_not_performed, send_status_reports
@@ -76,6 +79,20 @@ def out_of_memory(exc: BaseException) -> str | None:
     if isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()):
         return "out of memory"
     return None
+
+
+class LoadedOnUse:
+    """The job's model, loaded (or taken from the cache) when the job first uses it: a job whose
+    results are already written (a delivery retried, results released at review) sends them
+    without loading a model into memory."""
+
+    def __init__(self, load) -> None:  # noqa: ANN001 - a callable returning the model
+        self._load, self._model = load, None
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        if self._model is None:
+            self._model = self._load()
+        return getattr(self._model, name)
 
 
 class Shutdown(BaseException):
@@ -135,12 +152,15 @@ class Worker:
                 raise Shutdown(self.stop_requested)
             log.info("job %d study %s model %s: attempt %d", job.id, job.study_uid, job.model, job.attempts)
             heartbeat.start()
-            model = self.models.get(job.model)
-            self.report_alive()  # a model may have just loaded
+            self.report_alive()
+            model = LoadedOnUse(lambda name=job.model: self._model(name))
             message = process(self.config, self.sessions, job, model)
         except Shutdown:
             release(self.sessions, job.id, self.owner, "worker shutting down")
             raise
+        except AwaitingReview as exc:  # review = true: results built and held until a reader decides
+            review.hold(self.sessions, job.id, self.owner, str(exc), exc.data)
+            log.info("job %d study %s: awaiting review: %s", job.id, job.study_uid, exc)
         except DeliveryPending as exc:  # results ready, deliveries backing off: free the worker meanwhile
             defer(self.sessions, job.id, self.owner, exc.not_before, str(exc))
             log.warning("job %d study %s: %s (queued until %s)", job.id, job.study_uid, exc, exc.not_before)
@@ -169,6 +189,11 @@ class Worker:
         finally:
             heartbeat.stopped.set()
         return True
+
+    def _model(self, name: str):  # noqa: ANN202 - an inference.SegmentationModel
+        model = self.models.get(name)
+        self.report_alive()  # a model may have just loaded
+        return model
 
     def _not_performed(self, job_id: int, state: str) -> None:
         """A job failed for good: its status SR to the destinations that want it (never raises)."""

@@ -3,15 +3,76 @@ source images, the source headers as the writers need them, and the durable DICO
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
+from dicomnode import __version__
 from dicomnode.store.files import write_durably
 
 MANUFACTURER = "dicomnode"  # Manufacturer of every result object (and the SR's observer device)
+# Purpose of Reference of the Contributing Equipment item (CID 7005 Contributing Equipment Purposes
+# of Reference): CID 7005 has no concept for an AI or an algorithm; a device that processed the
+# source images into this object is "Processing Equipment".
+PROCESSING_EQUIPMENT = codes.cid7005.ProcessingEquipment  # (109102, DCM, "Processing Equipment")
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a result object says of the algorithm that made it beyond its name and version (IHE
+    AIR, README "AI Results content"): its parameters as written into the SEG's algorithm
+    identification, the SR's TID 4019 and the Contributing Equipment item (folds, mirroring, tile
+    step, the weights' fingerprint), the site's organization, a disclaimer the site wants on
+    every SEG and SR ("" none), and when the processing ended."""
+
+    parameters: Mapping[str, str] = field(default_factory=dict)
+    organization: str = ""
+    disclaimer: str = ""
+    when: datetime | None = None
+
+
+def dicom_datetime(when: datetime) -> str:
+    """A DT value in UTC with its offset, e.g. 20261201193000.123456+0000."""
+    return when.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S.%f+0000")
+
+
+def device_uid(manufacturer: str, model_name: str, model_version: str) -> str:
+    """The UID of the node running one model version: the SR's observer device and the
+    Contributing Equipment item's Device UID (one model version keeps one UID)."""
+    return generate_uid(entropy_srcs=["dicomnode", manufacturer, model_name, model_version])
+
+
+def contributing_equipment(manufacturer: str, model_name: str, model_version: str,
+                           provenance: Provenance | None = None) -> Dataset:
+    """One Contributing Equipment Sequence item (SOP Common Module) for the node and the model
+    that processed the source images: purpose Processing Equipment (DCM 109102), the model as
+    the model name, its version and the node's as software versions, when, and the algorithm's
+    parameters in words."""
+    provenance = provenance or Provenance()
+    purpose = Dataset()
+    purpose.CodeValue = PROCESSING_EQUIPMENT.value
+    purpose.CodingSchemeDesignator = PROCESSING_EQUIPMENT.scheme_designator
+    purpose.CodeMeaning = PROCESSING_EQUIPMENT.meaning
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = [purpose]
+    item.Manufacturer = manufacturer
+    if provenance.organization:
+        item.InstitutionName = provenance.organization[:64]
+    item.ManufacturerModelName = model_name[:64]
+    item.SoftwareVersions = [model_version[:64], f"dicomnode {__version__}"[:64]]
+    # no Device UID (0018,1002): dciodvfy (dicom3tools) does not know it in this sequence and would
+    # call the object a Standard Extended SOP Class; the SR's observer context carries that UID
+    item.ContributionDateTime = dicom_datetime(provenance.when or datetime.now(timezone.utc))
+    parameters = "; ".join(f"{key} {value}" for key, value in provenance.parameters.items())
+    item.ContributionDescription = (f"AI segmentation by nnU-Net model {model_name} version {model_version}"
+                                    + (f"; {parameters}" if parameters else ""))[:1024]  # ST
+    return item
 
 
 class ResultError(ValueError):

@@ -37,8 +37,10 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 from dicomnode.config import LabelCode
 from dicomnode.results.common import (
     MANUFACTURER,
+    Provenance,
     ResultError,
     check_on_source,
+    contributing_equipment,
     frame_number,
     source_instances,
     with_type2_attributes,
@@ -62,12 +64,16 @@ def build_seg(
     segment_label: str = "lesion",
     manufacturer: str = MANUFACTURER,
     segments: Mapping[int, LabelCode] | None = None,
+    provenance: Provenance | None = None,
 ) -> hd.seg.Segmentation:
     """A BINARY SEG; `labels[k]` lies on `source[k]` (same slice order). Without `segments`: one
     segment `segment_label` (lesion codes) of `labels > 0`. With `segments` (label value -> name
     and codes, dicomnode.results.labelcodes): one segment per label value, numbered 1, 2, ... in value
-    order, each empty where its label is absent."""
+    order, each empty where its label is absent. `provenance`: the algorithm's further parameters
+    (Algorithm Parameters beside the folds, and the Contributing Equipment item), the site's
+    organization and disclaimer (Image Comments)."""
     check_on_source(labels, source)
+    provenance = provenance or Provenance()
     if segments is None:
         segments, labels = {1: LESION.model_copy(update={"name": segment_label})}, (labels > 0).astype(np.uint8)
     pixels = _segment_numbers(labels, list(segments))
@@ -77,7 +83,7 @@ def build_seg(
         family=ALGORITHM_FAMILY,
         version=model_version,
         source=manufacturer,
-        parameters={"folds": fold_text},
+        parameters={"folds": fold_text, **provenance.parameters},
     )
     descriptions = [
         hd.seg.SegmentDescription(
@@ -129,6 +135,12 @@ def build_seg(
         seg = hd.seg.Segmentation(**encode, transfer_syntax_uid=TRANSFER_SYNTAXES[1])
     if frames is not None:
         _reference_frames(seg, source)
+    seg.ContributingEquipmentSequence = [contributing_equipment(
+        manufacturer, model_name, model_version, Provenance(
+            {"folds": fold_text, **provenance.parameters}, provenance.organization, provenance.disclaimer,
+            provenance.when))]
+    if provenance.disclaimer:
+        seg.ImageComments = provenance.disclaimer[:10240]  # LT, General Image Module
     if seg.FrameOfReferenceUID != source[0].FrameOfReferenceUID:
         raise ResultError("SEG frame of reference differs from the source images")
     return seg

@@ -32,8 +32,8 @@ from pydicom.sr.coding import Code
 
 from dicomnode.config import LabelCode
 from dicomnode.imaging.measures import SegmentMeasures
-from dicomnode.results.common import MANUFACTURER, ResultError, source_instances, with_type2_attributes
-from dicomnode.results.sr import UNIT_ML, device_observation_context, report_document
+from dicomnode.results.common import MANUFACTURER, Provenance, ResultError, source_instances, with_type2_attributes
+from dicomnode.results.sr import UNIT_ML, algorithm_parameters, device_observation_context, report_document
 
 TITLE = codes.DCM.ImagingMeasurementReport
 VOLUME = codes.SCT.Volume
@@ -52,13 +52,15 @@ def build_segment_sr(
     series_number: int,
     series_description: str,
     manufacturer: str = MANUFACTURER,
+    provenance: Provenance | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report of one Volume per SEG segment; `measures[k]` is segment k + 1 of `seg`
     (build_seg numbers `segment_codes` 1, 2, ... in label value order)."""
     _check_fits(measures, seg, source, segment_codes)
     algorithm = hd.sr.AlgorithmIdentification(
         name=model_name, version=model_version, manufacturer=manufacturer,
-        parameters=["Volume: voxels of the segment x voxel volume on the source grid"],
+        parameters=["Volume: voxels of the segment x voxel volume on the source grid",
+                    *algorithm_parameters(provenance)],
     )
     source_series = hd.sr.SourceSeriesForSegmentation(str(source[0].SeriesInstanceUID))
     groups = [
@@ -74,7 +76,7 @@ def build_segment_sr(
     evidence = [*(with_type2_attributes(ds) for ds in source_instances(source)), seg]
     return report_document(report, evidence, series_number=series_number,
                            series_description=series_description, model_name=model_name, model_version=model_version,
-                           manufacturer=manufacturer)
+                           manufacturer=manufacturer, provenance=provenance)
 
 
 def _segment_group(

@@ -46,7 +46,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import __version__
 from dicomnode.imaging.comparison import Comparison, LesionChange, LesionValues, StudySummary
@@ -55,8 +55,11 @@ from dicomnode.imaging.measures import LesionMeasures, StudyMeasures
 from dicomnode.imaging.percist import Category
 from dicomnode.results.common import (
     MANUFACTURER,
+    Provenance,
     ResultError,
     check_on_source,
+    contributing_equipment,
+    device_uid,
     source_instances,
     with_type2_attributes,
 )
@@ -78,6 +81,7 @@ UNIT_SUVBW = Code("g/ml{SUVbw}", "UCUM", "Standardized Uptake Value body weight"
 UNIT_ML = Code("ml", "UCUM", "milliliter")
 UNIT_G = Code("g", "UCUM", "gram")
 UNIT_NONE = Code("1", "UCUM", "no units")
+COMMENT = Code("121106", "DCM", "Comment")  # the site's disclaimer, a TEXT item of the report
 
 # --- the comparison with a prior study (issue 16); see the module's docstring ---
 SUL = Code("126405", "DCM", "SUVlbm(Janma)")  # CID 7180/218: SUV lean body mass, Janmahasatian
@@ -90,7 +94,6 @@ CURRENT_RESPONSE = Code("112048", "DCM", "Current Response")
 RESPONSE_METHOD = Code("112021", "DCM", "Response Evaluation Method")
 PROCEDURE_STUDY_UID = Code("121018", "DCM", "Procedure Study Instance UID")
 STUDY_DATE = Code("111060", "DCM", "Study Date")
-COMMENT = Code("121106", "DCM", "Comment")
 
 PRIVATE_SCHEME = "99DCMNODE"  # the node's private coding scheme (also dicomnode.results.status_sr)
 PERCIST = Code("PERCIST1.0", PRIVATE_SCHEME, "PERCIST 1.0")
@@ -138,6 +141,7 @@ def build_sr(
     lesion_segment_numbers: Sequence[int] | None = None,
     pet_header: Dataset | None = None,
     comparison: Comparison | None = None,
+    provenance: Provenance | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 PET Measurement Report of `measures` (see the module's docstring).
 
@@ -171,6 +175,7 @@ def build_sr(
             + (f", at least {measures.min_volume_ml:g} ml" if measures.min_volume_ml > 0 else ""),
             "SUVpeak: mean SUVbw within 6.2035 mm (1 ml sphere) of the SUVmax voxel",
             f"measured by dicomnode {__version__}",
+            *algorithm_parameters(provenance),
         ],
         manufacturer=manufacturer,
     )
@@ -192,7 +197,8 @@ def build_sr(
         title=TITLE,
     )
     sr = report_document(report, [*headers, seg], series_number=series_number, series_description=series_description,
-                         model_name=model_name, model_version=model_version, manufacturer=manufacturer)
+                         model_name=model_name, model_version=model_version, manufacturer=manufacturer,
+                         provenance=provenance)
     if sr.StudyInstanceUID != source[0].StudyInstanceUID:
         raise ResultError("SR study differs from the source images")
     if comparison is not None:
@@ -220,11 +226,18 @@ def report_document(
     model_name: str,
     model_version: str,
     manufacturer: str,
+    provenance: Provenance | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The Comprehensive 3D SR document of a TID 1500 `report`, in a new series of the evidence's
     study: complete (everything found is reported), PRELIMINARY and UNVERIFIED (an automatic
-    result nobody has verified)."""
-    return hd.sr.Comprehensive3DSR(
+    result nobody has verified; a release at review makes it VERIFIED, results/verification.py).
+    With `provenance`: the site's disclaimer as a last Comment (DCM 121106) TEXT item of the report
+    (TID 1500 is extensible), and a Contributing Equipment item for the node and the model."""
+    provenance = provenance or Provenance()
+    if provenance.disclaimer:
+        report[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=COMMENT, value=provenance.disclaimer, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
         series_instance_uid=hd.UID(),
@@ -241,12 +254,19 @@ def report_document(
         device_serial_number="0",
         transfer_syntax_uid=TRANSFER_SYNTAX,
     )
+    sr.ContributingEquipmentSequence = [contributing_equipment(manufacturer, model_name, model_version, provenance)]
+    return sr
+
+
+def algorithm_parameters(provenance: Provenance | None) -> list[str]:
+    """The algorithm's parameters as TID 4019 Algorithm Parameters values ("folds 0,1,2,3,4", ...)."""
+    return [f"{key} {value}" for key, value in (provenance.parameters if provenance else {}).items()]
 
 
 def device_observation_context(manufacturer: str, model_name: str, model_version: str) -> hd.sr.ObservationContext:
     """The node as the observer (TID 1004); one model version keeps one device UID."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(entropy_srcs=["dicomnode", manufacturer, model_name, model_version]),
+        uid=device_uid(manufacturer, model_name, model_version),
         name="dicomnode",
         manufacturer_name=manufacturer,
         model_name=f"{model_name} {model_version}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from highdicom.seg import segread
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Config, ModelSettings, OutputKind
+from dicomnode.results.common import Provenance
 from dicomnode.results.rtstruct import build_rtstruct
 from dicomnode.results.sc import build_sc
 from dicomnode.results.seg import build_seg
@@ -90,12 +92,31 @@ class Source:
 @dataclass(frozen=True)
 class Algorithm:
     """Who made the results: the model's name and version (SEG algorithm identification, SR
-    device), its folds and the run of the study."""
+    device), its folds and the run of the study; how it ran (test-time mirroring, the sliding
+    window's tile step) and a fingerprint of its weights, where known; the site's organization and
+    disclaimer (config [node] organization, result_disclaimer)."""
 
     name: str
     version: str
     folds: tuple[int, ...]
     run: int
+    mirroring: bool | None = None
+    tile_step_size: float | None = None
+    weights: str | None = None
+    organization: str = ""
+    disclaimer: str = ""
+
+    def provenance(self) -> Provenance:
+        """The result objects' algorithm parameters (besides the folds, which the SEG names
+        itself), organization and disclaimer."""
+        parameters = {}
+        if self.mirroring is not None:
+            parameters["mirroring"] = "on" if self.mirroring else "off"
+        if self.tile_step_size is not None:
+            parameters["tile_step_size"] = f"{self.tile_step_size:g}"
+        if self.weights:
+            parameters["weights"] = self.weights
+        return Provenance(parameters, self.organization, self.disclaimer, datetime.now(timezone.utc))
 
 
 def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, source: Source, algorithm: Algorithm,
@@ -104,6 +125,9 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
     built here or read back from `out`. The RTSTRUCT and the SC (PET MIP) are of PET lesions only
     (config refuses them for a model without a PET channel)."""
     model = dict(model_name=algorithm.name, model_version=algorithm.version)
+    provenance = algorithm.provenance()
+    sr_provenance = Provenance({"folds": ",".join(str(f) for f in algorithm.folds), **provenance.parameters},
+                               provenance.organization, provenance.disclaimer, provenance.when)
     run, name, images = algorithm.run, algorithm.name, source.datasets
     lesions = findings.segments is None
     described = LESION_SERIES_DESCRIPTIONS if lesions else SEGMENT_SERIES_DESCRIPTIONS
@@ -121,6 +145,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 folds=list(algorithm.folds),
                 series_number=numbers[OutputKind.SEG],
                 series_description=description(OutputKind.SEG),
+                provenance=provenance,
             )
         else:
             seg = build_seg(
@@ -131,6 +156,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 segments=findings.segments,
                 series_number=numbers[OutputKind.SEG],
                 series_description=description(OutputKind.SEG),
+                provenance=provenance,
             )
         yield OutputKind.SEG, seg
     elif OutputKind.SR in kinds:
@@ -147,6 +173,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 **model,
                 series_number=numbers[OutputKind.SR],
                 series_description=description(OutputKind.SR),
+                provenance=sr_provenance,
             ),
         )
     elif OutputKind.SR in kinds:
@@ -160,6 +187,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 **model,
                 series_number=numbers[OutputKind.SR],
                 series_description=description(OutputKind.SR),
+                provenance=sr_provenance,
             ),
         )
     if OutputKind.RTSTRUCT in kinds:

@@ -45,6 +45,10 @@ class EventKind(StrEnum):
     DELIVERY_PENDING = "delivery-pending"  # results ready, deliveries backing off: the job waits
     PRIORITIZED = "prioritized"  # its priority changed by an operator (data: priority, was)
     HELD_BACK = "held-back"  # a job made failed at once: its study was held back past status_after_hours
+    # a job: the review gate ([[models]] review = true; dicomnode.pipeline.review)
+    HELD_FOR_REVIEW = "held-for-review"  # results built, nothing sent: awaiting a reader (data: measures, files)
+    REVIEW_RELEASED = "review-released"  # released by a reader (data: by, at): the SR made VERIFIED, then delivered
+    REVIEW_REJECTED = "review-rejected"  # rejected by a reader (data: by, reason): nothing sent but the status SR
     # a job: its work
     PRIOR_USED = "prior-used"  # [models.priors]: the prior study fetched (or already held) for the job
     NO_PRIOR = "no-prior"  # [models.priors]: no prior study to fetch, and why

@@ -48,7 +48,8 @@ def _done(session, study_uid: str) -> Done | None:  # noqa: ANN001 - a Session
         if study is None:
             return None
         return Done(study_uid, study.last_received_at, study.last_received_at, ())
-    if any(job.state != JobState.SUCCEEDED or job.finished_at is None for job in latest):
+    # a job rejected at review is settled too: its results were built and will never be sent
+    if any(job.state not in (JobState.SUCCEEDED, JobState.REJECTED) or job.finished_at is None for job in latest):
         return None
     queued_at = min(job.created_at for job in latest)
     if study is not None and study.last_received_at > queued_at:

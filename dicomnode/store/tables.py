@@ -54,6 +54,10 @@ class JobState(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # [[models]] review = true: results built, nothing sent until a reader releases (then queued
+    # again to deliver) or rejects them (dicomnode.pipeline.review)
+    AWAITING_REVIEW = "awaiting-review"
+    REJECTED = "rejected"  # rejected at review: no results sent, only the "not performed" status SR
 
 
 class DeliveryState(StrEnum):
@@ -116,7 +120,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     study_uid: Mapped[str] = mapped_column(String(64), index=True)
     model: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), index=True)  # queued running succeeded failed cancelled
+    state: Mapped[str] = mapped_column(String(16), index=True)  # a JobState
     # a config.Priority: urgent jobs are claimed first, low ones only within [node] low_priority_hours
     priority: Mapped[str] = mapped_column(String(8), default=Priority.NORMAL.value,
                                           server_default=Priority.NORMAL.value)
@@ -132,6 +136,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp)
     started_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # review = true: who released or rejected the results, and when (the released SR's Verifying Observer)
+    reviewed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reviewed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
     __table_args__ = (Index("ix_jobs_claim", "state", "not_before"),)
 

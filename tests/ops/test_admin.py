@@ -26,7 +26,7 @@ from dicomnode import cli
 from dicomnode.config import Config, load_config
 from dicomnode.net.sender import Outcome
 from dicomnode.ops.history import parse_since
-from dicomnode.pipeline import delivery
+from dicomnode.pipeline import delivery, review
 from dicomnode.pipeline.queue import RetryPolicy, cancel, claim, enqueue, fail, succeed
 from dicomnode.pipeline.selection import Verdict
 from dicomnode.store.components import heartbeat
@@ -143,7 +143,8 @@ def built(tmp_path_factory) -> Site:
     config = node_config(tmp_path_factory.mktemp("site"))
     sessions = make_sessionmaker(config.database_url)
     t0 = utcnow() - timedelta(hours=1)
-    states = ("running", "succeeded", "failed", "cancelled", "queued")  # in the order their jobs are made
+    # in the order their jobs are made
+    states = ("running", "succeeded", "failed", "awaiting-review", "rejected", "cancelled", "queued")
     indexed = {state: _index_study(sessions, t0) for state in states}
     studies = {state: uid for state, (uid, _series) in indexed.items()}
     jobs = {
@@ -162,6 +163,11 @@ def built(tmp_path_factory) -> Site:
     _succeed_with_deliveries(sessions, jobs["succeeded"], studies["succeeded"])
     assert claim(sessions, "w", LEASE).id == jobs["failed"]
     fail(sessions, jobs["failed"], "w", "cannot compute SUVbw: PatientWeight: missing", RetryPolicy(), retryable=False)
+    for state in ("awaiting-review", "rejected"):  # results built and held ([[models]] review), one then rejected
+        jobs[state] = enqueue(sessions, studies[state], "demo-petct", RetryPolicy())
+        assert claim(sessions, "w", LEASE).id == jobs[state]
+        assert review.hold(sessions, jobs[state], "w", "2 lesions; nothing sent")
+    review.reject(sessions, jobs["rejected"], "Curie^Marie", "not a lesion")
     jobs["cancelled"] = enqueue(sessions, studies["cancelled"], "demo-petct", RetryPolicy())
     cancel(sessions, jobs["cancelled"])
     jobs["queued"] = enqueue(sessions, studies["queued"], "demo-petct", RetryPolicy())
@@ -213,7 +219,7 @@ def test_jobs_list_has_every_state_as_table_and_json(site: Site):
     recent = {j["id"] for j in json.loads(_cli(site, "jobs", "list", "--since", "1d", "--json"))}
     assert recent == set(site.jobs.values()) - {site.jobs["failed"]}
     iso = (utcnow() - timedelta(days=4)).strftime("%Y-%m-%dT%H:%M")
-    assert len(json.loads(_cli(site, "jobs", "list", "--since", iso, "--json"))) == 5
+    assert len(json.loads(_cli(site, "jobs", "list", "--since", iso, "--json"))) == len(JobState)
     one_study = json.loads(_cli(site, "jobs", "list", "--study", site.studies["queued"], "--json"))
     assert [j["id"] for j in one_study] == [site.jobs["queued"]]
 
@@ -281,7 +287,7 @@ def test_cancel_and_requeue_change_states_with_events(site: Site):
     assert "cancelled" in _cli(site, "jobs", "cancel", str(site.jobs["queued"]))
     refused = _cli(site, "jobs", "cancel", str(site.jobs["running"]), code=1)
     assert f"job {site.jobs['running']} is running (worker {REMOTE_WORKER})" in refused
-    assert "is succeeded: only queued or failed jobs can be cancelled" in _cli(
+    assert "is succeeded: only queued, failed or awaiting-review jobs can be cancelled" in _cli(
         site, "jobs", "cancel", str(site.jobs["succeeded"]), code=1
     )
     assert "no job 999" in _cli(site, "jobs", "cancel", "999", code=1)

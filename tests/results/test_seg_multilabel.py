@@ -14,7 +14,7 @@ from pydicom import dcmread
 from dicomnode.config import LabelCode, ModelSettings
 from dicomnode.imaging.measures import measure_segments
 from dicomnode.imaging.volumes import load_series
-from dicomnode.results.common import ResultError, write_dicom
+from dicomnode.results.common import Provenance, ResultError, write_dicom
 from dicomnode.results.labelcodes import LESION, LabelCodesError, label_codes
 from dicomnode.results.seg import build_seg
 from dicomnode.results.segment_sr import build_segment_sr
@@ -186,10 +186,16 @@ def test_volume_sr(organ_seg, organs, codes, tmp_path: Path):
         model_version="1",
         series_number=951,
         series_description="organ volumes",
+        provenance=Provenance({"folds": "0", "weights": "sha256:0123456789ab"}, "", "Not for diagnostic use"),
     )
     path = tmp_path / "sr.dcm"
     sr.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+    # AIR content (README): the disclaimer as the report's last Comment, the processing equipment
+    last = sr.ContentSequence[-1]
+    assert (last.ConceptNameCodeSequence[0].CodeValue, last.TextValue) == ("121106", "Not for diagnostic use")
+    assert sr.ContributingEquipmentSequence[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert "weights sha256:0123456789ab" in sr.ContributingEquipmentSequence[0].ContributionDescription
     report = hd.sr.srread(path)
     assert report.ConceptNameCodeSequence[0].CodeValue == "126000"  # Imaging Measurement Report
     groups = report.content.get_volumetric_roi_measurement_groups()

@@ -2,16 +2,16 @@
 per event to tell (written with the state change it tells), `notification_sends` one row per
 event and target with its state (a NotifyState), tries, backoff and the body sent.
 
-Revision ID: 0008_notify
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-01
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_notify"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
