@@ -30,7 +30,8 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.config import ModelSettings, OutputKind
+from dicomnode.config import ModelSettings, NotifyEvent, OutputKind
+from dicomnode.pipeline import notify
 from dicomnode.pipeline.queue import RefusedError
 from dicomnode.results.verification import verify_sr
 from dicomnode.results.writer import RESULT_FILES
@@ -82,6 +83,7 @@ def hold(sessions: sessionmaker, job_id: int, owner: str, message: str, data: di
         job.attempts = max(job.attempts - 1, 0)
         log_event(session, EventKind.HELD_FOR_REVIEW, message, study_uid=job.study_uid, job_id=job.id, at=now,
                   data=data)
+        notify.enqueue(session, NotifyEvent.HELD_FOR_REVIEW, job, reason=message, now=now)
         return True
 
 
@@ -126,6 +128,7 @@ def reject(sessions: sessionmaker, job_id: int, by: str, reason: str, now: datet
                                             reviewed_by=name, reviewed_at=now))
         log_event(session, EventKind.REVIEW_REJECTED, f"rejected by {name}: {reason}", study_uid=job.study_uid,
                   job_id=job.id, at=now, data={"by": name, "reason": reason})
+        notify.enqueue(session, NotifyEvent.JOB_FAILED, job, reason=error, now=now)  # ended without results sent
         return job
 
 

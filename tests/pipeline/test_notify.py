@@ -24,7 +24,7 @@ from dicomnode.net.sender import Outcome
 from dicomnode.net.webhook import Told
 from dicomnode.ops.metrics import DatabaseCollector
 from dicomnode.ops.status import node_status
-from dicomnode.pipeline import delivery, notify
+from dicomnode.pipeline import delivery, notify, review
 from dicomnode.pipeline.queue import RetryPolicy, claim, enqueue, fail, succeed
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.events import EventKind
@@ -320,17 +320,21 @@ def test_config_checks_the_targets(tmp_path: Path):
     assert config.notify[1].wanted == [NotifyEvent.RESULTS_CONFIRMED]
 
 
-def test_the_review_gate_hook_is_one_call_in_the_callers_transaction(config, sessions, study):
+def test_the_review_gate_tells_held_and_rejected_jobs(config, sessions, study):
     job_id = enqueue(sessions, study, "demo-petct", RetryPolicy())
-    with sessions.begin() as session:
-        job = session.get(Job, job_id)
-        assert notify.enqueue(session, NotifyEvent.HELD_FOR_REVIEW, job, reason="results held for review",
-                              state="awaiting-review")
+    job = claim(sessions, "w1", timedelta(minutes=10))
+    assert job is not None and job.id == job_id
+    assert review.hold(sessions, job_id, "w1", "results held for review: 3 lesions")
     [held] = _notifications(sessions)
-    assert (held.kind, held.state, held.reason) == ("held-for-review", "awaiting-review", "results held for review")
+    assert (held.kind, held.state, held.reason) == ("held-for-review", "awaiting-review",
+                                                    "results held for review: 3 lesions")
     notify.route(config, sessions)
     assert sorted(_sends(sessions)) == [("held-for-review", "hook")]  # the default events; not the ORU, not hook-phi
     with sessions() as session:
         job = session.get(Job, job_id)
     said = notify.payload(config, sessions, held, job, config.notify[0])
     assert (said["event"], said["state"], said["results"]) == ("held-for-review", "awaiting-review", None)
+    review.reject(sessions, job_id, "Dr Who", "motion artefact")
+    rejected = _notifications(sessions)[-1]
+    assert (rejected.kind, rejected.state) == ("job-failed", "rejected")
+    assert rejected.reason == "results rejected at review by Dr Who: motion artefact"
