@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
@@ -151,6 +152,7 @@ class IndexWriter:
     (dicomnode.net.recovery). `record` then answers None; `flush` waits for the rows."""
 
     RETRY_SECONDS = 1.0  # a batch the database refused is tried again after this (doubling, at most 30 s)
+    GATHER_SECONDS = 0.05  # deferred: rows gathered this long before a batch (they are durable already)
 
     def __init__(self, sessions: sessionmaker, deferred: bool = False) -> None:
         self.sessions = sessions
@@ -225,6 +227,10 @@ class IndexWriter:
             with self._rows_changed:
                 while not self._rows and not self._closing:
                     self._rows_changed.wait()
+                closing = self._closing
+            if not closing:  # one transaction for what comes meanwhile: a row alone costs as much as a batch
+                time.sleep(self.GATHER_SECONDS)
+            with self._rows_changed:
                 if not self._rows:
                     self._thread = None
                     self._rows_changed.notify_all()
