@@ -206,11 +206,10 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def ratios(results: dict[str, list[float]], base: str) -> str:
+    def ratio(results: dict[str, list[float]], base: str) -> float | None:
         if base not in results or "dicomnode" not in results:
-            return ""
-        per_run = [n / b for n, b in zip(results["dicomnode"], results[base], strict=True)]
-        return f"{statistics.median(per_run):.2f}"
+            return None
+        return statistics.median(n / b for n, b in zip(results["dicomnode"], results[base], strict=True))
 
     print(f"\n{'receiver':10} {'1 assoc median':>15} {'runs':>18} {'4 assoc median':>15} {'runs':>18} "
           f"{'peak RSS MB':>12}")
@@ -218,10 +217,21 @@ def main() -> None:
         print(f"{name:10} {statistics.median(one[name]):15.1f} {' '.join(f'{r:.0f}' for r in one[name]):>18} "
               f"{statistics.median(four[name]):15.1f} {' '.join(f'{r:.0f}' for r in four[name]):>18} "
               f"{max(rss[name]):12.0f}")
-    for base in ("Orthanc", "storescp"):
-        if base in one and "dicomnode" in one:
-            print(f"dicomnode / {base}: 1 assoc {ratios(one, base)}x, 4 assoc {ratios(four, base)}x "
-                  "(median of the per-repeat ratios)")
+    # the issue's goals (issue 15.1), each ratio the median of the per-repeat ratios
+    rows = [("1 association, dicomnode / Orthanc", ratio(one, "Orthanc"), 1.2, "x"),
+            ("4 associations, dicomnode / Orthanc", ratio(four, "Orthanc"), 1.2, "x"),
+            ("1 association, dicomnode / storescp", ratio(one, "storescp"), None, "x"),
+            ("4 associations, dicomnode / storescp", ratio(four, "storescp"), 0.5, "x"),
+            ("dicomnode peak RSS, MB (at most)", max(rss["dicomnode"]) if "dicomnode" in rss else None, 300, "")]
+    print(f"\n{'ingest':40} {'measured':>9} {'goal':>7} {'met':>4}")
+    for label, value, goal, unit in rows:
+        if value is None:
+            continue
+        if goal is None:  # no goal: said for comparison
+            print(f"{label:40} {value:8.2f}{unit or ' '} {'-':>7} {'-':>4}")
+            continue
+        met = value <= goal if label.startswith("dicomnode peak") else value >= goal
+        print(f"{label:40} {value:8.2f}{unit or ' '} {goal:6g}{unit or ' '} {'yes' if met else 'no':>4}")
 
 
 if __name__ == "__main__":

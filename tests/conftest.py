@@ -22,7 +22,7 @@ from dicomnode.net.receiver import Receiver
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.synth.petct import SyntheticStudy, write_study
 
-from tests.support.nodeutil import node_config
+from tests.support.nodeutil import IndexedSessions, node_config
 from tests.support.selectionutil import copy_series
 from tests.support.storescp import StoreSCP
 
@@ -116,7 +116,7 @@ def node(tmp_path: Path):
     sessions = make_sessionmaker(config.database_url)
     receiver = Receiver(config, sessions)
     receiver.start()
-    yield config, sessions, receiver
+    yield config, IndexedSessions(sessions, receiver), receiver
     receiver.stop()
 
 

@@ -63,6 +63,21 @@ def client_for(source: Source, config: Config) -> DimseSource | DicomwebSource:
     return DimseSource(source, config.node.ae_title, move_destination=config.node.ae_title)
 
 
+INDEX_LAG_SECONDS = 10.0  # how long a C-MOVE's acknowledged instances may take to appear in the index
+
+
+def _indexed(sessions: sessionmaker, wanted: set[str]) -> set[str]:
+    """Those of `wanted` the index holds, once all are or INDEX_LAG_SECONDS have passed: the
+    receiver (another process) writes an instance's row just after acknowledging it."""
+    deadline = time.monotonic() + INDEX_LAG_SECONDS
+    while True:
+        with sessions() as session:
+            held = held_instances(session, wanted)
+        if held >= wanted or time.monotonic() > deadline:
+            return held
+        time.sleep(0.05)
+
+
 def fetch_study(client: DimseSource | DicomwebSource, announced: Announced, store: InstanceStore,
                 sessions: sessionmaker, progress: Progress | None = None) -> Fetched:
     """Retrieve the study `announced` describes (see `announce`) and check that it all arrived;
@@ -77,9 +92,8 @@ def fetch_study(client: DimseSource | DicomwebSource, announced: Announced, stor
     seconds = time.monotonic() - started
     if retrieved.stores_here:
         arrived = set(wanted) & retrieved.stored
-    else:
-        with sessions() as session:
-            arrived = held_instances(session, set(wanted))
+    else:  # C-MOVE: the node's receiver stored them; it indexes each a moment after acknowledging it
+        arrived = _indexed(sessions, set(wanted))
     missing = [uid for uid in wanted if uid not in arrived]
     if retrieved.status is None:
         said = "gave no final response"

@@ -4,9 +4,12 @@ accepted in the syntaxes the node can decode; every other class (SR, SEG, SC, PD
 states, RT objects, video) is stored as sent in any syntax, checked the same way, and never
 starts a job (nor, with `drop_non_inputs`, is it kept).
 
-An instance is acknowledged (0x0000) only after it is fsynced into the spool and indexed;
-any failure answers with a failure status and a logged reason (below the disk watermark,
-association requests are rejected too, transient, "local limit exceeded"):
+An instance is acknowledged (0x0000) only after it is fsynced into the spool under its final name
+(file and folder); its index row is written a moment later by the index writer's thread, in
+batches, or, if the process dies first, at the next start from the spool (dicomnode.net.recovery);
+a fetch (C-GET, WADO-RS) indexes before it answers. Any failure answers with a failure status
+and a logged reason (below the disk watermark, association requests are rejected too, transient,
+"local limit exceeded"):
   0xA700 out of resources (disk or database could not take it, or free space is below the
          watermark of dicomnode.store.diskspace: nothing is written; the sender may retry)
   0xA900 data set does not match the SOP class or instance of the request
@@ -18,14 +21,19 @@ association requests are rejected too, transient, "local limit exceeded"):
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
+from tempfile import NamedTemporaryFile
 
+import pynetdicom.dimse_messages
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     UID,
@@ -38,13 +46,14 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.dsutils import create_file_meta, decode, encode_file_meta
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
 from dicomnode.imaging.sopclasses import INPUT_CLASSES, STORAGE_CLASSES
+from dicomnode.net.recovery import index_from_spool
 from dicomnode.net.status import (
     CANNOT_UNDERSTAND,
     NO_SUCH_SOP_CLASS,
@@ -60,7 +69,7 @@ from dicomnode.net.verify import report_of
 from dicomnode.store.commitments import record_report
 from dicomnode.store.diskspace import Watermark
 from dicomnode.store.index import IndexWriter, ReceivedInstance
-from dicomnode.store.spool import Spool
+from dicomnode.store.spool import TEMP_PREFIX, Spool
 
 log = logging.getLogger("dicomnode.receiver")
 
@@ -100,6 +109,96 @@ IMAGE_CLASSES = INPUT_CLASSES  # their pixel data is read by the pipeline: it mu
 
 
 
+# Chunked receive (pynetdicom's STORE_RECV_CHUNKED_DATASET): pynetdicom writes each C-STORE data
+# set to a file as its P-DATA arrives (after a preamble and file meta) instead of collecting it in
+# memory; the handler checks its header there and renames it into the spool. Both switches are
+# pynetdicom's and process-wide: they are set while a Receiver runs, and its temporary files are put
+# in the spool's incoming folder (the same file system: a rename, not a copy) of the last one started.
+_META_READ = 64 * 1024  # the preamble and file meta are in these first bytes
+_DEFER_BYTES = 64 * 1024  # header values longer than this are left in the file (pixel data)
+_INCOMING: list[Path] = []  # the incoming folders of the receivers running in this process
+_CHUNKED_BEFORE: list[bool] = []
+
+
+_RECEIVING: dict[int, str] = {}  # an association's DUL thread -> the file it last began receiving into
+
+
+def _incoming_temp_file(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - tempfile.NamedTemporaryFile's
+    for folder in reversed(_INCOMING):
+        if folder.is_dir():
+            kwargs.update(dir=folder, prefix=TEMP_PREFIX)
+            break
+    received = _Receiving(NamedTemporaryFile(*args, **kwargs))
+    _RECEIVING[threading.get_ident()] = received.name  # called in the association's DUL thread
+    return received
+
+
+class _Receiving:
+    """The file pynetdicom receives a data set into. A write that fails (a full disk) would abort
+    the association inside pynetdicom, without a word to the handler or the receiver's association
+    count, and leave the file: instead the file is removed, the rest of the data set is read and
+    dropped, and the handler answers 0xA700 (`failed`)."""
+
+    def __init__(self, wrapped) -> None:  # noqa: ANN001 - tempfile's _TemporaryFileWrapper
+        self._wrapped, self.name = wrapped, wrapped.name
+        self.file = self  # pynetdicom flushes `.file`
+        self.failed: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        self._unless_failed(self._wrapped.write, data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._unless_failed(self._wrapped.file.flush)
+
+    def _unless_failed(self, call, *args) -> None:  # noqa: ANN001, ANN002
+        if self.failed is not None:
+            return
+        try:
+            call(*args)
+        except OSError as exc:
+            self.failed = exc
+            try:
+                self._wrapped.close()
+            except OSError:
+                pass
+            Path(self.name).unlink(missing_ok=True)
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - fileno, close and the rest: the file's own
+        return getattr(self._wrapped, name)
+
+
+def _drop_unfinished(dul_thread: int | None) -> None:
+    """When a connection closes: the file its last data set was being received into, if it is
+    still there (an abort or a full disk mid-data set; pynetdicom removes only those it handed over)."""
+    name = _RECEIVING.pop(dul_thread, None) if dul_thread is not None else None
+    if name is not None:
+        Path(name).unlink(missing_ok=True)
+
+
+pynetdicom.dimse_messages.NamedTemporaryFile = _incoming_temp_file  # only chunked receive creates files there
+
+
+def _receive_chunked(incoming: Path, on: bool) -> None:
+    if on:
+        if not _INCOMING:
+            _CHUNKED_BEFORE.append(_config.STORE_RECV_CHUNKED_DATASET)
+        _INCOMING.append(incoming)
+        _config.STORE_RECV_CHUNKED_DATASET = True
+    elif incoming in _INCOMING:
+        _INCOMING.remove(incoming)
+        if not _INCOMING:
+            _config.STORE_RECV_CHUNKED_DATASET = _CHUNKED_BEFORE.pop()
+
+
+def _body_offset(data: bytes) -> int:
+    """Where the data set starts in a file pynetdicom wrote: after the preamble, "DICM" and the file
+    meta, whose group length (0002,0000) it always writes first."""
+    if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
+        raise ValueError("no file meta before the data set")
+    return 144 + int.from_bytes(data[140:144], "little")
+
+
 def patient_details(ds) -> str:  # noqa: ANN001 - a pydicom Dataset
     """For log lines only with `log_patient_details = true`: by default the node logs UIDs only."""
     return (f"patient {ds.get('PatientName', '')} ID {ds.get('PatientID', '')} born {ds.get('PatientBirthDate', '')} "
@@ -124,20 +223,69 @@ class InstanceStore:
     C-GET on the node's own association, and a WADO-RS fetch all store through it, so a fetched
     instance is held exactly as a pushed one (`calling_aet`: the sender, or the fetch source)."""
 
-    def __init__(self, config: Config, sessions: sessionmaker) -> None:
+    def __init__(self, config: Config, sessions: sessionmaker, deferred_index: bool = False) -> None:
         self.config = config
         self.sessions = sessions
         self.spool = Spool(config.spool_dir)
         self.watermark = Watermark(config.node.data_dir, config.node)
-        self.index = IndexWriter(sessions)  # group commit across the associations storing at once
+        # group commit across the associations storing at once; deferred (the receiver's): the row
+        # is written just after the acknowledgement, or at the next start (dicomnode.net.recovery)
+        self.index = IndexWriter(sessions, deferred=deferred_index)
 
     def store_event(self, event, calling_aet: str) -> Stored:  # noqa: ANN001 - pynetdicom C-STORE event
         """A C-STORE request, as received on an association (the receiver's, or a C-GET's)."""
-        sent = event.request.DataSet
-        return self.store(lambda: event.dataset, bytes(sent.getbuffer()[:8]),
-                          UID(event.context.transfer_syntax), str(event.request.AffectedSOPClassUID),
-                          str(event.request.AffectedSOPInstanceUID or ""), event.encoded_dataset, calling_aet,
-                          size=sent.getbuffer().nbytes)
+        syntax, request = UID(event.context.transfer_syntax), event.request
+        request_class, request_sop = str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID or "")
+        received = getattr(request, "_dataset_file", None)
+        if received is not None and not syntax.is_deflated:  # chunked receive: pynetdicom wrote the file
+            return self.store_received(received, syntax, request_class, request_sop, calling_aet)
+        if received is not None:  # deflated: inflated in memory to check it; the file as sent is kept
+            received.flush()
+            if getattr(received, "failed", None) is not None:
+                log.error("could not store instance %s from %s: %s (0xA700)", request_sop, calling_aet,
+                          received.failed)
+                return Stored(OUT_OF_RESOURCES)
+            data = Path(received.name).read_bytes()
+            body = data[_body_offset(data):]
+            return self.store(lambda: decode(BytesIO(body), False, True, True), body[:8], syntax, request_class,
+                              request_sop, lambda: data, calling_aet, size=len(body))
+        sent = request.DataSet
+        return self.store(lambda: event.dataset, bytes(sent.getbuffer()[:8]), syntax, request_class, request_sop,
+                          event.encoded_dataset, calling_aet, size=sent.getbuffer().nbytes)
+
+    def store_received(self, received, syntax: UID, request_class: str, request_sop: str,  # noqa: ANN001
+                       calling: str) -> Stored:
+        """A data set pynetdicom's chunked receive wrote into the spool's incoming folder (preamble,
+        its file meta, the data set as sent; `received` still open for writing): its header read
+        (bulk values left in the file), checked, and the file itself fsynced and renamed into the
+        spool: no decode, no second copy."""
+        temp = Path(received.name)
+        received.flush()
+        if getattr(received, "failed", None) is not None:
+            log.error("could not store instance %s from %s: %s (0xA700)", request_sop, calling, received.failed)
+            return Stored(OUT_OF_RESOURCES)
+        with open(temp, "rb") as fh:
+            start = _body_offset(fh.read(_META_READ))
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(start)
+            head = fh.read(8)
+            fh.seek(start)
+
+            def dataset() -> Dataset:
+                ds = read_dataset(fh, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=_DEFER_BYTES)
+                ds.filename = str(temp)  # where pydicom reads a deferred value from, if one is asked for
+                return ds
+
+            def place(final: Path) -> None:
+                os.fsync(received.fileno())
+                if temp.parent == self.spool.incoming:
+                    os.replace(temp, final)
+                else:  # another receiver's incoming folder (tests run several in one process)
+                    data = temp.read_bytes()
+                    self.spool.write_file(final, data)
+
+            return self.store(dataset, head, syntax, request_class, request_sop, None, calling, size=size,
+                              place=place)
 
     def store_encoded(self, body: bytes, syntax: UID, sop_class_uid: str, sop_instance_uid: str,
                       calling_aet: str) -> Stored:
@@ -157,10 +305,12 @@ class InstanceStore:
                           size=len(body))
 
     def store(self, dataset: Callable[[], Dataset], head: bytes, syntax: UID, request_class: str, request_sop: str,
-              encoded: Callable[[], bytes], calling: str, size: int | None = None) -> Stored:
+              encoded: Callable[[], bytes] | None, calling: str, size: int | None = None,
+              place: Callable[[Path], None] | None = None) -> Stored:
         """Check, spool and index one data set; the status to answer (logged when it is a refusal).
         With drop_non_inputs, an instance of a class no model reads is acknowledged, not stored
-        (`dropped`: the caller counts and says it)."""
+        (`dropped`: the caller counts and says it). The file is `encoded()` written durably, or
+        what `place(final path)` puts there durably (the chunked receive's file, renamed)."""
         try:
             ds = dataset()
             facts = check_instance(ds, head, syntax, request_class, request_sop, IMAGE_CLASSES, size=size)
@@ -180,12 +330,15 @@ class InstanceStore:
             return Stored(SUCCESS, study_uid, sop_uid, ds, dropped=True)
         resent = self.spool.path_for(study_uid, series_uid, sop_uid).exists()  # acknowledged before: indexed
         try:
-            path = self.spool.write(study_uid, series_uid, sop_uid, encoded(), sync_folder=False)
+            if place is None:
+                path = self.spool.write(study_uid, series_uid, sop_uid, encoded(), sync_folder=False)
+            else:
+                path = self.spool.place(study_uid, series_uid, sop_uid, place)
         except OSError as exc:
             log.error("could not store instance %s of study %s: %s (0xA700)", sop_uid, study_uid, exc)
             return Stored(OUT_OF_RESOURCES)
         try:
-            self.index.record(  # fsyncs the folder, commits the row: then acknowledged
+            self.index.record(  # fsyncs the folder; commits the row, or (deferred) hands it to its thread
                 ReceivedInstance(
                     study_uid=study_uid,
                     series_uid=series_uid,
@@ -238,10 +391,11 @@ class ReceiverCounters:
 class Receiver:
     """Accepts associations from allowed AEs and stores what they send."""
 
-    def __init__(self, config: Config, sessions: sessionmaker, counters: ReceiverCounters | None = None) -> None:
+    def __init__(self, config: Config, sessions: sessionmaker, counters: ReceiverCounters | None = None,
+                 deferred_index: bool = True) -> None:
         self.config = config
         self.sessions = sessions
-        self.store = InstanceStore(config, sessions)
+        self.store = InstanceStore(config, sessions, deferred_index=deferred_index)
         self.spool, self.watermark = self.store.spool, self.store.watermark
         self.counters = counters or ReceiverCounters()
         self._server = None
@@ -372,6 +526,7 @@ class Receiver:
             sock.settimeout(self.config.node.network_timeout_seconds)
 
     def _on_connection_closed(self, event) -> None:  # noqa: ANN001
+        _drop_unfinished(getattr(event.assoc.dul, "ident", None))
         with self._lock:
             self._requested.pop(id(event.assoc), None)
             self.counters.associations_open.set(len(self._requested))
@@ -435,6 +590,18 @@ class Receiver:
         removed = self.spool.remove_leftovers()
         if removed:
             log.info("removed %d temporary files a previous run left unacknowledged", removed)
+        recovered = index_from_spool(self.spool, self.sessions)
+        if recovered:
+            log.warning("indexed %d acknowledged instances a previous run left out of the index", recovered)
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            # pynetdicom's standard handlers format a log line for every PDU and DIMSE message that
+            # its logger (at WARNING in `serve`) then drops: not bound for new associations
+            _config.LOG_HANDLER_LEVEL = "none"
+        try:
+            self.spool.incoming.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # then pynetdicom writes to the system's temporary folder; the spool refuses
+            log.error("spool folder %s cannot be used: %s", self.spool.incoming, exc)
+        _receive_chunked(self.spool.incoming, True)
         handlers = [
             NODELAY_HANDLER,
             (evt.EVT_CONN_OPEN, self._on_connection_open),
@@ -450,12 +617,16 @@ class Receiver:
         ]
         tls = self.config.node.tls
         with self._lock:
-            self._server = self.ae.start_server(
-                (self.config.node.bind, self.config.node.port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=server_tls_context(tls) if tls else None,
-            )
+            try:
+                self._server = self.ae.start_server(
+                    (self.config.node.bind, self.config.node.port),
+                    block=False,
+                    evt_handlers=handlers,
+                    ssl_context=server_tls_context(tls) if tls else None,
+                )
+            except BaseException:
+                _receive_chunked(self.spool.incoming, False)
+                raise
             self._server.verify_request = self._accept_connection
         log.info(
             "receiver %s listening on %s:%d%s",
@@ -480,3 +651,5 @@ class Receiver:
             if self._server is not None:
                 self._server.shutdown()
                 self._server = None
+                _receive_chunked(self.spool.incoming, False)
+        self.store.index.close()  # the rows of what was acknowledged

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from io import BytesIO
 
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, parse_basic_offsets
@@ -45,6 +45,7 @@ IDENTITY_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOP
 VOLUME_NUMBERS = {"PixelSpacing": 2, "RescaleSlope": 1, "RescaleIntercept": 1}
 _VRS = {vr.value.encode() for vr in VR}
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
 
 
 class Refused(Exception):
@@ -67,7 +68,7 @@ def check_instance(ds: Dataset, head: bytes, transfer_syntax: UID, request_class
         if size is not None:
             _check_ends_with_an_element(ds, size)
     as_sent = {keyword: _as_sent(ds, keyword) for keyword in IDENTITY_UIDS}  # before reading converts them
-    _check_elements(ds)
+    _check_elements(ds, size)
     for keyword, text in as_sent.items():
         _check_uid(keyword, text)
     try:
@@ -101,7 +102,7 @@ def _check_ends_with_an_element(ds: Dataset, size: int) -> None:
     """The last element's value must end where the data set does: pydicom stops without a word at
     an element header cut short (the bytes after the last whole element are dropped)."""
     tags = list(ds.keys())
-    last = ds.get_item(tags[-1]) if tags else None
+    last = ds.get_item(tags[-1], keep_deferred=True) if tags else None
     if not isinstance(last, RawDataElement) or last.value_tell is None or last.length == _UNDEFINED_LENGTH:
         return  # already read, or a sequence or encapsulated pixel data: its delimiter closes it
     end = last.value_tell + last.length
@@ -116,7 +117,7 @@ def _as_sent(ds: Dataset, keyword: str) -> str | None:
     tag = Tag(keyword)
     if tag not in ds:
         return None
-    value = ds.get_item(tag).value
+    value = ds.get_item(tag, keep_deferred=True).value
     if isinstance(value, bytes):
         raw = value[:-1] if value.endswith((b"\x00", b" ")) else value
         return raw.decode("latin-1")
@@ -130,24 +131,52 @@ def _check_uid(keyword: str, text: str | None) -> None:
         raise Refused(CANNOT_UNDERSTAND, f"{keyword} {text[:80]!r} is not a valid DICOM UID")
 
 
-def _check_elements(ds: Dataset, where: str = "") -> None:
-    """Read every element (in sequences too) in the negotiated syntax; a value shorter than its
-    length (the data set was cut short) or one pydicom cannot convert is named."""
-    for tag in list(ds.keys()):
-        item = ds.get_item(tag)
-        name = f"{where}{Tag(tag)}"
-        if isinstance(item, RawDataElement) and item.length != _UNDEFINED_LENGTH and item.value is not None \
-                and len(item.value) < item.length:
-            raise Refused(CANNOT_UNDERSTAND, f"element {name} {_keyword(tag)}: {len(item.value)} of its "
-                                             f"{item.length} bytes: the data set is cut short")
+def _check_elements(ds: Dataset, size: int | None = None, where: str = "") -> None:
+    """Every element (in sequences too) whole and readable in the negotiated syntax: a value shorter
+    than its length (the data set was cut short; for a value pydicom deferred, one that would end
+    after the data set's `size` bytes) is named, and so is one whose conversion fails. Only the
+    VRs whose conversion can fail are converted (binary and string numbers, sequences, UN read as
+    its dictionary's VR): text is converted by pydicom without a failure in its default reading mode
+    (it warns), bulk data is bytes; converting them too was most of the receiver's check time."""
+    for tag, item in list(ds._dict.items()):  # noqa: SLF001 - the elements as read, none converted or loaded
+        if isinstance(item, RawDataElement):
+            if item.length != _UNDEFINED_LENGTH:
+                if item.value is not None and len(item.value) < item.length:
+                    raise Refused(CANNOT_UNDERSTAND, f"element {where}{Tag(tag)} {_keyword(tag)}: {len(item.value)} "
+                                                     f"of its {item.length} bytes: the data set is cut short")
+                if item.value is None and size is not None and item.value_tell + item.length > size:
+                    raise Refused(CANNOT_UNDERSTAND, f"element {where}{Tag(tag)} {_keyword(tag)}: "
+                                                     f"{size - item.value_tell} of its {item.length} bytes: "
+                                                     "the data set is cut short")
+            if _vr_of(item) not in _CONVERTED:
+                continue
+        elif item.VR != "SQ":
+            continue
         try:
             element = ds[tag]
         except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds for a malformed element
-            raise Refused(CANNOT_UNDERSTAND, f"element {name} {_keyword(tag)} cannot be read: "
+            raise Refused(CANNOT_UNDERSTAND, f"element {where}{Tag(tag)} {_keyword(tag)} cannot be read: "
                                              f"{first_sentence(exc)}") from None
         if element.VR == "SQ":
             for index, child in enumerate(element.value or []):
-                _check_elements(child, f"{name}[{index}].")
+                _check_elements(child, None, f"{where}{Tag(tag)}[{index}].")
+
+
+# The VRs whose conversion can fail (see _check_elements), and ambiguous ones ("US or SS").
+_CONVERTED = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "AT", "SV", "UV", "DS", "IS", "SQ", "UN"})
+
+
+def _vr_of(item: RawDataElement) -> str:
+    """A raw element's VR: as sent (explicit VR) or from the dictionary (implicit VR; UN if unknown)."""
+    vr = item.VR
+    if not vr:
+        try:
+            vr = dictionary_VR(item.tag)
+        except KeyError:
+            return "UN"
+    if " or " in vr:  # "OB or OW" is bytes either way; "US or SS" and the like are numbers
+        return "OB" if vr.startswith("OB") else "UN"
+    return vr
 
 
 def _keyword(tag: int) -> str:
@@ -163,10 +192,9 @@ def _check_pixel_data(ds: Dataset, syntax: UID, required: bool) -> None:
         value = ds.get(keyword)
         if not isinstance(value, int) or value <= 0:
             raise Refused(CANNOT_UNDERSTAND, f"{keyword} {value!r} does not describe the pixel data")
-    data = ds.PixelData
     if syntax.is_encapsulated:
         try:
-            buffer = BytesIO(data)
+            buffer = BytesIO(ds.PixelData)
             parse_basic_offsets(buffer)
             fragments = sum(1 for _ in generate_fragments(buffer))
         except Exception as exc:  # noqa: BLE001
@@ -178,9 +206,13 @@ def _check_pixel_data(ds: Dataset, syntax: UID, required: bool) -> None:
         expected = get_expected_length(ds, unit="bytes")
     except Exception as exc:  # noqa: BLE001
         raise Refused(CANNOT_UNDERSTAND, f"image attributes do not describe the pixel data: {exc}") from None
-    if len(data) < expected:
+    # its length as sent (the element check made sure that many bytes are there): the value itself
+    # is not read, nor converted (pydicom may have deferred it, left in the file)
+    item = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    length = item.length if isinstance(item, RawDataElement) else len(item.value or b"")
+    if length < expected:
         raise Refused(
             CANNOT_UNDERSTAND,
-            f"PixelData has {len(data)} bytes; Rows x Columns x SamplesPerPixel x "
+            f"PixelData has {length} bytes; Rows x Columns x SamplesPerPixel x "
             f"BitsAllocated x frames need {expected}",
         )

@@ -259,8 +259,9 @@ def statement(config: Config | None = None) -> str:
     add("#### 4.1.1 Application Data Flow")
     add("")
     add(f"One AE, **{node.ae_title}**, with three real-world activities on the network side: (1) *receive*: a "
-        "remote AE sends instances (C-STORE); each is checked, written durably and indexed before it is "
-        "acknowledged; (2) *deliver*: the node sends its result objects to the configured destinations (C-STORE) "
+        "remote AE sends instances (C-STORE); each is checked and written durably (fsynced into the spool) "
+        "before it is acknowledged, and indexed just after (or, after a crash, at the next start); (2) *deliver*: "
+        "the node sends its result objects to the configured destinations (C-STORE) "
         "and confirms them (N-ACTION of Storage Commitment, its report by N-EVENT-REPORT; or C-FIND); "
         "(3) *fetch*: the node finds studies on a configured source (C-FIND) and retrieves them (C-MOVE to its "
         "own AE title, or C-GET on its own association).")
@@ -395,9 +396,8 @@ def statement(config: Config | None = None) -> str:
     add("###### 4.2.1.4.3 Status Codes as SCP")
     add("")
     out += _table(["Service", "Status", "Meaning"], [
-        ["C-STORE", "0x0000", "written durably and indexed"],
-        ["C-STORE", "0xA700", "out of resources: disk or database could not take it, or free space below the "
-                              "watermark"],
+        ["C-STORE", "0x0000", "written durably (the index row follows)"],
+        ["C-STORE", "0xA700", "out of resources: the disk could not take it, or free space below the watermark"],
         ["C-STORE", "0xA900", "data set does not match the SOP class or instance of the request"],
         ["C-STORE", "0xC000", "cannot understand: not in the negotiated syntax, cut short, invalid UIDs, a malformed "
                               "attribute the pipeline reads, pixel data shorter than stated"],

@@ -27,7 +27,7 @@ from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Instance, utcnow
 
 from tests.support.malformed import CASES, as_file, encode, send_raw, valid_pet, write_case
-from tests.support.nodeutil import node_config, write_series
+from tests.support.nodeutil import IndexedSessions, node_config, write_series
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed")]
 
@@ -41,7 +41,7 @@ def small_node(tmp_path: Path):
     sessions = make_sessionmaker(config.database_url)
     receiver = Receiver(config, sessions)
     receiver.start()
-    yield config, sessions, receiver
+    yield config, IndexedSessions(sessions, receiver), receiver
     receiver.stop()
 
 

@@ -3,18 +3,22 @@
 import os
 import shutil
 import subprocess
+import threading
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from dicomnode.net.receiver import Receiver
 from dicomnode.store.engine import make_sessionmaker
-from dicomnode.store.tables import Instance
+from dicomnode.store.spool import Spool
+from dicomnode.store.tables import Instance, Study
 
 from tests.support.nodeutil import node_config, tiny_instance, write_series
 
@@ -119,28 +123,82 @@ def test_dcmtk_storescu_folder(node, tmp_path: Path):
     assert stored == {str(dcmread(p).SOPInstanceUID) for p in files}
 
 
-def test_an_instance_the_database_refuses_leaves_no_file_and_a_resent_one_keeps_its_own(node, monkeypatch):
-    """0xA700 when the index cannot take the instance: a new instance's spool file is removed (it
-    was never acknowledged); an instance acknowledged before and sent again keeps its file, which
-    its index row still points to."""
+def test_an_instance_the_database_refuses_is_acknowledged_and_indexed_once_it_takes_it(node, monkeypatch):
+    """The index row is written after the acknowledgement: with the database refusing (locked,
+    down), an instance is acknowledged all the same (it is durable in the spool), its row waits,
+    and is written when the database takes it again; a resent instance keeps its file and row."""
     from dicomnode.store import index as index_module
 
-    config, sessions, _ = node
+    config, sessions, receiver = node
     study = generate_uid()
     kept = tiny_instance(study, generate_uid(), 0)
     assoc = _associate(config)
     assert assoc.send_c_store(kept).Status == 0x0000
+    assert receiver.store.index.flush(30)
+    down = threading.Event()
+    down.set()
 
-    def database_down(*_args, **_kwargs):
-        raise RuntimeError("database is locked")
+    def refusing(real):  # noqa: ANN001, ANN202
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if down.is_set():
+                raise RuntimeError("database is locked")
+            return real(*args, **kwargs)
+        return call
 
-    monkeypatch.setattr(index_module, "add_instance", database_down)
+    monkeypatch.setattr(index_module, "add_instances", refusing(index_module.add_instances))
+    monkeypatch.setattr(index_module, "add_instance", refusing(index_module.add_instance))
     new = tiny_instance(study, kept.SeriesInstanceUID, 1)
-    assert assoc.send_c_store(new).Status == 0xA700
-    assert assoc.send_c_store(kept).Status == 0xA700
+    assert assoc.send_c_store(new).Status == 0x0000
+    assert assoc.send_c_store(kept).Status == 0x0000
     assoc.release()
-    files = sorted(p.name for p in config.spool_dir.rglob("*") if p.is_file())
-    assert files == [f"{kept.SOPInstanceUID}.dcm"]
+    assert not receiver.store.index.flush(1.5)  # refused, tried again, refused: the rows wait
+    files = sorted(p.name for p in config.spool_dir.rglob("*.dcm"))
+    assert files == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in (kept, new))
+    with sessions.sessions() as session:  # without waiting for the writer
+        assert list(session.scalars(select(Instance.sop_instance_uid))) == [kept.SOPInstanceUID]
+    down.clear()  # the database is back: the writer's next try writes them
     with sessions() as session:
-        [row] = session.scalars(select(Instance))
-    assert row.sop_instance_uid == kept.SOPInstanceUID and dcmread(row.path).PixelData == kept.PixelData
+        rows = {row.sop_instance_uid: row for row in session.scalars(select(Instance))}
+    assert set(rows) == {kept.SOPInstanceUID, new.SOPInstanceUID}
+    assert dcmread(rows[new.SOPInstanceUID].path).PixelData == new.PixelData
+    assert dcmread(rows[kept.SOPInstanceUID].path).PixelData == kept.PixelData
+
+
+def test_files_the_index_lacks_are_indexed_before_the_receiver_listens(tmp_path: Path):
+    """What a killed receiver acknowledged and had not indexed yet: spool files without rows are
+    indexed at start (their headers read), temporary files removed, rows already there kept."""
+    config = node_config(tmp_path)
+    sessions = make_sessionmaker(config.database_url)
+    study, series = generate_uid(), generate_uid()
+    receiver = Receiver(config, sessions)
+    receiver.start()
+    try:
+        assoc = _associate(config)
+        first = tiny_instance(study, series, 0)
+        assert assoc.send_c_store(first).Status == 0x0000
+        assoc.release()
+    finally:
+        receiver.stop()
+    spool = Spool(config.spool_dir)
+    lost = [tiny_instance(study, series, i) for i in (1, 2)]
+    for ds in lost:  # acknowledged, then the process died before the row was written
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        spool.write(study, series, ds.SOPInstanceUID, buffer.getvalue())
+    (config.spool_dir / ".incoming").mkdir(exist_ok=True)
+    (config.spool_dir / ".incoming" / ".incoming-half").write_bytes(b"never acknowledged")
+    receiver = Receiver(config, sessions)
+    receiver.start()
+    receiver.stop()
+    with sessions() as session:
+        rows = {row.sop_instance_uid: row for row in session.scalars(select(Instance))}
+        held = session.get(Study, study)
+    assert set(rows) == {first.SOPInstanceUID, *(ds.SOPInstanceUID for ds in lost)}
+    assert rows[first.SOPInstanceUID].calling_aet == "GOODSCU"  # its row was there: kept as it was
+    assert rows[lost[0].SOPInstanceUID].calling_aet == ""  # the sender is not in the file
+    assert held.instances_received == 3
+    assert not list((config.spool_dir / ".incoming").iterdir())

@@ -29,7 +29,7 @@ from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance, Study
 
 from tests.support.malformed import as_file, encode
-from tests.support.nodeutil import node_config, tiny_instance
+from tests.support.nodeutil import IndexedSessions, node_config, tiny_instance
 
 pytestmark = pytest.mark.e2e  # starts servers (tests/conftest.py)
 
@@ -75,7 +75,7 @@ def receiver(tmp_path: Path, request):
     counters = ReceiverCounters()
     receiver = Receiver(config, sessions, counters)
     receiver.start()
-    yield config, sessions, counters
+    yield config, IndexedSessions(sessions, receiver), counters
     receiver.stop()
 
 

@@ -20,7 +20,7 @@ from dicomnode.pipeline import assembler
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job, Study, utcnow
 
-from tests.support.nodeutil import node_config
+from tests.support.nodeutil import IndexedSessions, node_config
 
 pytestmark = pytest.mark.e2e  # starts servers or subprocesses (tests/conftest.py)
 
@@ -34,7 +34,7 @@ def node(tmp_path: Path):
     sessions = make_sessionmaker(config.database_url)
     receiver = Receiver(config, sessions)
     receiver.start()
-    yield config, sessions
+    yield config, IndexedSessions(sessions, receiver)
     receiver.stop()
 
 

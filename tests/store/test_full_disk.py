@@ -26,7 +26,7 @@ from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Instance, Job, utcnow
 
-from tests.support.nodeutil import REPO, tiny_instance, write_config
+from tests.support.nodeutil import REPO, IndexedSessions, tiny_instance, write_config
 from tests.support.selectionutil import index_files
 from tests.support.smalldisk import fill, grow, small_filesystem
 
@@ -71,13 +71,13 @@ def test_instances_on_a_full_disk_are_acknowledged_whole_or_refused_and_a_resend
             refused = [ds for ds, s in zip(sent, statuses) if s != 0x0000]
             assert set(statuses) <= {0x0000, 0xA700, None}, statuses
             assert acked and refused, f"the disk did not fill: {statuses}"
-            _check_spool_and_index(config, sessions, acked)
+            _check_spool_and_index(config, IndexedSessions(sessions, receiver), acked)
             print(f"full disk: {len(acked)} acknowledged and intact, {len(refused)} refused "
                   f"({statuses.count(0xA700)} with 0xA700, {statuses.count(None)} associations rejected)")
             assert _echo(config)  # still serving
             grow(disk, 64)  # space comes back
             assert _send_all(config.node.port, config.node.ae_title, refused) == [0x0000] * len(refused)
-            _check_spool_and_index(config, sessions, sent)
+            _check_spool_and_index(config, IndexedSessions(sessions, receiver), sent)
         finally:
             receiver.stop()
 

@@ -82,3 +82,51 @@ def test_a_failing_instance_fails_alone(tmp_path: Path, monkeypatch):
                         bad_uid: "database refused it"}
     with sessions() as session:
         assert set(session.scalars(select(Instance.sop_instance_uid))) == {i.sop_instance_uid for i in good}
+
+
+def _state(sessions) -> tuple:  # noqa: ANN001
+    """The index as rows, times left out (they differ between two writers)."""
+    with sessions() as session:
+        return (sorted((i.sop_instance_uid, i.series_uid, i.study_uid, i.path)
+                       for i in session.scalars(select(Instance))),
+                sorted((s.series_uid, s.study_uid, s.modality) for s in session.scalars(select(Series))),
+                sorted((s.study_uid, s.instances_received) for s in session.scalars(select(Study))),
+                sorted((e.study_uid, e.kind, e.message) for e in session.scalars(select(Event))))
+
+
+def test_the_deferred_writer_indexes_what_one_at_a_time_indexing_would(tmp_path: Path):
+    """The receiver's writer (deferred): answered once the folder is fsynced, rows written in
+    batches by its thread (add_instances); the index ends as record_instance one by one leaves it,
+    resends, an instance moved to another series and a UID twice in one batch included."""
+    deferred_db = make_sessionmaker(f"sqlite:///{tmp_path / 'deferred.sqlite'}")
+    one_by_one = make_sessionmaker(f"sqlite:///{tmp_path / 'one.sqlite'}")
+    writer = IndexWriter(deferred_db, deferred=True)
+    studies = [(generate_uid(), generate_uid(), generate_uid()) for _ in range(3)]  # study, series, another series
+    items = [_item(study, series, generate_uid(), f"/spool/{k}.dcm")
+             for k in range(30) for study, series, _ in [studies[k % 3]]]
+    resent = [_item(i.study_uid, i.series_uid, i.sop_instance_uid, "/spool/again.dcm") for i in items[:5]]
+    moved = [_item(studies[0][0], studies[0][2], items[0].sop_instance_uid, "/spool/moved.dcm")]
+    sequence = items + resent + moved + items[10:12]
+    start = threading.Barrier(4)
+
+    def send(chunk: list[ReceivedInstance]) -> None:
+        start.wait()
+        for item in chunk:
+            assert writer.record(item, tmp_path) is None
+
+    threads = [threading.Thread(target=send, args=(items[k::4],)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with writer._rows_changed:  # noqa: SLF001 - the rest in one batch: a resend, a move, a UID twice
+        writer._rows.extend(resent + moved + items[10:12])  # noqa: SLF001
+        writer._rows_changed.notify_all()  # noqa: SLF001
+    assert writer.flush(30)
+    writer.close()
+    for item in sequence:
+        index_module.record_instance(one_by_one, item)
+    assert _state(deferred_db) == _state(one_by_one)
+    with deferred_db() as session:
+        assert session.get(Study, studies[0][0]).instances_received == 11  # 10, and the move
+        assert session.get(Instance, items[0].sop_instance_uid).series_uid == studies[0][2]

@@ -105,3 +105,27 @@ def write_series(folder: Path, study_uid: str, modality: str, count: int) -> lis
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+class IndexedSessions:
+    """A running Receiver's sessions, for a test's reads: each session opens once the receiver's
+    index writer has committed every row handed to it (the receiver acknowledges an instance when
+    it is durable in the spool and writes its row a moment later: this waits for that, never
+    sleeps). Anything else is the sessionmaker's."""
+
+    def __init__(self, sessions, receiver) -> None:  # noqa: ANN001 - a sessionmaker, a Receiver
+        self.sessions, self.receiver = sessions, receiver
+
+    def _written(self) -> None:
+        assert self.receiver.store.index.flush(30), "the receiver's index rows were not written in 30 s"
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        self._written()
+        return self.sessions(*args, **kwargs)
+
+    def begin(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        self._written()
+        return self.sessions.begin(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.sessions, name)
