@@ -160,9 +160,14 @@ def test_the_pacs_forwarding_the_study_with_its_results_makes_no_second_run(site
     assert summary["FailedInstancesCount"] == 0 and summary["InstancesCount"] == 130, summary
     sessions = make_sessionmaker(f"sqlite:///{work / 'var' / 'dicomnode.db'}")
     result_uids = {pacs.instance_tags(i)["SOPInstanceUID"] for s in results.values() for i in s["Instances"]}
-    with sessions() as session:
-        held = {row.sop_instance_uid: row for row in session.scalars(
-            select(Instance).where(Instance.study_uid == study.study_instance_uid))}
+    deadline = time.monotonic() + 30  # the index rows follow the acknowledgements (the receiver's deferred writer)
+    while True:
+        with sessions() as session:
+            held = {row.sop_instance_uid: row for row in session.scalars(
+                select(Instance).where(Instance.study_uid == study.study_instance_uid))}
+        if len(held) >= 130 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert result_uids <= set(held) and len(held) == 130
     arrived = max(held[uid].received_at for uid in result_uids)
     deadline, swept_after = time.monotonic() + 60, arrived + timedelta(seconds=2.0 + 2 * 0.5 + 1.0)
