@@ -81,3 +81,35 @@ def test_listings_on_an_80_column_terminal(node: Path, command, uid_cell):
 
     whole = in_terminal(*command, "--wide", *config)
     assert [row.split("│")[uid_cell].strip() for row in _rows(whole)] == uids
+
+
+@pytest.mark.e2e
+def test_review_list_on_an_80_column_terminal(node: Path):
+    """`dicomnode review list`: one line per held job at 80 columns, the UIDs shortened yet told apart."""
+    from datetime import timedelta
+
+    from dicomnode.config import load_config
+    from dicomnode.pipeline import review
+    from dicomnode.pipeline.queue import claim
+    from dicomnode.store.engine import make_sessionmaker
+
+    sessions = make_sessionmaker(load_config(node).database_url)
+    held = []
+    while (job := claim(sessions, "w", timedelta(minutes=5))) is not None:
+        assert review.hold(sessions, job.id, "w", "3 lesions, total MTV 21.5 ml, TLG 88.3 g; nothing sent yet")
+        held.append(job.study_uid)
+    assert len(held) == 4  # the fifth failed for good in `populated`
+    config = ("--config", str(node))
+    listed = json.loads(in_terminal("review", "list", "--json", *config, columns=200))
+    assert sorted(item["study"] for item in listed) == sorted(held)
+
+    output = in_terminal("review", "list", *config)
+    assert all(cell_len(line) <= 80 for line in output.splitlines()), output
+    rows = _rows(output)
+    assert len(rows) == 4, output
+    shown = [row.split("│")[2].strip() for row in rows]
+    for item, short in zip(listed, shown):
+        head, ellipsis, tail = short.partition("…")
+        assert ellipsis and item["study"].startswith(head) and item["study"].endswith(tail), (item["study"], short)
+    whole = in_terminal("review", "list", "--wide", *config)
+    assert [row.split("│")[2].strip() for row in _rows(whole)] == [item["study"] for item in listed]
