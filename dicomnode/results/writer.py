@@ -99,10 +99,13 @@ class Algorithm:
 
 
 def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, source: Source, algorithm: Algorithm,
-                  numbers: dict[OutputKind, int]) -> Iterator[tuple[OutputKind, Dataset]]:
+                  numbers: dict[OutputKind, int], comparison: object | None = None,
+                  ) -> Iterator[tuple[OutputKind, Dataset]]:
     """Build `kinds` in RESULT_FILES order, yielding (kind, dataset); the SR references the SEG,
     built here or read back from `out`. The RTSTRUCT and the SC (PET MIP) are of PET lesions only
-    (config refuses them for a model without a PET channel)."""
+    (config refuses them for a model without a PET channel). `comparison` (an
+    imaging.comparison.Comparison, [models.compare]): the follow-up's comparison with its prior,
+    reported in the PET SR."""
     model = dict(model_name=algorithm.name, model_version=algorithm.version)
     run, name, images = algorithm.run, algorithm.name, source.datasets
     lesions = findings.segments is None
@@ -144,6 +147,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 seg,
                 images,
                 pet_header=source.pet_header,
+                **({"comparison": comparison} if comparison is not None else {}),
                 **model,
                 series_number=numbers[OutputKind.SR],
                 series_description=description(OutputKind.SR),
