@@ -124,10 +124,42 @@ def write_study(
     """Write the study; `variant` (see the module docstring) says how the PET is stored."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}")
-    out_dir = Path(out_dir)
-    times = _times(variant)
     phantom = ph.random_phantom(seed, n_lesions=n_lesions)
+    return write_phantom(out_dir, phantom, patient_id=patient_id, patient_name=patient_name, variant=variant)
+
+
+def write_phantom(
+    out_dir: Path,
+    phantom: ph.Phantom,
+    *,
+    patient_id: str = "SYNTH-0001",
+    patient_name: str = "Synthetic^PetCt",
+    variant: str = "bqml",
+    days_later: int = 0,
+    pose: ph.Pose | None = None,
+    patient_sex: str = "O",
+    patient_size_m: float | None = 1.75,
+    study_description: str = "PET/CT synthetic phantom",
+) -> SyntheticStudy:
+    """Write `phantom` as a CT and a PET series of one new study (write_study's layout).
+
+    For a patient timeline (dicomnode.synth.timeline): `days_later` moves every date and time
+    by that many days, `pose` puts the patient elsewhere in the scanner (petct_phantom.Pose), and
+    PatientSex / PatientSize are as given (None: no PatientSize)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: one of {', '.join(VARIANTS)}")
+    out_dir = Path(out_dir)
+    shift = timedelta(days=days_later)
+    base = _times(variant)
+    times = _Times(base.injection + shift, base.ct_start + shift, base.pet_start + shift)
+    seed = phantom.seed
     study = study_dataset(patient_id, patient_name, times.ct_start)
+    study.PatientSex = patient_sex
+    if patient_size_m is None:
+        del study.PatientSize
+    else:
+        study.PatientSize = f"{patient_size_m:g}"
+    study.StudyDescription = study_description
     frame_of_reference_uid = generate_uid()
 
     ct_series_uid = generate_uid()
@@ -136,12 +168,12 @@ def write_study(
         "ct",
         [
             ct_slice(study, frame_of_reference_uid, ct_series_uid, ph.CT_GRID, k, plane, times.ct_start)
-            for k, plane in enumerate(ph.ct_hu(phantom, ph.CT_GRID))
+            for k, plane in enumerate(ph.ct_hu(phantom, ph.CT_GRID, pose=pose))
         ],
     )
 
     pt_series_uid = generate_uid()
-    values = ph.pet_suv(phantom, ph.PET_GRID).astype(np.float64) * _rescaled_per_suv(variant)
+    values = ph.pet_suv(phantom, ph.PET_GRID, pose=pose).astype(np.float64) * _rescaled_per_suv(variant)
     pt_files = write_series(
         out_dir / "PT",
         "pt",
@@ -154,7 +186,7 @@ def write_study(
     truth_dir = out_dir / "truth"
     truth_dir.mkdir(parents=True, exist_ok=True)
     truth_labels = truth_dir / "lesions.nii.gz"
-    write_labels(ph.lesion_masks(phantom, ph.PET_GRID), ph.PET_GRID, truth_labels)
+    write_labels(ph.lesion_masks(phantom, ph.PET_GRID, pose), ph.PET_GRID, truth_labels)
     truth_json = truth_dir / "truth.json"
     truth_json.write_text(
         json.dumps(

@@ -8,7 +8,7 @@ by the script that trains the demo model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,9 +102,20 @@ def _ellipsoid(zz: np.ndarray, yy: np.ndarray, xx: np.ndarray, centre: Sequence[
     return ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 + ((zz - cz) / az) ** 2 <= 1.0
 
 
-def _tissue_masks(grid: Grid) -> dict[str, np.ndarray]:
+# A pose maps the scanner coordinates of voxel centres (zz, yy, xx mm) to the patient's body
+# coordinates the phantom is described in: the same patient lying elsewhere on another day
+# (dicomnode.synth.timeline). None: the body coordinates are the scanner's.
+Pose = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _mesh(grid: Grid, pose: Pose | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     z, y, x = grid.axes_mm()
     zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+    return (zz, yy, xx) if pose is None else pose(zz, yy, xx)
+
+
+def _tissue_masks(grid: Grid, pose: Pose | None = None) -> dict[str, np.ndarray]:
+    zz, yy, xx = _mesh(grid, pose)
     ax, ay = BODY_SEMI_AXES_MM
     in_z = (zz >= BODY_Z_RANGE_MM[0]) & (zz <= BODY_Z_RANGE_MM[1])
     body = ((xx / ax) ** 2 + (yy / ay) ** 2 <= 1.0) & in_z
@@ -117,10 +128,14 @@ def _tissue_masks(grid: Grid) -> dict[str, np.ndarray]:
     return {"body": body, "lungs": lungs, "spine": spine, "liver": liver, "grid": (zz, yy, xx)}
 
 
-def lesion_masks(phantom: Phantom, grid: Grid) -> np.ndarray:
+def liver_mask(grid: Grid, pose: Pose | None = None) -> np.ndarray:
+    """The liver (bool) on `grid`: what a CT organ model would find."""
+    return _tissue_masks(grid, pose)["liver"]
+
+
+def lesion_masks(phantom: Phantom, grid: Grid, pose: Pose | None = None) -> np.ndarray:
     """Label map on `grid`: 0 background, k for the k-th lesion (1-based)."""
-    z, y, x = grid.axes_mm()
-    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+    zz, yy, xx = _mesh(grid, pose)
     labels = np.zeros(grid.shape, dtype=np.uint8)
     for k, les in enumerate(phantom.lesions, start=1):
         r = les.radius_mm
@@ -128,29 +143,29 @@ def lesion_masks(phantom: Phantom, grid: Grid) -> np.ndarray:
     return labels
 
 
-def ct_hu(phantom: Phantom, grid: Grid, noise_hu: float = 15.0) -> np.ndarray:
+def ct_hu(phantom: Phantom, grid: Grid, noise_hu: float = 15.0, pose: Pose | None = None) -> np.ndarray:
     """CT in Hounsfield units (int16) on `grid`."""
-    masks = _tissue_masks(grid)
+    masks = _tissue_masks(grid, pose)
     hu = np.full(grid.shape, AIR_HU, dtype=np.float32)
     hu[masks["body"]] = SOFT_TISSUE_HU
     hu[masks["liver"]] = 60.0
     hu[masks["lungs"]] = LUNG_HU
     hu[masks["spine"]] = BONE_HU
-    hu[lesion_masks(phantom, grid) > 0] = LESION_HU
+    hu[lesion_masks(phantom, grid, pose) > 0] = LESION_HU
     rng = np.random.default_rng(phantom.seed + 1)
     hu += rng.normal(0.0, noise_hu, grid.shape).astype(np.float32) * masks["body"]
     return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
 
 
-def pet_suv(phantom: Phantom, grid: Grid, noise_fraction: float = 0.10) -> np.ndarray:
+def pet_suv(phantom: Phantom, grid: Grid, noise_fraction: float = 0.10, pose: Pose | None = None) -> np.ndarray:
     """PET in SUVbw (float32) on `grid`: activity map, blurred to the scanner's resolution, with noise."""
-    masks = _tissue_masks(grid)
+    masks = _tissue_masks(grid, pose)
     suv = np.zeros(grid.shape, dtype=np.float32)
     suv[masks["body"]] = BACKGROUND_SUV
     suv[masks["liver"]] = LIVER_SUV
     suv[masks["lungs"]] = LUNG_SUV
     suv[masks["spine"]] = 1.5
-    labels = lesion_masks(phantom, grid)
+    labels = lesion_masks(phantom, grid, pose)
     for k, les in enumerate(phantom.lesions, start=1):
         suv[labels == k] = les.suv
     sigma_mm = PET_FWHM_MM / 2.3548

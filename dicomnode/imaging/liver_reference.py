@@ -1,0 +1,87 @@
+"""The PERCIST 1.0 liver reference: mean and SD of uptake in a 3 cm sphere in the right liver lobe.
+
+Placement rule (the node's, written down because PERCIST leaves it to the reader's hand): on the
+liver mask (its largest 26-connected component, on the PET grid), the sphere's centre is the
+voxel of the patient's right half of the liver (LPS x at most the mask's median x) that lies
+deepest inside the mask (largest Euclidean distance to the nearest voxel outside it, in mm; ties:
+the most cranial, then the most right). The sphere of LIVER_SPHERE_DIAMETER_MM must lie fully
+inside the mask: the centre must be at least its radius from the boundary, otherwise the
+reference is not assessed and the reason says how deep the deepest point was. The sphere is the
+voxels whose centres lie within the radius of the centre; mean and SD (sample, n - 1) of the
+given uptake (SUL for PERCIST) over them.
+
+Without a liver mask, or with an empty one, the reference is not assessed, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from dicomnode.imaging.timepoint import VolumeGeometry
+
+LIVER_SPHERE_DIAMETER_MM = 30.0
+
+
+@dataclass(frozen=True)
+class LiverReference:
+    assessed: bool
+    reason: str = ""  # why not assessed
+    mean: float | None = None  # in the uptake's unit (SUL)
+    sd: float | None = None
+    voxels: int = 0
+    centre_mm: tuple[float, float, float] | None = None  # LPS x, y, z
+    depth_mm: float | None = None  # the centre's distance to the mask's boundary
+
+    def as_json(self) -> dict:
+        return {"assessed": self.assessed, "reason": self.reason, "mean": self.mean, "sd": self.sd,
+                "voxels": self.voxels, "centre_mm": list(self.centre_mm) if self.centre_mm else None,
+                "depth_mm": self.depth_mm, "sphere_diameter_mm": LIVER_SPHERE_DIAMETER_MM}
+
+
+def not_assessed(reason: str) -> LiverReference:
+    return LiverReference(assessed=False, reason=reason)
+
+
+def liver_reference(uptake: np.ndarray, liver: np.ndarray | None, geometry: VolumeGeometry) -> LiverReference:
+    """The reference sphere's mean and SD of `uptake` (z, y, x) inside `liver` (same grid)."""
+    if liver is None:
+        return not_assessed("no liver mask (no organ model chained for the liver)")
+    mask = np.asarray(liver) != 0
+    if not mask.any():
+        return not_assessed("the liver mask is empty")
+    components, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n > 1:
+        sizes = np.bincount(components.ravel())
+        sizes[0] = 0
+        mask = components == int(np.argmax(sizes))
+    spacing = geometry.spacing_zyx
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    index = np.argwhere(mask)
+    x_mm = geometry.index_to_point(index)[:, 0]
+    right = x_mm <= np.median(x_mm)  # LPS: +x is the patient's left
+    candidates = index[right]
+    depths = depth[tuple(candidates.T)]
+    radius = LIVER_SPHERE_DIAMETER_MM / 2.0
+    deepest = float(depths.max())
+    if deepest < radius:
+        return not_assessed(f"no room for a {LIVER_SPHERE_DIAMETER_MM:g} mm sphere in the right liver lobe (its "
+                            f"deepest point is {deepest:.1f} mm from the mask's boundary)")
+    points = geometry.index_to_point(candidates)
+    # deepest first, then most cranial (largest z), then most right (smallest x)
+    order = np.lexsort((points[:, 0], -points[:, 2], -depths))
+    centre = candidates[order[0]]
+    sphere = _sphere(mask.shape, centre, spacing, radius)
+    values = np.asarray(uptake, dtype=np.float64)[sphere]
+    centre_mm = tuple(float(v) for v in geometry.index_to_point(centre[None, :])[0])
+    return LiverReference(assessed=True, mean=float(values.mean()), sd=float(values.std(ddof=1)),
+                          voxels=int(values.size), centre_mm=centre_mm, depth_mm=float(depth[tuple(centre)]))
+
+
+def _sphere(shape: tuple[int, ...], centre: np.ndarray, spacing: tuple[float, float, float],
+            radius: float) -> np.ndarray:
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    distance2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing))
+    return distance2 <= radius**2 * (1 + 1e-12)
