@@ -10,8 +10,8 @@ or "no-compare-prior" with the reason): the patient's most recent study earlier 
 (StudyDate, then StudyTime), of the same PatientID and IssuerOfPatientID, holding every one of
 `modalities`, within `max_age_days` before the study's date:
 
-  * among the time points this node kept with the same model (their job succeeded): "already
-    processed";
+  * among the time points this node kept with the same model: "already processed" (its job
+    succeeded), "being processed" (its job has not ended yet, its deliveries pending, say: waited for);
   * with a `source`, the source is asked too (C-FIND / QIDO-RS by PatientID, as [models.priors]);
     when it knows a more recent one the node has no time point of, that study is processed first
     by a compute-only job (jobs.prior_of_job: the model runs and the time point is kept; no result
@@ -33,7 +33,7 @@ lines, which `dicomnode jobs show` prints) and the SR.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -47,7 +47,6 @@ from sqlalchemy.orm import sessionmaker
 from dicomnode.config import CompareSettings, Config, ModelSettings
 from dicomnode.imaging.comparison import Comparison, compare
 from dicomnode.imaging.timepoint import TIMEPOINT_FILE, Patient, TimePoint, VolumeGeometry
-from dicomnode.imaging.volumes import Volume
 from dicomnode.net.fetch import client_for, fetch_study
 from dicomnode.net.receiver import InstanceStore
 from dicomnode.net.retrieve import SourceError, StudyMatch, StudyQuery
@@ -147,16 +146,15 @@ def settle_compare_prior(config: Config, sessions: sessionmaker, job: Job, setti
         theirs = session.get(Job, prior.job_id)
         row = session.get(TimePointRow, prior.job_id)
     if theirs is None:
-        return Prior(**{**prior.__dict__, "reason": f"the prior's job {prior.job_id} is gone"})
+        return replace(prior, reason=f"the prior's job {prior.job_id} is gone")
     if theirs.state in (JobState.QUEUED, JobState.RUNNING):
         raise InputsNotReady(f"waiting for the prior study {prior.study_uid} of {prior.study_date} to be processed "
                              f"first (job {theirs.id}, {theirs.state})")
-    if theirs.state != JobState.SUCCEEDED and row is None:
-        return Prior(**{**prior.__dict__, "reason": f"the prior's job {theirs.id} {theirs.state}: "
-                                                    f"{theirs.error or 'no reason given'}"})
+    if row is None and theirs.state != JobState.SUCCEEDED:  # (a time point whose job failed delivering is good)
+        return replace(prior, reason=f"the prior's job {theirs.id} {theirs.state}: {theirs.error or 'no reason given'}")
     if row is None or not Path(row.path).is_file():
-        return Prior(**{**prior.__dict__, "reason": f"the prior's job {theirs.id} left no time point"})
-    return Prior(**{**prior.__dict__, "timepoint": Path(row.path)})
+        return replace(prior, reason=f"the prior's job {theirs.id} left no time point")
+    return replace(prior, timepoint=Path(row.path))
 
 
 def _choose(config: Config, sessions: sessionmaker, job: Job, settings: ModelSettings) -> None:
@@ -174,8 +172,10 @@ def _choose(config: Config, sessions: sessionmaker, job: Job, settings: ModelSet
     remote = _source_prior(config, job, key, since, day, wanted) if compare_settings.source else None
     if local is not None and (remote is None or (local.study_date, local.study_time or "999999")
                               >= (remote.study_date, remote.study_time or "999999")):
-        _chosen(sessions, job, local.study_uid, local.study_date, local.job_id, PriorHow.PROCESSED,
-                f"processed by job {local.job_id}")
+        with sessions() as session:
+            state = session.get(Job, local.job_id).state
+        how = PriorHow.PROCESSED if state == JobState.SUCCEEDED else PriorHow.PROCESSING
+        _chosen(sessions, job, local.study_uid, local.study_date, local.job_id, how, f"job {local.job_id}, {state}")
         return
     if remote is None:
         where = f" or on {compare_settings.source}" if compare_settings.source else " (no source to ask)"
@@ -188,14 +188,15 @@ def _choose(config: Config, sessions: sessionmaker, job: Job, settings: ModelSet
 
 
 def _local_prior(sessions: sessionmaker, job: Job, key: StudyKey, since: date, wanted: set[str]) -> TimePointRow | None:
-    """The most recent earlier time point of the patient kept by a succeeded job of the model."""
+    """The most recent earlier time point of the patient kept by a job of the model that succeeded, or
+    that has not ended yet (its deliveries pending, say: it is waited for)."""
     with sessions() as session:
         rows = list(session.scalars(
             select(TimePointRow).join(Job, Job.id == TimePointRow.job_id)
             .where(TimePointRow.patient_id == key.patient_id, TimePointRow.issuer == key.issuer,
                    TimePointRow.model == job.model, TimePointRow.study_uid != job.study_uid,
                    TimePointRow.study_date >= since.strftime("%Y%m%d"), TimePointRow.study_date <= key.study_date,
-                   Job.state == JobState.SUCCEEDED)))
+                   Job.state.in_((JobState.SUCCEEDED, JobState.QUEUED, JobState.RUNNING)))))
     earlier = [r for r in rows if (r.study_date, r.study_time or "999999") < key.when
                and wanted <= set(filter(None, r.modalities.split("/")))]
     return max(earlier, key=lambda r: (r.study_date, r.study_time, r.job_id), default=None)
@@ -266,13 +267,6 @@ def _no_prior(sessions: sessionmaker, job: Job, reason: NoPrior, message: str, d
 # --- the time point and the comparison ---------------------------------------------------------
 
 
-def geometry_of(volume: Volume) -> VolumeGeometry:
-    """A volume's grid as the time point keeps it (x, y, z spacing; Volume's is z, y, x)."""
-    return VolumeGeometry(origin=tuple(float(o) for o in volume.origin),
-                          spacing=tuple(float(s) for s in reversed(volume.spacing)),
-                          direction=tuple(float(d) for d in volume.direction))
-
-
 def _number(ds: Dataset | None, keyword: str) -> float | None:
     try:
         value = float(ds.get(keyword)) if ds is not None and ds.get(keyword) not in (None, "") else None
@@ -303,9 +297,9 @@ def keep_timepoint(sessions: sessionmaker, job: Job, inputs: Inputs, labels: np.
         patient=patient_of(header),
         suv=inputs.suv,
         labels=(labels > 0).astype(np.uint8),
-        geometry=geometry_of(inputs.grid),
+        geometry=VolumeGeometry.of_volume(inputs.grid),
         ct=inputs.ct.array if inputs.ct is not None else None,
-        ct_geometry=geometry_of(inputs.ct) if inputs.ct is not None else None,
+        ct_geometry=VolumeGeometry.of_volume(inputs.ct) if inputs.ct is not None else None,
         liver=liver,
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +317,7 @@ def keep_timepoint(sessions: sessionmaker, job: Job, inputs: Inputs, labels: np.
     return timepoint
 
 
-def comparison(sessions: sessionmaker, job: Job, current: TimePoint, prior: Prior | None,
+def comparison(sessions: sessionmaker, job: Job, settings: ModelSettings, current: TimePoint, prior: Prior | None,
                liver_label_present: bool | None) -> Comparison | None:
     """The follow-up compared with its prior (event "compared"), or None: no prior (its decision says
     why), the prior's time point missing, or the comparison failing (event "not-compared")."""
@@ -334,7 +328,8 @@ def comparison(sessions: sessionmaker, job: Job, current: TimePoint, prior: Prio
                          data={"prior_study_uid": prior.study_uid, "reason": prior.reason})
         return None
     try:
-        result = compare(current, TimePoint.load(prior.timepoint), liver_label_present=liver_label_present)
+        result = compare(current, TimePoint.load(prior.timepoint), liver_label_present=liver_label_present,
+                         connectivity=settings.lesion_connectivity, min_volume_ml=settings.min_lesion_volume_ml)
     except Exception as exc:  # noqa: BLE001 - the study's own results still go out, the reason kept
         reason = f"comparison with {prior.study_uid} failed: {type(exc).__name__}: {exc}"
         log.exception("job %d: %s", job.id, reason)

@@ -98,7 +98,7 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
         liver_mask, liver_present = compared.liver(config, inputs.grid) if compared else (None, None)
         current = keep_timepoint(sessions, job, inputs, labels, out, liver_mask)
         if job.prior_of_job is None and compared is not None:
-            comparison = followup_comparison(sessions, job, current, compared.prior, liver_present)
+            comparison = followup_comparison(sessions, job, settings, current, compared.prior, liver_present)
         if comparison is not None:
             summary_json = {**summary_json, "comparison": comparison.as_json()}
     written = []

@@ -8,6 +8,7 @@ this module knows nothing of jobs, queues or databases.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,10 @@ LESION_SERIES_DESCRIPTIONS = {OutputKind.SEG: "{model} lesions (run {run})",
                               OutputKind.SC: "{model} PET MIP (run {run})"}
 SEGMENT_SERIES_DESCRIPTIONS = {OutputKind.SEG: "{model} segments (run {run})",
                                OutputKind.SR: "{model} volumes (run {run})"}
+
+
+# TEMPORARY until the percist branch's SR content lands: build_sr(..., comparison=) is not there yet.
+_SR_TAKES_COMPARISON = "comparison" in inspect.signature(build_sr).parameters
 
 
 def results_needed(config: Config, settings: ModelSettings) -> list[OutputKind]:
@@ -147,7 +152,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 seg,
                 images,
                 pet_header=source.pet_header,
-                **({"comparison": comparison} if comparison is not None else {}),
+                **({"comparison": comparison} if comparison is not None and _SR_TAKES_COMPARISON else {}),
                 **model,
                 series_number=numbers[OutputKind.SR],
                 series_description=description(OutputKind.SR),

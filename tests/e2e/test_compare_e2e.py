@@ -72,7 +72,7 @@ def _check_comparison(sr, shown: dict, text: str, baseline_uid: str, folder: Pat
 
 
 def test_the_follow_up_sent_after_the_baseline_is_compared_with_it(tmp_path):
-    baseline, follow_up = patient_timeline(tmp_path / "studies", patient_id="COMPARE-A")
+    baseline, follow_up, _ = patient_timeline(tmp_path / "studies", patient_id="COMPARE-A")
     port = free_port()
     with LocalOrthanc(tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", "127.0.0.1", port)}) as pacs:
         pacs.upload(timeline_files(baseline) + timeline_files(follow_up))
@@ -93,7 +93,7 @@ def test_the_follow_up_sent_after_the_baseline_is_compared_with_it(tmp_path):
 
 
 def test_a_prior_the_node_never_saw_is_fetched_by_c_move_and_processed_first(tmp_path):
-    baseline, follow_up = patient_timeline(tmp_path / "studies", patient_id="COMPARE-B")
+    baseline, follow_up, _ = patient_timeline(tmp_path / "studies", patient_id="COMPARE-B")
     port = free_port()
     with LocalOrthanc(tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", "127.0.0.1", port)}) as pacs:
         pacs.upload(timeline_files(baseline) + timeline_files(follow_up))
