@@ -101,9 +101,10 @@ class StudySummary:
     total_mtv_ml: float
     total_tlg: float
     hottest: LesionValues | None
+    uptake_factor: float = 1.0  # the comparison's uptake values = SUVbw x this (LBM/W for SUL, else 1)
 
     def as_json(self) -> dict:
-        return {"study_uid": self.study_uid, "study_date": self.study_date,
+        return {"study_uid": self.study_uid, "study_date": self.study_date, "uptake_factor": self.uptake_factor,
                 "sul": self.sul.as_json() if self.sul else None, "sul_reason": self.sul_reason,
                 "liver": self.liver.as_json(), "lesion_count": self.lesion_count, "total_mtv_ml": self.total_mtv_ml,
                 "total_tlg": self.total_tlg, "hottest": self.hottest.as_json() if self.hottest else None}
@@ -282,8 +283,9 @@ def compare(current: TimePoint, prior: TimePoint, *, liver_label_present: bool |
     rows = tuple(LesionChange(pair, values_now.get(pair.current or 0), values_before.get(pair.prior or 0))
                  for pair in pairs)
 
-    summary_now = _summary(current, sul_now, reason_now, liver_now, measures_now, values_now)
-    summary_before = _summary(prior, sul_before, reason_before, liver_before, measures_before, values_before)
+    summary_now = _summary(current, sul_now, reason_now, liver_now, measures_now, values_now, factor_now)
+    summary_before = _summary(prior, sul_before, reason_before, liver_before, measures_before, values_before,
+                              factor_before)
     response = categorise(
         StudyFigures("prior", reason_before, liver_before, tuple(les.suv_peak for les in measures_before.lesions),
                      measures_before.total_tlg_g),
@@ -325,10 +327,10 @@ def _centroids(labels: np.ndarray, n: int, timepoint: TimePoint) -> np.ndarray:
 
 
 def _summary(timepoint: TimePoint, sul: SulFactor | None, reason: str, liver: LiverReference,
-             measures: StudyMeasures, values: dict[int, LesionValues]) -> StudySummary:
+             measures: StudyMeasures, values: dict[int, LesionValues], factor: float) -> StudySummary:
     hottest = max(values.values(), key=lambda v: v.peak) if values else None
     return StudySummary(timepoint.study_uid, timepoint.study_date, sul, reason, liver, measures.lesion_count,
-                        measures.total_mtv_ml, measures.total_tlg_g, hottest)
+                        measures.total_mtv_ml, measures.total_tlg_g, hottest, float(factor))
 
 
 def _percent(before: float, now: float) -> float | None:

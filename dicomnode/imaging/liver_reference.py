@@ -1,12 +1,13 @@
 """The PERCIST 1.0 liver reference: mean and SD of uptake in a 3 cm sphere in the right liver lobe.
 
-Placement rule (the node's, written down because PERCIST leaves it to the reader's hand): on the
-liver mask (its largest 26-connected component, on the PET grid), the sphere's centre is the
-voxel of the patient's right half of the liver (LPS x at most the mask's median x) that lies
-deepest inside the mask (largest Euclidean distance to the nearest voxel outside it, in mm; ties:
-the most cranial, then the most right). The sphere of LIVER_SPHERE_DIAMETER_MM must lie fully
-inside the mask: the centre must be at least its radius from the boundary, otherwise the
-reference is not assessed and the reason says how deep the deepest point was. The sphere is the
+Placement rule (the node's, written down because PERCIST leaves it to the reader's hand): the
+right lobe is taken as the patient's right half of the liver mask (its largest 26-connected
+component, on the PET grid): the voxels whose LPS x is at most the mask's median x. The sphere's
+centre is the voxel of that half that lies deepest inside it (largest Euclidean distance, in mm,
+to the nearest voxel outside the half; ties: the most cranial, then the most right), so the
+sphere of LIVER_SPHERE_DIAMETER_MM lies fully inside the right half, away from the hilum and the
+left lobe. The centre must be at least the sphere's radius from the half's boundary, otherwise
+the reference is not assessed and the reason says how deep the deepest point was. The sphere is the
 voxels whose centres lie within the radius of the centre; mean and SD (sample, n - 1) of the
 given uptake (SUL for PERCIST) over them.
 
@@ -58,11 +59,13 @@ def liver_reference(uptake: np.ndarray, liver: np.ndarray | None, geometry: Volu
         sizes[0] = 0
         mask = components == int(np.argmax(sizes))
     spacing = geometry.spacing_zyx
-    depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     index = np.argwhere(mask)
     x_mm = geometry.index_to_point(index)[:, 0]
     right = x_mm <= np.median(x_mm)  # LPS: +x is the patient's left
     candidates = index[right]
+    half = np.zeros_like(mask)
+    half[tuple(candidates.T)] = True
+    depth = ndimage.distance_transform_edt(np.pad(half, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     depths = depth[tuple(candidates.T)]
     radius = LIVER_SPHERE_DIAMETER_MM / 2.0
     deepest = float(depths.max())
@@ -73,7 +76,7 @@ def liver_reference(uptake: np.ndarray, liver: np.ndarray | None, geometry: Volu
     # deepest first, then most cranial (largest z), then most right (smallest x)
     order = np.lexsort((points[:, 0], -points[:, 2], -depths))
     centre = candidates[order[0]]
-    sphere = _sphere(mask.shape, centre, spacing, radius)
+    sphere = _sphere(mask.shape, centre, spacing, radius) & half
     values = np.asarray(uptake, dtype=np.float64)[sphere]
     centre_mm = tuple(float(v) for v in geometry.index_to_point(centre[None, :])[0])
     return LiverReference(assessed=True, mean=float(values.mean()), sd=float(values.std(ddof=1)),

@@ -111,6 +111,14 @@ class Patient:
     height_m: float | None
     sex: str  # "M", "F" or "" (unknown)
 
+    @classmethod
+    def of_header(cls, ds: object) -> "Patient":
+        """From a PET header: PatientWeight (kg), PatientSize (m), PatientSex (M or F; anything
+        else, O included, is unknown ""); a missing, empty or unreadable value is None."""
+        sex = str(getattr(ds, "PatientSex", "") or "").strip().upper()
+        return cls(_positive_or_none(ds, "PatientWeight"), _positive_or_none(ds, "PatientSize"),
+                   sex if sex in ("M", "F") else "")
+
     def as_json(self) -> dict:
         return {"weight_kg": self.weight_kg, "height_m": self.height_m, "sex": self.sex}
 
@@ -202,6 +210,14 @@ class TimePoint:
             ct_geometry=VolumeGeometry.from_json(ct_geometry) if ct_geometry else None,
             liver=arrays.get("liver"),
         )
+
+
+def _positive_or_none(ds: object, keyword: str) -> float | None:
+    try:
+        value = float(getattr(ds, keyword, None) or 0.0)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _integral(array: np.ndarray) -> bool:

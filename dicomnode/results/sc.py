@@ -19,9 +19,10 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicomnode.imaging.comparison import Comparison
 from dicomnode.imaging.measures import StudyMeasures
 from dicomnode.results.common import MANUFACTURER, ResultError, check_on_source
-from dicomnode.results.preview import display_window, render_preview
+from dicomnode.results.preview import PriorView, comparison_text, display_window, render_comparison, render_preview
 
 TRANSFER_SYNTAX = ExplicitVRLittleEndian  # uncompressed RGB: any viewer shows it
 CAVEAT = "automatic segmentation, not reviewed: not for diagnosis"
@@ -51,12 +52,22 @@ def build_sc(
     series_number: int,
     series_description: str,
     manufacturer: str = MANUFACTURER,
+    prior: PriorView | None = None,
+    comparison: Comparison | None = None,
 ) -> hd.sc.SCImage:
     """A secondary capture of the PET MIP with the lesions outlined; `suv` and `lesion_labels`
-    are (z, y, x) on the grid of `source` (its slices, in order)."""
+    are (z, y, x) on the grid of `source` (its slices, in order). With `prior` the prior study's
+    MIP stands beside it (left), with `comparison` the change is burned in and the lesions are
+    outlined by course (dicomnode.results.preview.render_comparison)."""
     _check_fits(suv, lesion_labels, source)
     text = f"{model_name} {model_version}: {CAVEAT}\n{key_figures(measures, display_window(suv))}"
-    pixels = render_preview(suv, lesion_labels, spacing_zyx, text)
+    if prior is not None:
+        if comparison is not None:
+            text = f"{text}\n{comparison_text(comparison)}"
+        pixels = render_comparison(suv, lesion_labels, spacing_zyx, prior, comparison, text,
+                                   current_date=str(source[0].get("StudyDate", "")))
+    else:
+        pixels = render_preview(suv, lesion_labels, spacing_zyx, text)
     image = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source[0],
         pixel_array=pixels,
@@ -77,7 +88,8 @@ def build_sc(
     image.ConversionType = "WSD"
     image.BurnedInAnnotation = "YES"
     image.BodyPartExamined = source[0].get("BodyPartExamined") or "WHOLEBODY"  # no paired structure: no Laterality
-    image.DerivationDescription = f"coronal PET MIP (SUVbw) with the lesions of {model_name} outlined"[:1024]
+    image.DerivationDescription = (f"coronal PET MIP (SUVbw) with the lesions of {model_name} outlined"
+                                   + (", beside the prior study's" if prior is not None else ""))[:1024]
     return image
 
 

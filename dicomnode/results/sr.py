@@ -38,6 +38,7 @@ groups, so it fails); the reference is built from the SEG's UIDs and the PET ser
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Sequence
 
 import highdicom as hd
@@ -48,7 +49,10 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomnode import __version__
+from dicomnode.imaging.comparison import Comparison, LesionChange, LesionValues, StudySummary
+from dicomnode.imaging.lesion_match import MatchStatus
 from dicomnode.imaging.measures import LesionMeasures, StudyMeasures
+from dicomnode.imaging.percist import Category
 from dicomnode.results.common import (
     MANUFACTURER,
     ResultError,
@@ -75,6 +79,43 @@ UNIT_ML = Code("ml", "UCUM", "milliliter")
 UNIT_G = Code("g", "UCUM", "gram")
 UNIT_NONE = Code("1", "UCUM", "no units")
 
+# --- the comparison with a prior study (issue 16); see the module's docstring ---
+SUL = Code("126405", "DCM", "SUVlbm(Janma)")  # CID 7180/218: SUV lean body mass, Janmahasatian
+UNIT_SUL = Code("g/ml{SUVlbm(Janma)}", "UCUM", "Standardized Uptake Value lean body mass (Janma)")  # CID 85
+STANDARD_DEVIATION = Code("386136009", "SCT", "Standard Deviation")
+LIVER = Code("10200004", "SCT", "Liver")
+UNIT_PERCENT = Code("%", "UCUM", "Percent")
+UNIT_MM = Code("mm", "UCUM", "millimeter")
+CURRENT_RESPONSE = Code("112048", "DCM", "Current Response")
+RESPONSE_METHOD = Code("112021", "DCM", "Response Evaluation Method")
+PROCEDURE_STUDY_UID = Code("121018", "DCM", "Procedure Study Instance UID")
+STUDY_DATE = Code("111060", "DCM", "Study Date")
+COMMENT = Code("121106", "DCM", "Comment")
+
+PRIVATE_SCHEME = "99DCMNODE"  # the node's private coding scheme (also dicomnode.results.status_sr)
+PERCIST = Code("PERCIST1.0", PRIVATE_SCHEME, "PERCIST 1.0")
+RESPONSE_CODES = {
+    Category.CMR: Code("CMR", PRIVATE_SCHEME, "Complete metabolic response"),
+    Category.PMR: Code("PMR", PRIVATE_SCHEME, "Partial metabolic response"),
+    Category.SMD: Code("SMD", PRIVATE_SCHEME, "Stable metabolic disease"),
+    Category.PMD: Code("PMD", PRIVATE_SCHEME, "Progressive metabolic disease"),
+    Category.NOT_ASSESSABLE: Code("NOTASSESSABLE", PRIVATE_SCHEME, "Not assessable"),
+}
+LESION_STATUS = Code("LESIONSTATUS", PRIVATE_SCHEME, "Lesion status since prior study")
+STATUS_CODES = {
+    MatchStatus.MATCHED: Code("PRESENTBEFORE", PRIVATE_SCHEME, "Lesion present in prior study"),
+    MatchStatus.NEW: Code("NEWLESION", PRIVATE_SCHEME, "New lesion"),
+    MatchStatus.RESOLVED: Code("RESOLVEDLESION", PRIVATE_SCHEME, "Resolved lesion"),
+}
+PEAK_CHANGE_PERCENT = Code("SULPEAKPCT", PRIVATE_SCHEME, "Percent change of SULpeak from prior")
+PEAK_CHANGE = Code("SULPEAKDIFF", PRIVATE_SCHEME, "Change of SULpeak from prior")
+MTV_CHANGE_PERCENT = Code("MTVPCT", PRIVATE_SCHEME, "Percent change of metabolic volume from prior")
+TLG_CHANGE_PERCENT = Code("TLGPCT", PRIVATE_SCHEME, "Percent change of total lesion glycolysis from prior")
+NEW_LESIONS = Code("NEWLESIONS", PRIVATE_SCHEME, "Number of new lesions")
+RESOLVED_LESIONS = Code("RESOLVEDLESIONS", PRIVATE_SCHEME, "Number of resolved lesions")
+MEASURABILITY = Code("MEASURABLE", PRIVATE_SCHEME, "PERCIST measurability threshold")
+REGISTRATION_RESIDUAL = Code("REGRESIDUAL", PRIVATE_SCHEME, "Registration body-surface residual")
+
 FINDING_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure  # as the SEG's segment
 FINDING_TYPE = codes.SCT.Neoplasm
 
@@ -96,6 +137,7 @@ def build_sr(
     manufacturer: str = MANUFACTURER,
     lesion_segment_numbers: Sequence[int] | None = None,
     pet_header: Dataset | None = None,
+    comparison: Comparison | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 PET Measurement Report of `measures` (see the module's docstring).
 
@@ -103,8 +145,12 @@ def build_sr(
     PET slices the SEG references, in slice order); `lesion_segment_numbers[k]` is the SEG
     segment of lesion k + 1 (default: segment 1 for every lesion). The source may be the CT
     (a model on the CT grid); `pet_header`, a PET slice header, then gives the radiopharmaceutical
-    for the procedure reported (default: `source[0]`)."""
+    for the procedure reported (default: `source[0]`). `comparison` (dicomnode.imaging.comparison,
+    of this study with its prior) adds the comparison's content (see the module's docstring)."""
     _check_fits(measures, lesion_labels, seg, source)
+    if comparison is not None and comparison.current.lesion_count != measures.lesion_count:
+        raise ResultError(f"the comparison has {comparison.current.lesion_count} current lesions, the measures "
+                          f"{measures.lesion_count}: not measured alike")
     if lesion_segment_numbers is None:
         lesion_segment_numbers = [1] * measures.lesion_count
     if len(lesion_segment_numbers) != measures.lesion_count:
@@ -129,11 +175,15 @@ def build_sr(
         manufacturer=manufacturer,
     )
     source_series = hd.sr.SourceSeriesForSegmentation(str(source[0].SeriesInstanceUID))
+    tracking_uids = {lesion.number: hd.UID() for lesion in measures.lesions}
     groups: list = [
-        _lesion_group(lesion, seg, segment_number, source_series, algorithm)
+        _lesion_group(lesion, seg, segment_number, source_series, algorithm, tracking_uids[lesion.number],
+                      comparison)
         for lesion, segment_number in zip(measures.lesions, lesion_segment_numbers)
     ]
-    groups.append(_study_group(measures, algorithm))
+    groups.append(_study_group(measures, algorithm, comparison))
+    if comparison is not None:
+        groups += comparison_groups(comparison, algorithm, tracking_uids)
 
     report = hd.sr.MeasurementReport(
         observation_context=device_observation_context(manufacturer, model_name, model_version),
@@ -145,7 +195,20 @@ def build_sr(
                          model_name=model_name, model_version=model_version, manufacturer=manufacturer)
     if sr.StudyInstanceUID != source[0].StudyInstanceUID:
         raise ResultError("SR study differs from the source images")
+    if comparison is not None:
+        declare_private_scheme(sr)
     return sr
+
+
+def declare_private_scheme(sr: Dataset) -> None:
+    """Name the node's private coding scheme in CodingSchemeIdentificationSequence."""
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+    scheme.CodingSchemeName = "dicomnode private codes"
+    scheme.CodingSchemeResponsibleOrganization = "dicomnode"
+    known = [item for item in sr.get("CodingSchemeIdentificationSequence", [])
+             if item.CodingSchemeDesignator != PRIVATE_SCHEME]
+    sr.CodingSchemeIdentificationSequence = [*known, scheme]
 
 
 def report_document(
@@ -203,16 +266,28 @@ def _lesion_group(
     segment_number: int,
     source_series: hd.sr.SourceSeriesForSegmentation,
     algorithm: hd.sr.AlgorithmIdentification,
+    tracking_uid: str,
+    comparison: Comparison | None = None,
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    extra: list = []
+    evaluations: list = []
+    row = comparison.matched(lesion.number) if comparison is not None else None
+    if comparison is not None and row is not None and row.current is not None:
+        extra = _uptake_measurements(row.current, comparison.unit) if comparison.unit == "SUL" else []
+        extra += _change_measurements(row, comparison)
+        evaluations = [hd.sr.QualitativeEvaluation(LESION_STATUS, STATUS_CODES[row.status])]
     measurements = [
         hd.sr.Measurement(name=SUVBW, value=lesion.suv_max, unit=UNIT_SUVBW, derivation=MAXIMUM),
         hd.sr.Measurement(name=SUVBW, value=lesion.suv_mean, unit=UNIT_SUVBW, derivation=MEAN),
         hd.sr.Measurement(name=SUVBW, value=lesion.suv_peak, unit=UNIT_SUVBW, derivation=PEAK),
         hd.sr.Measurement(name=METABOLIC_VOLUME, value=lesion.volume_ml, unit=UNIT_ML),
         hd.sr.Measurement(name=TOTAL_LESION_GLYCOLYSIS, value=lesion.tlg_g, unit=UNIT_G),
+        *extra,
     ]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"lesion {lesion.number}"),
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=f"lesion {lesion.number}"),
+        time_point_context=_time_point(comparison, "current") if comparison is not None else None,
+        qualitative_evaluations=evaluations or None,
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=str(seg.SOPClassUID),
             sop_instance_uid=str(seg.SOPInstanceUID),
@@ -227,20 +302,201 @@ def _lesion_group(
 
 
 def _study_group(
-    measures: StudyMeasures, algorithm: hd.sr.AlgorithmIdentification
+    measures: StudyMeasures, algorithm: hd.sr.AlgorithmIdentification, comparison: Comparison | None = None
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    extra: list = []
+    if comparison is not None:
+        if comparison.current.hottest is not None:
+            extra.append(_uptake(comparison.current.hottest.peak, comparison.unit, PEAK))
+        extra += [hd.sr.Measurement(name=NEW_LESIONS, value=len(comparison.new_lesions), unit=UNIT_NONE),
+                  hd.sr.Measurement(name=RESOLVED_LESIONS, value=len(comparison.resolved_lesions), unit=UNIT_NONE)]
     measurements = [
         hd.sr.Measurement(name=NUMBER_OF_LESIONS, value=measures.lesion_count, unit=UNIT_NONE),
         hd.sr.Measurement(name=METABOLIC_VOLUME, value=measures.total_mtv_ml, unit=UNIT_ML, derivation=TOTAL),
         hd.sr.Measurement(
             name=TOTAL_LESION_GLYCOLYSIS, value=measures.total_tlg_g, unit=UNIT_G, derivation=TOTAL
         ),
+        *extra,
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="all lesions"),
+        time_point_context=_time_point(comparison, "current") if comparison is not None else None,
         algorithm_id=algorithm,
         measurements=measurements,
     )
+
+
+# --- the comparison with the prior study --------------------------------------------------------
+
+
+def comparison_groups(comparison: Comparison, algorithm: hd.sr.AlgorithmIdentification,
+                      tracking_uids: dict[int, str]) -> list:
+    """The TID 1501 groups of the comparison: each prior lesion (matched ones under the current
+    lesion's tracking identifier and UID, resolved ones as "prior lesion M"), the prior's "all
+    lesions", the liver reference of each study and the response."""
+    groups: list = []
+    for row in comparison.lesions:
+        if row.prior is None:
+            continue
+        if row.status is MatchStatus.MATCHED and row.pair.current is not None:
+            tracking = hd.sr.TrackingIdentifier(uid=tracking_uids[row.pair.current],
+                                                identifier=f"lesion {row.pair.current}")
+        else:
+            tracking = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"prior lesion {row.prior.number}")
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            time_point_context=_time_point(comparison, "prior"),
+            finding_type=FINDING_TYPE,
+            finding_category=FINDING_CATEGORY,
+            algorithm_id=algorithm,
+            measurements=[*_uptake_measurements(row.prior, comparison.unit),
+                          hd.sr.Measurement(name=METABOLIC_VOLUME, value=row.prior.mtv_ml, unit=UNIT_ML),
+                          hd.sr.Measurement(name=TOTAL_LESION_GLYCOLYSIS, unit=UNIT_G,
+                                            value=_tlg_suvbw(row.prior, comparison.prior))],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(LESION_STATUS, STATUS_CODES[row.status])]
+            if row.status is MatchStatus.RESOLVED else None,
+        ))
+    prior = comparison.prior
+    prior_totals = [
+        hd.sr.Measurement(name=NUMBER_OF_LESIONS, value=prior.lesion_count, unit=UNIT_NONE),
+        hd.sr.Measurement(name=METABOLIC_VOLUME, value=prior.total_mtv_ml, unit=UNIT_ML, derivation=TOTAL),
+        hd.sr.Measurement(name=TOTAL_LESION_GLYCOLYSIS, value=prior.total_tlg / _factor(prior), unit=UNIT_G,
+                          derivation=TOTAL),
+    ]
+    if prior.hottest is not None:
+        prior_totals.append(_uptake(prior.hottest.peak, comparison.unit, PEAK))
+    groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="all lesions (prior)"),
+        time_point_context=_time_point(comparison, "prior"), algorithm_id=algorithm, measurements=prior_totals))
+    for when, study in (("current", comparison.current), ("prior", prior)):
+        liver = study.liver
+        if not liver.assessed or liver.mean is None or liver.sd is None:
+            continue
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"liver reference ({when})"),
+            time_point_context=_time_point(comparison, when),
+            finding_sites=[hd.sr.FindingSite(LIVER)],
+            algorithm_id=algorithm,
+            measurements=[_uptake(liver.mean, comparison.unit, MEAN),
+                          _uptake(liver.sd, comparison.unit, STANDARD_DEVIATION)],
+        ))
+    groups.append(_response_group(comparison, algorithm))
+    return groups
+
+
+def _response_group(comparison: Comparison, algorithm: hd.sr.AlgorithmIdentification) -> list:
+    response = comparison.response
+    measurements = []
+    if response.change_percent is not None:
+        measurements.append(hd.sr.Measurement(name=PEAK_CHANGE_PERCENT, value=response.change_percent,
+                                              unit=UNIT_PERCENT))
+    if response.change_sul is not None:
+        measurements.append(hd.sr.Measurement(name=PEAK_CHANGE, value=response.change_sul,
+                                              unit=_uptake_unit(comparison.unit)))
+    if comparison.mtv_change_percent is not None:
+        measurements.append(hd.sr.Measurement(name=MTV_CHANGE_PERCENT, value=comparison.mtv_change_percent,
+                                              unit=UNIT_PERCENT))
+    tlg_before = comparison.prior.total_tlg / _factor(comparison.prior)
+    if tlg_before > 0:
+        tlg_now = comparison.current.total_tlg / _factor(comparison.current)
+        measurements.append(hd.sr.Measurement(name=TLG_CHANGE_PERCENT, value=100.0 * (tlg_now - tlg_before) /
+                                              tlg_before, unit=UNIT_PERCENT))
+    measurements += [hd.sr.Measurement(name=NEW_LESIONS, value=len(comparison.new_lesions), unit=UNIT_NONE),
+                     hd.sr.Measurement(name=RESOLVED_LESIONS, value=len(comparison.resolved_lesions), unit=UNIT_NONE)]
+    if response.threshold_prior is not None:
+        measurements.append(hd.sr.Measurement(name=MEASURABILITY, value=response.threshold_prior,
+                                              unit=_uptake_unit(comparison.unit)))
+    if comparison.registration.surface_residual_mm is not None:
+        measurements.append(hd.sr.Measurement(name=REGISTRATION_RESIDUAL, unit=UNIT_MM,
+                                              value=comparison.registration.surface_residual_mm))
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="response"),
+        time_point_context=_time_point(comparison, "current"),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(CURRENT_RESPONSE, RESPONSE_CODES[response.category]),
+                                 hd.sr.QualitativeEvaluation(RESPONSE_METHOD, PERCIST)],
+    )
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    container = group[0]
+    container.ContentSequence.extend([
+        hd.sr.UIDRefContentItem(PROCEDURE_STUDY_UID, comparison.prior.study_uid, relationship_type=contains),
+        *([hd.sr.DateContentItem(STUDY_DATE, _as_date(comparison.prior.study_date), relationship_type=contains)]
+          if _as_date(comparison.prior.study_date) else []),
+        hd.sr.TextContentItem(COMMENT, comparison_sentence(comparison), relationship_type=contains),
+    ])
+    return group
+
+
+def comparison_sentence(comparison: Comparison) -> str:
+    """The comparison in one paragraph for the reader (the response group's Comment)."""
+    response = comparison.response
+    text = (f"Compared with the prior study of {_as_date(comparison.prior.study_date) or comparison.prior.study_date}"
+            f" (Study Instance UID {comparison.prior.study_uid}): PERCIST 1.0 {response.category.value}: "
+            f"{response.reason}.")
+    text += "".join(f" Warning: {w}." for w in response.warnings)
+    text += "".join(f" Note: {n}." for n in comparison.notes)
+    if comparison.registration_note:
+        text += f" Registration: {comparison.registration_note}."
+    return text[:10240]
+
+
+def _time_point(comparison: Comparison, when: str) -> hd.sr.TimePointContext:
+    study = comparison.current if when == "current" else comparison.prior
+    date = _as_date(study.study_date)
+    return hd.sr.TimePointContext(
+        time_point=f"{when} study {date.isoformat() if date else study.study_date}"[:64],
+        time_point_order=2 if when == "current" else 1,
+        subject_time_point_identifier=study.study_date or None,
+    )
+
+
+def _uptake_unit(unit: str) -> Code:
+    return UNIT_SUL if unit == "SUL" else UNIT_SUVBW
+
+
+def _uptake(value: float, unit: str, derivation: Code) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=SUL if unit == "SUL" else SUVBW, value=value, unit=_uptake_unit(unit),
+                             derivation=derivation)
+
+
+def _uptake_measurements(values: LesionValues, unit: str) -> list:
+    return [_uptake(values.max, unit, MAXIMUM), _uptake(values.mean, unit, MEAN), _uptake(values.peak, unit, PEAK)]
+
+
+def _change_measurements(row: LesionChange, comparison: Comparison) -> list:
+    if row.status is not MatchStatus.MATCHED or row.prior is None or row.current is None:
+        return []
+    out = []
+    if row.peak_change_percent is not None:
+        out.append(hd.sr.Measurement(name=PEAK_CHANGE_PERCENT, value=row.peak_change_percent, unit=UNIT_PERCENT))
+    out.append(hd.sr.Measurement(name=PEAK_CHANGE, value=row.current.peak - row.prior.peak,
+                                 unit=_uptake_unit(comparison.unit)))
+    if row.mtv_change_percent is not None:
+        out.append(hd.sr.Measurement(name=MTV_CHANGE_PERCENT, value=row.mtv_change_percent, unit=UNIT_PERCENT))
+    before = _tlg_suvbw(row.prior, comparison.prior)
+    if before > 0:
+        now = _tlg_suvbw(row.current, comparison.current)
+        out.append(hd.sr.Measurement(name=TLG_CHANGE_PERCENT, value=100.0 * (now - before) / before,
+                                     unit=UNIT_PERCENT))
+    return out
+
+
+def _factor(study: StudySummary) -> float:
+    """SUL per SUVbw of the comparison's values (1 when they are SUVbw)."""
+    return study.uptake_factor
+
+
+def _tlg_suvbw(values: LesionValues, study: StudySummary) -> float:
+    """TLG as the SR's lesion groups give it: SUVbw mean x MTV (g)."""
+    return values.tlg / _factor(study)
+
+
+def _as_date(value: str) -> date | None:
+    try:
+        return date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+    except (ValueError, IndexError, TypeError):
+        return None
 
 
 def _procedure_reported(ds: Dataset) -> Code:

@@ -120,6 +120,10 @@ class Timeline:
 
         return to_body
 
+    def liver_mask(self, when: str, grid: ph.Grid = ph.PET_GRID) -> np.ndarray:
+        """The truth liver (uint8) on `grid` in that study's scanner coordinates."""
+        return ph.liver_mask(grid, self.pose(when)).astype(np.uint8)
+
     def scanner_point(self, body_xyz: tuple[float, float, float], when: str) -> np.ndarray:
         """Where a body point lies in that study's scanner coordinates (LPS mm)."""
         point = np.asarray(body_xyz, dtype=np.float64)
@@ -128,10 +132,11 @@ class Timeline:
         return rotation_matrix(self.rotation_deg) @ point + np.asarray(self.translation_mm)
 
     # --- direct construction for unit tests ---
-    def timepoints(self, *, ct_grid: ph.Grid = ph.PET_GRID, liver: bool = True,
+    def timepoints(self, *, ct_grid: ph.Grid = ph.PET_GRID, liver: bool = True, ct: bool = True,
                    patient: Patient | None = None, prior_patient: Patient | None = None) -> tuple[TimePoint, TimePoint]:
         """(prior, current): the truth lesion masks stand for the model's, the truth liver for
-        the organ model's. `ct_grid`: the CT's grid (the PET's by default: fast registration)."""
+        the organ model's. `ct_grid`: the CT's grid (the PET's by default: fast registration);
+        `ct` False: no CT (nothing to register), `liver` False: no liver mask."""
         made = []
         for when, who in (("before", prior_patient or patient or self.patient), ("after", patient or self.patient)):
             phantom, pose = self.phantom(when), self.pose(when)
@@ -144,9 +149,9 @@ class Timeline:
                 suv=ph.pet_suv(phantom, grid, pose=pose),
                 labels=(ph.lesion_masks(phantom, grid, pose) > 0).astype(np.uint8),
                 geometry=grid_geometry(grid),
-                ct=ph.ct_hu(phantom, ct_grid, pose=pose).astype(np.float32),
-                ct_geometry=grid_geometry(ct_grid),
-                liver=ph.liver_mask(grid, pose).astype(np.uint8) if liver else None,
+                ct=ph.ct_hu(phantom, ct_grid, pose=pose).astype(np.float32) if ct else None,
+                ct_geometry=grid_geometry(ct_grid) if ct else None,
+                liver=self.liver_mask(when) if liver else None,
             ))
         return made[0], made[1]
 
@@ -187,7 +192,8 @@ class WrittenTimeline:
 def write_timeline(out_dir: Path, tl: Timeline | None = None, *, patient_id: str = "SYNTH-TIMELINE-1",
                    patient_name: str = "Synthetic^Timeline", variant: str = "bqml") -> WrittenTimeline:
     """Both studies as DICOM under out_dir/baseline and out_dir/followup (petct.write_phantom's
-    layout each: CT/, PT/, truth/), same PatientID, the follow-up `days_later` days later in its
+    layout each: CT/, PT/, truth/ with lesions.nii.gz and liver.nii.gz, the truth liver a CT organ
+    model would find, both on the PET grid), same PatientID, the follow-up `days_later` days later in its
     own frame of reference, and out_dir/timeline.json (the courses, the pose, the UIDs)."""
     tl = tl or timeline()
     out_dir = Path(out_dir)
@@ -198,6 +204,7 @@ def write_timeline(out_dir: Path, tl: Timeline | None = None, *, patient_id: str
             out_dir / folder, tl.phantom(when), patient_id=patient_id, patient_name=patient_name, variant=variant,
             days_later=days, pose=tl.pose(when), patient_sex=sex, patient_size_m=tl.patient.height_m,
             study_description=f"PET/CT synthetic timeline ({folder})"))
+        petct.write_labels(tl.liver_mask(when), ph.PET_GRID, out_dir / folder / "truth" / "liver.nii.gz")
     truth = {**tl.as_json(), "baseline_study_uid": studies[0].study_instance_uid,
              "followup_study_uid": studies[1].study_instance_uid,
              "lesions_after_scanner_mm": {c.name: list(tl.scanner_point(c.centre_mm, "after"))

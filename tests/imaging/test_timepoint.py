@@ -71,3 +71,14 @@ def test_geometry_points_and_indices_invert():
     points = geometry.index_to_point(index)
     np.testing.assert_allclose(points[1], [-10.0 + 3 * 4.0, -20.0 + 2 * 2.0, 30.0 + 1 * 3.0])
     np.testing.assert_allclose(geometry.point_to_index(points), index)
+
+
+def test_patient_of_header():
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.PatientWeight, ds.PatientSize, ds.PatientSex = "75.0", "1.75", "M"
+    assert Patient.of_header(ds) == Patient(75.0, 1.75, "M")
+    ds.PatientSex, ds.PatientSize = "O", ""
+    assert Patient.of_header(ds) == Patient(75.0, None, "")
+    assert Patient.of_header(Dataset()) == Patient(None, None, "")
