@@ -2,7 +2,7 @@
 
 Every job of a model with compare keeps a time point (dicomnode.imaging.timepoint: SUV and the
 lesion mask on the model's grid, the CT on its own grid, the patient's weight, height and sex from
-the PET header, a liver mask from a chained model) as timepoint.npz in its result folder, and a
+the PET header (Patient.of_header), a liver mask from a chained model) as timepoint.npz in its result folder, and a
 row in the `timepoints` table (patient, issuer, date, modalities) by which later studies find it.
 
 Before the model runs, `settle_compare_prior` chooses the job's prior once (event "compare-prior",
@@ -40,7 +40,6 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
@@ -267,21 +266,6 @@ def _no_prior(sessions: sessionmaker, job: Job, reason: NoPrior, message: str, d
 # --- the time point and the comparison ---------------------------------------------------------
 
 
-def _number(ds: Dataset | None, keyword: str) -> float | None:
-    try:
-        value = float(ds.get(keyword)) if ds is not None and ds.get(keyword) not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-    return value if value and value > 0 else None
-
-
-def patient_of(pet_header: Dataset | None) -> Patient:
-    """Weight (kg), height (m) and sex ("M", "F" or "") from the PET header."""
-    sex = str(pet_header.get("PatientSex", "") or "").strip().upper() if pet_header is not None else ""
-    return Patient(weight_kg=_number(pet_header, "PatientWeight"), height_m=_number(pet_header, "PatientSize"),
-                   sex=sex if sex in ("M", "F") else "")
-
-
 def keep_timepoint(sessions: sessionmaker, job: Job, inputs: Inputs, labels: np.ndarray, out: Path,
                    liver: np.ndarray | None) -> TimePoint:
     """The job's time point: saved by an earlier attempt, else made, saved (timepoint.npz) and indexed."""
@@ -294,7 +278,7 @@ def keep_timepoint(sessions: sessionmaker, job: Job, inputs: Inputs, labels: np.
         study_uid=job.study_uid,
         study_date=str(header.get("StudyDate", "") or key.study_date) if header is not None else key.study_date,
         study_time=str(header.get("StudyTime", "") or key.study_time) if header is not None else key.study_time,
-        patient=patient_of(header),
+        patient=Patient.of_header(header) if header is not None else Patient(None, None, ""),
         suv=inputs.suv,
         labels=(labels > 0).astype(np.uint8),
         geometry=VolumeGeometry.of_volume(inputs.grid),
@@ -318,28 +302,30 @@ def keep_timepoint(sessions: sessionmaker, job: Job, inputs: Inputs, labels: np.
 
 
 def comparison(sessions: sessionmaker, job: Job, settings: ModelSettings, current: TimePoint, prior: Prior | None,
-               liver_label_present: bool | None) -> Comparison | None:
-    """The follow-up compared with its prior (event "compared"), or None: no prior (its decision says
-    why), the prior's time point missing, or the comparison failing (event "not-compared")."""
+               liver_label_present: bool | None) -> tuple[Comparison | None, TimePoint | None]:
+    """The follow-up compared with its prior (event "compared") and the prior's time point, or
+    (None, None): no prior (its decision says why), the prior's time point missing, or the
+    comparison failing (event "not-compared")."""
     if prior is None:
-        return None
+        return None, None
     if prior.timepoint is None:
         record_job_event(sessions, job, EventKind.NOT_COMPARED, prior.reason, log,
                          data={"prior_study_uid": prior.study_uid, "reason": prior.reason})
-        return None
+        return None, None
     try:
-        result = compare(current, TimePoint.load(prior.timepoint), liver_label_present=liver_label_present,
+        before = TimePoint.load(prior.timepoint)
+        result = compare(current, before, liver_label_present=liver_label_present,
                          connectivity=settings.lesion_connectivity, min_volume_ml=settings.min_lesion_volume_ml)
     except Exception as exc:  # noqa: BLE001 - the study's own results still go out, the reason kept
         reason = f"comparison with {prior.study_uid} failed: {type(exc).__name__}: {exc}"
         log.exception("job %d: %s", job.id, reason)
         record_job_event(sessions, job, EventKind.NOT_COMPARED, reason, log,
                          data={"prior_study_uid": prior.study_uid, "reason": reason})
-        return None
+        return None, None
     lines = result.lines()
     record_job_event(sessions, job, EventKind.COMPARED,
                      f"with prior study {prior.study_uid} of {prior.study_date} ({prior.how}): "
                      + (lines[0] if lines else ""), log,
                      data={"prior_study_uid": prior.study_uid, "prior_job_id": prior.job_id,
                            "comparison": result.as_json(), "lines": lines})
-    return result
+    return result, before

@@ -32,6 +32,7 @@ from dicomnode.pipeline.priors import settle_prior
 from dicomnode.pipeline.resultdir import LABELS_FILE, result_dir
 from dicomnode.results.common import write_dicom
 from dicomnode.results.labelcodes import LabelCodesError, label_codes
+from dicomnode.results.preview import PriorView
 from dicomnode.results.writer import (
     RESULT_FILES,
     RESULT_SERIES_OFFSET,
@@ -92,13 +93,15 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
     inputs = build_inputs(sessions, job, settings)
     labels = _model_labels(sessions, job, settings, model, inputs, out, config.node.worker_memory_gb)
     findings = _measure(sessions, job, settings, model, inputs, labels)
-    comparison = None
+    comparison, prior_view = None, None
     summary_json = findings.as_json()
     if settings.compares:
         liver_mask, liver_present = compared.liver(config, inputs.grid) if compared else (None, None)
         current = keep_timepoint(sessions, job, inputs, labels, out, liver_mask)
         if job.prior_of_job is None and compared is not None:
-            comparison = followup_comparison(sessions, job, settings, current, compared.prior, liver_present)
+            comparison, before = followup_comparison(sessions, job, settings, current, compared.prior, liver_present)
+            if before is not None:
+                prior_view = PriorView(before.suv, before.labels, before.spacing_zyx, before.study_date)
         if comparison is not None:
             summary_json = {**summary_json, "comparison": comparison.as_json()}
     written = []
@@ -111,7 +114,8 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
         out.mkdir(parents=True, exist_ok=True)
         summary = json.dumps(summary_json, indent=2).encode()
         write_durably(out / "measures.json", lambda fh: fh.write(summary), out / ".measures.json.partial")
-        for kind, ds in build_results(missing, out, findings, source, algorithm, numbers, comparison=comparison):
+        for kind, ds in build_results(missing, out, findings, source, algorithm, numbers, comparison,
+                                        prior_view):
             write_dicom(ds, out / RESULT_FILES[kind])  # whole or not at all: nothing truncated is ever sent
             written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
     except OSError as exc:  # a full disk, say: this attempt fails, a later one writes what is missing

@@ -8,7 +8,6 @@ this module knows nothing of jobs, queues or databases.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from highdicom.seg import segread
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Config, ModelSettings, OutputKind
+from dicomnode.imaging.comparison import Comparison
+from dicomnode.results.preview import PriorView
 from dicomnode.results.rtstruct import build_rtstruct
 from dicomnode.results.sc import build_sc
 from dicomnode.results.seg import build_seg
@@ -40,10 +41,6 @@ LESION_SERIES_DESCRIPTIONS = {OutputKind.SEG: "{model} lesions (run {run})",
                               OutputKind.SC: "{model} PET MIP (run {run})"}
 SEGMENT_SERIES_DESCRIPTIONS = {OutputKind.SEG: "{model} segments (run {run})",
                                OutputKind.SR: "{model} volumes (run {run})"}
-
-
-# TEMPORARY until the percist branch's SR content lands: build_sr(..., comparison=) is not there yet.
-_SR_TAKES_COMPARISON = "comparison" in inspect.signature(build_sr).parameters
 
 
 def results_needed(config: Config, settings: ModelSettings) -> list[OutputKind]:
@@ -104,13 +101,13 @@ class Algorithm:
 
 
 def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, source: Source, algorithm: Algorithm,
-                  numbers: dict[OutputKind, int], comparison: object | None = None,
-                  ) -> Iterator[tuple[OutputKind, Dataset]]:
+                  numbers: dict[OutputKind, int], comparison: Comparison | None = None,
+                  prior: PriorView | None = None) -> Iterator[tuple[OutputKind, Dataset]]:
     """Build `kinds` in RESULT_FILES order, yielding (kind, dataset); the SR references the SEG,
     built here or read back from `out`. The RTSTRUCT and the SC (PET MIP) are of PET lesions only
-    (config refuses them for a model without a PET channel). `comparison` (an
-    imaging.comparison.Comparison, [models.compare]): the follow-up's comparison with its prior,
-    reported in the PET SR."""
+    (config refuses them for a model without a PET channel). `comparison` ([models.compare]): the
+    follow-up's comparison with its prior, reported in the PET SR and burned into the SC, which
+    shows `prior` (the prior study's PET and lesions) beside the current MIP."""
     model = dict(model_name=algorithm.name, model_version=algorithm.version)
     run, name, images = algorithm.run, algorithm.name, source.datasets
     lesions = findings.segments is None
@@ -152,7 +149,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 seg,
                 images,
                 pet_header=source.pet_header,
-                **({"comparison": comparison} if comparison is not None and _SR_TAKES_COMPARISON else {}),
+                comparison=comparison,
                 **model,
                 series_number=numbers[OutputKind.SR],
                 series_description=description(OutputKind.SR),
@@ -194,5 +191,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 **model,
                 series_number=numbers[OutputKind.SC],
                 series_description=description(OutputKind.SC),
+                prior=prior,
+                comparison=comparison if prior is not None else None,
             ),
         )

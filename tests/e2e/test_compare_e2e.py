@@ -13,6 +13,8 @@ import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from dicomnode.imaging.percist import Category
+from dicomnode.results.sr import RESPONSE_CODES
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Job
 from dicomnode.testing.node import start_node
@@ -41,12 +43,14 @@ def _modalities(pacs: LocalOrthanc, study_uid: str) -> list[str]:
     return sorted(s["MainDicomTags"]["Modality"] for s in pacs.series_of_study(study_uid))
 
 
-def _uids_in(item) -> set[str]:  # noqa: ANN001 - an SR content item or data set
-    """Every UID and text value in an SR's content tree."""
-    found = set()
-    for element in item.iterall():
-        if element.VR in ("UI", "UT", "LO", "ST", "SH") and isinstance(element.value, str):
-            found.add(element.value)
+def _items(ds, concept: str) -> list:  # noqa: ANN001 - an SR data set
+    """The content items of the SR's tree named by the DCM code `concept` (ConceptNameCodeSequence)."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        names = item.get("ConceptNameCodeSequence", [])
+        if names and names[0].CodeValue == concept:
+            found.append(item)
+        found += _items(item, concept)
     return found
 
 
@@ -61,14 +65,22 @@ def _follow_up_sr(pacs: LocalOrthanc, node, study_uid: str, folder: Path) -> tup
     return sr, shown, text
 
 
-def _check_comparison(sr, shown: dict, text: str, baseline_uid: str, folder: Path) -> dict:  # noqa: ANN001
+def _check_comparison(sr, shown: dict, text: str, baseline_uid: str, folder: Path) -> None:  # noqa: ANN001
+    """The timeline, `jobs show`'s lines and the SR agree: the prior is the baseline, the category the
+    comparison's, and it is the timeline's truth: a new lesion, progressive metabolic disease."""
     kinds = [e["event"] for e in shown["timeline"]]
     assert "compare-prior" in kinds and "compared" in kinds, kinds
     assert kinds.index("compare-prior") < kinds.index("inference-done") < kinds.index("compared")
-    assert shown["comparison"] and all(line in text for line in shown["comparison"][:3])
-    assert baseline_uid in _uids_in(sr), "the SR does not name the prior study"
+    lines = shown["comparison"]
+    assert lines and lines[0].startswith(f"compared with prior study {baseline_uid}")
+    assert all(line.strip() in text for line in lines[:2]), text
+    assert {item.UID for item in _items(sr, "121018")} == {baseline_uid}  # Procedure Study Instance UID
+    [response] = _items(sr, "112048")  # Current Response
+    category = response.ConceptCodeSequence[0]
+    assert (category.CodeValue, category.CodeMeaning) == (RESPONSE_CODES[Category.PMD].value,
+                                                         RESPONSE_CODES[Category.PMD].meaning), lines
+    assert "PERCIST 1.0: progressive metabolic disease" in lines[1]
     assert dciodvfy_errors(folder / "sr.dcm") == []
-    return shown
 
 
 def test_the_follow_up_sent_after_the_baseline_is_compared_with_it(tmp_path):

@@ -127,6 +127,9 @@ def test_the_follow_up_is_compared_with_the_baseline_the_node_processed(tmp_path
     assert kinds.index("compare-prior") < kinds.index("inference-done") < kinds.index("compared")
     data = event_data(compared)
     assert data["prior_study_uid"] == baseline.study_instance_uid and data["lines"]
+    response = data["comparison"]["response"]
+    assert response["abbreviation"] == "PMD", data["lines"]  # the timeline's truth: a new lesion
+    assert data["comparison"]["new_lesions"] >= 1 and data["comparison"]["resolved_lesions"] >= 1
     job = _job(sessions, follow_up.study_instance_uid)
     measures = json.loads((config.results_dir / follow_up.study_instance_uid / f"job-{job.id}" / "measures.json")
                           .read_text())
