@@ -107,7 +107,8 @@ def main() -> int:
         listing = subprocess.run(
             [*cli, "jobs", "list", "--json", "--config", str(config_path)], text=True, capture_output=True, check=True
         )
-        [job] = [j for j in json.loads(listing.stdout) if j["study"] == study.study_instance_uid]
+        [job] = [j for j in json.loads(listing.stdout)
+               if j["study"] == study.study_instance_uid and j["model"] == config.models[0].name]
         print(f"\nThe job's timeline (dicomnode jobs show {job['id']}):")
         shown = subprocess.run(
             [*cli, "jobs", "show", str(job["id"]), "--config", str(config_path)],
@@ -137,7 +138,8 @@ def _follow_up(pacs: LocalOrthanc, config, config_path: Path, study) -> None:  #
     cli = [sys.executable, "-m", "dicomnode"]
     listing = subprocess.run([*cli, "jobs", "list", "--json", "--config", str(config_path)], text=True,
                              capture_output=True, check=True)
-    [job] = [j for j in json.loads(listing.stdout) if j["study"] == study.study_instance_uid]
+    [job] = [j for j in json.loads(listing.stdout)
+             if j["study"] == study.study_instance_uid and j["model"] == config.models[0].name]
     detail = json.loads(subprocess.run([*cli, "jobs", "show", str(job["id"]), "--json", "--config",
                                         str(config_path)], text=True, capture_output=True, check=True).stdout)
     for step in detail["timeline"]:

@@ -2,7 +2,9 @@
 the follow-up's SR in Orthanc holds the comparison with the baseline (its Study Instance UID, the
 category); (b) the node never saw the baseline: it is in Orthanc only, the follow-up is sent, the
 node finds the baseline by C-FIND, fetches it by C-MOVE, processes it compute-only (nothing is
-written into the baseline study) and the follow-up's SR holds the comparison."""
+written into the baseline study) and the follow-up's SR holds the comparison. (a) chains organs-ct
+for the liver reference (the category then is the timeline's truth); (b) has no liver model: the
+category is "not assessable", said in the SR."""
 
 from __future__ import annotations
 
@@ -37,6 +39,19 @@ COMPARE = """
 max_age_days = 365
 modalities = ["PT", "CT"]
 """
+ORGANS = REPO / "models" / "organs-ct"
+CHAINED = f"""liver_from = "organs-ct"
+liver_label = "liver"
+
+[[models]]
+name = "organs-ct"
+path = "{ORGANS}"
+folds = [0]
+device = "cpu"
+use_mirroring = false
+channels = ["CT"]
+destinations = []
+"""
 
 
 def _modalities(pacs: LocalOrthanc, study_uid: str) -> list[str]:
@@ -59,15 +74,16 @@ def _follow_up_sr(pacs: LocalOrthanc, node, study_uid: str, folder: Path) -> tup
     sr_series = pacs.wait_for_series(study_uid, "SR", timeout=400)
     sr = dcmread(pacs.download_instance(sr_series["Instances"][0], folder / "sr.dcm"))
     jobs = json.loads(node.cli("jobs", "list", "--json").stdout)
-    [job] = [j for j in jobs if j["study"] == study_uid and j["prior_of_job"] is None]
+    [job] = [j for j in jobs if j["study"] == study_uid and j["model"] == "demo-petct"]
     shown = json.loads(node.cli("jobs", "show", str(job["id"]), "--json").stdout)
     text = node.cli("jobs", "show", str(job["id"])).stdout
     return sr, shown, text
 
 
-def _check_comparison(sr, shown: dict, text: str, baseline_uid: str, folder: Path) -> None:  # noqa: ANN001
-    """The timeline, `jobs show`'s lines and the SR agree: the prior is the baseline, the category the
-    comparison's, and it is the timeline's truth: a new lesion, progressive metabolic disease."""
+def _check_comparison(sr, shown: dict, text: str, baseline_uid: str, folder: Path,  # noqa: ANN001
+                      category: Category) -> None:
+    """The timeline, `jobs show`'s lines and the SR agree: the prior is the baseline, the category is
+    `category` in the lines and in the SR."""
     kinds = [e["event"] for e in shown["timeline"]]
     assert "compare-prior" in kinds and "compared" in kinds, kinds
     assert kinds.index("compare-prior") < kinds.index("inference-done") < kinds.index("compared")
@@ -76,19 +92,22 @@ def _check_comparison(sr, shown: dict, text: str, baseline_uid: str, folder: Pat
     assert all(line.strip() in text for line in lines[:2]), text
     assert {item.UID for item in _items(sr, "121018")} == {baseline_uid}  # Procedure Study Instance UID
     [response] = _items(sr, "112048")  # Current Response
-    category = response.ConceptCodeSequence[0]
-    assert (category.CodeValue, category.CodeMeaning) == (RESPONSE_CODES[Category.PMD].value,
-                                                         RESPONSE_CODES[Category.PMD].meaning), lines
-    assert "PERCIST 1.0: progressive metabolic disease" in lines[1]
+    coded = response.ConceptCodeSequence[0]
+    assert (coded.CodeValue, coded.CodeMeaning) == (RESPONSE_CODES[category].value,
+                                                   RESPONSE_CODES[category].meaning), lines
+    assert lines[1].startswith(f"PERCIST 1.0: {category.value}")
     assert dciodvfy_errors(folder / "sr.dcm") == []
 
 
+@pytest.mark.skipif(not (ORGANS / "label_codes.json").exists(), reason="organs-ct not built")
 def test_the_follow_up_sent_after_the_baseline_is_compared_with_it(tmp_path):
+    """With the liver from organs-ct (chained, its results not delivered): the timeline's truth, a
+    new lesion, is progressive metabolic disease."""
     baseline, follow_up, _ = patient_timeline(tmp_path / "studies", patient_id="COMPARE-A")
     port = free_port()
     with LocalOrthanc(tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", "127.0.0.1", port)}) as pacs:
         pacs.upload(timeline_files(baseline) + timeline_files(follow_up))
-        config = write_node_config(tmp_path, pacs, port, models=DEMO_MODEL + COMPARE)
+        config = write_node_config(tmp_path, pacs, port, models=DEMO_MODEL + COMPARE + CHAINED)
         node = start_node(config, port, tmp_path / "node.log")
         try:
             pacs.store_to_modality("dicomnode", [pacs.find_study(baseline.study_instance_uid)])
@@ -99,9 +118,12 @@ def test_the_follow_up_sent_after_the_baseline_is_compared_with_it(tmp_path):
             code = node.stop()
             print((tmp_path / "node.log").read_text()[-3000:])
         assert code == 0
-    _check_comparison(sr, shown, text, baseline.study_instance_uid, tmp_path)
+    _check_comparison(sr, shown, text, baseline.study_instance_uid, tmp_path, Category.PMD)
     [chosen] = [e for e in shown["timeline"] if e["event"] == "compare-prior"]
     assert baseline.study_instance_uid in chosen["message"] and "already processed" in chosen["message"]
+    assert "labels-from-model" in [e["event"] for e in shown["timeline"]]
+    livers = [line for line in shown["comparison"] if line.startswith(("  now ", "  before "))]
+    assert len(livers) == 2 and all("liver SULmean" in line for line in livers), livers  # both assessed
 
 
 def test_a_prior_the_node_never_saw_is_fetched_by_c_move_and_processed_first(tmp_path):
@@ -121,7 +143,9 @@ def test_a_prior_the_node_never_saw_is_fetched_by_c_move_and_processed_first(tmp
             print((tmp_path / "node.log").read_text()[-3000:])
         assert code == 0
     assert baseline_series == ["CT", "PT"]  # nothing delivered into the baseline study
-    _check_comparison(sr, shown, text, baseline.study_instance_uid, tmp_path)
+    # no liver model here: PERCIST has no liver reference, the comparison says so and goes on
+    _check_comparison(sr, shown, text, baseline.study_instance_uid, tmp_path, Category.NOT_ASSESSABLE)
+    assert "no liver reference" in shown["comparison"][1]
     [chosen] = [e for e in shown["timeline"] if e["event"] == "compare-prior"]
     assert "fetched, processed first" in chosen["message"] and "C-MOVE" in chosen["message"], chosen
     kinds = [e["event"] for e in shown["timeline"]]
