@@ -88,8 +88,8 @@ def main() -> int:
         if model is None:
             model = workers[name].models.get("demo-petct")
         workers[name].models._models["demo-petct"] = model  # loaded once, as the worker keeps it
-        _index(sessions, _files(timeline.baseline))
     config, sessions = sites["on"]
+    _index(sessions, _files(timeline.baseline))
     assembler.queue_ready_studies(sessions, config)
     assert workers["on"].run_one()  # the baseline: the prior the follow-up finds
     for _, sessions in sites.values():

@@ -127,9 +127,11 @@ def test_the_follow_up_is_compared_with_the_baseline_the_node_processed(tmp_path
     assert kinds.index("compare-prior") < kinds.index("inference-done") < kinds.index("compared")
     data = event_data(compared)
     assert data["prior_study_uid"] == baseline.study_instance_uid and data["lines"]
-    response = data["comparison"]["response"]
-    assert response["abbreviation"] == "PMD", data["lines"]  # the timeline's truth: a new lesion
-    assert data["comparison"]["new_lesions"] >= 1 and data["comparison"]["resolved_lesions"] >= 1
+    # the "mixed" timeline's truth: one lesion shrinking and one unchanged (matched), one gone, one new
+    statuses = sorted(row["status"] for row in data["comparison"]["lesions"])
+    assert statuses == ["matched", "matched", "new", "resolved"], data["lines"]
+    response = data["comparison"]["response"]  # no liver model chained here: no liver reference
+    assert response["abbreviation"] == "NA" and "no liver reference" in response["reason"], data["lines"]
     job = _job(sessions, follow_up.study_instance_uid)
     measures = json.loads((config.results_dir / follow_up.study_instance_uid / f"job-{job.id}" / "measures.json")
                           .read_text())
