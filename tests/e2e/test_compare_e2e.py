@@ -70,7 +70,7 @@ def _items(ds, concept: str) -> list:  # noqa: ANN001 - an SR data set
 
 def _follow_up_sr(pacs: LocalOrthanc, node, study_uid: str, folder: Path) -> tuple:  # noqa: ANN001
     """The follow-up's SR from Orthanc, and the job's timeline and comparison lines from `jobs show`."""
-    sr_series = pacs.wait_for_series(study_uid, "SR", timeout=400)
+    sr_series = pacs.wait_for_series(study_uid, "SR", timeout=1200)
     sr = dcmread(pacs.download_instance(sr_series["Instances"][0], folder / "sr.dcm"))
     jobs = json.loads(node.cli("jobs", "list", "--json").stdout)
     [job] = [j for j in jobs if j["study"] == study_uid and j["model"] == "demo-petct"]
@@ -109,11 +109,11 @@ def test_the_follow_up_sent_after_the_baseline_is_compared_with_it(tmp_path):
     port = free_port()
     with LocalOrthanc(tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", "127.0.0.1", port)}) as pacs:
         pacs.upload(timeline_files(baseline) + timeline_files(follow_up))
-        config = write_node_config(tmp_path, pacs, port, models=DEMO_MODEL + COMPARE + CHAINED)
+        config = write_node_config(tmp_path, pacs, port, quiet_seconds=5, models=DEMO_MODEL + COMPARE + CHAINED)
         node = start_node(config, port, tmp_path / "node.log")
         try:
             pacs.store_to_modality("dicomnode", [pacs.find_study(baseline.study_instance_uid)])
-            pacs.wait_for_series(baseline.study_instance_uid, "SR", timeout=400)
+            pacs.wait_for_series(baseline.study_instance_uid, "SR", timeout=1200)
             pacs.store_to_modality("dicomnode", [pacs.find_study(follow_up.study_instance_uid)])
             sr, shown, text = _follow_up_sr(pacs, node, follow_up.study_instance_uid, tmp_path)
         finally:
