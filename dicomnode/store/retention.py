@@ -10,7 +10,7 @@ keeps the study, its series, jobs, deliveries and events (the CLI still shows it
 the instances' rows and files go, with a "purged" event. Files are removed before rows, so a
 crash in between is finished by the next sweep; an instance that arrives during a purge is
 kept, as are its rows. A job's time point ([models.compare], timepoint.npz) stays in its result
-folder until its study is older than the longest comparison window (purge_timepoints).
+folder until it is older than the longest comparison window (purge_timepoints).
 """
 
 from __future__ import annotations
@@ -118,16 +118,18 @@ def _what_went(config: Config, done: Done) -> str:
 
 
 def purge_timepoints(sessions: sessionmaker, config: Config, now: datetime | None = None) -> int:
-    """Time points ([models.compare]) of studies older than the longest compare window (max_age_days)
-    before today go, file and row: no later study can take them as its prior. No model compares: all
-    go. Returns how many went."""
+    """Time points ([models.compare]) made longer ago than the longest compare window (max_age_days)
+    go, file and row. By when they were made, not by their study's date: a follow-up is compared with
+    priors of the window before its own date, and a study sent late (its date long past, a
+    retrospective batch) still finds the priors processed with it. No model compares: all go.
+    Returns how many went."""
     now = now or utcnow()
     windows = [m.compare.max_age_days for m in config.models if m.compares]  # type: ignore[union-attr]
     with sessions() as session:
         rows = list(session.scalars(select(TimePointRow)))
     if windows:
-        oldest = (now - timedelta(days=max(windows))).strftime("%Y%m%d")
-        rows = [row for row in rows if row.study_date < oldest]
+        oldest = now - timedelta(days=max(windows))
+        rows = [row for row in rows if row.created_at < oldest]
     for row in rows:
         Path(row.path).unlink(missing_ok=True)
         _remove_empty_folders(Path(row.path).parent, config.results_dir)
