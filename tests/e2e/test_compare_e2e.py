@@ -90,9 +90,8 @@ def _check_comparison(sr, shown: dict, text: str, baseline_uid: str, folder: Pat
 
 def test_the_follow_up_sent_after_the_baseline_is_compared_with_it(tmp_path):
     """The baseline the node processed is the prior ("already processed"). No liver model here (the
-    chain is tested in tests/pipeline/test_followup.py; with organs-ct and demo-petct in one worker
-    process nnU-Net's second round of predictions fails, see the branch's report): the category is
-    "not assessable", coded so in the SR."""
+    chain, with organs-ct, is tested in tests/pipeline/test_followup.py; here it would double the
+    inferences): the category is "not assessable", coded so in the SR."""
     baseline, follow_up, _ = patient_timeline(tmp_path / "studies", patient_id="COMPARE-A")
     port = free_port()
     with LocalOrthanc(tmp_path / "orthanc", modalities={"dicomnode": ("DICOMNODE", "127.0.0.1", port)}) as pacs:
