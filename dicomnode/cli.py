@@ -545,6 +545,8 @@ def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOpti
         + (f"  worker {job.lease_owner}" if job.lease_owner else "")
     )
     console.print(f"study {job.study}", soft_wrap=True)  # whole, on its own line: a UID to copy
+    if job.prior_of_job is not None:
+        console.print(f"compute-only: the comparison prior of job {job.prior_of_job} (nothing delivered)")
     if job.error:
         console.print(f"[red]error:[/red] {job.error}")
     if job.deliveries:
@@ -597,6 +599,10 @@ def jobs_show(job_id: int, config: Path = ConfigOption, as_json: bool = JsonOpti
         ),
         wide,
     )
+    if job.comparison:  # [models.compare]: the follow-up against its prior, as the engine words it
+        console.print("\n[bold]comparison with the prior study[/bold]")
+        for line in job.comparison:
+            console.print(Text(line), soft_wrap=True)
 
 
 @jobs_app.command("retry")

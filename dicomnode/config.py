@@ -376,6 +376,29 @@ class PriorSettings(_Strict):
         return [m.strip().upper() for m in value]
 
 
+class CompareSettings(_Strict):
+    """`[models.compare]`: each job keeps a time point (SUV, lesion mask, CT, patient facts) and a
+    follow-up is compared with the patient's prior study, PERCIST-style, in its SR. The prior is
+    the most recent earlier study of the same patient (PatientID and IssuerOfPatientID) holding
+    `modalities`, within `max_age_days` before the study's date, processed by this node with
+    the same model; one the node never saw is fetched from `source` (a [[sources]] entry; none:
+    only studies the node processed count) and processed first, its results kept for the
+    comparison and not delivered. `liver_from` names another model whose label map (label
+    `liver_label`) on the same study gives the liver reference: the job waits for that model's job."""
+
+    enabled: bool = True
+    max_age_days: float = Field(365.0, gt=0)
+    modalities: list[str] = ["PT", "CT"]
+    source: str | None = None
+    liver_from: str | None = None
+    liver_label: str = "liver"
+
+    @field_validator("modalities")
+    @classmethod
+    def _upper(cls, value: list[str]) -> list[str]:
+        return [m.strip().upper() for m in value]
+
+
 class SeriesPatterns(_Strict):
     """SeriesDescription rules shared by every channel role: case-insensitive shell-style
     globs ("*flair*"); a series must match one of `series_description` (empty: any) and none
@@ -562,6 +585,12 @@ class ModelSettings(_Strict):
     # release JOB --by NAME` (the SR made VERIFIED, then delivered) or `review reject` (only the
     # "not performed" status SR is sent). False: delivered at once, unverified.
     review: bool = False
+    compare: CompareSettings | None = None  # [models.compare]: the follow-up compared with the prior (PERCIST)
+
+    @property
+    def compares(self) -> bool:
+        """Whether its jobs keep time points and compare a follow-up with its prior."""
+        return self.compare is not None and self.compare.enabled
 
     @field_validator("channels")
     @classmethod
@@ -758,6 +787,24 @@ class Config(_Strict):
             if model.priors is not None and model.priors.source not in sources:
                 raise ValueError(f"model {model.name!r}: priors.source {model.priors.source!r} names no source "
                                  f"(have: {', '.join(sources) or 'none'})")
+        for model in self.models:
+            compare = model.compare
+            if compare is None:
+                continue
+            if compare.source is not None and compare.source not in sources:
+                raise ValueError(f"model {model.name!r}: compare.source {compare.source!r} names no source "
+                                 f"(have: {', '.join(sources) or 'none'})")
+            chain, other = [model.name], compare.liver_from  # (a model not configured: liver not assessed, said)
+            while other is not None and other in models:
+                if other in chain:
+                    raise ValueError(f"model {model.name!r}: compare.liver_from makes a cycle of models that wait for "
+                                     f"each other: {' -> '.join([*chain, other])}")
+                chain.append(other)
+                theirs = self.model(other).compare
+                other = theirs.liver_from if theirs is not None else None
+            if "PET" not in model.channels:
+                raise ValueError(f"model {model.name!r}: [models.compare] measures PET lesions: the model has no "
+                                 "PET channel")
         return self
 
     @model_validator(mode="after")

@@ -201,3 +201,29 @@ def test_source_errors_are_named(tmp_path: Path, source: str, message: str):
 def test_priors_name_a_source(tmp_path: Path):
     with pytest.raises(ConfigError, match="priors.source 'nope' names no source"):
         load_config(write_config(tmp_path, extra='[models.priors]\nsource = "nope"\n'))
+
+
+def test_compare_settings(tmp_path: Path):
+    config = load_config(write_config(tmp_path, extra=SOURCES + '[models.compare]\nsource = "pacs"\n'
+                                      'liver_from = "organs-ct"\nmodalities = ["pt", "CT"]\n'))
+    compare = config.models[0].compare
+    assert config.models[0].compares and not load_config(write_config(tmp_path)).models[0].compares
+    assert (compare.enabled, compare.max_age_days, compare.modalities, compare.source) == (True, 365, ["PT", "CT"],
+                                                                                           "pacs")
+    assert (compare.liver_from, compare.liver_label) == ("organs-ct", "liver")  # not configured: said at run time
+    off = load_config(write_config(tmp_path, extra="[models.compare]\nenabled = false\n")).models[0]
+    assert off.compare is not None and not off.compares
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('[models.compare]\nsource = "nope"\n', "compare.source 'nope' names no source"),
+        ('[models.compare]\nliver_from = "demo-petct"\n', "cycle of models .*: demo-petct -> demo-petct"),
+        ('channels = ["CT"]\n[models.compare]\n', "measures PET lesions: the model has no PET channel"),
+        ("[models.compare]\nmax_age_days = 0\n", r"key 'models\[0\].compare.max_age_days': Input should be greater"),
+    ],
+)
+def test_compare_errors_are_named(tmp_path: Path, extra: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, extra=extra))

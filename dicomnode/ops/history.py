@@ -59,11 +59,12 @@ class JobRow:
     started: datetime | None
     finished: datetime | None
     error: str | None
+    prior_of_job: int | None = None  # [models.compare]: a compute-only job for that job's comparison
 
 
 def _job_row(job: Job) -> JobRow:
     return JobRow(job.id, job.state, job.priority, job.study_uid, job.model, job.run_number, job.attempts,
-                  job.max_attempts, job.created_at, job.started_at, job.finished_at, job.error)
+                  job.max_attempts, job.created_at, job.started_at, job.finished_at, job.error, job.prior_of_job)
 
 
 RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -132,6 +133,7 @@ class JobDetail(JobRow):
     result_dir: str | None = None
     deliveries: list[DeliveryRow] = field(default_factory=list)
     timeline: list[Step] = field(default_factory=list)
+    comparison: list[str] = field(default_factory=list)  # [models.compare]: the comparison's text lines, if made
 
 
 def _last_instance(session: Session, job: Job) -> tuple[datetime, str, str] | None:
@@ -204,6 +206,8 @@ def job_detail(sessions: sessionmaker, job_id: int) -> JobDetail | None:
             for d in sends
         ],
         timeline=timeline,
+        comparison=next((event_data(e).get("lines", []) for e in reversed(events)
+                         if e.kind == EventKind.COMPARED.value), []),
     )
 
 

@@ -14,8 +14,9 @@ for channel X" or "ignored because ...".
 Each job gets its priority (dicomnode.pipeline.priority): the first [[priority_rules]] entry
 that fits the study (calling AE title, header tags) and the model, else the model's priority.
 
-A study fetched as another study's prior ([models.priors], event "fetched-as-prior") gets no
-job: its results would go into the old study.
+A study fetched as another study's prior ([models.priors] or [models.compare], event
+"fetched-as-prior") gets no job here: its results would go into the old study (a comparison
+queues its own compute-only job for it, dicomnode.pipeline.followup).
 
 Instances that arrive after a study's job was created make the study a candidate again:
 the next run writes a new result series and never touches the earlier one.
@@ -81,7 +82,7 @@ def _queue_ready_studies(sessions: sessionmaker, config: Config, now: datetime |
 
 def _sweep_study(sessions: sessionmaker, config: Config, study: Study, now: datetime | None = None) -> list[int]:
     created = []
-    if any(m.priors for m in config.models) and fetched_as_prior(sessions, study.study_uid):
+    if any(m.priors or m.compares for m in config.models) and fetched_as_prior(sessions, study.study_uid):
         log.debug("study %s: fetched as a prior study: no job of its own", study.study_uid)
         return created
     series: list[SeriesFacts] | None = None

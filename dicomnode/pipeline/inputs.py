@@ -44,6 +44,7 @@ class Inputs:
     suv: np.ndarray | None  # (z, y, x) PET SUVbw on the grid, None without a PET channel
     grid_name: str = "PET"  # the channel that gives the grid: "PET", "CT", "T1CE", ...
     pet_header: Dataset | None = None  # the first PET slice header (radiopharmaceutical for the SR)
+    ct: Volume | None = None  # the CT channel's series on its own grid, in HU ([models.compare]'s time point)
 
 
 def _event(sessions: sessionmaker, job: Job, kind: EventKind, message: str, data: dict | None = None) -> None:
@@ -119,6 +120,7 @@ def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid
         suv=arrays["PET"].astype(np.float32, copy=False) if pet is not None else None,
         grid_name=grid,
         pet_header=pet.datasets[0] if pet is not None else None,
+        ct=volumes.get("CT"),
     )
 
 

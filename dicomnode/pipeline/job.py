@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,13 +20,20 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, ModelSettings
 from dicomnode.imaging.measures import measure_lesions, measure_segments
+from dicomnode.imaging.timepoint import TIMEPOINT_FILE
+from dicomnode.imaging.volumes import Volume
+from dicomnode.pipeline.chain import ChainedLabels, await_labels, label_mask
 from dicomnode.pipeline.dispatch import deliver
 from dicomnode.pipeline.errors import AwaitingReview, JobError
+from dicomnode.pipeline.followup import Prior, keep_timepoint, settle_compare_prior
+from dicomnode.pipeline.followup import comparison as followup_comparison
 from dicomnode.pipeline.inputs import Inputs, build_inputs
 from dicomnode.pipeline.priors import settle_prior
+from dicomnode.pipeline.resultdir import LABELS_FILE, result_dir
 from dicomnode.pipeline.review import PREVIEW_FILE, found_in, held_for_review, verify_released
 from dicomnode.results.common import write_dicom
 from dicomnode.results.labelcodes import LabelCodesError, label_codes
+from dicomnode.results.preview import PriorView
 from dicomnode.results.writer import (
     RESULT_FILES,
     RESULT_SERIES_OFFSET,
@@ -84,28 +92,39 @@ def weights_fingerprint(settings: ModelSettings, root: Path | None = None) -> st
     return _WEIGHTS[key]
 
 
-def result_dir(config: Config, job: Job) -> Path:
-    return config.job_folder(job.study_uid, job.id)
 
-
-LABELS_FILE = "labels.npz"  # the model's label map: objects missing later are built without inference
-
-
-def make_results(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel) -> Path:
+def make_results(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel,
+                 compared: Compared | None = None) -> Path:
     """Write the job's result objects (results_needed) into its result folder once and return the
     folder. Each file is renamed into place when complete; a later run (a retried delivery, a
     restart, an output added to the config) writes only those missing, from the label map saved
     after inference (labels.npz), so the model runs once per job and every object keeps its
-    SOP Instance UID."""
+    SOP Instance UID. A model with [models.compare] keeps its time point too, and `compared`
+    (its prior, the chained liver labels) puts the comparison into measures.json and the SR; a
+    compute-only job (a comparison's prior) writes no result object, only the time point."""
     out = result_dir(config, job)
     settings = config.model(job.model)
-    missing = [kind for kind in results_needed(config, settings) if not (out / RESULT_FILES[kind]).exists()]
-    if not missing:
+    kinds = [] if job.prior_of_job is not None else results_needed(config, settings)
+    missing = [kind for kind in kinds if not (out / RESULT_FILES[kind]).exists()]
+    keeps_timepoint = settings.compares and not (out / TIMEPOINT_FILE).exists()
+    computes = job.prior_of_job is not None and not (out / LABELS_FILE).exists()  # compute-only: the label map
+    if not missing and not keeps_timepoint and not computes:
         _event(sessions, job, EventKind.RESULTS_REUSED, f"{out} from an earlier attempt")
         return out
     inputs = build_inputs(sessions, job, settings)
     labels = _model_labels(sessions, job, settings, model, inputs, out, config.node.worker_memory_gb)
     findings = _measure(sessions, job, settings, model, inputs, labels)
+    comparison, prior_view = None, None
+    summary_json = findings.as_json()
+    if settings.compares:
+        liver_mask, liver_present = compared.liver(config, inputs.grid) if compared else (None, None)
+        current = keep_timepoint(sessions, job, inputs, labels, out, liver_mask)
+        if job.prior_of_job is None and compared is not None:
+            comparison, before = followup_comparison(sessions, job, settings, current, compared.prior, liver_present)
+            if before is not None:
+                prior_view = PriorView(before.suv, before.labels, before.spacing_zyx, before.study_date)
+        if comparison is not None:
+            summary_json = {**summary_json, "comparison": comparison.as_json()}
     written = []
     position = [m.name for m in config.models].index(settings.name)
     numbers = {kind: result_series_number(kind, job.run_number, position) for kind in RESULT_SERIES_OFFSET}
@@ -118,9 +137,10 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
                           disclaimer=config.node.result_disclaimer)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        summary = json.dumps(findings.as_json(), indent=2).encode()
+        summary = json.dumps(summary_json, indent=2).encode()
         write_durably(out / "measures.json", lambda fh: fh.write(summary), out / ".measures.json.partial")
-        for kind, ds in build_results(missing, out, findings, source, algorithm, numbers):
+        for kind, ds in build_results(missing, out, findings, source, algorithm, numbers, comparison,
+                                        prior_view):
             write_dicom(ds, out / RESULT_FILES[kind])  # whole or not at all: nothing truncated is ever sent
             written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
         if settings.review and source.suv is not None and not (out / PREVIEW_FILE).exists():
@@ -128,7 +148,11 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
     except OSError as exc:  # a full disk, say: this attempt fails, a later one writes what is missing
         raise JobError(f"cannot write the result objects into {out}: {exc.strerror or exc}"
                        + (f" ({', '.join(written)} written)" if written else ""), retryable=True) from exc
-    _event(sessions, job, EventKind.RESULTS_WRITTEN, ", ".join(written))
+    if job.prior_of_job is not None:
+        _event(sessions, job, EventKind.RESULTS_WRITTEN, f"compute-only (for job {job.prior_of_job}): label map"
+               + (", time point" if settings.compares else "") + " and measures kept, no result object")
+    else:
+        _event(sessions, job, EventKind.RESULTS_WRITTEN, ", ".join(written))
     return out
 
 
@@ -148,6 +172,24 @@ def _write_preview(path: Path, source: Source, findings: Findings, title: str) -
     mip_png(source.suv, findings.labels, source.spacing, partial, title)
     write_durably(path, lambda fh: fh.write(partial.read_bytes()), path.with_name(f".{path.name}.partial"))
     partial.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Compared:
+    """What a job of a model with [models.compare] found before its model ran: its prior (None:
+    none, the decision event says why) and the chained model's label map for the liver (None: no
+    liver_from)."""
+
+    prior: Prior | None
+    chained: ChainedLabels | None
+    liver_label: str = "liver"
+
+    def liver(self, config: Config, grid: Volume) -> tuple[np.ndarray | None, bool | None]:
+        """The liver mask on the grid, and whether the chained label map gave one (None: no liver_from)."""
+        if self.chained is None:
+            return None, None
+        mask, _ = label_mask(config, self.chained, self.liver_label, grid)
+        return mask, mask is not None
 
 
 def _measure(sessions: sessionmaker, job: Job, settings: ModelSettings, model: SegmentationModel, inputs: Inputs,
@@ -215,7 +257,11 @@ def _model_labels(
     )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_durably(saved, lambda fh: np.savez_compressed(fh, labels=labels), out / f".{LABELS_FILE}.partial")
+        grid = inputs.grid  # where the label map lies, and what its values name: another model may chain on it
+        write_durably(saved, lambda fh: np.savez_compressed(
+            fh, labels=labels, spacing=np.asarray(grid.spacing), origin=np.asarray(grid.origin),
+            direction=np.asarray(grid.direction), label_names=np.asarray(json.dumps(dict(model.labels)))),
+            out / f".{LABELS_FILE}.partial")
     except OSError as exc:  # not kept: the next attempt runs the model again
         log.warning("job %d: label map not saved in %s: %s", job.id, out, exc.strerror or exc)
     return labels
@@ -251,8 +297,17 @@ def process_data_bytes() -> int:
 
 def process(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel) -> str:
     settings = config.model(job.model)
-    settle_prior(config, sessions, job, settings)  # [models.priors]: fetched or ruled out first
-    out = make_results(config, sessions, job, model)
+    if job.prior_of_job is None:
+        settle_prior(config, sessions, job, settings)  # [models.priors]: fetched or ruled out first
+    compared = None
+    if settings.compares:  # the prior and the chained label map, each waited for before the model runs
+        compare = settings.compare
+        prior = settle_compare_prior(config, sessions, job, settings) if job.prior_of_job is None else None
+        chained = await_labels(config, sessions, job, compare.liver_from) if compare.liver_from else None
+        compared = Compared(prior, chained, compare.liver_label)
+    out = make_results(config, sessions, job, model, compared)
+    if job.prior_of_job is not None:
+        return f"results in {out}; computed for job {job.prior_of_job}: nothing delivered"
     if held_for_review(sessions, settings, job):  # review = true: nothing is sent until a reader decides
         raise AwaitingReview(_held_message(out), {"result_dir": str(out)})
     verify_released(sessions, job, out, config.node.organization)  # a released job: its SR VERIFIED first

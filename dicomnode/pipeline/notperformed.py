@@ -81,8 +81,8 @@ def send_status_reports(config: Config, sessions: sessionmaker, now: datetime | 
 def _report(config: Config, sessions: sessionmaker, job_id: int, now: datetime | None) -> str | None:
     with sessions() as session:
         job = session.get(Job, job_id)
-    if job is None or job.state not in ENDED_WITHOUT_RESULTS:
-        return None
+    if job is None or job.state not in ENDED_WITHOUT_RESULTS or job.prior_of_job is not None:
+        return None  # a compute-only job (a comparison's prior) sends nothing into its old study
     try:
         settings = config.model(job.model)
     except KeyError:

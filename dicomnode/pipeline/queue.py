@@ -81,10 +81,11 @@ class RetryPolicy:
 def enqueue(
     sessions: sessionmaker, study_uid: str, model: str, policy: RetryPolicy, reason: str = "",
     details: Sequence[tuple[EventKind, str, dict | None]] = (), priority: Priority = Priority.NORMAL,
-    priority_reason: str = "",
+    priority_reason: str = "", prior_of_job: int | None = None,
 ) -> int:
     """Queue a job; `details` are further (kind, message, data) events of the job, written with it;
-    `priority_reason` says where a priority other than normal came from (a rule, the model)."""
+    `priority_reason` says where a priority other than normal came from (a rule, the model);
+    `prior_of_job`: a compute-only job for that job's comparison ([models.compare]: nothing delivered)."""
     now = utcnow()
     with sessions.begin() as session:
         previous = session.scalar(
@@ -104,6 +105,7 @@ def enqueue(
             not_before=now,
             give_up_at=policy.give_up_at(now),
             created_at=now,
+            prior_of_job=prior_of_job,
         )
         session.add(job)
         session.flush()
@@ -116,7 +118,8 @@ def enqueue(
             study_uid=study_uid,
             job_id=job.id,
             at=now,
-            data={"priority": job.priority, "priority_reason": priority_reason},
+            data={"priority": job.priority, "priority_reason": priority_reason,
+                  **({"prior_of_job": prior_of_job} if prior_of_job is not None else {})},
         )
         for kind, message, data in details:
             log_event(session, kind, message, study_uid=study_uid, job_id=job.id, at=now, data=data)
@@ -224,6 +227,20 @@ def succeed(sessions: sessionmaker, job_id: int, owner: str, message: str = "") 
         log_event(session, EventKind.SUCCEEDED, message, study_uid=job.study_uid, job_id=job.id, at=now)
         notify.enqueue(session, NotifyEvent.JOB_SUCCEEDED, job, reason=message or None, now=now)
         return True
+
+
+def wake(sessions: sessionmaker, job_ids: Sequence[int], reason: str) -> list[int]:
+    """Queued jobs among `job_ids` that wait (a prior's or a chained model's job they need has
+    ended) become runnable now instead of after their backoff; returns those woken."""
+    now = utcnow()
+    woken = []
+    with sessions.begin() as session:
+        for job in session.scalars(select(Job).where(Job.id.in_(list(job_ids)), Job.state == JobState.QUEUED,
+                                                     Job.not_before > now)):
+            job.not_before = now
+            woken.append(job.id)
+            log_event(session, EventKind.WOKEN, reason, study_uid=job.study_uid, job_id=job.id, at=now)
+    return woken
 
 
 def _held(session: Session, job_id: int, owner: str) -> Job | None:

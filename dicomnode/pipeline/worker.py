@@ -30,6 +30,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, NodeSettings
 from dicomnode.pipeline import review
+from dicomnode.pipeline.chain import dependants
 from dicomnode.pipeline.errors import AwaitingReview, DeliveryPending, InputsNotReady, JobError
 from dicomnode.pipeline.job import process
 from dicomnode.pipeline.model_cache import ModelCache
@@ -43,10 +44,11 @@ from dicomnode.pipeline.queue import (
     renew_lease,
     succeed,
     wait,
+    wake,
 )
 from dicomnode.store.components import HEARTBEAT_SECONDS, Role, heartbeat
 from dicomnode.store.engine import make_sessionmaker
-from dicomnode.store.tables import JobState
+from dicomnode.store.tables import Job, JobState
 
 log = logging.getLogger("dicomnode.worker")
 
@@ -188,12 +190,29 @@ class Worker:
             log.info("job %d study %s: succeeded, %s", job.id, job.study_uid, message)
         finally:
             heartbeat.stopped.set()
+        self._wake_dependants(job.id)
         return True
 
     def _model(self, name: str):  # noqa: ANN202 - an inference.SegmentationModel
         model = self.models.get(name)
         self.report_alive()  # a model may have just loaded
         return model
+
+    def _wake_dependants(self, job_id: int) -> None:
+        """Jobs waiting for this one (a comparison's prior, a chained model's label map) run now
+        that it has ended, instead of after their backoff."""
+        try:
+            with self.sessions() as session:
+                job = session.get(Job, job_id)
+            if job is None or job.state not in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+                return
+            woken = wake(self.sessions, dependants(self.config, self.sessions, job), f"job {job.id} ({job.model} "
+                         f"on study {job.study_uid}) {job.state}")
+        except Exception:  # noqa: BLE001 - a database hiccup: the waiting jobs run after their backoff anyway
+            log.exception("job %d: jobs waiting for it not woken", job_id)
+            return
+        if woken:
+            log.info("job %d %s: woke job(s) %s waiting for it", job.id, job.state, ", ".join(map(str, woken)))
 
     def _not_performed(self, job_id: int, state: str) -> None:
         """A job failed for good: its status SR to the destinations that want it (never raises)."""

@@ -18,7 +18,9 @@ from highdicom.seg import segread
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Config, ModelSettings, OutputKind
+from dicomnode.imaging.comparison import Comparison
 from dicomnode.results.common import Provenance
+from dicomnode.results.preview import PriorView
 from dicomnode.results.rtstruct import build_rtstruct
 from dicomnode.results.sc import build_sc
 from dicomnode.results.seg import build_seg
@@ -120,10 +122,13 @@ class Algorithm:
 
 
 def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, source: Source, algorithm: Algorithm,
-                  numbers: dict[OutputKind, int]) -> Iterator[tuple[OutputKind, Dataset]]:
+                  numbers: dict[OutputKind, int], comparison: Comparison | None = None,
+                  prior: PriorView | None = None) -> Iterator[tuple[OutputKind, Dataset]]:
     """Build `kinds` in RESULT_FILES order, yielding (kind, dataset); the SR references the SEG,
     built here or read back from `out`. The RTSTRUCT and the SC (PET MIP) are of PET lesions only
-    (config refuses them for a model without a PET channel)."""
+    (config refuses them for a model without a PET channel). `comparison` ([models.compare]): the
+    follow-up's comparison with its prior, reported in the PET SR and burned into the SC, which
+    shows `prior` (the prior study's PET and lesions) beside the current MIP."""
     model = dict(model_name=algorithm.name, model_version=algorithm.version)
     provenance = algorithm.provenance()
     sr_provenance = Provenance({"folds": ",".join(str(f) for f in algorithm.folds), **provenance.parameters},
@@ -170,6 +175,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 seg,
                 images,
                 pet_header=source.pet_header,
+                comparison=comparison,
                 **model,
                 series_number=numbers[OutputKind.SR],
                 series_description=description(OutputKind.SR),
@@ -213,5 +219,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
                 **model,
                 series_number=numbers[OutputKind.SC],
                 series_description=description(OutputKind.SC),
+                prior=prior,
+                comparison=comparison if prior is not None else None,
             ),
         )

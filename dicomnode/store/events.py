@@ -39,6 +39,7 @@ class EventKind(StrEnum):
     LEASE_EXPIRED = "lease-expired"
     WORKER_GONE = "worker-gone"  # its worker process on this host is not running: re-queued at once
     WAITING = "waiting"  # inputs not ready yet (a transient cause): re-queued, the attempt not counted
+    WOKEN = "woken"  # a waiting job made runnable now: the job it waited for has ended
     RELEASED = "released"
     RETRY_REQUESTED = "retry-requested"
     CANCELLED = "cancelled"
@@ -52,6 +53,14 @@ class EventKind(StrEnum):
     # a job: its work
     PRIOR_USED = "prior-used"  # [models.priors]: the prior study fetched (or already held) for the job
     NO_PRIOR = "no-prior"  # [models.priors]: no prior study to fetch, and why
+    # [models.compare]: the follow-up's prior, the chained models' label maps, the comparison
+    COMPARE_PRIOR = "compare-prior"  # the prior chosen: its UID, date, how (processed / held / fetched), its job
+    NO_COMPARE_PRIOR = "no-compare-prior"  # no prior to compare with, and why (data: reason)
+    LABELS_FROM_MODEL = "labels-from-model"  # another model's label map on this study used (liver_from): which job
+    NO_LABELS_FROM_MODEL = "no-labels-from-model"  # that label map is not to be had (not configured, failed): why
+    TIMEPOINT_SAVED = "timepoint-saved"  # the job's time point kept for a later comparison
+    COMPARED = "compared"  # the comparison with the prior (data: comparison, lines)
+    NOT_COMPARED = "not-compared"  # no comparison in the results, and why
     INPUTS_BUILT = "inputs-built"
     INFERENCE_DONE = "inference-done"
     LABELS_REUSED = "labels-reused"
@@ -102,8 +111,9 @@ def event_data(event: Event | str | None) -> dict:
 
 
 def fetched_as_prior(sessions: sessionmaker, study_uid: str) -> bool:
-    """Whether the study was fetched as some job's prior ([models.priors]: the assembler queues no
-    job for it). Here, not in pipeline/priors, so the receiver's sweep does not load the fetching code."""
+    """Whether the study was fetched as some job's prior ([models.priors], [models.compare]: the
+    assembler queues no job for it; a comparison queues its own compute-only job). Here, not in
+    pipeline/priors, so the receiver's sweep does not load the fetching code."""
     with sessions() as session:
         found = session.scalar(select(Event.id).where(Event.study_uid == study_uid,
                                                       Event.kind == EventKind.FETCHED_AS_PRIOR.value).limit(1))

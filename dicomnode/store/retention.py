@@ -9,7 +9,8 @@ last instance arrived: it goes `retention_hours` after that, its verdicts stayin
 keeps the study, its series, jobs, deliveries and events (the CLI still shows its history);
 the instances' rows and files go, with a "purged" event. Files are removed before rows, so a
 crash in between is finished by the next sweep; an instance that arrives during a purge is
-kept, as are its rows.
+kept, as are its rows. A job's time point ([models.compare], timepoint.npz) stays in its result
+folder until it is older than the longest comparison window (purge_timepoints).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
 from dicomnode.store.events import EventKind, log_event
-from dicomnode.store.tables import Instance, Job, JobState, Study, utcnow
+from dicomnode.store.tables import Instance, Job, JobState, Study, TimePointRow, utcnow
 
 log = logging.getLogger("dicomnode.retention")
 
@@ -88,8 +89,17 @@ def purge(sessions: sessionmaker, config: Config, done: Done) -> int:
     for folder in {path.parent for path in paths}:
         _remove_empty_folders(folder, config.spool_dir)
     results = config.results_dir / done.study_uid
+    with sessions() as session:
+        kept = {row.job_id: Path(row.path) for row in session.scalars(
+            select(TimePointRow).where(TimePointRow.job_id.in_(done.job_ids)))}
     for job_id in done.job_ids:
-        shutil.rmtree(results / f"job-{job_id}", ignore_errors=True)
+        folder = results / f"job-{job_id}"
+        if job_id in kept:  # [models.compare]: the time point stays for later studies (purge_timepoints)
+            for path in folder.iterdir() if folder.is_dir() else ():
+                if path != kept[job_id]:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
     _remove_empty_folders(results, config.results_dir)
     with sessions.begin() as session:
         session.execute(
@@ -108,10 +118,35 @@ def _what_went(config: Config, done: Done) -> str:
     return f"and the results of jobs {', '.join(map(str, done.job_ids))} removed {hours} after the last job succeeded"
 
 
+def purge_timepoints(sessions: sessionmaker, config: Config, now: datetime | None = None) -> int:
+    """Time points ([models.compare]) made longer ago than the longest compare window (max_age_days)
+    go, file and row. By when they were made, not by their study's date: a follow-up is compared with
+    priors of the window before its own date, and a study sent late (its date long past, a
+    retrospective batch) still finds the priors processed with it. No model compares: all go.
+    Returns how many went."""
+    now = now or utcnow()
+    windows = [m.compare.max_age_days for m in config.models if m.compares]  # type: ignore[union-attr]
+    with sessions() as session:
+        rows = list(session.scalars(select(TimePointRow)))
+    if windows:
+        oldest = now - timedelta(days=max(windows))
+        rows = [row for row in rows if row.created_at < oldest]
+    for row in rows:
+        Path(row.path).unlink(missing_ok=True)
+        _remove_empty_folders(Path(row.path).parent, config.results_dir)
+    if rows:
+        with sessions.begin() as session:
+            session.execute(delete(TimePointRow).where(TimePointRow.job_id.in_([row.job_id for row in rows])))
+        log.info("%d time points removed: older than the comparison window", len(rows))
+    return len(rows)
+
+
 def purge_due(sessions: sessionmaker, config: Config, now: datetime | None = None) -> list[str]:
-    """Purge every study that is due; return their UIDs. Off when retention_hours is 0."""
+    """Purge every study that is due, and the time points no comparison can use any more; return
+    the studies' UIDs. Off when retention_hours is 0."""
     if config.node.retention_hours <= 0:
         return []
+    purge_timepoints(sessions, config, now)
     purged = []
     for done in due(sessions, timedelta(hours=config.node.retention_hours), now):
         count = purge(sessions, config, done)

@@ -139,8 +139,30 @@ class Job(Base):
     # review = true: who released or rejected the results, and when (the released SR's Verifying Observer)
     reviewed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     reviewed_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # [models.compare]: a compute-only job, queued by job N to have this study as its comparison
+    # prior: it runs the model and keeps its time point, and delivers nothing into this (older) study
+    prior_of_job: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (Index("ix_jobs_claim", "state", "not_before"),)
+
+
+class TimePointRow(Base):
+    """[models.compare]: a time point a job kept (timepoint.npz in its result folder) and the
+    patient, date and modalities it is of, by which a later study of the patient finds its prior."""
+
+    __tablename__ = "timepoints"
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(64))
+    patient_id: Mapped[str] = mapped_column(String(64))
+    issuer: Mapped[str] = mapped_column(String(64), default="")  # IssuerOfPatientID, "" when not given
+    study_date: Mapped[str] = mapped_column(String(8))  # YYYYMMDD
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    modalities: Mapped[str] = mapped_column(String(64), default="")  # the study's input modalities, "CT/PT"
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+    __table_args__ = (Index("ix_timepoints_patient", "patient_id", "model"),)
 
 
 class Delivery(Base):

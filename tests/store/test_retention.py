@@ -14,7 +14,7 @@ from dicomnode.store import retention
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.store.spool import Spool
-from dicomnode.store.tables import Event, Instance, Job, Study, utcnow
+from dicomnode.store.tables import Event, Instance, Job, Study, TimePointRow, utcnow
 
 from tests.support.nodeutil import node_config
 
@@ -134,3 +134,32 @@ def test_retention_zero_keeps_everything(tmp_path: Path):
     _job(config, sessions, study, "succeeded", 1000)
     assert retention.purge_due(sessions, config, now=NOW) == []
     assert all(p.exists() for p in files)
+
+
+def test_time_points_outlive_their_results_until_the_comparison_window_passes(tmp_path: Path):
+    """[models.compare]: a purged study's time point stays in its folder (the rest goes) until it was
+    made longer than max_age_days ago (whatever its study's date: a study sent late keeps its priors);
+    then file and row go."""
+    config = node_config(tmp_path, node="retention_hours = 72", extra="[models.compare]\nmax_age_days = 100\n")
+    sessions = make_sessionmaker(config.database_url)
+    kept, old = generate_uid(), generate_uid()
+    rows = {}
+    for study_uid, made in ((kept, NOW - timedelta(days=90)), (old, NOW - timedelta(days=110))):
+        _receive(config, sessions, study_uid, at=NOW - timedelta(hours=200))
+        job_id = _job(config, sessions, study_uid, "succeeded", 100)
+        path = config.results_dir / study_uid / f"job-{job_id}" / "timepoint.npz"
+        path.write_bytes(b"PK")
+        with sessions.begin() as session:
+            session.add(TimePointRow(job_id=job_id, study_uid=study_uid, model="demo-petct", patient_id="P",
+                                     issuer="", study_date="20100101", study_time="", modalities="CT/PT",
+                                     path=str(path), created_at=made))
+        rows[study_uid] = path
+    assert sorted(retention.purge_due(sessions, config, NOW)) == sorted([kept, old])
+    assert [p.name for p in rows[kept].parent.iterdir()] == ["timepoint.npz"]  # seg.dcm gone, the time point kept
+    assert not rows[old].parent.exists()  # older than the window: gone with its folder
+    with sessions() as session:
+        assert [r.study_uid for r in session.scalars(select(TimePointRow))] == [kept]
+    retention.purge_timepoints(sessions, config, NOW + timedelta(days=20))  # 110 days old now
+    assert not rows[kept].parent.exists()
+    with sessions() as session:
+        assert list(session.scalars(select(TimePointRow))) == []
