@@ -34,15 +34,16 @@ class StandIn:
 
     channel_names = ["CT", "PET"]
     device = "cpu"
+    labels = {"background": 0, "lesion": 1}  # dataset.json's labels, as inference.SegmentationModel has them
 
     def __init__(self, phantom: ph.Phantom, grid: ph.Grid):
-        self.labels = ph.lesion_masks(phantom, grid)
+        self.answer = ph.lesion_masks(phantom, grid)
         self.seen: list[tuple] = []
 
     def predict(self, channels: np.ndarray, spacing) -> np.ndarray:  # noqa: ANN001
         self.seen.append((channels.shape, tuple(spacing)))
-        assert channels.shape[1:] == self.labels.shape
-        return self.labels
+        assert channels.shape[1:] == self.answer.shape
+        return self.answer
 
 
 def _paths(study):
