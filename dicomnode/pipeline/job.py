@@ -20,9 +20,10 @@ from sqlalchemy.orm import sessionmaker
 from dicomnode.config import Config, ModelSettings
 from dicomnode.imaging.measures import measure_lesions, measure_segments
 from dicomnode.pipeline.dispatch import deliver
-from dicomnode.pipeline.errors import JobError
+from dicomnode.pipeline.errors import DeliveryPending, JobError
 from dicomnode.pipeline.inputs import Inputs, build_inputs
 from dicomnode.pipeline.priors import settle_prior
+from dicomnode.pipeline.timing import StepTimes
 from dicomnode.results.common import write_dicom
 from dicomnode.results.labelcodes import LabelCodesError, label_codes
 from dicomnode.results.writer import (
@@ -66,24 +67,29 @@ def result_dir(config: Config, job: Job) -> Path:
     return config.results_dir / job.study_uid / f"job-{job.id}"
 
 
+INFERENCE = "inference"  # the model's own step: the one StepTimes entry the job's other steps are counted without
 LABELS_FILE = "labels.npz"  # the model's label map: objects missing later are built without inference
 
 
-def make_results(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel) -> Path:
+def make_results(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel,
+                 times: StepTimes | None = None) -> Path:
     """Write the job's result objects (results_needed) into its result folder once and return the
     folder. Each file is renamed into place when complete; a later run (a retried delivery, a
     restart, an output added to the config) writes only those missing, from the label map saved
     after inference (labels.npz), so the model runs once per job and every object keeps its
-    SOP Instance UID."""
+    SOP Instance UID. `times` gets the seconds of each step (inputs, inference, measures, each
+    object built, writing)."""
+    times = times or StepTimes()
     out = result_dir(config, job)
     settings = config.model(job.model)
     missing = [kind for kind in results_needed(config, settings) if not (out / RESULT_FILES[kind]).exists()]
     if not missing:
         _event(sessions, job, EventKind.RESULTS_REUSED, f"{out} from an earlier attempt")
         return out
-    inputs = build_inputs(sessions, job, settings)
-    labels = _model_labels(sessions, job, settings, model, inputs, out, config.node.worker_memory_gb)
-    findings = _measure(sessions, job, settings, model, inputs, labels)
+    inputs = build_inputs(sessions, job, settings, times)
+    labels = _model_labels(sessions, job, settings, model, inputs, out, config.node.worker_memory_gb, times)
+    with times("measures"):
+        findings = _measure(sessions, job, settings, model, inputs, labels)
     written = []
     position = [m.name for m in config.models].index(settings.name)
     numbers = {kind: result_series_number(kind, job.run_number, position) for kind in RESULT_SERIES_OFFSET}
@@ -94,9 +100,13 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
         out.mkdir(parents=True, exist_ok=True)
         summary = json.dumps(findings.as_json(), indent=2).encode()
         write_durably(out / "measures.json", lambda fh: fh.write(summary), out / ".measures.json.partial")
+        started = time.perf_counter()
         for kind, ds in build_results(missing, out, findings, source, algorithm, numbers):
-            write_dicom(ds, out / RESULT_FILES[kind])  # whole or not at all: nothing truncated is ever sent
+            times.add(str(kind), time.perf_counter() - started)  # built: the generator's time for this object
+            with times("write"):
+                write_dicom(ds, out / RESULT_FILES[kind])  # whole or not at all: nothing truncated is ever sent
             written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
+            started = time.perf_counter()
     except OSError as exc:  # a full disk, say: this attempt fails, a later one writes what is missing
         raise JobError(f"cannot write the result objects into {out}: {exc.strerror or exc}"
                        + (f" ({', '.join(written)} written)" if written else ""), retryable=True) from exc
@@ -142,9 +152,10 @@ def _measure(sessions: sessionmaker, job: Job, settings: ModelSettings, model: S
 
 def _model_labels(
     sessions: sessionmaker, job: Job, settings: ModelSettings, model: SegmentationModel, inputs: Inputs, out: Path,
-    budget_gb: float | None = None,
+    budget_gb: float | None = None, times: StepTimes | None = None,
 ) -> np.ndarray:
     """The model's label map on the grid: saved by an earlier attempt, else predicted and saved."""
+    times = times or StepTimes()
     saved = out / LABELS_FILE
     if saved.exists():
         with np.load(saved) as data:
@@ -158,7 +169,8 @@ def _model_labels(
         )
     _check_memory(settings, model, inputs, budget_gb)
     started = time.monotonic()
-    labels = model.predict(inputs.channels, inputs.spacing)
+    with times(INFERENCE):
+        labels = model.predict(inputs.channels, inputs.spacing)
     seconds, foreground = time.monotonic() - started, int((labels > 0).sum())
     _event(
         sessions,
@@ -169,7 +181,8 @@ def _model_labels(
     )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_durably(saved, lambda fh: np.savez_compressed(fh, labels=labels), out / f".{LABELS_FILE}.partial")
+        with times("labels saved"):
+            write_durably(saved, lambda fh: np.savez_compressed(fh, labels=labels), out / f".{LABELS_FILE}.partial")
     except OSError as exc:  # not kept: the next attempt runs the model again
         log.warning("job %d: label map not saved in %s: %s", job.id, out, exc.strerror or exc)
     return labels
@@ -204,6 +217,23 @@ def process_data_bytes() -> int:
 
 
 def process(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel) -> str:
-    settle_prior(config, sessions, job, config.model(job.model))  # [models.priors]: fetched or ruled out first
-    out = make_results(config, sessions, job, model)
-    return f"results in {out}; {deliver(config, sessions, job, out)}"
+    """Run the job: its prior, its results (made once), their deliveries; a step-times event
+    says where the time went."""
+    times = StepTimes()
+    with times("prior"):
+        settle_prior(config, sessions, job, config.model(job.model))  # [models.priors]: fetched or ruled out first
+    out = make_results(config, sessions, job, model, times)
+    try:
+        with times("delivery"):
+            delivered = deliver(config, sessions, job, out)
+    except DeliveryPending:
+        _record_times(sessions, job, times)
+        raise
+    _record_times(sessions, job, times)
+    return f"results in {out}; {delivered}"
+
+
+def _record_times(sessions: sessionmaker, job: Job, times: StepTimes) -> None:
+    besides = times.total(leaving_out=(INFERENCE,))
+    _event(sessions, job, EventKind.STEP_TIMES, f"{besides:.1f} s besides inference: {times.text()}",
+           data={"seconds": times.as_data(), "besides_inference": round(besides, 3)})
