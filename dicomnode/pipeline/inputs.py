@@ -111,7 +111,7 @@ def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid
         raise JobError(f"cannot compute SUVbw: {exc}") from exc
     with times("channels"):
         for c in channel_names:
-            if not np.isfinite(arrays[c]).all():
+            if not _all_finite(arrays[c]):
                 raise JobError(
                     f"channel {c} ({volumes[c].modality} series {volumes[c].series_instance_uid}) holds NaN or "
                     "infinite values: check its RescaleSlope/RescaleIntercept and pixel data"
@@ -126,6 +126,12 @@ def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid
         grid_name=grid,
         pet_header=pet.datasets[0] if pet is not None else None,
     )
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """No NaN and no infinity: both extremes finite (a NaN makes min and max NaN), two reductions
+    instead of a boolean array of the volume's size."""
+    return array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))
 
 
 def _channel_volume(channel: str, paths: list[Path], times: StepTimes) -> Volume:

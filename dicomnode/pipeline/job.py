@@ -100,13 +100,14 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
         out.mkdir(parents=True, exist_ok=True)
         summary = json.dumps(findings.as_json(), indent=2).encode()
         write_durably(out / "measures.json", lambda fh: fh.write(summary), out / ".measures.json.partial")
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for kind, ds in build_results(missing, out, findings, source, algorithm, numbers):
-            times.add(str(kind), time.perf_counter() - started)  # built: the generator's time for this object
+            # built: the generator's time for this object
+            times.add(str(kind), time.perf_counter() - started, time.process_time() - cpu)
             with times("write"):
                 write_dicom(ds, out / RESULT_FILES[kind])  # whole or not at all: nothing truncated is ever sent
             written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
     except OSError as exc:  # a full disk, say: this attempt fails, a later one writes what is missing
         raise JobError(f"cannot write the result objects into {out}: {exc.strerror or exc}"
                        + (f" ({', '.join(written)} written)" if written else ""), retryable=True) from exc
@@ -236,4 +237,5 @@ def process(config: Config, sessions: sessionmaker, job: Job, model: Segmentatio
 def _record_times(sessions: sessionmaker, job: Job, times: StepTimes) -> None:
     besides = times.total(leaving_out=(INFERENCE,))
     _event(sessions, job, EventKind.STEP_TIMES, f"{besides:.1f} s besides inference: {times.text()}",
-           data={"seconds": times.as_data(), "besides_inference": round(besides, 3)})
+           data={"seconds": times.as_data(), "cpu_seconds": times.as_data(cpu=True),
+                 "besides_inference": round(besides, 3)})

@@ -10,21 +10,24 @@ from contextlib import contextmanager
 
 
 class StepTimes:
-    """Seconds per named step, in the order first timed; a step timed twice adds up."""
+    """Seconds per named step, in the order first timed; a step timed twice adds up. `cpu`: the
+    process's CPU seconds in each step (all its threads), which a busy machine does not stretch."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
 
-    def add(self, step: str, seconds: float) -> None:
+    def add(self, step: str, seconds: float, cpu: float = 0.0) -> None:
         self.seconds[step] = self.seconds.get(step, 0.0) + seconds
+        self.cpu[step] = self.cpu.get(step, 0.0) + cpu
 
     @contextmanager
     def __call__(self, step: str) -> Iterator[None]:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            self.add(step, time.perf_counter() - started)
+            self.add(step, time.perf_counter() - started, time.process_time() - cpu)
 
     def total(self, *, leaving_out: tuple[str, ...] = ()) -> float:
         return sum(s for step, s in self.seconds.items() if step not in leaving_out)
@@ -32,5 +35,5 @@ class StepTimes:
     def text(self) -> str:
         return ", ".join(f"{step} {seconds:.2f} s" for step, seconds in self.seconds.items())
 
-    def as_data(self) -> dict[str, float]:
-        return {step: round(seconds, 3) for step, seconds in self.seconds.items()}
+    def as_data(self, cpu: bool = False) -> dict[str, float]:
+        return {step: round(seconds, 3) for step, seconds in (self.cpu if cpu else self.seconds).items()}
