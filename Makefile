@@ -53,10 +53,10 @@ registry-models: $(STAMP)
 lint-imports: $(STAMP)
 	$(VENV)/bin/lint-imports
 
+# Every CPU bench in one run, then one table of ratios (bench/summary.py; ~1 h on 2 cores).
+# bench/bench_gpu_glow.py needs a GPU: run it there by hand.
 bench: system-packages $(STAMP)
-	$(PY) bench/bench_receive.py
-	$(PY) bench/bench_stow.py
-	$(PY) bench/bench_fetch.py
+	$(PY) bench/summary.py
 
 clean:
 	rm -rf $(VENV) var demo-out .pytest_cache

@@ -14,6 +14,7 @@ each into an empty node or Orthanc.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -121,6 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instances", type=int, default=600)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here (bench/summary.py reads it)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-fetch-"))
     try:
@@ -139,6 +141,9 @@ def main() -> None:
             median = statistics.median(values)
             print(f"  {name:16s} {median:6.2f} s  ({args.instances / median:5.0f} instances/s; runs "
                   f"{', '.join(f'{v:.2f}' for v in values)})")
+        if args.json:
+            args.json.write_text(json.dumps({"bench": "fetch", "instances": args.instances, "repeats": args.repeats,
+                                             "median_s": {name: statistics.median(v) for name, v in times.items()}}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

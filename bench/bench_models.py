@@ -10,14 +10,17 @@ Five synthetic PET/CT studies (dicomnode.synth, seeds 0..4) are segmented with t
   would: each call starts Python, loads the 5 folds and predicts.
 
 The time to write the NIfTIs is not counted for the CLI. Prints a table and the throughput
-ratio.
+ratio; with `--runs N` the whole comparison N times (the model loaded afresh each run), each
+run's ratio and their median; `--json PATH` writes the figures (keys: studies, runs: [{node_s,
+node_load_s, cli_s, ratio}], ratio_median).
 
-    .venv/bin/python bench/bench_models.py [--studies 5]
+    .venv/bin/python bench/bench_models.py [--studies 5] [--runs 3] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -83,23 +86,41 @@ def cli_seconds(studies: list[Path], settings: ModelSettings, work: Path) -> lis
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=1, help="the whole comparison this many times")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     settings = ModelSettings(name="demo-petct", path=MODEL_DIR, folds=[int(f) for f in FOLDS], use_mirroring=False)
+    print(f"demo-petct, {len(FOLDS)} folds, no mirroring, CPU ({len(os.sched_getaffinity(0))} cores), "
+          f"{args.studies} studies, {args.runs} run(s)\n", flush=True)
+    runs = []
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
-        work = Path(tmp)
-        studies = [write_study(work / f"study{seed}", seed=seed).root for seed in range(args.studies)]
-        load, node = node_seconds(studies, settings)
-        cli = cli_seconds(studies, settings, work)
-    print(f"demo-petct, {len(FOLDS)} folds, no mirroring, CPU ({len(os.sched_getaffinity(0))} cores)\n")
-    print("| study | node, warm (s) | nnUNetv2_predict (s) |\n|---|---|---|")
+        studies = [write_study(Path(tmp) / f"study{seed}", seed=seed).root for seed in range(args.studies)]
+        for run in range(args.runs):
+            work = Path(tmp) / f"run{run}"
+            work.mkdir()
+            load, node = node_seconds(studies, settings)
+            cli = cli_seconds(studies, settings, work)
+            runs.append(report(run, load, node, cli))
+    ratios = [r["ratio"] for r in runs]
+    print(f"warm queue / nnUNetv2_predict throughput: {', '.join(f'{r:.2f}x' for r in ratios)}; "
+          f"median {statistics.median(ratios):.2f}x (load average {os.getloadavg()[0]:.1f})")
+    if args.json:
+        args.json.write_text(json.dumps({"bench": "models", "studies": args.studies, "runs": runs,
+                                         "ratio_median": statistics.median(ratios)}, indent=2))
+    return 0
+
+
+def report(run: int, load: float, node: list[float], cli: list[float]) -> dict:
+    print(f"run {run + 1}\n| study | node, warm (s) | nnUNetv2_predict (s) |\n|---|---|---|")
     for k, (a, b) in enumerate(zip(node, cli)):
         print(f"| {k} | {a:.1f} | {b:.1f} |")
     node_total, cli_total = load + sum(node), sum(cli)
     print(f"| all, node incl. one model load ({load:.1f} s) | {node_total:.1f} | {cli_total:.1f} |\n")
     print(f"throughput: node {60 * len(node) / node_total:.2f} studies/min, nnUNetv2_predict "
           f"{60 * len(cli) / cli_total:.2f} studies/min; ratio {cli_total / node_total:.2f}x "
-          f"(median per study {statistics.median(node):.1f} s vs {statistics.median(cli):.1f} s)")
-    return 0
+          f"(median per study {statistics.median(node):.1f} s vs {statistics.median(cli):.1f} s)\n", flush=True)
+    return {"node_s": [round(s, 2) for s in node], "node_load_s": round(load, 2), "cli_s": [round(s, 2) for s in cli],
+            "ratio": round(cli_total / node_total, 3)}
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Prints the median and the spread (min..max) of each, and their ratio.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -35,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here (bench/summary.py reads it)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-stow-") as tmp:
         work = Path(tmp)
@@ -69,6 +71,10 @@ def main() -> None:
         print(f"{name:10} {statistics.median(values) * 1000:10.1f} {min(values) * 1000:7.1f}..{max(values) * 1000:.1f}")
     ratio = statistics.median(times["STOW-RS"]) / statistics.median(times["C-STORE"])
     print(f"STOW-RS / C-STORE: {ratio:.2f}")
+    if args.json:
+        medians = {name: statistics.median(values) * 1000 for name, values in times.items()}
+        args.json.write_text(json.dumps({"bench": "stow", "runs": args.runs, "stow_over_cstore": ratio,
+                                         "median_ms": medians}))
 
 
 if __name__ == "__main__":

@@ -263,6 +263,12 @@ _cache: "OrderedDict[str, tuple[int, int, InstanceFacts]]" = OrderedDict()
 _cache_lock = threading.Lock()
 
 
+def clear_facts_cache() -> None:
+    """Forget the facts read so far (a worker meeting a study for the first time: the benches)."""
+    with _cache_lock:
+        _cache.clear()
+
+
 def read_facts(path: str | Path) -> InstanceFacts:
     """One file's facts (headers only), cached while the file's size and mtime stay the same."""
     key = str(path)

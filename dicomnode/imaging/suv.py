@@ -142,7 +142,12 @@ def pet_suv_volume(volume: Volume) -> np.ndarray:
         raise SuvError("datasets", "the volume has no header for every slice")
     earliest = earliest_acquisition(volume.datasets)
     factors = np.array([_slice_factor(ds, earliest) for ds in volume.datasets])
-    return (volume.array * factors[:, None, None]).astype(np.float32)
+    suv = np.empty(volume.array.shape, dtype=np.float32)
+    scratch = np.empty(volume.array.shape[1:], dtype=np.float64)  # slice by slice: float64, then stored as float32
+    for k, factor in enumerate(factors):
+        np.multiply(volume.array[k], factor, out=scratch)
+        suv[k] = scratch
+    return suv
 
 
 def earliest_acquisition(headers: Sequence[Dataset]) -> datetime | None:

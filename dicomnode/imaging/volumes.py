@@ -26,6 +26,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode.imaging.frames import frame_headers, is_enhanced
 from dicomnode.imaging.geometry import GeometryError, slice_stack
@@ -119,9 +120,11 @@ def _volume(datasets: list[Dataset], planes: list | None = None) -> Volume:
     row, col, normal = stack.row, stack.col, stack.normal
     slice_spacing = stack.spacing or _single_slice_spacing(datasets[0])
 
-    array = np.stack([_rescaled_plane(ds) if plane is None else plane for ds, plane in zip(datasets, planes)])
-    array = array.astype(np.float32, copy=False)
     first = datasets[0]
+    array = np.empty((len(datasets), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    scratch = np.empty(array.shape[1:], dtype=np.float64)  # one slice's float64 rescale, reused
+    for k, (ds, plane) in enumerate(zip(datasets, planes)):
+        array[k] = _rescaled_plane(ds, scratch) if plane is None else plane
     row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
     direction = tuple(float(v) for v in np.column_stack([row, col, normal]).ravel())
     return Volume(
@@ -187,16 +190,30 @@ def _single_slice_spacing(ds: Dataset) -> float:
     return float(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness") or 1.0)
 
 
-def _rescaled_plane(ds: Dataset) -> np.ndarray:
+def _rescaled_plane(ds: Dataset, out: np.ndarray | None = None) -> np.ndarray:
+    """The slice's stored values * RescaleSlope + RescaleIntercept in float64 (in `out` when given:
+    a reused buffer of the slice's shape); the caller stores it as float32."""
     try:
-        stored = ds.pixel_array
+        stored = _native_plane(ds)
+        if stored is None:
+            stored = ds.pixel_array
     except Exception as exc:  # missing or undecodable pixel data: pydicom raises various types
         raise VolumeError(f"cannot decode the pixels of {ds.get('SOPInstanceUID', '?')}: {exc}") from exc
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-        plane = stored.astype(np.float64) * slope + intercept
-    if not np.isfinite(plane).all():
+    if out is None or out.shape != stored.shape:
+        out = np.empty(stored.shape, dtype=np.float64)
+    # stored values are integers: the rescaled plane is finite everywhere when it is at both extremes
+    # (a linear map is monotonic), which saves a pass over every voxel
+    with np.errstate(over="ignore", invalid="ignore"):
+        extremes = np.array([stored.min(), stored.max()], dtype=np.float64) * slope + intercept
+        finite = bool(np.isfinite(extremes).all()) if np.issubdtype(stored.dtype, np.integer) else None
+        np.multiply(stored, slope, out=out, casting="unsafe")
+        out += intercept
+    if finite is None:  # floating-point pixel data: each value checked
+        finite = bool(np.isfinite(out).all())
+    plane = out
+    if not finite:
         raise VolumeError(
             f"slice {ds.get('SOPInstanceUID', '?')} of series {ds.get('SeriesInstanceUID', '?')}: "
             f"RescaleSlope {slope:g} / RescaleIntercept {intercept:g} and the pixel values give NaN or "
@@ -204,7 +221,31 @@ def _rescaled_plane(ds: Dataset) -> np.ndarray:
         )
     if ds.get("Modality") == "CT" and "PixelPaddingValue" in ds:
         plane[_padding_mask(ds, stored)] = CT_PADDING_HU
-    return plane.astype(np.float32)
+    return plane
+
+
+_NATIVE_LITTLE_ENDIAN = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
+
+
+def _native_plane(ds: Dataset) -> np.ndarray | None:
+    """The stored values of an uncompressed little-endian single-frame grey slice, read straight from
+    its Pixel Data bytes (what `ds.pixel_array` gives for it with pydicom's default options: no
+    masking of unused high bits, the sign from PixelRepresentation), without pydicom's decoder
+    set-up, which costs more than the copy on a 512 x 512 slice. None for anything else (compressed,
+    big endian, colour, several frames, 1-bit, short data): pixel_array decodes those."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax not in _NATIVE_LITTLE_ENDIAN or "PixelData" not in ds:
+        return None
+    bits = ds.get("BitsAllocated")
+    if bits not in (8, 16, 32) or ds.get("SamplesPerPixel", 1) != 1 or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+        return None
+    signed = ds.get("PixelRepresentation", 0) == 1
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    data = ds.PixelData
+    if not isinstance(data, bytes) or len(data) < rows * columns * bits // 8:
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    return np.frombuffer(data, dtype=dtype, count=rows * columns).reshape(rows, columns)
 
 
 def _enhanced_planes(ds: Dataset, headers: list[Dataset]) -> list[np.ndarray]:

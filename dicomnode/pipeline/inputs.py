@@ -24,6 +24,7 @@ from dicomnode.imaging.volumes import (
 from dicomnode.pipeline.errors import InputsNotReady, JobError
 from dicomnode.pipeline.facts import series_from_index
 from dicomnode.pipeline.selection import Selection, select_inputs
+from dicomnode.pipeline.timing import StepTimes
 from dicomnode.store.events import EventKind, log_event, record_job_event
 from dicomnode.store.tables import Event, Job
 
@@ -80,13 +81,16 @@ def select_series(sessions: sessionmaker, job: Job, settings: ModelSettings) -> 
     return selection
 
 
-def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid: str = "PET") -> Inputs:
+def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid: str = "PET",
+                    times: StepTimes | None = None) -> Inputs:
     """The model's input channels on the `grid` channel's series grid, from each channel's files
     (`paths` by channel name): "CT" in HU, "PET" in SUVbw, any other (named: MR, ...) as
     stored, rescale applied. Every other channel is resampled linearly onto the grid; outside
     its field of view: -1024 HU for the CT, SUV 0 for the PET, 0 for the rest (e.g. the CT onto
     the PET grid as GLOW-FDG was trained, or T1, T2 and FLAIR onto the T1 post contrast).
-    `dicomnode inspect --export` writes the same."""
+    `dicomnode inspect --export` writes the same. `times` gets the seconds of reading the
+    series ("read"), SUV ("SUV") and resampling ("resample")."""
+    times = times or StepTimes()
     padding = {"CT": CT_PADDING_HU, "PET": 0.0}  # outside a resampled channel's field of view; else 0
     lacking = [c for c in dict.fromkeys([*channel_names, grid]) if c not in paths]
     if lacking:
@@ -95,23 +99,25 @@ def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid
             f"{' (the grid)' if grid in lacking else ''}"
         )
     try:
-        volumes = {c: _channel_volume(c, paths[c]) for c in dict.fromkeys([*channel_names, grid])}
+        volumes = {c: _channel_volume(c, paths[c], times) for c in dict.fromkeys([*channel_names, grid])}
         reference = volumes[grid]
-        arrays = {
-            c: v.array if c == grid else resample_to(v, reference, default_value=padding.get(c, 0.0)).array
-            for c, v in volumes.items()
-        }
+        with times("resample"):
+            arrays = {
+                c: v.array if c == grid else resample_to(v, reference, default_value=padding.get(c, 0.0)).array
+                for c, v in volumes.items()
+            }
     except VolumeError as exc:
         raise JobError(f"cannot build input volumes: {exc}") from exc
     except SuvError as exc:
         raise JobError(f"cannot compute SUVbw: {exc}") from exc
-    for c in channel_names:
-        if not np.isfinite(arrays[c]).all():
-            raise JobError(
-                f"channel {c} ({volumes[c].modality} series {volumes[c].series_instance_uid}) holds NaN or "
-                "infinite values: check its RescaleSlope/RescaleIntercept and pixel data"
-            )
-    channels = np.stack([arrays[c].astype(np.float32, copy=False) for c in channel_names])
+    with times("channels"):
+        for c in channel_names:
+            if not _all_finite(arrays[c]):
+                raise JobError(
+                    f"channel {c} ({volumes[c].modality} series {volumes[c].series_instance_uid}) holds NaN or "
+                    "infinite values: check its RescaleSlope/RescaleIntercept and pixel data"
+                )
+        channels = np.stack([arrays[c].astype(np.float32, copy=False) for c in channel_names])
     pet = volumes.get("PET")
     return Inputs(
         channels=channels,
@@ -124,17 +130,30 @@ def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid
     )
 
 
-def _channel_volume(channel: str, paths: list[Path]) -> Volume:
+def _all_finite(array: np.ndarray) -> bool:
+    """No NaN and no infinity: both extremes finite (a NaN makes min and max NaN), two reductions
+    instead of a boolean array of the volume's size."""
+    return array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))
+
+
+def _channel_volume(channel: str, paths: list[Path], times: StepTimes) -> Volume:
     """One channel's series as a volume: the PET in SUVbw, anything else as its rescaled values."""
-    volume = load_series(paths)
-    return replace(volume, array=pet_suv_volume(volume).astype(np.float32)) if channel == "PET" else volume
+    with times("read"):
+        volume = load_series(paths)
+    if channel != "PET":
+        return volume
+    with times("SUV"):
+        return replace(volume, array=pet_suv_volume(volume).astype(np.float32, copy=False))
 
 
-def build_inputs(sessions: sessionmaker, job: Job, settings: ModelSettings) -> Inputs:
-    """The job's model input channels, `settings.channels` in order, on the `settings.grid` grid."""
-    selection = select_series(sessions, job, settings)
+def build_inputs(sessions: sessionmaker, job: Job, settings: ModelSettings, times: StepTimes | None = None) -> Inputs:
+    """The job's model input channels, `settings.channels` in order, on the `settings.grid` grid;
+    `times` gets the seconds of each step (series selection "select", then assemble_inputs')."""
+    times = times or StepTimes()
+    with times("select"):
+        selection = select_series(sessions, job, settings)
     channel_names = list(settings.channels)
-    inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, channel_names, settings.grid)
+    inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, channel_names, settings.grid, times)
     used = ", ".join(f"{c} <- {selection.chosen[c].label()}" for c in dict.fromkeys(channel_names))
     used += f"; on the {settings.grid} grid {'x'.join(str(n) for n in inputs.channels.shape[1:])}"
     _event(sessions, job, EventKind.INPUTS_BUILT, used)

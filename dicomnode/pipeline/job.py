@@ -24,13 +24,14 @@ from dicomnode.imaging.timepoint import TIMEPOINT_FILE
 from dicomnode.imaging.volumes import Volume
 from dicomnode.pipeline.chain import ChainedLabels, await_labels, label_mask
 from dicomnode.pipeline.dispatch import deliver
-from dicomnode.pipeline.errors import AwaitingReview, JobError
+from dicomnode.pipeline.errors import AwaitingReview, DeliveryPending, JobError
 from dicomnode.pipeline.followup import Prior, keep_timepoint, settle_compare_prior
 from dicomnode.pipeline.followup import comparison as followup_comparison
 from dicomnode.pipeline.inputs import Inputs, build_inputs
 from dicomnode.pipeline.priors import settle_prior
 from dicomnode.pipeline.resultdir import LABELS_FILE, result_dir
 from dicomnode.pipeline.review import PREVIEW_FILE, found_in, held_for_review, verify_released
+from dicomnode.pipeline.timing import StepTimes
 from dicomnode.results.common import write_dicom
 from dicomnode.results.labelcodes import LabelCodesError, label_codes
 from dicomnode.results.preview import PriorView
@@ -93,15 +94,20 @@ def weights_fingerprint(settings: ModelSettings, root: Path | None = None) -> st
 
 
 
+INFERENCE = "inference"  # the model's own step: the one StepTimes entry the job's other steps are counted without
+
+
 def make_results(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel,
-                 compared: Compared | None = None) -> Path:
+                 compared: Compared | None = None, times: StepTimes | None = None) -> Path:
     """Write the job's result objects (results_needed) into its result folder once and return the
     folder. Each file is renamed into place when complete; a later run (a retried delivery, a
     restart, an output added to the config) writes only those missing, from the label map saved
     after inference (labels.npz), so the model runs once per job and every object keeps its
     SOP Instance UID. A model with [models.compare] keeps its time point too, and `compared`
     (its prior, the chained liver labels) puts the comparison into measures.json and the SR; a
-    compute-only job (a comparison's prior) writes no result object, only the time point."""
+    compute-only job (a comparison's prior) writes no result object, only the time point. `times`
+    gets the seconds of each step (inputs, inference, measures, comparison, each object built, writing)."""
+    times = times or StepTimes()
     out = result_dir(config, job)
     settings = config.model(job.model)
     kinds = [] if job.prior_of_job is not None else results_needed(config, settings)
@@ -111,18 +117,21 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
     if not missing and not keeps_timepoint and not computes:
         _event(sessions, job, EventKind.RESULTS_REUSED, f"{out} from an earlier attempt")
         return out
-    inputs = build_inputs(sessions, job, settings)
-    labels = _model_labels(sessions, job, settings, model, inputs, out, config.node.worker_memory_gb)
-    findings = _measure(sessions, job, settings, model, inputs, labels)
+    inputs = build_inputs(sessions, job, settings, times)
+    labels = _model_labels(sessions, job, settings, model, inputs, out, config.node.worker_memory_gb, times)
+    with times("measures"):
+        findings = _measure(sessions, job, settings, model, inputs, labels)
     comparison, prior_view = None, None
     summary_json = findings.as_json()
     if settings.compares:
-        liver_mask, liver_present = compared.liver(config, inputs.grid) if compared else (None, None)
-        current = keep_timepoint(sessions, job, inputs, labels, out, liver_mask)
-        if job.prior_of_job is None and compared is not None:
-            comparison, before = followup_comparison(sessions, job, settings, current, compared.prior, liver_present)
-            if before is not None:
-                prior_view = PriorView(before.suv, before.labels, before.spacing_zyx, before.study_date)
+        with times("comparison"):
+            liver_mask, liver_present = compared.liver(config, inputs.grid) if compared else (None, None)
+            current = keep_timepoint(sessions, job, inputs, labels, out, liver_mask)
+            if job.prior_of_job is None and compared is not None:
+                comparison, before = followup_comparison(sessions, job, settings, current, compared.prior,
+                                                         liver_present)
+                if before is not None:
+                    prior_view = PriorView(before.suv, before.labels, before.spacing_zyx, before.study_date)
         if comparison is not None:
             summary_json = {**summary_json, "comparison": comparison.as_json()}
     written = []
@@ -139,12 +148,17 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
         out.mkdir(parents=True, exist_ok=True)
         summary = json.dumps(summary_json, indent=2).encode()
         write_durably(out / "measures.json", lambda fh: fh.write(summary), out / ".measures.json.partial")
-        for kind, ds in build_results(missing, out, findings, source, algorithm, numbers, comparison,
-                                        prior_view):
-            write_dicom(ds, out / RESULT_FILES[kind])  # whole or not at all: nothing truncated is ever sent
+        started, cpu = time.perf_counter(), time.process_time()
+        for kind, ds in build_results(missing, out, findings, source, algorithm, numbers, comparison, prior_view):
+            # built: the generator's time for this object
+            times.add(str(kind), time.perf_counter() - started, time.process_time() - cpu)
+            with times("write"):
+                write_dicom(ds, out / RESULT_FILES[kind])  # whole or not at all: nothing truncated is ever sent
             written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
+            started, cpu = time.perf_counter(), time.process_time()
         if settings.review and source.suv is not None and not (out / PREVIEW_FILE).exists():
-            _write_preview(out / PREVIEW_FILE, source, findings, f"{settings.name} run {job.run_number}")
+            with times("preview"):
+                _write_preview(out / PREVIEW_FILE, source, findings, f"{settings.name} run {job.run_number}")
     except OSError as exc:  # a full disk, say: this attempt fails, a later one writes what is missing
         raise JobError(f"cannot write the result objects into {out}: {exc.strerror or exc}"
                        + (f" ({', '.join(written)} written)" if written else ""), retryable=True) from exc
@@ -230,9 +244,10 @@ def _measure(sessions: sessionmaker, job: Job, settings: ModelSettings, model: S
 
 def _model_labels(
     sessions: sessionmaker, job: Job, settings: ModelSettings, model: SegmentationModel, inputs: Inputs, out: Path,
-    budget_gb: float | None = None,
+    budget_gb: float | None = None, times: StepTimes | None = None,
 ) -> np.ndarray:
     """The model's label map on the grid: saved by an earlier attempt, else predicted and saved."""
+    times = times or StepTimes()
     saved = out / LABELS_FILE
     if saved.exists():
         with np.load(saved) as data:
@@ -246,7 +261,8 @@ def _model_labels(
         )
     _check_memory(settings, model, inputs, budget_gb)
     started = time.monotonic()
-    labels = model.predict(inputs.channels, inputs.spacing)
+    with times(INFERENCE):
+        labels = model.predict(inputs.channels, inputs.spacing)
     seconds, foreground = time.monotonic() - started, int((labels > 0).sum())
     _event(
         sessions,
@@ -258,10 +274,11 @@ def _model_labels(
     try:
         out.mkdir(parents=True, exist_ok=True)
         grid = inputs.grid  # where the label map lies, and what its values name: another model may chain on it
-        write_durably(saved, lambda fh: np.savez_compressed(
-            fh, labels=labels, spacing=np.asarray(grid.spacing), origin=np.asarray(grid.origin),
-            direction=np.asarray(grid.direction), label_names=np.asarray(json.dumps(dict(model.labels)))),
-            out / f".{LABELS_FILE}.partial")
+        with times("labels saved"):
+            write_durably(saved, lambda fh: np.savez_compressed(
+                fh, labels=labels, spacing=np.asarray(grid.spacing), origin=np.asarray(grid.origin),
+                direction=np.asarray(grid.direction), label_names=np.asarray(json.dumps(dict(model.labels)))),
+                out / f".{LABELS_FILE}.partial")
     except OSError as exc:  # not kept: the next attempt runs the model again
         log.warning("job %d: label map not saved in %s: %s", job.id, out, exc.strerror or exc)
     return labels
@@ -296,22 +313,42 @@ def process_data_bytes() -> int:
 
 
 def process(config: Config, sessions: sessionmaker, job: Job, model: SegmentationModel) -> str:
+    """Run the job: its prior, its results (made once), their deliveries; a step-times event
+    says where the time went."""
+    times = StepTimes()
     settings = config.model(job.model)
-    if job.prior_of_job is None:
-        settle_prior(config, sessions, job, settings)  # [models.priors]: fetched or ruled out first
-    compared = None
-    if settings.compares:  # the prior and the chained label map, each waited for before the model runs
-        compare = settings.compare
-        prior = settle_compare_prior(config, sessions, job, settings) if job.prior_of_job is None else None
-        chained = await_labels(config, sessions, job, compare.liver_from) if compare.liver_from else None
-        compared = Compared(prior, chained, compare.liver_label)
-    out = make_results(config, sessions, job, model, compared)
+    with times("prior"):
+        if job.prior_of_job is None:
+            settle_prior(config, sessions, job, settings)  # [models.priors]: fetched or ruled out first
+        compared = None
+        if settings.compares:  # the prior and the chained label map, each waited for before the model runs
+            compare = settings.compare
+            prior = settle_compare_prior(config, sessions, job, settings) if job.prior_of_job is None else None
+            chained = await_labels(config, sessions, job, compare.liver_from) if compare.liver_from else None
+            compared = Compared(prior, chained, compare.liver_label)
+    out = make_results(config, sessions, job, model, compared, times)
     if job.prior_of_job is not None:
+        _record_times(sessions, job, times)
         return f"results in {out}; computed for job {job.prior_of_job}: nothing delivered"
     if held_for_review(sessions, settings, job):  # review = true: nothing is sent until a reader decides
+        _record_times(sessions, job, times)
         raise AwaitingReview(_held_message(out), {"result_dir": str(out)})
     verify_released(sessions, job, out, config.node.organization)  # a released job: its SR VERIFIED first
-    return f"results in {out}; {deliver(config, sessions, job, out)}"
+    try:
+        with times("delivery"):
+            delivered = deliver(config, sessions, job, out)
+    except DeliveryPending:
+        _record_times(sessions, job, times)
+        raise
+    _record_times(sessions, job, times)
+    return f"results in {out}; {delivered}"
+
+
+def _record_times(sessions: sessionmaker, job: Job, times: StepTimes) -> None:
+    besides = times.total(leaving_out=(INFERENCE,))
+    _event(sessions, job, EventKind.STEP_TIMES, f"{besides:.1f} s besides inference: {times.text()}",
+           data={"seconds": times.as_data(), "cpu_seconds": times.as_data(cpu=True),
+                 "besides_inference": round(besides, 3)})
 
 
 def _held_message(out: Path) -> str:

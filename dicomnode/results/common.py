@@ -16,6 +16,7 @@ from pydicom.uid import generate_uid
 from dicomnode import __version__
 from dicomnode.store.files import write_durably
 
+PIXEL_DATA = 0x7FE00010
 MANUFACTURER = "dicomnode"  # Manufacturer of every result object (and the SR's observer device)
 # Purpose of Reference of the Contributing Equipment item (CID 7005 Contributing Equipment Purposes
 # of Reference): CID 7005 has no concept for an AI or an algorithm; a device that processed the
@@ -122,11 +123,9 @@ def check_on_source(array: np.ndarray, source: Sequence[Dataset], what: str = "l
 def with_type2_attributes(ds: Dataset) -> Dataset:
     """A header-only copy of `ds` with missing Type 2 attributes added empty (highdicom copies
     them from the source into the SEG and the SR, and refuses a source without them)."""
-    copy = Dataset()
+    # the elements as read (raw until used, so nothing is decoded), every one but the pixel data
+    copy = Dataset({tag: ds.get_item(tag) for tag in ds.keys() if tag != PIXEL_DATA})
     copy.file_meta = getattr(ds, "file_meta", Dataset())
-    for element in ds:
-        if element.keyword != "PixelData":
-            copy.add(element)
     for keyword in _TYPE2_FROM_SOURCE:
         if keyword not in copy:
             setattr(copy, keyword, "")

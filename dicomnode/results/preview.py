@@ -30,8 +30,8 @@ from dicomnode.imaging.comparison import Comparison
 from dicomnode.imaging.lesion_match import MatchStatus
 from dicomnode.imaging.measures import measure_lesions
 
-__all__ = ["mip_png", "render_preview", "render_mip", "panel_size", "default_zoom", "suv_window", "display_window",
-           "lesion_figures", "PriorView", "render_comparison", "comparison_text", "STATUS_COLOURS"]
+__all__ = ["mip_png", "render_preview", "render_mip", "coronal_mip", "panel_size", "default_zoom", "suv_window",
+           "display_window", "lesion_figures", "PriorView", "render_comparison", "comparison_text", "STATUS_COLOURS"]
 
 # Outline colours by label value (1 is the usual binary lesion label); cycles for larger values.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -116,7 +116,7 @@ def render_mip(
     zoom = int(zoom) if zoom else default_zoom(pet.shape, spacing_zyx)
     width, height = panel_size(pet.shape, spacing_zyx, zoom)
 
-    mip = np.nan_to_num(pet, nan=0.0).max(axis=1)  # (z, x)
+    mip = coronal_mip(pet)  # (z, x)
     if z_up:
         mip = mip[::-1]
     vmax = float(vmax) if vmax else suv_window(mip)
@@ -188,7 +188,15 @@ def display_window(pet_suv: np.ndarray, vmax: float | None = None) -> float:
     """The upper end of the grey scale render_mip uses for this PET: `vmax`, else suv_window of the MIP."""
     if vmax:
         return float(vmax)
-    return suv_window(np.nan_to_num(np.asarray(pet_suv, dtype=np.float32), nan=0.0).max(axis=1))
+    return suv_window(coronal_mip(np.asarray(pet_suv, dtype=np.float32)))
+
+
+def coronal_mip(pet: np.ndarray) -> np.ndarray:
+    """The maximum along y (z, x), NaN read as 0 and infinities as the largest finite values
+    (numpy's nan_to_num); that pass over the volume is made only when the plain maximum shows a
+    value that is not finite."""
+    mip = pet.max(axis=1)
+    return mip if np.isfinite(mip).all() else np.nan_to_num(pet, nan=0.0).max(axis=1)
 
 
 def render_preview(

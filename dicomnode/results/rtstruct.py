@@ -33,6 +33,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+from scipy import ndimage
 from skimage.measure import find_contours
 
 from dicomnode.results.common import MANUFACTURER, check_on_source, frame_number
@@ -60,14 +61,17 @@ def build_rtstruct(
     """An RT Structure Set with one ROI per lesion; `lesion_labels[k]` lies on `source[k]`
     (0 background, n = lesion n)."""
     check_on_source(lesion_labels, source, "lesion labels")
-    lesions = [int(n) for n in np.unique(lesion_labels) if n > 0]
+    labels = np.asarray(lesion_labels)
+    # each lesion's bounding box (one pass over the volume; the contours are traced inside it)
+    boxes = {n: box for n, box in enumerate(ndimage.find_objects(labels), start=1) if box is not None}
+    lesions = sorted(boxes)
     ds = _header(source[0], series_number, series_description, manufacturer, model_name, model_version)
     frame_of_reference = ds.FrameOfReferenceUID
     ds.ReferencedFrameOfReferenceSequence = [_referenced_frame(source, frame_of_reference)]
     description = f"{model_name} {model_version}"[:64]
     if lesions:
         ds.StructureSetROISequence = [_roi(n, f"lesion {n}", frame_of_reference, description) for n in lesions]
-        ds.ROIContourSequence = [_roi_contours(n, _contours(lesion_labels == n, source)) for n in lesions]
+        ds.ROIContourSequence = [_roi_contours(n, _contours(labels, n, boxes[n], source)) for n in lesions]
         ds.RTROIObservationsSequence = [_observation(n, "GTV") for n in lesions]
     else:  # all negative: one empty ROI
         ds.StructureSetROISequence = [_roi(1, NO_LESIONS, frame_of_reference, description)]
@@ -165,11 +169,19 @@ def _roi_contours(number: int, contours: list[Dataset]) -> Dataset:
     return item
 
 
-def _contours(mask: np.ndarray, source: Sequence[Dataset]) -> list[Dataset]:
-    """The CLOSED_PLANAR contours of a lesion's mask, slice by slice, each referencing its slice."""
+def _contours(labels: np.ndarray, number: int, box: tuple[slice, slice, slice],
+              source: Sequence[Dataset]) -> list[Dataset]:
+    """The CLOSED_PLANAR contours of lesion `number` (its bounding `box` in `labels`), slice by
+    slice, each referencing its slice. Traced on the box (the lesion's pixels with a border of
+    background around them, as on the whole slice), then moved to the slice's pixel positions."""
+    zs, rows, columns = box
+    mask = labels[box] == number
+    offset = np.array([rows.start, columns.start], dtype=np.float64)
     contours = []
-    for k in np.flatnonzero(mask.any(axis=(1, 2))):
-        for points in slice_contours(mask[k]):
+    for j in np.flatnonzero(mask.any(axis=(1, 2))):
+        k = zs.start + int(j)
+        for points in slice_contours(mask[j]):
+            points = points + offset
             contour = Dataset()
             contour.ContourNumber = len(contours) + 1
             contour.ContourImageSequence = [_image_reference(source[k])]

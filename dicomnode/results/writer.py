@@ -144,7 +144,7 @@ def build_results(kinds: Sequence[OutputKind], out: Path, findings: Findings, so
     if OutputKind.SEG in kinds:
         if lesions:
             seg = build_seg(
-                (findings.labels > 0).astype(np.uint8),
+                findings.labels,  # one segment of every lesion: build_seg takes labels > 0
                 images,
                 **model,
                 folds=list(algorithm.folds),

@@ -67,6 +67,7 @@ class EventKind(StrEnum):
     MEASURED = "measured"
     RESULTS_WRITTEN = "results-written"
     RESULTS_REUSED = "results-reused"
+    STEP_TIMES = "step-times"  # where the job's time went: seconds per step (data: seconds, besides_inference)
     # a job: its deliveries
     DELIVERIES_PLANNED = "deliveries-planned"
     DELIVERED = "delivered"

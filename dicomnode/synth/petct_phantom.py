@@ -69,6 +69,29 @@ class Lesion:
 class Phantom:
     seed: int
     lesions: tuple[Lesion, ...] = field(default_factory=tuple)
+    body_z_range_mm: tuple[float, float] = BODY_Z_RANGE_MM  # the torso's extent along z
+
+
+def whole_body_phantom(seed: int, z_range_mm: tuple[float, float], n_lesions: int = 24) -> Phantom:
+    """A torso over `z_range_mm` (a whole-body scan's length) with `n_lesions` non-overlapping
+    lesions (radius 4-20 mm, SUV 3-15) spread along it: the whole-body bench's patient."""
+    rng = np.random.default_rng(seed)
+    low, high = z_range_mm
+    lesions: list[Lesion] = []
+    for _ in range(100 * n_lesions):
+        if len(lesions) == n_lesions:
+            break
+        radius = float(rng.uniform(4.0, 20.0))
+        x, y = float(rng.uniform(-80.0, 80.0)), float(rng.uniform(-55.0, 55.0))
+        z = float(rng.uniform(low + radius + 10.0, high - radius - 10.0))
+        ax, ay = BODY_SEMI_AXES_MM
+        if (x / (ax - radius - 10.0)) ** 2 + (y / (ay - radius - 10.0)) ** 2 > 1.0:
+            continue
+        centre = (x, y, z)
+        if any(np.linalg.norm(np.subtract(centre, les.centre_mm)) < radius + les.radius_mm + 12.0 for les in lesions):
+            continue
+        lesions.append(Lesion((x, y, z), radius, float(rng.uniform(3.0, 15.0))))
+    return Phantom(seed=seed, lesions=tuple(lesions), body_z_range_mm=(float(low), float(high)))
 
 
 def random_phantom(seed: int, n_lesions: int | None = None) -> Phantom:
@@ -114,10 +137,11 @@ def _mesh(grid: Grid, pose: Pose | None) -> tuple[np.ndarray, np.ndarray, np.nda
     return (zz, yy, xx) if pose is None else pose(zz, yy, xx)
 
 
-def _tissue_masks(grid: Grid, pose: Pose | None = None) -> dict[str, np.ndarray]:
+def _tissue_masks(grid: Grid, pose: Pose | None = None,
+                  body_z_range_mm: tuple[float, float] = BODY_Z_RANGE_MM) -> dict[str, np.ndarray]:
     zz, yy, xx = _mesh(grid, pose)
     ax, ay = BODY_SEMI_AXES_MM
-    in_z = (zz >= BODY_Z_RANGE_MM[0]) & (zz <= BODY_Z_RANGE_MM[1])
+    in_z = (zz >= body_z_range_mm[0]) & (zz <= body_z_range_mm[1])
     body = ((xx / ax) ** 2 + (yy / ay) ** 2 <= 1.0) & in_z
     lungs = (
         _ellipsoid(zz, yy, xx, (-50.0, -5.0, 35.0), (38.0, 50.0, 60.0))
@@ -145,7 +169,7 @@ def lesion_masks(phantom: Phantom, grid: Grid, pose: Pose | None = None) -> np.n
 
 def ct_hu(phantom: Phantom, grid: Grid, noise_hu: float = 15.0, pose: Pose | None = None) -> np.ndarray:
     """CT in Hounsfield units (int16) on `grid`."""
-    masks = _tissue_masks(grid, pose)
+    masks = _tissue_masks(grid, pose, phantom.body_z_range_mm)
     hu = np.full(grid.shape, AIR_HU, dtype=np.float32)
     hu[masks["body"]] = SOFT_TISSUE_HU
     hu[masks["liver"]] = 60.0
@@ -159,7 +183,7 @@ def ct_hu(phantom: Phantom, grid: Grid, noise_hu: float = 15.0, pose: Pose | Non
 
 def pet_suv(phantom: Phantom, grid: Grid, noise_fraction: float = 0.10, pose: Pose | None = None) -> np.ndarray:
     """PET in SUVbw (float32) on `grid`: activity map, blurred to the scanner's resolution, with noise."""
-    masks = _tissue_masks(grid, pose)
+    masks = _tissue_masks(grid, pose, phantom.body_z_range_mm)
     suv = np.zeros(grid.shape, dtype=np.float32)
     suv[masks["body"]] = BACKGROUND_SUV
     suv[masks["liver"]] = LIVER_SUV

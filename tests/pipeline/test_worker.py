@@ -23,6 +23,7 @@ from dicomnode.pipeline import assembler
 from dicomnode.pipeline.queue import claim
 from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.events import event_data
 from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.store.tables import Delivery, Event, Job, utcnow
 from dicomnode.synth.petct import write_study
@@ -153,11 +154,13 @@ def _check_timeline(config, job_id: int) -> None:
         "deliveries-planned",
         "delivery-failed",
         "delivery-failed",
+        "step-times",
         "delivery-pending",
         "started",
         "results-reused",
         "delivered",
         "delivered",
+        "step-times",
         "succeeded",
     ]
     for before, step in zip(steps, steps[1:]):
@@ -169,6 +172,20 @@ def _check_timeline(config, job_id: int) -> None:
     assert (
         inference["since_previous_seconds"] >= float(inference["message"].split(" s on ")[0]) - 0.05
     )  # the model's time is in the step
+    # where each attempt's time went (the message in `jobs show`, the figures in the event's data): the
+    # first made the results (the model among its steps), the second only delivered them
+    with make_sessionmaker(config.database_url)() as session:
+        first, second = [{"message": e.message, "data": event_data(e)} for e in session.scalars(
+            select(Event).where(Event.job_id == job_id, Event.kind == "step-times").order_by(Event.id))]
+    assert [s["message"] for s in steps if s["event"] == "step-times"] == [first["message"], second["message"]]
+    assert list(first["data"]["seconds"]) == ["prior", "select", "read", "SUV", "resample", "channels", "inference",
+                                              "labels saved", "measures", "SEG", "write", "SR", "delivery"]
+    assert first["data"]["seconds"]["inference"] == pytest.approx(float(inference["message"].split(" s on ")[0]),
+                                                                 abs=0.05)
+    assert first["data"]["besides_inference"] == pytest.approx(
+        sum(first["data"]["seconds"].values()) - first["data"]["seconds"]["inference"], abs=0.01)
+    assert list(second["data"]["seconds"]) == ["prior", "delivery"]
+    assert first["message"].startswith(f"{first['data']['besides_inference']:.1f} s besides inference: prior ")
 
 
 def _check_status_names_the_loaded_model(config) -> None:
