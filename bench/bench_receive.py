@@ -17,6 +17,7 @@ process per association) writes without fsync, an upper bound.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -173,6 +174,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--only", nargs="*", default=["dicomnode", "Orthanc", "storescp"])
+    parser.add_argument("--json", type=Path, help="also write the figures here (bench/summary.py reads them)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
     files = work / "files"
@@ -232,6 +234,13 @@ def main() -> None:
             continue
         met = value <= goal if label.startswith("dicomnode peak") else value >= goal
         print(f"{label:40} {value:8.2f}{unit or ' '} {goal:6g}{unit or ' '} {'yes' if met else 'no':>4}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "one_association_inst_per_s": {name.lower(): statistics.median(v) for name, v in one.items()},
+            "four_associations_inst_per_s": {name.lower(): statistics.median(v) for name, v in four.items()},
+            "peak_rss_mb": {name.lower(): max(v) for name, v in rss.items()},
+            "ratios": {label: value for label, value, _, _ in rows if value is not None},
+            "repeats": args.repeats, "slices": args.slices}, indent=2))
 
 
 if __name__ == "__main__":
