@@ -156,10 +156,11 @@ def low_priority_open(window: HoursWindow | None, local_now: datetime | None = N
 
 
 def claim(sessions: sessionmaker, owner: str, lease: timedelta, low_hours: HoursWindow | None = None,
-          local_now: datetime | None = None) -> Job | None:
+          local_now: datetime | None = None, worker: dict | None = None) -> Job | None:
     """Take the runnable job of the highest priority, within it the one runnable longest, or None;
     a low job only within `low_hours` ([node] low_priority_hours, the node's local time; `local_now`
-    for tests). Atomic against other workers."""
+    for tests). Atomic against other workers. `worker` ({"worker": name, "device": ...}) goes into
+    the `started` event's data and message: which worker, on which device, ran the attempt."""
     low_open = low_priority_open(low_hours, local_now)
     while True:
         now = utcnow()
@@ -186,14 +187,16 @@ def claim(sessions: sessionmaker, owner: str, lease: timedelta, low_hours: Hours
             if taken != 1:
                 continue  # another worker won the race; look again
             job = session.get(Job, candidate, populate_existing=True)
+            by = f"{owner} ({worker['worker']} on {worker['device']})" if worker else owner
             log_event(
                 session,
                 EventKind.STARTED,
-                f"attempt {job.attempts} of {job.max_attempts} by {owner}"
+                f"attempt {job.attempts} of {job.max_attempts} by {by}"
                 + ("" if job.priority == Priority.NORMAL else f", priority {job.priority}"),
                 study_uid=job.study_uid,
                 job_id=job.id,
                 at=now,
+                data={"owner": owner, **(worker or {})},
             )
             return job
 
