@@ -17,6 +17,7 @@ Each setting first runs one warm-up study per worker (the model loaded), then ti
 and the ratio against 1 worker.
 
     .venv/bin/python bench/bench_multigpu.py [--studies 8] [--model models/demo-petct] [--folds 0 1 2 3 4]
+    .venv/bin/python bench/bench_multigpu.py --devices cuda:0 cuda:0   # two workers on one GPU
     .venv/bin/python bench/bench_multigpu.py --smoke
 """
 
@@ -155,10 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=REPO / "models" / "demo-petct")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a study")
+    parser.add_argument("--devices", nargs="+", help='instead of every GPU found: e.g. "cuda:0 cuda:0" (two '
+                        "workers sharing one GPU) or \"cuda:1 cuda:2\"")
     args = parser.parse_args(argv)
 
     if args.smoke:
-        devices, count = ["cpu", "cpu"], 2
+        devices, count = args.devices or ["cpu", "cpu"], 2
+    elif args.devices:
+        devices, count = args.devices, args.studies
     else:
         import torch
 

@@ -62,14 +62,15 @@ def place(model_device: str, worker_device: str | None, worker_index: int = 0) -
 
 
 def device_free_bytes(device: str) -> int | None:
-    """Free memory of a GPU now (torch.cuda.mem_get_info), None for the CPU or without a GPU."""
-    if not device.startswith("cuda"):
+    """Free memory of a GPU now (torch.cuda.mem_get_info; "auto": the current GPU), None for the CPU
+    or without a GPU."""
+    if device not in ("auto", "cuda") and not device.startswith("cuda:"):
         return None
     import torch
 
     if not torch.cuda.is_available():
         return None
-    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    free, _total = torch.cuda.mem_get_info(torch.device("cuda" if device == "auto" else device))
     return int(free)
 
 

@@ -151,7 +151,8 @@ def test_workers_on_two_hosts_share_a_queue(tmp_path: Path, small_study, postgre
             f"lease_seconds = {LEASE_SECONDS}\nstudy_quiet_seconds = 0\nretry_backoff_seconds = 0"),
             extra=f'[[destinations]]\nname = "pacs"\nae_title = "TESTSCP"\nhost = "127.0.0.1"\nport = {pacs.port}\n')
         hosts[name] = folder
-    config = node_config(hosts["host-a"], model_path=str(MODEL), node=(  # the receiver host's view
+    (tmp_path / "receiver").mkdir()
+    config = node_config(tmp_path / "receiver", model_path=str(MODEL), node=(  # the receiver host's view
         f'data_dir = "{shared}"\ndatabase_url = "{url}"\nstudy_quiet_seconds = 0'),
         extra=f'[[destinations]]\nname = "pacs"\nae_title = "TESTSCP"\nhost = "127.0.0.1"\nport = {pacs.port}\n')
     sessions = make_sessionmaker(url)
@@ -164,15 +165,19 @@ def test_workers_on_two_hosts_share_a_queue(tmp_path: Path, small_study, postgre
     a = start_worker(hosts["host-a"], "--name", "host-a-gpu0", "--device", "cpu")
     b = start_worker(hosts["host-b"], "--name", "host-b-gpu0", "--device", "cpu")
     try:
-        # a mid-job: inputs built, the model running, results not yet written
+        # A mid-job, after two jobs of its own: inputs built, the model running, results not yet written
         def a_mid_job():  # noqa: ANN202
-            for job in jobs(sessions):
+            all_ = jobs(sessions)
+            if sum(1 for j in all_ if j.state == JobState.SUCCEEDED
+                   and _started_by(sessions, j.id)[-1]["worker"] == "host-a-gpu0") < 2:
+                return None
+            for job in all_:
                 if job.state == JobState.RUNNING and job.lease_owner and _pid(job.lease_owner) == a.pid:
                     if EventKind.INPUTS_BUILT in [e.kind for e in job_events(sessions, job.id)]:
                         return job
             return None
 
-        victim = wait_for(a_mid_job, 300, "worker A running a job", poll=0.1)
+        victim = wait_for(a_mid_job, 600, "worker A running its third job", poll=0.2)
         a.send_signal(signal.SIGKILL)
         a.wait()
         killed_at, killed_utc = time.monotonic(), utcnow()
@@ -197,7 +202,8 @@ def test_workers_on_two_hosts_share_a_queue(tmp_path: Path, small_study, postgre
     expired_at = next(e.at for e in events if e.kind == EventKind.LEASE_EXPIRED)
     taken_at = [e.at for e in events if e.kind == EventKind.STARTED][1]
     by_worker = Counter(_started_by(sessions, j.id)[-1]["worker"] for j in done)
-    assert by_worker["host-b-gpu0"] >= 1 and by_worker["host-a-gpu0"] + by_worker["host-b-gpu0"] == 10
+    assert by_worker["host-a-gpu0"] >= 2 and by_worker["host-b-gpu0"] >= 2
+    assert by_worker["host-a-gpu0"] + by_worker["host-b-gpu0"] == 10
     # both hosts wrote into the one shared data_dir
     assert sorted(p.parent.parent.name for p in (shared / "results").glob("*/job-*/seg.dcm")) == sorted(
         uid for uid, _ in studies)

@@ -34,11 +34,11 @@ def test_folds_in_parallel_equal_the_sequential_ensemble(case, monkeypatch):
     from inference import SegmentationModel, foldparallel
 
     channels, spacing = case
-    sequential = SegmentationModel(MODEL_DIR, folds=(0, 1, 2, 3, 4), device="cpu", use_mirroring=False)
-    parallel = SegmentationModel(MODEL_DIR, folds=(0, 1, 2, 3, 4), device="auto", use_mirroring=False,
+    sequential = SegmentationModel(MODEL_DIR, folds=(0, 1, 2), device="cpu", use_mirroring=False)
+    parallel = SegmentationModel(MODEL_DIR, folds=(0, 1, 2), device="auto", use_mirroring=False,
                                  fold_devices=["cpu", "cpu"])
     assert parallel.fold_devices == ("cpu", "cpu") and parallel.device == "cpu"
-    assert [r.folds for r in parallel._replicas] == [(0, 2, 4), (1, 3)]
+    assert [r.folds for r in parallel._replicas] == [(0, 2), (1,)]
     assert parallel._replicas[1].predictor.network is not parallel._replicas[0].predictor.network
 
     ran_in: dict[int, str] = {}  # fold position -> the thread that ran it
@@ -55,8 +55,8 @@ def test_folds_in_parallel_equal_the_sequential_ensemble(case, monkeypatch):
     got = parallel.ensemble_logits(channels, spacing)
     assert got.dtype == expected.dtype == torch.float16
     assert got.shape == expected.shape and torch.equal(got, expected)  # the averaged logits, bit for bit
-    assert sorted(ran_in) == [0, 1, 2, 3, 4]
-    assert len({ran_in[0], ran_in[1]}) == 2 and ran_in[0] == ran_in[2] == ran_in[4]  # two replicas at once
+    assert sorted(ran_in) == [0, 1, 2]
+    assert len({ran_in[0], ran_in[1]}) == 2 and ran_in[0] == ran_in[2]  # two replicas, each in its thread
 
     labels_sequential = sequential.predict(channels, spacing)
     labels_parallel = parallel.predict(channels, spacing)
