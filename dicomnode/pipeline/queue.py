@@ -300,7 +300,8 @@ def requeue_orphaned(sessions: sessionmaker, host: str, now: datetime | None = N
         for job in orphaned:
             log_event(session, EventKind.WORKER_GONE, f"worker {job.lease_owner} is not running; re-queued at once",
                       study_uid=job.study_uid, job_id=job.id, at=now)
-            job.state, job.lease_owner, job.lease_expires_at, job.not_before = JobState.QUEUED, None, None, now
+            job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
+            job.not_before = min(job.not_before, now)  # its place in line kept: runnable since then
         return [job.id for job in orphaned]
 
 
@@ -312,7 +313,8 @@ def _owner_pid(owner: str) -> int:
 
 
 def requeue_expired(sessions: sessionmaker, now: datetime | None = None) -> list[int]:
-    """Running jobs whose lease ran out (their worker died) go back to the queue."""
+    """Running jobs whose lease ran out (their worker died) go back to the queue, in the place they
+    had (not_before kept): the next claim of their priority takes them before jobs queued later."""
     now = now or utcnow()
     with sessions.begin() as session:
         expired = list(session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)))
@@ -325,7 +327,8 @@ def requeue_expired(sessions: sessionmaker, now: datetime | None = None) -> list
                 job_id=job.id,
                 at=now,
             )
-            job.state, job.lease_owner, job.lease_expires_at, job.not_before = JobState.QUEUED, None, None, utcnow()
+            job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
+            job.not_before = min(job.not_before, now)  # its place in line kept: runnable since then
         return [job.id for job in expired]
 
 

@@ -23,6 +23,7 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 from sqlalchemy.orm import sessionmaker
 
@@ -84,9 +85,14 @@ class Shutdown(BaseException):
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, sessions: sessionmaker, job_id: int, owner: str, lease: timedelta) -> None:
+    """Renews a running job's lease every third of it; `beat` (if given) runs after each renewal:
+    the worker's check for other workers' expired leases, so a busy worker also hands back the job
+    of one that died."""
+
+    def __init__(self, sessions: sessionmaker, job_id: int, owner: str, lease: timedelta,
+                 beat: Callable[[], None] | None = None) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.sessions, self.job_id, self.owner, self.lease = sessions, job_id, owner, lease
+        self.sessions, self.job_id, self.owner, self.lease, self.beat = sessions, job_id, owner, lease, beat
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -94,6 +100,8 @@ class Heartbeat(threading.Thread):
             if not renew_lease(self.sessions, self.job_id, self.owner, self.lease):
                 log.warning("job %d: lease lost", self.job_id)
                 return
+            if self.beat is not None:
+                self.beat()
 
 
 class Worker:
@@ -137,7 +145,7 @@ class Worker:
             if self.stop_requested:
                 raise Shutdown(self.stop_requested)
             return False
-        heartbeat = Heartbeat(self.sessions, job.id, self.owner, self.lease)
+        heartbeat = Heartbeat(self.sessions, job.id, self.owner, self.lease, self.requeue_expired)
         try:
             self._claiming = False
             if self.stop_requested:  # came while claiming
@@ -205,7 +213,8 @@ class Worker:
 
     def requeue_expired(self) -> None:
         """Jobs whose worker stopped renewing its lease (killed, its host gone) back to the queue, at
-        most every third of a lease: a host that runs only workers has no receiver's sweep to do it."""
+        most every third of a lease (between jobs, and from a running job's heartbeat thread): a host
+        that runs only workers has no receiver's sweep to do it."""
         now = time.monotonic()
         if now - self._expiry_pass_at < min(self.lease.total_seconds() / 3, HEARTBEAT_SECONDS):
             return
