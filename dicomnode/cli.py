@@ -75,9 +75,9 @@ def _schema_checked() -> Iterator[None]:
 def serve(
     config: Path = ConfigOption,
     log_level: str = "INFO",
-    no_worker: bool = typer.Option(False, help="Run without the worker process."),
+    no_worker: bool = typer.Option(False, help="Run without worker processes."),
 ) -> None:
-    """Start the receiver, the scheduler and a worker process."""
+    """Start the receiver, the scheduler and the worker processes ([node] workers, [[workers]])."""
     _setup_logging(log_level)
     from dicomnode.service import serve as run
 
@@ -87,14 +87,32 @@ def serve(
 
 
 @app.command()
-def worker(config: Path = ConfigOption, log_level: str = "INFO") -> None:
-    """Run a worker: claim jobs and run the models (serve starts one itself)."""
+def worker(
+    config: Path = ConfigOption,
+    log_level: str = "INFO",
+    device: Optional[str] = typer.Option(
+        None, help='Where this worker runs the models set to "auto" or "cuda": cpu, cuda, cuda:N.'),
+    name: Optional[str] = typer.Option(None, help="Its name in `status` and the job timeline "
+                                       '(default: "worker", or "worker-cudaN" with --device).'),
+    index: int = typer.Option(0, hidden=True, help="serve's number of this worker ([node] workers)."),
+) -> None:
+    """Run a worker alone (no receiver): claim jobs from the node's database and run the models;
+    `serve` starts its own. Several, on this host or others, may share one queue (PostgreSQL)."""
     _setup_logging(log_level)
+    from dicomnode.config import WorkerSpec, check_device
     from dicomnode.pipeline.worker import Worker, limit_memory
 
     settings = _config(config)
+    if device is not None:
+        try:
+            check_device(device)
+        except ValueError as exc:
+            console.print(f"[red]--device:[/red] {exc}")
+            raise typer.Exit(2) from None
+    spec = WorkerSpec(name or ("worker" if device is None else "worker-" + device.replace(":", "")), device, index)
     limit_memory(settings.node)  # before the models are imported
-    Worker(settings).run_forever()
+    with _schema_checked():
+        Worker(settings, spec=spec).run_forever()
 
 
 @app.command()
@@ -375,13 +393,13 @@ def status(config: Path = ConfigOption, as_json: bool = JsonOption, wide: bool =
         ),
         (
             (
-                c.name,
+                c.name if c.detail.get("name") in (None, c.name) else f"{c.name} {c.detail['name']}",
                 Text.assemble(("up", "green") if c.up else ("down", "red"), f" ({c.why})"),
                 c.host or "",
                 str(c.pid or ""),
                 _when(c.started_at),
                 _when(c.last_seen_at),
-                Text(", ".join(f"{k}: {v}" for k, v in c.detail.items())),
+                Text(", ".join(f"{k}: {v}" for k, v in c.detail.items() if k != "name")),
             )
             for c in node.components
         ),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from datetime import time
 from enum import StrEnum
@@ -124,6 +125,22 @@ def _hours_window(value: object) -> object:
     return HoursWindow.parse(value) if isinstance(value, str) else value
 
 
+DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:(0|[1-9]\d{0,2}))$")
+
+
+def check_device(value: str) -> str:
+    """A torch device the node places a model or a worker on: "auto" (a GPU when torch sees one,
+    else the CPU), "cpu", "cuda" (the current GPU) or "cuda:N" (GPU number N, as nvidia-smi and
+    CUDA_VISIBLE_DEVICES count them)."""
+    if not isinstance(value, str) or not DEVICE.match(value):
+        raise ValueError(f'device must be "auto", "cpu", "cuda" or "cuda:N" (N a GPU number: "cuda:1"), '
+                         f"got {value!r}")
+    return value
+
+
+Device = Annotated[str, AfterValidator(check_device)]
+
+
 class NodeSettings(_Strict):
     ae_title: AETitle = "DICOMNODE"
     bind: str = "0.0.0.0"
@@ -199,6 +216,18 @@ class NodeSettings(_Strict):
     # A sentence the site wants on every SEG and SR, e.g. "Not for diagnostic use without review by a
     # physician": the SEG's Image Comments and a Comment (DCM 121106) TEXT item of the SR. "": none.
     result_disclaimer: str = Field("", max_length=1024)
+    # How many worker processes `serve` starts, each supervised (restarted with backoff) on its own;
+    # [[workers]] tables give each one its device instead (then workers is their number or unset).
+    workers: int = Field(1, ge=1, le=64)
+
+
+class WorkerSettings(_Strict):
+    """`[[workers]]`: one worker process of `serve`, with the device its models run on (a model's
+    "auto" or "cuda" is placed there; a model with device = "cpu" stays on the CPU) and a name for
+    `dicomnode status` and the job timeline (default: "worker-<device>", numbered when repeated)."""
+
+    device: Device
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
 
 
 class OutputKind(StrEnum):
@@ -546,7 +575,13 @@ class ModelSettings(_Strict):
     min_lesion_volume_ml: float = Field(0.0, ge=0)
     # Written into the SEG's algorithm identification; default: a fingerprint of the folder.
     version: str | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "auto", "cpu", "cuda" or "cuda:N"; a worker's own device ([[workers]] device) replaces
+    # "auto" and "cuda".
+    device: Device = "auto"
+    # One study's folds run at once, spread over the node's worker devices ([[workers]]), to cut
+    # the latency of one urgent study; the ensemble is summed in fold order, so the result equals
+    # the sequential one. With one device it changes nothing.
+    fold_parallel: bool = False
     # nnU-Net's test-time mirroring: 8x slower on CPU, on by default as nnU-Net does.
     use_mirroring: bool = True
     # nnU-Net's sliding-window step as a fraction of the patch (0.5: half-patch overlap).
@@ -757,7 +792,39 @@ class Config(_Strict):
     models: list[ModelSettings] = Field(min_length=1)
     priority_rules: list[PriorityRule] = []
     notify: list[NotifyTarget] = []  # [[notify]]: webhooks and RIS told about jobs (dicomnode.pipeline.notify)
+    workers: list[WorkerSettings] = []  # [[workers]]: one worker process of `serve` per table
     source: Path | None = None  # the file this was read from
+
+    @model_validator(mode="after")
+    def _workers_agree(self) -> "Config":
+        if self.workers and self.node.workers not in (1, len(self.workers)):
+            raise ValueError(f"[node] workers = {self.node.workers} but {len(self.workers)} [[workers]] tables: "
+                             "give one or the other (or the same number)")
+        names = [w.name for w in self.worker_specs()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"worker names must be unique, got {names}")
+        return self
+
+    def worker_specs(self) -> list["WorkerSpec"]:
+        """The workers `serve` starts: one per [[workers]] table, else [node] workers of them on the
+        models' own devices; each with a unique name."""
+        if not self.workers:
+            count = self.node.workers
+            return [WorkerSpec("worker" if count == 1 else f"worker-{i}", None, i) for i in range(count)]
+        specs, seen = [], Counter(w.device for w in self.workers)
+        numbered: Counter = Counter()
+        for index, w in enumerate(self.workers):
+            name = w.name
+            if name is None:
+                base = "worker-" + w.device.replace(":", "")
+                numbered[w.device] += 1
+                name = base if seen[w.device] == 1 else f"{base}-{numbered[w.device]}"
+            specs.append(WorkerSpec(name, w.device, index))
+        return specs
+
+    def fold_devices(self) -> list[str]:
+        """The devices a fold_parallel model's folds are spread over: every [[workers]] device, in order."""
+        return [w.device for w in self.workers]
 
     @model_validator(mode="after")
     def _names_resolve(self) -> "Config":
@@ -859,6 +926,15 @@ class Config(_Strict):
     def status_destinations(self, model: ModelSettings) -> list[Destination]:
         """The model's destinations that want the "not performed" status SR (outputs include STATUS)."""
         return [d for d in self.destinations_for(model) if OutputKind.STATUS in d.outputs]
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One worker process of the node: its name, its device (None: each model's own) and its index."""
+
+    name: str
+    device: str | None
+    index: int
 
 
 def _location(loc: tuple) -> str:

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.config import Config
+from dicomnode.config import Config, WorkerSpec
 from dicomnode.net.receiver import Receiver
 from dicomnode.ops import systemd
 from dicomnode.ops.metrics import Metrics
@@ -40,24 +40,31 @@ MAX_RESTART_SECONDS = 300.0
 
 
 class WorkerSupervisor:
-    """Keeps one `dicomnode worker` child process running. A worker that exits is started again
-    after worker_restart_seconds, doubled for each quick exit in a row (at most 5 minutes), so a
-    worker that cannot start (out of memory at import, a broken model folder) never storms."""
+    """Keeps one `dicomnode worker` child process running (one supervisor per worker of
+    config.worker_specs(): its name, device and index passed on). A worker that exits is started
+    again after worker_restart_seconds, doubled for each quick exit in a row (at most 5 minutes),
+    so a worker that cannot start (out of memory at import, a broken model folder) never storms;
+    the other workers go on meanwhile."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, spec: WorkerSpec | None = None) -> None:
         self.config = config
+        self.spec = spec or WorkerSpec("worker", None, 0)
         self.min_delay = config.node.worker_restart_seconds
         self.quick_exits = 0
         self.started_at = 0.0
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name=f"supervisor-{self.spec.name}", daemon=True)
 
     def _spawn(self) -> None:
-        command = [sys.executable, "-m", "dicomnode", "worker", "--config", str(self.config.source)]
+        command = [sys.executable, "-m", "dicomnode", "worker", "--config", str(self.config.source),
+                   "--name", self.spec.name, "--index", str(self.spec.index)]
+        if self.spec.device is not None:
+            command += ["--device", self.spec.device]
         self.process = subprocess.Popen(command)
         self.started_at = time.monotonic()
-        log.info("worker process %d started", self.process.pid)
+        log.info("worker process %d (%s%s) started", self.process.pid, self.spec.name,
+                 f" on {self.spec.device}" if self.spec.device else "")
 
     def start(self) -> None:
         self._spawn()
@@ -72,13 +79,20 @@ class WorkerSupervisor:
                 delay = min(self.min_delay * 2 ** (self.quick_exits - 1), MAX_RESTART_SECONDS)
                 killed = " (SIGKILL: out of memory?)" if code == -signal.SIGKILL else ""
                 log.error(
-                    "worker process %d exited with %s%s after %.0f s; restarting in %.1f s (%d quick exit(s) in a row)",
-                    self.process.pid, code, killed, lived, delay, self.quick_exits,
+                    "worker process %d (%s) exited with %s%s after %.0f s; restarting in %.1f s "
+                    "(%d quick exit(s) in a row)",
+                    self.process.pid, self.spec.name, code, killed, lived, delay, self.quick_exits,
                 )
                 if self._stopping.wait(delay):
                     return
                 self._spawn()
             self._stopping.wait(1.0)
+
+    def signal_stop(self) -> None:
+        """SIGTERM to the worker without waiting (so several stop at once); `stop` waits."""
+        self._stopping.set()
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
@@ -188,14 +202,15 @@ def serve(config: Config, with_worker: bool = True) -> None:
                       id="notify", max_instances=1, coalesce=True)
     periodic_sweep(sessions, config)  # restart recovery now, not after the first interval; before the
     scheduler.start()  # scheduler's own sweeps, which would otherwise run beside this one on a slow start
-    supervisor = WorkerSupervisor(config) if with_worker else None
-    if supervisor:
+    supervisors = [WorkerSupervisor(config, spec) for spec in config.worker_specs()] if with_worker else []
+    for supervisor in supervisors:
         supervisor.start()
     metrics_port = metrics.start()
     log.info(
-        "node ready: AE %s on port %d, %d model(s), %d destination(s)%s",
+        "node ready: AE %s on port %d, %d worker(s), %d model(s), %d destination(s)%s",
         config.node.ae_title,
         receiver.port,
+        len(supervisors),
         len(config.models),
         len(config.destinations),
         f", metrics on {config.node.metrics_bind}:{metrics_port}" if metrics_port else "",
@@ -207,7 +222,9 @@ def serve(config: Config, with_worker: bool = True) -> None:
         systemd.notify("STOPPING=1", "STATUS=stopping: no new associations; the running job goes back to the queue")
         receiver.stop()  # no new associations first
         scheduler.shutdown(wait=False)
-        if supervisor:
+        for supervisor in supervisors:  # SIGTERM to every worker first, then wait for each
+            supervisor.signal_stop()
+        for supervisor in supervisors:
             supervisor.stop()
         metrics.stop()
         log.info("node stopped")

@@ -80,6 +80,7 @@ class SegmentationModel:
         configuration: str | None = None,
         trainer: str | None = None,
         plans: str | None = None,
+        fold_devices: Sequence[str] | None = None,
     ) -> None:
         self.folder = resolve_model_folder(model_dir, configuration, trainer, plans)
         self.model_dir = self.folder.root
@@ -105,7 +106,11 @@ class SegmentationModel:
 
         import torch
 
-        self.device = _resolve_device(device)
+        # fold_devices: one case's folds spread over these devices at once (inference/foldparallel.py);
+        # its first entry is the model's own device. One entry, or none: folds one after the other.
+        fold_devices = [_resolve_device(d) for d in fold_devices or ()]
+        self.device = fold_devices[0] if fold_devices else _resolve_device(device)
+        self.fold_devices: tuple[str, ...] = tuple(fold_devices) if len(fold_devices) > 1 else ()
         if self.device == "cpu":
             # nnU-Net lowers torch's intra-op thread count in some code paths (and so may other
             # libraries); prediction on CPU wants every core we are allowed to use.
@@ -163,6 +168,17 @@ class SegmentationModel:
                 network.to(self.device), plans_manager, configuration_manager, parameters, dataset_json,
                 self.trainer_name, first.get("inference_allowed_mirroring_axes"))
         self.footprint.estimate(network, parameters, configuration_manager, n_in, n_out)
+        self._replicas = []
+        if self.fold_devices:
+            from .foldparallel import make_replicas
+
+            def predictor_on(device: str) -> nnUNetPredictor:
+                return nnUNetPredictor(
+                    tile_step_size=self.tile_step_size, use_gaussian=True, use_mirroring=self.use_mirroring,
+                    perform_everything_on_device=device.startswith("cuda"), device=torch.device(device),
+                    verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+
+            self._replicas = make_replicas(self.fold_devices, self._predictor, len(parameters), predictor_on)
         self.model_spacing = tuple(float(s) for s in configuration_manager.spacing)
         self.patch_size = tuple(int(s) for s in configuration_manager.patch_size)
 
@@ -195,6 +211,7 @@ class SegmentationModel:
         """Free the network and the fold weights (and the GPU memory they held)."""
         with self._lock:
             self._predictor = None
+            self._replicas = []
             self.footprint.release()
 
     @property
@@ -204,6 +221,7 @@ class SegmentationModel:
     def __repr__(self) -> str:
         return (
             f"SegmentationModel({str(self.model_dir)!r}, folds={self.folds}, device={self.device!r}, "
+            + (f"fold_devices={self.fold_devices}, " if self.fold_devices else "") +
             f"trainer={self.trainer_name!r}, channels={self.channel_names}, labels={self.labels})"
         )
 
@@ -221,21 +239,51 @@ class SegmentationModel:
         Returns:
             (z, y, x) uint8 label map on the input grid, values as in `labels`.
         """
-        data, spacing = self._checked_input(channels, spacing_zyx)
-        # nnU-Net's SimpleITK reader hands the predictor (c, z, y, x) arrays with spacing in
-        # (z, y, x) order, which is exactly what we get; the properties dict is modified in place.
-        properties = {"spacing": list(spacing)}
+        data, _ = self._checked_input(channels, spacing_zyx)
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        # What nnUNetPredictor.predict_single_npy_array does, with the fold ensemble our own call
+        # (ensemble_logits: one device after the other, or at once on several).
         with self._lock:
-            if self._predictor is None:
-                raise RuntimeError(f"model {self.name} was unloaded")
-            with self.footprint.measure_working_set():
-                seg = self._predictor.predict_single_npy_array(data, properties, None, None, False)
+            logits, properties = self._ensemble(channels, spacing_zyx)
+            predictor = self._predictor
+            seg = convert_predicted_logits_to_segmentation_with_correct_shape(
+                logits, predictor.plans_manager, predictor.configuration_manager, predictor.label_manager,
+                properties, return_probabilities=False)
         seg = np.asarray(seg)
         if seg.shape != data.shape[1:]:
             raise RuntimeError(
                 f"nnU-Net returned shape {seg.shape}, expected the input grid {data.shape[1:]}"
             )
         return seg.astype(np.uint8, copy=False)
+
+    def ensemble_logits(self, channels: np.ndarray, spacing_zyx: tuple[float, float, float]):  # noqa: ANN201
+        """The folds' averaged logits of one case (a float16 torch tensor on the CPU, on the model's
+        preprocessed grid): what `predict` turns into the label map."""
+        with self._lock:
+            return self._ensemble(channels, spacing_zyx)[0]
+
+    def _ensemble(self, channels: np.ndarray, spacing_zyx: Sequence[float]) -> tuple:
+        """(averaged logits, the preprocessing's properties); the caller holds the lock."""
+        from nnunetv2.inference.data_iterators import PreprocessAdapterFromNpy
+
+        data, spacing = self._checked_input(channels, spacing_zyx)
+        if self._predictor is None:
+            raise RuntimeError(f"model {self.name} was unloaded")
+        predictor = self._predictor
+        # nnU-Net's SimpleITK reader hands the predictor (c, z, y, x) arrays with spacing in
+        # (z, y, x) order, which is exactly what we get; the properties dict is modified in place.
+        preprocessed = next(PreprocessAdapterFromNpy(
+            [data], [None], [{"spacing": list(spacing)}], [None], predictor.plans_manager, predictor.dataset_json,
+            predictor.configuration_manager, num_threads_in_multithreaded=1, verbose=False))
+        with self.footprint.measure_working_set():
+            if self._replicas:
+                from .foldparallel import ensemble_logits
+
+                logits = ensemble_logits(self._replicas, preprocessed["data"], predictor.list_of_parameters)
+            else:
+                logits = predictor.predict_logits_from_preprocessed_data(preprocessed["data"])
+        return logits.cpu(), preprocessed["data_properties"]
 
     def _checked_input(
         self, channels: np.ndarray, spacing_zyx: Sequence[float]

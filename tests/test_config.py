@@ -227,3 +227,48 @@ def test_compare_settings(tmp_path: Path):
 def test_compare_errors_are_named(tmp_path: Path, extra: str, message: str):
     with pytest.raises(ConfigError, match=message):
         load_config(write_config(tmp_path, extra=extra))
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:1", "cuda:15"])
+def test_device_strings_accepted(tmp_path: Path, device: str):
+    config = load_config(write_config(tmp_path, extra=f'device = "{device}"\n'))
+    assert config.models[0].device == device
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:", "cuda:-1", "cuda:01", "cuda:x", "CUDA:1", "cuda 1", "mps"])
+def test_bad_device_strings_named(tmp_path: Path, device: str):
+    with pytest.raises(ConfigError, match=r"key 'models\[0\]\.device': .*\"cuda:N\""):
+        load_config(write_config(tmp_path, extra=f'device = "{device}"\n'))
+
+
+def test_workers_one_per_device(tmp_path: Path):
+    extra = 'fold_parallel = true\n' + "".join(
+        f'[[workers]]\ndevice = "{d}"\n' for d in ("cuda:0", "cuda:1", "cpu", "cpu"))
+    config = load_config(write_config(tmp_path, extra=extra))
+    assert [(s.name, s.device, s.index) for s in config.worker_specs()] == [
+        ("worker-cuda0", "cuda:0", 0), ("worker-cuda1", "cuda:1", 1), ("worker-cpu-1", "cpu", 2),
+        ("worker-cpu-2", "cpu", 3)]
+    assert config.fold_devices() == ["cuda:0", "cuda:1", "cpu", "cpu"]
+    assert config.models[0].fold_parallel is True
+
+
+def test_node_workers_count(tmp_path: Path):
+    config = load_config(write_config(tmp_path, node="workers = 3"))
+    assert [(s.name, s.device, s.index) for s in config.worker_specs()] == [
+        ("worker-0", None, 0), ("worker-1", None, 1), ("worker-2", None, 2)]
+    assert config.fold_devices() == []
+    single = load_config(write_config(tmp_path / "one"))
+    assert [(s.name, s.device) for s in single.worker_specs()] == [("worker", None)]
+
+
+@pytest.mark.parametrize(("node", "extra", "message"), [
+    ("workers = 3", '[[workers]]\ndevice = "cuda:0"\n[[workers]]\ndevice = "cuda:1"\n',
+     "workers = 3 but 2 \\[\\[workers\\]\\] tables"),
+    ("", '[[workers]]\ndevice = "cuda:9x"\n', r"key 'workers\[0\]\.device'"),
+    ("", '[[workers]]\ndevice = "cpu"\nname = "a"\n[[workers]]\ndevice = "cpu"\nname = "a"\n',
+     "worker names must be unique"),
+    ("workers = 0", "", r"key 'node\.workers'"),
+])
+def test_worker_errors_are_named(tmp_path: Path, node: str, extra: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_config(tmp_path, node=node, extra=extra))

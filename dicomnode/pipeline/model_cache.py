@@ -18,10 +18,12 @@ log = logging.getLogger("dicomnode.worker")  # the name it had in the worker: jo
 
 
 def load_model(
-    settings: ModelSettings, use_mirroring: bool | None = None, device: str | None = None
+    settings: ModelSettings, use_mirroring: bool | None = None, device: str | None = None,
+    fold_devices: list[str] | None = None,
 ) -> SegmentationModel:
     """The model of a `[[models]]` entry, loaded as configured (`use_mirroring` and `device`
-    override the settings, e.g. for a quick dry run, or the CPU after the GPU ran out)."""
+    override the settings, e.g. for a quick dry run, or the CPU after the GPU ran out;
+    `fold_devices`: its folds spread over these devices, the first its own)."""
     from inference import (
         SegmentationModel,  # torch is imported here, in the worker only
     )
@@ -36,7 +38,43 @@ def load_model(
         configuration=settings.configuration,
         trainer=settings.trainer,
         plans=settings.plans,
+        fold_devices=fold_devices,
     )
+
+
+def gpu_count() -> int:
+    """How many CUDA GPUs torch sees (0 without torch's CUDA); imports torch: the worker only."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def place(model_device: str, worker_device: str | None, worker_index: int = 0) -> str:
+    """Where a worker runs a model: a model on "cpu" or on a named GPU ("cuda:N") stays there;
+    "auto" and "cuda" go to the worker's device when it has one ([[workers]] device), else, with
+    several GPUs and several workers ([node] workers), worker i takes GPU i mod their number."""
+    if model_device not in ("auto", "cuda"):
+        return model_device
+    if worker_device is not None:
+        return worker_device
+    gpus = gpu_count() if worker_index else 0
+    return f"cuda:{worker_index % gpus}" if gpus > 1 else model_device
+
+
+def device_free_bytes(device: str) -> int | None:
+    """Free memory of a GPU now (torch.cuda.mem_get_info; "auto": the current GPU), None for the CPU
+    or without a GPU."""
+    if device not in ("auto", "cuda") and not device.startswith("cuda:"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(torch.device("cuda" if device == "auto" else device))
+    return int(free)
+
+
+DEVICE_BUDGET_SHARE = 0.9  # of a GPU's free memory at the worker's first model load, when model_memory_gb is unset
 
 
 class ModelCache:
@@ -49,10 +87,12 @@ class ModelCache:
     CPU (parameters and fold weights plus one sliding-window patch through the network).
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, device: str | None = None, worker_index: int = 0) -> None:
         self.config = config
-        gb = config.node.model_memory_gb
+        self.device, self.worker_index = device, worker_index  # the worker's device (None: each model's own)
+        gb = config.node.model_memory_gb  # per device: each worker's cache holds its own device's models
         self.budget_bytes = None if gb is None else int(gb * 1e9)
+        self._budget_read = gb is not None
         self._models: OrderedDict[str, SegmentationModel] = OrderedDict()  # least recently used first
         self._on_cpu: set[str] = set()  # models whose GPU ran out of memory: loaded on the CPU from then on
 
@@ -85,16 +125,42 @@ class ModelCache:
     def memory_bytes(self) -> int:
         return sum(model.memory_bytes() for model in self._models.values())
 
+    def placement(self, name: str) -> str:
+        """The device model `name` is loaded on by this worker (see `place`)."""
+        if name in self._on_cpu:
+            return "cpu"
+        return place(self.config.model(name).device, self.device, self.worker_index)
+
+    def _read_budget(self, device: str) -> None:
+        """model_memory_gb unset: on a GPU, the budget is what the device has free before this worker
+        loads its first model (less a tenth for the CUDA context and other processes' growth)."""
+        if self._budget_read:
+            return
+        self._budget_read = True
+        free = device_free_bytes(device)
+        if free is not None:
+            self.budget_bytes = int(free * DEVICE_BUDGET_SHARE)
+            log.info("model memory budget on %s: %.2f GB (%.0f %% of its free memory; model_memory_gb unset)",
+                     device, self.budget_bytes / 1e9, DEVICE_BUDGET_SHARE * 100)
+
     def _load(self, name: str) -> SegmentationModel:
         settings = self.config.model(name)
         started = time.monotonic()
-        model = load_model(settings, device="cpu" if name in self._on_cpu else None)
+        device = self.placement(name)
+        self._read_budget(device)
+        fold_devices = None
+        if settings.fold_parallel and name not in self._on_cpu:
+            others = list(self.config.fold_devices())
+            if device in others:  # this worker's device first, then the node's others in their order
+                others.remove(device)
+            fold_devices = [device, *others] if others else None
+        model = load_model(settings, device=device, fold_devices=fold_devices)
         log.info(
             "model %s loaded in %.1f s (folds %s, %s, %.2f GB %s)",
             name,
             time.monotonic() - started,
             settings.folds,
-            model.device,
+            model.device + (f", folds in parallel on {', '.join(model.fold_devices)}" if model.fold_devices else ""),
             model.memory_bytes() / 1e9,
             model.footprint.basis,
         )

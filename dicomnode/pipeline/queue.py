@@ -162,10 +162,11 @@ def low_priority_open(window: HoursWindow | None, local_now: datetime | None = N
 
 
 def claim(sessions: sessionmaker, owner: str, lease: timedelta, low_hours: HoursWindow | None = None,
-          local_now: datetime | None = None) -> Job | None:
+          local_now: datetime | None = None, worker: dict | None = None) -> Job | None:
     """Take the runnable job of the highest priority, within it the one runnable longest, or None;
     a low job only within `low_hours` ([node] low_priority_hours, the node's local time; `local_now`
-    for tests). Atomic against other workers."""
+    for tests). Atomic against other workers. `worker` ({"worker": name, "device": ...}) goes into
+    the `started` event's data and message: which worker, on which device, ran the attempt."""
     low_open = low_priority_open(low_hours, local_now)
     while True:
         now = utcnow()
@@ -192,14 +193,16 @@ def claim(sessions: sessionmaker, owner: str, lease: timedelta, low_hours: Hours
             if taken != 1:
                 continue  # another worker won the race; look again
             job = session.get(Job, candidate, populate_existing=True)
+            by = f"{owner} ({worker['worker']} on {worker['device']})" if worker else owner
             log_event(
                 session,
                 EventKind.STARTED,
-                f"attempt {job.attempts} of {job.max_attempts} by {owner}"
+                f"attempt {job.attempts} of {job.max_attempts} by {by}"
                 + ("" if job.priority == Priority.NORMAL else f", priority {job.priority}"),
                 study_uid=job.study_uid,
                 job_id=job.id,
                 at=now,
+                data={"owner": owner, **(worker or {})},
             )
             return job
 
@@ -320,7 +323,8 @@ def requeue_orphaned(sessions: sessionmaker, host: str, now: datetime | None = N
         for job in orphaned:
             log_event(session, EventKind.WORKER_GONE, f"worker {job.lease_owner} is not running; re-queued at once",
                       study_uid=job.study_uid, job_id=job.id, at=now)
-            job.state, job.lease_owner, job.lease_expires_at, job.not_before = JobState.QUEUED, None, None, now
+            job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
+            job.not_before = min(job.not_before, now)  # its place in line kept: runnable since then
         return [job.id for job in orphaned]
 
 
@@ -332,7 +336,8 @@ def _owner_pid(owner: str) -> int:
 
 
 def requeue_expired(sessions: sessionmaker, now: datetime | None = None) -> list[int]:
-    """Running jobs whose lease ran out (their worker died) go back to the queue."""
+    """Running jobs whose lease ran out (their worker died) go back to the queue, in the place they
+    had (not_before kept): the next claim of their priority takes them before jobs queued later."""
     now = now or utcnow()
     with sessions.begin() as session:
         expired = list(session.scalars(select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)))
@@ -345,7 +350,8 @@ def requeue_expired(sessions: sessionmaker, now: datetime | None = None) -> list
                 job_id=job.id,
                 at=now,
             )
-            job.state, job.lease_owner, job.lease_expires_at, job.not_before = JobState.QUEUED, None, None, utcnow()
+            job.state, job.lease_owner, job.lease_expires_at = JobState.QUEUED, None, None
+            job.not_before = min(job.not_before, now)  # its place in line kept: runnable since then
         return [job.id for job in expired]
 
 

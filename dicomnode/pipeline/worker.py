@@ -25,10 +25,11 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.config import Config, NodeSettings
+from dicomnode.config import Config, NodeSettings, WorkerSpec
 from dicomnode.pipeline import review
 from dicomnode.pipeline.chain import dependants
 from dicomnode.pipeline.errors import AwaitingReview, DeliveryPending, InputsNotReady, JobError
@@ -42,6 +43,7 @@ from dicomnode.pipeline.queue import (
     fail,
     release,
     renew_lease,
+    requeue_expired,
     succeed,
     wait,
     wake,
@@ -102,9 +104,14 @@ class Shutdown(BaseException):
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, sessions: sessionmaker, job_id: int, owner: str, lease: timedelta) -> None:
+    """Renews a running job's lease every third of it; `beat` (if given) runs after each renewal:
+    the worker's check for other workers' expired leases, so a busy worker also hands back the job
+    of one that died."""
+
+    def __init__(self, sessions: sessionmaker, job_id: int, owner: str, lease: timedelta,
+                 beat: Callable[[], None] | None = None) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
-        self.sessions, self.job_id, self.owner, self.lease = sessions, job_id, owner, lease
+        self.sessions, self.job_id, self.owner, self.lease, self.beat = sessions, job_id, owner, lease, beat
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -112,16 +119,25 @@ class Heartbeat(threading.Thread):
             if not renew_lease(self.sessions, self.job_id, self.owner, self.lease):
                 log.warning("job %d: lease lost", self.job_id)
                 return
+            if self.beat is not None:
+                self.beat()
 
 
 class Worker:
-    def __init__(self, config: Config, sessions: sessionmaker | None = None, poll_seconds: float = 1.0) -> None:
+    """One worker process. `spec` (one of config.worker_specs(), or a `dicomnode worker --device`)
+    names it and gives its device: the models it loads go there (model_cache.place), and each job's
+    `started` event says which worker and device ran it."""
+
+    def __init__(self, config: Config, sessions: sessionmaker | None = None, poll_seconds: float = 1.0,
+                 spec: WorkerSpec | None = None) -> None:
         self.config = config
         self.sessions = sessions or make_sessionmaker(config.database_url)
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.spec = spec or WorkerSpec("worker", None, 0)
         self.lease = timedelta(seconds=config.node.lease_seconds)
         self.policy = RetryPolicy.for_jobs(config.node)
-        self.models = ModelCache(config)
+        self.models = ModelCache(config, self.spec.device, self.spec.index)
+        self._expiry_pass_at = float("-inf")
         self.poll_seconds = poll_seconds
         self.stop_requested: str | None = None  # the signal's name once SIGTERM/SIGINT came
         self._claiming = False  # a stop signal now would leave a claimed job unreleased: deferred
@@ -138,7 +154,8 @@ class Worker:
         """Claim and run one job; False when none was waiting."""
         self._claiming = True
         try:
-            job = claim(self.sessions, self.owner, self.lease, self.config.node.low_priority_hours)
+            job = claim(self.sessions, self.owner, self.lease, self.config.node.low_priority_hours,
+                        worker={"worker": self.spec.name, "device": self.spec.device or "model's own"})
         except BaseException:
             self._claiming = False
             raise
@@ -147,7 +164,7 @@ class Worker:
             if self.stop_requested:
                 raise Shutdown(self.stop_requested)
             return False
-        heartbeat = Heartbeat(self.sessions, job.id, self.owner, self.lease)
+        heartbeat = Heartbeat(self.sessions, job.id, self.owner, self.lease, self.requeue_expired)
         try:
             self._claiming = False
             if self.stop_requested:  # came while claiming
@@ -233,9 +250,26 @@ class Worker:
             log.exception("status SR pass failed; will try again")
 
     def report_alive(self, every: float = 0.0) -> None:
-        """The worker's row for `dicomnode status`: alive, and the models it holds."""
-        detail = {"owner": self.owner, "models": sorted(self.models.loaded())}
+        """The worker's row for `dicomnode status`: alive, its name and device, the models it holds."""
+        detail = {"name": self.spec.name, "device": self.spec.device or "model's own", "owner": self.owner,
+                  "models": sorted(self.models.loaded())}
         heartbeat(self.sessions, Role.WORKER, detail, every=every)
+
+    def requeue_expired(self) -> None:
+        """Jobs whose worker stopped renewing its lease (killed, its host gone) back to the queue, at
+        most every third of a lease (between jobs, and from a running job's heartbeat thread): a host
+        that runs only workers has no receiver's sweep to do it."""
+        now = time.monotonic()
+        if now - self._expiry_pass_at < min(self.lease.total_seconds() / 3, HEARTBEAT_SECONDS):
+            return
+        self._expiry_pass_at = now
+        try:
+            expired = requeue_expired(self.sessions)
+        except Exception:  # noqa: BLE001 - a database hiccup: the next pass tries again
+            log.exception("lease expiry pass failed; will try again")
+            return
+        if expired:
+            log.warning("re-queued jobs %s whose lease expired", expired)
 
     def run_forever(self) -> None:
         def _stop(signum: int, _frame: object) -> None:
@@ -243,11 +277,13 @@ class Worker:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        log.info("worker %s waiting for jobs", self.owner)
+        log.info("worker %s (%s, device %s) waiting for jobs", self.owner, self.spec.name,
+                 self.spec.device or "of each model")
         try:
             while True:
                 self.report_alive(every=HEARTBEAT_SECONDS)
                 self.send_status_reports(every=HEARTBEAT_SECONDS)
+                self.requeue_expired()
                 if not self.run_one():
                     time.sleep(self.poll_seconds)
         except Shutdown as exc:

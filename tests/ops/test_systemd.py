@@ -39,6 +39,31 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path):
     assert result.returncode == 0 and result.stderr == "", result.stderr  # an unknown key is only a warning
 
 
+@needs("systemd-analyze")
+def test_worker_template_passes_systemd_analyze_verify(tmp_path: Path):
+    """deploy/dicomnode-worker@.service, one instance per GPU on a worker-only host: instance 1
+    sees GPU 1 alone (as its cuda:0) and runs `dicomnode worker` with no receiver."""
+    unit = (DEPLOY / "dicomnode-worker@.service").read_text()
+    assert "\nEnvironment=CUDA_VISIBLE_DEVICES=%i\n" in unit and "\nPrivateDevices" not in unit
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_start.split()[1:5] == ["worker", "--config", "/etc/dicomnode/config.toml", "--device"]
+    assert "serve" not in exec_start and "RequiresMountsFor=/var/lib/dicomnode" in unit
+    command = Path(sys.executable).parent / "dicomnode"
+    (tmp_path / "dicomnode-worker@.service").write_text(
+        unit.replace("/opt/dicomnode/.venv/bin/dicomnode", str(command)))
+    for instance in ("0", "1"):  # the template, loaded for an instance name
+        result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / f"dicomnode-worker@{instance}.service")],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+    # the check does catch a mistake in the template
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "dicomnode-worker@.service").write_text(
+        unit.replace("/opt/dicomnode/.venv/bin/dicomnode", str(command)).replace("RestartSec=", "RestartSecs="))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "bad" / "dicomnode-worker@0.service")],
+                            capture_output=True, text=True, timeout=60)
+    assert "Unknown key 'RestartSecs'" in result.stderr
+
+
 @needs("systemd-sysusers")
 def test_sysusers_snippet_is_valid():
     result = subprocess.run(["systemd-sysusers", "--dry-run", str(DEPLOY / "dicomnode.sysusers.conf")],

@@ -80,3 +80,32 @@ def test_models_are_reused_between_jobs_without_reloading(tmp_path, caplog):
     assert dry_run(first, shape=(16, 24, 24)).shape == (16, 24, 24)  # still usable
     assert [r.getMessage().split()[1] for r in caplog.records if " loaded in " in r.getMessage()] == ["a", "b", "c"]
     assert not [r for r in caplog.records if " unloaded " in r.getMessage()]
+
+
+def test_placement_worker_device_overrides_auto_and_cuda():
+    from dicomnode.pipeline.model_cache import place
+
+    assert place("auto", "cuda:1") == "cuda:1"
+    assert place("cuda", "cuda:1") == "cuda:1"
+    assert place("auto", "cpu") == "cpu"
+    assert place("cpu", "cuda:1") == "cpu"  # a model kept on the CPU stays there
+    assert place("cuda:0", "cuda:1") == "cuda:0"  # a model pinned to a GPU stays there
+    assert place("auto", None, 1) == "auto"  # no GPU here: [node] workers share the model's own device
+
+
+def test_worker_cache_places_models_on_its_device_and_spreads_fold_parallel_ones(tmp_path: Path):
+    path = tmp_path / "config.toml"
+    path.write_text(f"""[node]\ndata_dir = "var"\n
+[[models]]\nname = "fast"\npath = "{MODEL_DIR}"\nfolds = [0, 1, 2]\ndevice = "auto"\nuse_mirroring = false
+fold_parallel = true
+[[models]]\nname = "plain"\npath = "{MODEL_DIR}"\nfolds = [0]\nuse_mirroring = false
+[[workers]]\ndevice = "cpu"\n[[workers]]\ndevice = "cpu"\n""")
+    config = load_config(path)
+    cache = ModelCache(config, device="cpu", worker_index=1)
+    assert cache.placement("fast") == cache.placement("plain") == "cpu"
+    fast = cache.get("fast")
+    assert (fast.device, fast.fold_devices) == ("cpu", ("cpu", "cpu"))
+    assert [r.folds for r in fast._replicas] == [(0, 2), (1,)]
+    plain = cache.get("plain")
+    assert (plain.device, plain.fold_devices) == ("cpu", ())
+    assert cache.budget_bytes is None  # the CPU: no budget unless model_memory_gb says one

@@ -60,6 +60,15 @@ def test_expired_lease_is_requeued(sessions):
     assert (again.id, again.attempts) == (job_id, 2)
 
 
+def test_a_job_requeued_after_its_lease_keeps_its_place_in_line(sessions):
+    """The job of a worker that died is claimed before the jobs queued after it (not sent to the back)."""
+    dead = enqueue(sessions, "1.2.3", "m", RetryPolicy())
+    later = enqueue(sessions, "1.2.4", "m", RetryPolicy())
+    assert claim(sessions, "dead-worker", timedelta(seconds=0)).id == dead
+    assert requeue_expired(sessions, now=utcnow() + timedelta(seconds=1)) == [dead]
+    assert [claim(sessions, "w2", LEASE).id, claim(sessions, "w2", LEASE).id] == [dead, later]
+
+
 def test_live_lease_is_not_requeued(sessions):
     enqueue(sessions, "1.2.3", "m", RetryPolicy())
     job = claim(sessions, "w1", LEASE)
