@@ -19,6 +19,7 @@ import numpy as np
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, ModelSettings
+from dicomnode.imaging.comparison import Comparison
 from dicomnode.imaging.measures import measure_lesions, measure_segments
 from dicomnode.imaging.timepoint import TIMEPOINT_FILE
 from dicomnode.imaging.volumes import Volume
@@ -156,9 +157,11 @@ def make_results(config: Config, sessions: sessionmaker, job: Job, model: Segmen
                 write_dicom(ds, out / RESULT_FILES[kind])  # whole or not at all: nothing truncated is ever sent
             written.append(f"{kind} {ds.SOPInstanceUID} series {ds.SeriesNumber}")
             started, cpu = time.perf_counter(), time.process_time()
-        if settings.review and source.suv is not None and not (out / PREVIEW_FILE).exists():
+        wants_preview = settings.review or prior_view is not None  # a reader's look; a follow-up's comparison
+        if wants_preview and source.suv is not None and not (out / PREVIEW_FILE).exists():
             with times("preview"):
-                _write_preview(out / PREVIEW_FILE, source, findings, f"{settings.name} run {job.run_number}")
+                _write_preview(out / PREVIEW_FILE, source, findings, f"{settings.name} run {job.run_number}",
+                               prior_view, comparison)
     except OSError as exc:  # a full disk, say: this attempt fails, a later one writes what is missing
         raise JobError(f"cannot write the result objects into {out}: {exc.strerror or exc}"
                        + (f" ({', '.join(written)} written)" if written else ""), retryable=True) from exc
@@ -178,12 +181,15 @@ def _weights_or_none(settings: ModelSettings, root: Path | None) -> str | None:
         return None
 
 
-def _write_preview(path: Path, source: Source, findings: Findings, title: str) -> None:
-    """The PET MIP with the lesions outlined (results.preview) for a reader at review."""
+def _write_preview(path: Path, source: Source, findings: Findings, title: str, prior: PriorView | None = None,
+                   comparison: Comparison | None = None) -> None:
+    """The PET MIP with the lesions outlined (results.preview) for a reader at review; a follow-up's
+    beside its prior's, with the change ([models.compare])."""
     from dicomnode.results.preview import mip_png
 
     partial = path.with_name(f".{path.name}.partial.png")
-    mip_png(source.suv, findings.labels, source.spacing, partial, title)
+    mip_png(source.suv, findings.labels, source.spacing, partial, title, prior=prior,
+            comparison=comparison if prior is not None else None)
     write_durably(path, lambda fh: fh.write(partial.read_bytes()), path.with_name(f".{path.name}.partial"))
     partial.unlink(missing_ok=True)
 

@@ -137,6 +137,12 @@ def test_the_follow_up_is_compared_with_the_baseline_the_node_processed(tmp_path
                           .read_text())
     assert measures["comparison"] == data["comparison"] and measures["lesion_count"] >= 1
     assert job.state == "succeeded"
+    # the preview: the follow-up's MIP beside its prior's (the baseline, compared with nothing, has none)
+    from PIL import Image
+
+    with Image.open(config.results_dir / follow_up.study_instance_uid / f"job-{job.id}" / "preview.png") as png:
+        assert png.width > png.height  # two coronal panels side by side
+    assert not (config.results_dir / baseline.study_instance_uid / f"job-{first}" / "preview.png").exists()
 
 
 def test_the_liver_comes_from_the_chained_model_on_the_same_study(tmp_path, timeline, loaded):
