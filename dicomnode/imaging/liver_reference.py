@@ -2,11 +2,13 @@
 
 The mask is regularised first (`regularise_liver`), because organ models give livers with holes,
 notches and loose fragments at the edges (TotalSegmentator's included; the repository's stand-in
-organ model on the synthetic PET/CT gives one in some 200 pieces): on the PET grid, a morphological
-closing with a ball of LIVER_CLOSING_RADIUS_MM (gaps and notches up to about twice that wide are
-bridged; the array is padded first so the closing does not erode at the array's edge), then every
-enclosed hole filled (3-D), then the largest 26-connected component kept (fragments dropped).
-A mask that is already solid and convex comes out unchanged.
+organ model gives the synthetic timeline's baseline liver in 211 pieces on the CT). On the PET
+grid: a morphological closing with a ball of LIVER_CLOSING_RADIUS_MM (gaps and notches up to
+about twice that wide are bridged; the array is padded first so the closing does not erode at
+the array's edge), then every enclosed hole filled (3-D), then the largest 26-connected
+component kept (fragments dropped); scipy.ndimage throughout. A mask that is already solid and
+convex comes out unchanged. The sphere is sampled on the regularised mask: a hole the model left
+inside the liver is liver here.
 
 Placement rule (the node's, written down because PERCIST leaves it to the reader's hand): the
 right lobe is taken as the patient's right half of the regularised mask: the voxels whose LPS x
