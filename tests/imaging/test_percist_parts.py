@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from dicomnode.imaging.lesion_match import MATCH_MAX_CENTROID_MM, MatchStatus, match_lesions
-from dicomnode.imaging.liver_reference import LIVER_SPHERE_DIAMETER_MM, LiverReference, liver_reference
+from dicomnode.imaging.liver_reference import (
+    LIVER_SPHERE_DIAMETER_MM,
+    LiverReference,
+    liver_reference,
+    regularise_liver,
+)
 from dicomnode.imaging.percist import Category, StudyFigures, categorise, measurability_threshold
 from dicomnode.imaging.sul import SulError, lean_body_mass_kg, sul_factor
 from dicomnode.imaging.timepoint import Patient, VolumeGeometry
+from dicomnode.synth import petct_phantom as ph
+from dicomnode.synth.timeline import grid_geometry, timeline
 
 # --- SUL ---------------------------------------------------------------------------------
 
@@ -71,6 +79,51 @@ def test_liver_too_small_or_missing_is_not_assessed():
     assert not ref.assessed and "no room for a 30 mm sphere" in ref.reason
     assert "no liver mask" in liver_reference(uptake, None, geometry).reason
     assert "empty" in liver_reference(uptake, np.zeros_like(liver), geometry).reason
+
+
+def test_a_solid_liver_is_left_as_it_is_by_the_regularisation():
+    geometry, liver, _ = _liver_case()
+    assert np.array_equal(regularise_liver(liver, geometry.spacing_zyx), liver)
+
+
+def test_liver_sphere_in_a_fragmented_mask_lies_in_the_true_liver():
+    """An organ model's ragged liver (as the stand-in organ model gives on the synthetic PET/CT):
+    the phantom's true liver with 20 % of its voxels missing at random, a notch cut into its right
+    lobe, and a rim of loose fragments around it. Closed, filled and reduced to its largest
+    component, the mask still holds the sphere, fully inside the true liver, and SULmean is right."""
+    grid, geometry = ph.PET_GRID, grid_geometry(ph.PET_GRID)
+    spacing = geometry.spacing_zyx
+    truth = ph.liver_mask(grid)
+    suv = ph.pet_suv(timeline("mixed").phantom("before"), grid)
+    rng = np.random.default_rng(16)
+    ragged = truth & (rng.random(truth.shape) > 0.20)  # salt-and-pepper holes
+    z, y, x = np.indices(truth.shape)
+    ragged &= ~((np.abs(y - 34) <= 1) & (x < 24))  # a notch one voxel wide across the right lobe
+    outside = ndimage.distance_transform_edt(~truth, sampling=spacing)
+    rim = (outside > 4.5) & (outside <= 12.0)
+    ragged |= rim & (rng.random(truth.shape) < 0.08)  # loose fragments 4.5 to 12 mm outside
+    pieces = ndimage.label(ragged, structure=np.ones((3, 3, 3), bool))[1]
+    assert pieces > 50  # the stand-in organ model's liver on the baseline: 81 pieces on the PET grid
+
+    ref = liver_reference(suv, ragged, geometry)
+    assert ref.assessed, ref.reason
+    centre = np.rint(geometry.point_to_index(np.array([ref.centre_mm]))[0]).astype(int)
+    truth_depth = ndimage.distance_transform_edt(np.pad(truth, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    assert truth[tuple(centre)] and truth_depth[tuple(centre)] >= LIVER_SPHERE_DIAMETER_MM / 2  # fully inside
+    assert ref.centre_mm[0] < -45.0  # the right lobe (the liver's centre is at x = -45 mm)
+    assert ref.mean == pytest.approx(ph.LIVER_SUV, rel=0.05)  # uptake is SUVbw here: the truth is 2.0
+    clean = liver_reference(suv, truth, geometry)
+    assert ref.mean == pytest.approx(clean.mean, rel=0.03) and ref.sd == pytest.approx(clean.sd, rel=0.25)
+    assert ref.voxels == pytest.approx(clean.voxels, rel=0.05)
+
+
+def test_fragments_alone_leave_no_room_and_say_so():
+    """Scattered voxels with nothing solid among them: still not assessed, with the reason."""
+    geometry, liver, uptake = _liver_case()
+    sparse = liver & (np.random.default_rng(3).random(liver.shape) < 0.02)
+    sparse[::6] = False  # every sixth slice empty: nothing bridges it
+    ref = liver_reference(uptake, sparse, geometry)
+    assert not ref.assessed and "no room for a 30 mm sphere" in ref.reason and "regularised" in ref.reason
 
 
 # --- PERCIST thresholds ----------------------------------------------------------------------

@@ -22,6 +22,7 @@ from dicomnode.store.events import EventKind, event_data
 from dicomnode.store.index import ReceivedInstance, record_instance
 from dicomnode.store.tables import Event, Job, TimePointRow, utcnow
 from dicomnode.synth import petct_phantom as ph
+from dicomnode.synth.timeline import grid_geometry
 
 from tests.support.nodeutil import REPO, node_config
 from tests.support.timeline import patient_timeline, study_date, timeline_files
@@ -147,7 +148,9 @@ def test_the_follow_up_is_compared_with_the_baseline_the_node_processed(tmp_path
 
 def test_the_liver_comes_from_the_chained_model_on_the_same_study(tmp_path, timeline, loaded):
     """demo-petct waits for organs-ct on the study (its job first in the queue), is woken when it
-    ends, and keeps organs-ct's liver on its own grid (PET) in its time point."""
+    ends, and keeps organs-ct's liver on its own grid (PET) in its time point. The follow-up, with
+    its own organs-ct liver, gets a PERCIST category: the stand-in's ragged livers (holes, fragments)
+    still hold the 3 cm sphere once regularised (imaging/liver_reference)."""
     if not (ORGANS / "label_codes.json").exists():
         pytest.skip("organs-ct not built")
     baseline, _, _ = timeline
@@ -181,6 +184,27 @@ def test_the_liver_comes_from_the_chained_model_on_the_same_study(tmp_path, time
     assert sampled.any() and (sampled.reshape(kept.suv.shape) == (kept.liver > 0)).mean() > 0.995
     truth = ph.liver_mask(ph.PET_GRID)  # the baseline lies as the phantom is described (no pose)
     assert ((kept.liver > 0) & truth).sum() > 0.5 * truth.sum()  # the stand-in organ model finds most of it
+
+    _, follow_up, written = timeline
+    _index(sessions, timeline_files(follow_up))
+    ours_now, theirs_now = assembler.queue_ready_studies(sessions, config)
+    assert _run_all(worker) == 3  # demo-petct waits, organs-ct, demo-petct woken
+    events = _events(sessions, ours_now)
+    [used] = [e for e in events if e.kind == EventKind.LABELS_FROM_MODEL]
+    assert event_data(used)["job_id"] == theirs_now
+    [compared] = [e for e in events if e.kind == EventKind.COMPARED]
+    comparison = event_data(compared)["comparison"]
+    truth_sul = ph.LIVER_SUV * comparison["current"]["uptake_factor"]  # 2.0 SUVbw x LBM/W = 1.549 SUL
+    for when, study in (("prior", baseline), ("current", follow_up)):
+        liver = comparison[when]["liver"]
+        assert liver["assessed"], (when, liver["reason"])
+        assert liver["mean"] == pytest.approx(truth_sul, rel=0.05), when
+        # the sphere's centre in that study's true liver (the follow-up lies elsewhere: its pose)
+        mask = written.timeline.liver_mask("before" if when == "prior" else "after").astype(bool)
+        centre = np.rint(grid_geometry(ph.PET_GRID).point_to_index(np.array([liver["centre_mm"]]))[0]).astype(int)
+        assert mask[tuple(centre)], when
+    response = comparison["response"]  # the "mixed" timeline: a new FDG-avid lesion
+    assert response["abbreviation"] == "PMD" and response["new_avid_lesions"] >= 1, event_data(compared)["lines"]
 
 
 def test_a_chained_model_not_configured_leaves_the_liver_not_assessed(tmp_path, timeline, loaded):
