@@ -36,7 +36,7 @@ from dicomnode.net.web import AuthorizationUnavailable, authorization, session_f
 log = logging.getLogger("dicomnode.retrieve")
 
 _STUDY_FIELDS = ["StudyInstanceUID", "PatientID", "StudyDate", "StudyTime", "AccessionNumber", "StudyDescription",
-                 "ModalitiesInStudy", "NumberOfStudyRelatedInstances"]
+                 "ModalitiesInStudy", "NumberOfStudyRelatedInstances", "IssuerOfPatientID"]
 
 
 class DicomwebSource:
@@ -78,7 +78,8 @@ class DicomwebSource:
             matches.append(StudyMatch(
                 uid, str(ds.get("PatientID", "")), str(ds.get("StudyDate", "")), str(ds.get("StudyTime", "")),
                 str(ds.get("AccessionNumber", "")), str(ds.get("StudyDescription", "")),
-                values_of(ds, "ModalitiesInStudy"), int(count) if count not in (None, "") else None))
+                values_of(ds, "ModalitiesInStudy"), int(count) if count not in (None, "") else None,
+                str(ds.get("IssuerOfPatientID", ""))))
         return matches
 
     def announce(self, study_uid: str) -> Announced:

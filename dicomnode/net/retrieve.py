@@ -99,6 +99,7 @@ class StudyMatch:
     description: str = ""
     modalities: tuple[str, ...] = ()
     instances: int | None = None  # NumberOfStudyRelatedInstances, when the source says
+    issuer: str = ""  # IssuerOfPatientID, when the source says: the domain the PatientID belongs to
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class DimseSource:
         identifier = _identifier(
             "STUDY", StudyInstanceUID=query.study_uid or "", AccessionNumber=query.accession or "",
             PatientID=query.patient_id or "", StudyDate=query.date_range, StudyTime="", StudyDescription="",
-            ModalitiesInStudy="", NumberOfStudyRelatedInstances="",
+            ModalitiesInStudy="", NumberOfStudyRelatedInstances="", IssuerOfPatientID="",
         )
         with self._association(ae) as assoc:
             answers = self._find(assoc, identifier)
@@ -227,7 +228,8 @@ class DimseSource:
             count = ds.get("NumberOfStudyRelatedInstances")
             matches.append(StudyMatch(uid, _text(ds, "PatientID"), _text(ds, "StudyDate"), _text(ds, "StudyTime"),
                                       _text(ds, "AccessionNumber"), _text(ds, "StudyDescription"), modalities,
-                                      int(count) if count not in (None, "") else None))
+                                      int(count) if count not in (None, "") else None,
+                                      _text(ds, "IssuerOfPatientID")))
         return matches
 
     def announce(self, study_uid: str) -> Announced:

@@ -210,8 +210,16 @@ def _source_prior(config: Config, job: Job, key: StudyKey, since: date, day: dat
                                                                      until=day))
     except SourceError as exc:
         raise InputsNotReady(f"comparison prior not looked up on {source.name}: {exc}") from None
-    earlier = [m for m in matches if m.study_uid != job.study_uid and m.study_date
-               and (m.study_date, m.study_time or "999999") < key.when and wanted <= set(m.modalities)]
+    return latest_earlier(matches, job.study_uid, key, wanted)
+
+
+def latest_earlier(matches: list[StudyMatch], study_uid: str, key: StudyKey, wanted: set[str]) -> StudyMatch | None:
+    """Of a source's answers, the most recent study before this one (`key.when`) holding every wanted
+    modality; a match the source says has another IssuerOfPatientID is another patient's (one the
+    source does not say about is taken as the same)."""
+    earlier = [m for m in matches if m.study_uid != study_uid and m.study_date
+               and (m.study_date, m.study_time or "999999") < key.when and wanted <= set(m.modalities)
+               and (not m.issuer or not key.issuer or m.issuer == key.issuer)]
     return max(earlier, key=lambda m: (m.study_date, m.study_time), default=None)
 
 

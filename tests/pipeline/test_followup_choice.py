@@ -11,8 +11,9 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import update
 
+from dicomnode.net.retrieve import StudyMatch
 from dicomnode.pipeline.errors import InputsNotReady
-from dicomnode.pipeline.followup import settle_compare_prior
+from dicomnode.pipeline.followup import StudyKey, latest_earlier, settle_compare_prior
 from dicomnode.pipeline.queue import RetryPolicy, enqueue
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.events import EventKind, event_data
@@ -124,3 +125,19 @@ def test_no_patient_id_no_prior_and_the_reason(site):
     [decision] = _decisions(sessions, job_id)
     assert decision.kind == "no-compare-prior" and event_data(decision)["reason"] == "no-key"
     assert decision.message == "the study has no PatientID to look a prior up by"
+
+
+def test_on_the_source_the_latest_earlier_study_of_the_same_issuer_is_the_prior():
+    key = StudyKey("P1", "HOSP-A", "20240607", "101500", frozenset({"PT", "CT"}))
+    wanted = {"PT", "CT"}
+    matches = [
+        StudyMatch("1.1", "P1", "20240315", "090000", modalities=("CT", "PT"), issuer="HOSP-A"),
+        StudyMatch("1.2", "P1", "20240501", "090000", modalities=("CT", "PT"), issuer="HOSP-B"),  # another patient
+        StudyMatch("1.3", "P1", "20240520", "090000", modalities=("CT",), issuer="HOSP-A"),  # no PET
+        StudyMatch("1.4", "P1", "20240610", "090000", modalities=("CT", "PT"), issuer="HOSP-A"),  # later
+        StudyMatch("1.5", "P1", "20240607", "101500", modalities=("CT", "PT"), issuer="HOSP-A"),  # this study
+    ]
+    assert latest_earlier(matches, "1.5", key, wanted).study_uid == "1.1"
+    unsaid = [*matches, StudyMatch("1.6", "P1", "20240401", "090000", modalities=("CT", "PT"))]  # issuer not said
+    assert latest_earlier(unsaid, "1.5", key, wanted).study_uid == "1.6"
+    assert latest_earlier(matches[1:], "1.5", key, wanted) is None
