@@ -58,7 +58,7 @@ def test_killed_worker_never_stops_the_receiver_and_is_restarted(tmp_path: Path)
     finally:
         assert node.stop() == 0
     log = (tmp_path / "node.log").read_text()
-    assert f"worker process {worker} exited with -9 (SIGKILL: out of memory?) after" in log
+    assert f"worker process {worker} (worker) exited with -9 (SIGKILL: out of memory?) after" in log
 
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "demo-petct"
@@ -92,7 +92,9 @@ def test_sigterm_while_a_job_runs_queues_it_again_and_exits(tmp_path: Path, synt
         job = session.get(Job, job_id)
         events = [e.kind for e in session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id))]
     assert job.state == "queued" and job.attempts == 0 and job.lease_owner is None
-    assert events[-2:] == ["started", "released"]
+    # stopped mid-attempt (the model loads when the job first needs it, so it may have built its inputs)
+    assert "started" in events and events[-1] == "released", events
+    assert not {"results-written", "failed"} & set(events[events.index("started"):]), events
     assert queue.claim(sessions, "next-worker", timedelta(minutes=1)).id == job_id  # re-claimable at once
 
 
