@@ -159,3 +159,17 @@ def write_dicom(ds: Dataset, path: Path | str) -> Path:
     return write_durably(
         path, lambda fh: ds.save_as(fh, enforce_file_format=True), path.with_name(f".{path.name}.partial")
     )
+
+
+PRIVATE_SCHEME = "99DCMNODE"  # the node's private coding scheme (the status SR, the comparison)
+
+
+def declare_private_scheme(sr: Dataset) -> None:
+    """Name the node's private coding scheme in CodingSchemeIdentificationSequence."""
+    scheme = Dataset()
+    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
+    scheme.CodingSchemeName = "dicomnode private codes"
+    scheme.CodingSchemeResponsibleOrganization = "dicomnode"
+    known = [item for item in sr.get("CodingSchemeIdentificationSequence", [])
+             if item.CodingSchemeDesignator != PRIVATE_SCHEME]
+    sr.CodingSchemeIdentificationSequence = [*known, scheme]

@@ -56,10 +56,12 @@ from dicomnode.imaging.measures import LesionMeasures, StudyMeasures
 from dicomnode.imaging.percist import Category
 from dicomnode.results.common import (
     MANUFACTURER,
+    PRIVATE_SCHEME,
     Provenance,
     ResultError,
     check_on_source,
     contributing_equipment,
+    declare_private_scheme,
     device_uid,
     source_instances,
     with_type2_attributes,
@@ -96,7 +98,6 @@ RESPONSE_METHOD = Code("112021", "DCM", "Response Evaluation Method")
 PROCEDURE_STUDY_UID = Code("121018", "DCM", "Procedure Study Instance UID")
 STUDY_DATE = Code("111060", "DCM", "Study Date")
 
-PRIVATE_SCHEME = "99DCMNODE"  # the node's private coding scheme (also dicomnode.results.status_sr)
 PERCIST = Code("PERCIST1.0", PRIVATE_SCHEME, "PERCIST 1.0")
 RESPONSE_CODES = {
     Category.CMR: Code("CMR", PRIVATE_SCHEME, "Complete metabolic response"),
@@ -205,17 +206,6 @@ def build_sr(
     if comparison is not None:
         declare_private_scheme(sr)
     return sr
-
-
-def declare_private_scheme(sr: Dataset) -> None:
-    """Name the node's private coding scheme in CodingSchemeIdentificationSequence."""
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
-    scheme.CodingSchemeName = "dicomnode private codes"
-    scheme.CodingSchemeResponsibleOrganization = "dicomnode"
-    known = [item for item in sr.get("CodingSchemeIdentificationSequence", [])
-             if item.CodingSchemeDesignator != PRIVATE_SCHEME]
-    sr.CodingSchemeIdentificationSequence = [*known, scheme]
 
 
 def report_document(

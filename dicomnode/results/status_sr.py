@@ -35,10 +35,9 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.coding import Code
 
-from dicomnode.results.common import ResultError, with_type2_attributes
+from dicomnode.results.common import PRIVATE_SCHEME, ResultError, declare_private_scheme, with_type2_attributes
 from dicomnode.results.sr import device_observation_context
 
-PRIVATE_SCHEME = "99DCMNODE"
 TITLE = Code("NOTPERFORMED", PRIVATE_SCHEME, "AI processing not performed")
 REASON = Code("REASON", PRIVATE_SCHEME, "Reason not performed")
 PROCESSING_SUMMARY = Code("111017", "DCM", "CAD Processing and Findings Summary")
@@ -108,11 +107,5 @@ def build_status_sr(
         software_versions=model_version,
         device_serial_number="0",
     )
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = PRIVATE_SCHEME
-    scheme.CodingSchemeName = "dicomnode private codes"
-    scheme.CodingSchemeResponsibleOrganization = "dicomnode"
-    known = [item for item in sr.get("CodingSchemeIdentificationSequence", [])
-             if item.CodingSchemeDesignator != PRIVATE_SCHEME]
-    sr.CodingSchemeIdentificationSequence = [*known, scheme]
+    declare_private_scheme(sr)
     return sr

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom import dcmread
 from sqlalchemy import select
 
 from dicomnode.imaging.timepoint import TIMEPOINT_FILE, TimePoint, VolumeGeometry
@@ -19,12 +18,12 @@ from dicomnode.pipeline import assembler
 from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.events import EventKind, event_data
-from dicomnode.store.index import ReceivedInstance, record_instance
-from dicomnode.store.tables import Event, Job, TimePointRow, utcnow
+from dicomnode.store.tables import Event, Job, TimePointRow
 from dicomnode.synth import petct_phantom as ph
 from dicomnode.synth.timeline import grid_geometry
 
 from tests.support.nodeutil import REPO, node_config
+from tests.support.selectionutil import index_files
 from tests.support.timeline import patient_timeline, study_date, timeline_files
 
 MODEL = REPO / "models" / "demo-petct"
@@ -46,16 +45,6 @@ def _setup(tmp_path: Path, compare: str = "", more_models: str = ""):
     config = node_config(tmp_path, model_path=str(MODEL), node="study_quiet_seconds = 0\nretry_backoff_seconds = 60",
                          extra=f"[models.compare]\nmax_age_days = 365\n{compare}\n{more_models}")
     return config, make_sessionmaker(config.database_url)
-
-
-def _index(sessions, files: list[Path]) -> None:
-    """Index files as the receiver would (the receiver itself is tested on the network)."""
-    for path in files:
-        ds = dcmread(path, stop_before_pixels=True)
-        record_instance(sessions, ReceivedInstance(
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1",
-            ds.Modality, int(ds.SeriesNumber), str(ds.get("SeriesDescription", "")), str(path), "TEST"),
-            now=utcnow().replace(year=2020))
 
 
 def _run_all(worker: Worker) -> int:
@@ -101,7 +90,7 @@ def test_the_follow_up_is_compared_with_the_baseline_the_node_processed(tmp_path
     baseline, follow_up, _ = timeline
     config, sessions = _setup(tmp_path)
     worker = _worker(config, sessions, loaded)
-    _index(sessions, timeline_files(baseline))
+    index_files(sessions, timeline_files(baseline))
     [first] = assembler.queue_ready_studies(sessions, config)
     assert _run_all(worker) == 1
     with sessions() as session:
@@ -116,7 +105,7 @@ def test_the_follow_up_is_compared_with_the_baseline_the_node_processed(tmp_path
     first_kinds = [e.kind for e in _events(sessions, first)]
     assert "no-compare-prior" in first_kinds and "compared" not in first_kinds  # nothing earlier
 
-    _index(sessions, timeline_files(follow_up))
+    index_files(sessions, timeline_files(follow_up))
     [second] = assembler.queue_ready_studies(sessions, config)
     assert _run_all(worker) == 1
     events = _events(sessions, second)
@@ -156,7 +145,7 @@ def test_the_liver_comes_from_the_chained_model_on_the_same_study(tmp_path, time
     baseline, _, _ = timeline
     config, sessions = _setup(tmp_path, 'liver_from = "organs-ct"\nliver_label = "liver"', ORGANS_MODEL)
     worker = _worker(config, sessions, loaded)
-    _index(sessions, timeline_files(baseline))
+    index_files(sessions, timeline_files(baseline))
     ours, theirs = assembler.queue_ready_studies(sessions, config)
     assert worker.run_one()  # demo-petct first: it waits
     with sessions() as session:
@@ -186,7 +175,7 @@ def test_the_liver_comes_from_the_chained_model_on_the_same_study(tmp_path, time
     assert ((kept.liver > 0) & truth).sum() > 0.5 * truth.sum()  # the stand-in organ model finds most of it
 
     _, follow_up, written = timeline
-    _index(sessions, timeline_files(follow_up))
+    index_files(sessions, timeline_files(follow_up))
     ours_now, theirs_now = assembler.queue_ready_studies(sessions, config)
     assert _run_all(worker) == 3  # demo-petct waits, organs-ct, demo-petct woken
     events = _events(sessions, ours_now)
@@ -211,7 +200,7 @@ def test_a_chained_model_not_configured_leaves_the_liver_not_assessed(tmp_path, 
     baseline, _, _ = timeline
     config, sessions = _setup(tmp_path, 'liver_from = "organs-ct"')
     worker = _worker(config, sessions, loaded)
-    _index(sessions, timeline_files(baseline))
+    index_files(sessions, timeline_files(baseline))
     [job_id] = assembler.queue_ready_studies(sessions, config)
     assert _run_all(worker) == 1
     [missing] = [e for e in _events(sessions, job_id) if e.kind == EventKind.NO_LABELS_FROM_MODEL]

@@ -24,26 +24,16 @@ from dicomnode.pipeline.queue import claim
 from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.events import event_data
-from dicomnode.store.index import ReceivedInstance, record_instance
-from dicomnode.store.tables import Delivery, Event, Job, utcnow
+from dicomnode.store.tables import Delivery, Event, Job
 from dicomnode.synth.petct import write_study
 from dicomnode.testing.orthanc import LocalOrthanc
 from dicomnode.testing.ports import free_port
 
 from tests.support.nodeutil import REPO, node_config
+from tests.support.selectionutil import index_files
 
 MODEL = REPO / "models" / "demo-petct"
 pytestmark = pytest.mark.skipif(not (MODEL / "plans.json").exists(), reason="demo model not built")
-
-
-def _index_folder(sessions, files):
-    """Index files as the receiver would (the receiver itself is tested on the network)."""
-    for path in files:
-        ds = dcmread(path, stop_before_pixels=True)
-        record_instance(sessions, ReceivedInstance(
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1",
-            ds.Modality, int(ds.SeriesNumber), str(ds.get("SeriesDescription", "")), str(path), "TEST"),
-            now=utcnow().replace(year=2020))
 
 
 def _setup(tmp_path: Path, pacs_port: int):
@@ -77,7 +67,7 @@ def test_missing_patient_weight_fails_with_the_attribute_named(tmp_path: Path, w
         del ds.PatientWeight
         ds.save_as(path)
     config, sessions = _setup(tmp_path, free_port())
-    _index_folder(sessions, study.ct_files + study.pt_files)
+    index_files(sessions, study.ct_files + study.pt_files)
     [job_id] = assembler.queue_ready_studies(sessions, config)
     assert _worker(config, sessions, worker_model).run_one()
     with sessions() as session:
@@ -94,7 +84,7 @@ def test_results_wait_for_a_stopped_pacs_and_arrive_once(tmp_path: Path, worker_
     study = write_study(tmp_path / "study", seed=6)
     pacs_port = free_port()
     config, sessions = _setup(tmp_path, pacs_port)
-    _index_folder(sessions, study.ct_files + study.pt_files)
+    index_files(sessions, study.ct_files + study.pt_files)
     [job_id] = assembler.queue_ready_studies(sessions, config)
     worker = _worker(config, sessions, worker_model)
     assert worker.run_one()  # nobody listens on the PACS port yet
@@ -209,7 +199,7 @@ def test_sigterm_during_a_job_leaves_it_claimable(tmp_path: Path, synth_study):
     """`dicomnode worker` gets SIGTERM while it runs a job (loading the model or running it): it
     gives the job back (not counting the attempt) and exits 0; another worker claims the job."""
     config, sessions = _setup(tmp_path, free_port())
-    _index_folder(sessions, synth_study.ct_files + synth_study.pt_files)
+    index_files(sessions, synth_study.ct_files + synth_study.pt_files)
     [job_id] = assembler.queue_ready_studies(sessions, config)
     with open(tmp_path / "worker.log", "wb") as log:
         worker = subprocess.Popen(
@@ -245,7 +235,7 @@ def test_a_stop_signal_while_claiming_releases_the_claimed_job(tmp_path: Path, m
 
     config, sessions = _setup(tmp_path, free_port())
     study = write_study(tmp_path / "study", seed=0)
-    _index_folder(sessions, study.ct_files + study.pt_files)
+    index_files(sessions, study.ct_files + study.pt_files)
     [job_id] = assembler.queue_ready_studies(sessions, config)
     worker = Worker(config, sessions)
 

@@ -9,15 +9,13 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from pydicom import dcmread
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from dicomnode.store.index import ReceivedInstance, record_instance
-from dicomnode.store.tables import Event, Job, utcnow
+from dicomnode.store.tables import Event, Job
 
-from tests.support.selectionutil import copy_series
+from tests.support.selectionutil import copy_series, index_files  # noqa: F401 - index_files: for the tests
 
 T = TypeVar("T")
 
@@ -37,17 +35,6 @@ def small_studies(root: Path, ct_files: list[Path], pt_files: list[Path], count:
         _, pt = copy_series(pt_files, root / f"s{n:02d}" / "PT", same_study, series_number=3, description="PET AC")
         studies.append((study_uid, ct + pt))
     return studies
-
-
-def index_files(sessions: sessionmaker, files: list[Path]) -> None:
-    """Index files as the receiver would (the receiver itself is tested on the network); arrived
-    long ago, so the studies are quiet at once."""
-    for path in files:
-        ds = dcmread(path, stop_before_pixels=True)
-        record_instance(sessions, ReceivedInstance(
-            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1",
-            ds.Modality, int(ds.SeriesNumber), str(ds.get("SeriesDescription", "")), str(path), "TEST"),
-            now=utcnow().replace(year=2020))
 
 
 def start_worker(folder: Path, *args: str) -> subprocess.Popen:
