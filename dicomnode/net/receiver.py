@@ -273,7 +273,10 @@ class InstanceStore:
 
             def dataset() -> Dataset:
                 ds = read_dataset(fh, syntax.is_implicit_VR, syntax.is_little_endian, defer_size=_DEFER_BYTES)
-                ds.filename = str(temp)  # where pydicom reads a deferred value from, if one is asked for
+                # where pydicom reads a deferred value from, if one is asked for (a long sequence, say
+                # the per-frame functional groups of a multi-frame image): this open file, which
+                # outlives the rename into the spool
+                ds.filename, ds.buffer, ds.fileobj_type, ds.timestamp = str(temp), fh, open, None
                 return ds
 
             def place(final: Path) -> None:
