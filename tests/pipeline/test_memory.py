@@ -167,10 +167,10 @@ def test_the_gpu_running_out_moves_the_model_to_the_cpu_and_the_job_is_retried_t
     loaded_on = []
     real_load = model_cache.load_model
 
-    def load(settings, use_mirroring=None, device=None):  # noqa: ANN001, ANN202
-        model = real_load(settings, use_mirroring, device)
+    def load(settings, use_mirroring=None, device=None, fold_devices=None):  # noqa: ANN001, ANN202
+        model = real_load(settings, use_mirroring, device, fold_devices=fold_devices)
         loaded_on.append(device)
-        if device is None:  # as it was configured: "the GPU"
+        if device != "cpu":  # as it was configured ("auto"): "the GPU"
 
             def out_of_gpu_memory(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -191,4 +191,4 @@ def test_the_gpu_running_out_moves_the_model_to_the_cpu_and_the_job_is_retried_t
         model_cache.load_model = real_load
     with sessions() as session:
         assert session.get(Job, job_id).state == "succeeded"
-    assert loaded_on == [None, "cpu"]
+    assert loaded_on == ["auto", "cpu"]
