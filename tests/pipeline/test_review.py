@@ -26,8 +26,8 @@ from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job, JobState
 
 from tests.pipeline.test_not_performed import Recorder
-from tests.pipeline.test_worker import _index_folder
 from tests.support.nodeutil import REPO, node_config
+from tests.support.selectionutil import index_files
 
 MODEL = REPO / "models" / "demo-petct"
 pytestmark = pytest.mark.skipif(not (MODEL / "plans.json").exists(), reason="demo model not built")
@@ -48,7 +48,7 @@ def _node(tmp_path: Path, synth_study, monkeypatch, cache, review: bool = True):
         + '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\nport = 1\n',
     )
     sessions = make_sessionmaker(config.database_url)
-    _index_folder(sessions, synth_study.ct_files + synth_study.pt_files)
+    index_files(sessions, synth_study.ct_files + synth_study.pt_files)
     recorder = Recorder()
     monkeypatch.setattr("dicomnode.pipeline.dispatch.store_each", recorder)
     worker = Worker(config, sessions)
