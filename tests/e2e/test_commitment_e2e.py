@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.net.receiver import Receiver
-from dicomnode.pipeline import delivery
+from dicomnode.pipeline import delivery, dispatch
 from dicomnode.pipeline.job import result_dir
 from dicomnode.pipeline.queue import RetryPolicy, enqueue
 from dicomnode.pipeline.worker import Worker
@@ -129,13 +129,22 @@ def test_commitment_report_on_a_new_association_confirms_both_objects(tmp_path: 
             ("confirmed", True), ("confirmed", True)]
 
 
-def test_an_instance_deleted_before_the_commitment_is_reported_missing_and_sent_again(tmp_path: Path):
+def test_an_instance_deleted_before_the_commitment_is_reported_missing_and_sent_again(tmp_path: Path, monkeypatch):
     node_port = free_port()
     lua = tmp_path / "delete-first-sr.lua"
     lua.write_text(DELETE_FIRST_SR)
     with LocalOrthanc(tmp_path / "pacs", modalities={"node": ("DICOMNODE", "127.0.0.1", node_port)},
                       config_overrides={"LuaScripts": [str(lua)]}) as pacs:
         config, sessions, job_id, worker, uids, study_uid = _node(tmp_path, pacs.dicom_port, node_port, "commitment")
+        real_request, requests = dispatch.request_commitment, []
+
+        def after_the_delete(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if not requests:  # Orthanc runs OnStoredInstance after its C-STORE answer: the first request waits for it
+                _until(lambda: uids[1] not in _held(pacs, study_uid), 30, "Orthanc's Lua script deleted the SR")
+            requests.append(args)
+            return real_request(*args, **kwargs)
+
+        monkeypatch.setattr(dispatch, "request_commitment", after_the_delete)
         receiver = Receiver(config, sessions)
         receiver.start()
         try:
@@ -178,13 +187,22 @@ def test_query_confirms_what_the_destination_lists(tmp_path: Path, dicomweb: boo
                 if e.kind == EventKind.CONFIRMED] == [True, True]
 
 
-def test_query_finds_an_instance_missing_and_it_is_sent_again(tmp_path: Path):
+def test_query_finds_an_instance_missing_and_it_is_sent_again(tmp_path: Path, monkeypatch):
     lua = tmp_path / "delete-first-sr.lua"
     lua.write_text(DELETE_FIRST_SR)
     node_port = free_port()
     with LocalOrthanc(tmp_path / "pacs", config_overrides={"LuaScripts": [str(lua)]},
                       modalities={"node": ("DICOMNODE", "127.0.0.1", node_port)}) as pacs:
         config, sessions, job_id, worker, uids, study_uid = _node(tmp_path, pacs.dicom_port, node_port, "query")
+        real_query, queries = dispatch.missing_by_query, []
+
+        def after_the_delete(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            if not queries:  # Orthanc runs OnStoredInstance after its C-STORE answer: the first query waits for it
+                _until(lambda: uids[1] not in _held(pacs, study_uid), 30, "Orthanc's Lua script deleted the SR")
+            queries.append(args)
+            return real_query(*args, **kwargs)
+
+        monkeypatch.setattr(dispatch, "missing_by_query", after_the_delete)
         assert worker.run_one()
         seg, sr = delivery.of_job(sessions, job_id)
         assert (seg.state, sr.state) == (DeliveryState.CONFIRMED, DeliveryState.PENDING), sr.last_error
