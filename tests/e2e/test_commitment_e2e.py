@@ -98,6 +98,21 @@ def _held(pacs: LocalOrthanc, study_uid: str) -> set[str]:
     return {item["MainDicomTags"]["SOPInstanceUID"] for item in found}
 
 
+def _ask_after_the_delete(monkeypatch, name: str, pacs: LocalOrthanc, study_uid: str,  # noqa: ANN001
+                          deleted_uid: str) -> None:
+    """The node's first commitment request or query (dispatch.`name`) waits until Orthanc's Lua
+    script has deleted `deleted_uid`: Orthanc runs OnStoredInstance after its C-STORE answer."""
+    real, asked = getattr(dispatch, name), []
+
+    def after_the_delete(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if not asked:
+            _until(lambda: deleted_uid not in _held(pacs, study_uid), 30, "Orthanc's Lua script deleted the SR")
+        asked.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, name, after_the_delete)
+
+
 def test_commitment_report_on_a_new_association_confirms_both_objects(tmp_path: Path):
     node_port = free_port()
     with LocalOrthanc(tmp_path / "pacs", modalities={"node": ("DICOMNODE", "127.0.0.1", node_port)}) as pacs:
@@ -136,15 +151,7 @@ def test_an_instance_deleted_before_the_commitment_is_reported_missing_and_sent_
     with LocalOrthanc(tmp_path / "pacs", modalities={"node": ("DICOMNODE", "127.0.0.1", node_port)},
                       config_overrides={"LuaScripts": [str(lua)]}) as pacs:
         config, sessions, job_id, worker, uids, study_uid = _node(tmp_path, pacs.dicom_port, node_port, "commitment")
-        real_request, requests = dispatch.request_commitment, []
-
-        def after_the_delete(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            if not requests:  # Orthanc runs OnStoredInstance after its C-STORE answer: the first request waits for it
-                _until(lambda: uids[1] not in _held(pacs, study_uid), 30, "Orthanc's Lua script deleted the SR")
-            requests.append(args)
-            return real_request(*args, **kwargs)
-
-        monkeypatch.setattr(dispatch, "request_commitment", after_the_delete)
+        _ask_after_the_delete(monkeypatch, "request_commitment", pacs, study_uid, uids[1])
         receiver = Receiver(config, sessions)
         receiver.start()
         try:
@@ -194,15 +201,7 @@ def test_query_finds_an_instance_missing_and_it_is_sent_again(tmp_path: Path, mo
     with LocalOrthanc(tmp_path / "pacs", config_overrides={"LuaScripts": [str(lua)]},
                       modalities={"node": ("DICOMNODE", "127.0.0.1", node_port)}) as pacs:
         config, sessions, job_id, worker, uids, study_uid = _node(tmp_path, pacs.dicom_port, node_port, "query")
-        real_query, queries = dispatch.missing_by_query, []
-
-        def after_the_delete(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            if not queries:  # Orthanc runs OnStoredInstance after its C-STORE answer: the first query waits for it
-                _until(lambda: uids[1] not in _held(pacs, study_uid), 30, "Orthanc's Lua script deleted the SR")
-            queries.append(args)
-            return real_query(*args, **kwargs)
-
-        monkeypatch.setattr(dispatch, "missing_by_query", after_the_delete)
+        _ask_after_the_delete(monkeypatch, "missing_by_query", pacs, study_uid, uids[1])
         assert worker.run_one()
         seg, sr = delivery.of_job(sessions, job_id)
         assert (seg.state, sr.state) == (DeliveryState.CONFIRMED, DeliveryState.PENDING), sr.last_error
