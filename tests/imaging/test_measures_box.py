@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dicomnode.imaging.measures import PEAK_RADIUS_MM, _local_peaks, _sphere_offsets, foreground_box, measure_lesions
+from dicomnode.imaging.measures import (
+    PEAK_RADIUS_MM,
+    _local_peaks,
+    _sphere_offsets,
+    foreground_box,
+    label_boxes,
+    measure_lesions,
+)
 
 _RANK = {6: 1, 18: 2, 26: 3}
 
@@ -95,3 +102,24 @@ def test_box_of_an_empty_mask() -> None:
     assert foreground_box(mask) == (slice(0, 0),) * 3
     study, labels = measure_lesions(mask, np.zeros(mask.shape), (1.0, 1.0, 1.0))
     assert study.lesion_count == 0 and labels.shape == mask.shape and labels.dtype == np.int32 and not labels.any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_label_boxes_equal_find_objects_on_the_whole_array(seed: int) -> None:
+    """label_boxes (RTSTRUCT, SR) searches within the labels' box: the boxes are scipy's on the
+    whole array, for label maps with gaps in the numbering, with and without max_label."""
+    mask, suv = _case(seed, ((7, 30, 25), (12, 9, 40), (20, 20, 20), (9, 17, 33))[seed], 0.15, None)
+    _, labels = measure_lesions(np.pad(mask, ((2, 1), (0, 3), (4, 0))), np.pad(suv, ((2, 1), (0, 3), (4, 0))),
+                                (2.0, 1.0, 1.0))
+    labels[labels == 2] = 0  # a number without voxels
+    count = int(labels.max())
+    for max_label in (None, count, count + 2, 1):
+        expected = ndimage.find_objects(labels, max_label=max_label or 0)
+        assert label_boxes(labels, max_label) == expected
+    assert label_boxes(labels)[1] is None and len(label_boxes(labels)) == count
+
+
+@pytest.mark.parametrize("labels", [np.zeros((3, 4, 5), np.int32), -np.ones((3, 4, 5), np.int32)])
+def test_label_boxes_without_labels(labels: np.ndarray) -> None:
+    assert label_boxes(labels) == ndimage.find_objects(labels) == []
+    assert label_boxes(labels, 2) == ndimage.find_objects(labels, max_label=2) == [None, None]
