@@ -18,6 +18,9 @@ Two jobs: the model on the PET grid (200 x 200 x 300: GLOW-FDG's way, the goal's
 the CT grid (512 x 512 x 300: the PET resampled onto the CT, a SEG of 300 frames of 512 x 512).
 
     .venv/bin/python bench/bench_wholebody.py [--grids PET,CT] [--repeats 1] [--json PATH] [--profile PATH]
+
+numpy's arrays are set up as `dicomnode worker` sets them (pipeline.worker.small_pages_for_arrays:
+no transparent huge pages); NUMPY_MADVISE_HUGEPAGE=1 in the environment measures with them.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from dicomnode.config import load_config
 from dicomnode.imaging.headers import clear_facts_cache
 from dicomnode.pipeline.job import INFERENCE
 from dicomnode.pipeline.queue import RetryPolicy, enqueue
-from dicomnode.pipeline.worker import Worker
+from dicomnode.pipeline.worker import Worker, small_pages_for_arrays
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.events import EventKind, event_data
 from dicomnode.store.index import ReceivedInstance, record_instance
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, help="write a cProfile of the jobs here (pstats format)")
     args = parser.parse_args(argv)
     grids = [g.strip().upper() for g in args.grids.split(",") if g.strip()]
+    huge_pages = small_pages_for_arrays()  # as `dicomnode worker` starts (NUMPY_MADVISE_HUGEPAGE=1: huge pages)
 
     started = time.perf_counter()
     study = write_study(args.cache / f"wholebody-v{CACHE_VERSION}-{SLICES}")
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     size = {name: "x".join(map(str, grid.shape[::-1])) for name, grid in (("CT", CT_GRID), ("PET", PET_GRID))}
     written = "cached" if prepared < 5 else f"written in {prepared:.0f} s"
     print(f"whole-body study: CT {size['CT']}, PET {size['PET']}, {study['lesions']} lesions ({written}); "
-          f"{len(os.sched_getaffinity(0))} cores, median of {args.repeats}\n")
+          f"{len(os.sched_getaffinity(0))} cores, median of {args.repeats}, numpy's arrays in "
+          f"{'transparent huge pages (madvise)' if huge_pages else '4 KiB pages'}\n")
     print("| step: wall s (CPU s) | " + " | ".join(f"model on the {g} grid" for g in grids) + " |")
     print("|---|" + "---|" * len(grids))
 
@@ -258,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "meets" if medians[g]["total"] <= GOAL_S else "misses"
         print(f"{g} grid: {medians[g]['total']:.1f} s, {verdict} the {GOAL_S:g} s goal ({medians[g]['totals']})")
     if args.json:
-        args.json.write_text(json.dumps({"bench": "wholebody", "goal_s": GOAL_S, "grids": medians}, indent=2))
+        args.json.write_text(json.dumps({"bench": "wholebody", "goal_s": GOAL_S, "huge_pages": huge_pages,
+                                         "grids": medians}, indent=2))
     return 0
 
 

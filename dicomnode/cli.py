@@ -100,7 +100,7 @@ def worker(
     `serve` starts its own. Several, on this host or others, may share one queue (PostgreSQL)."""
     _setup_logging(log_level)
     from dicomnode.config import WorkerSpec, check_device
-    from dicomnode.pipeline.worker import Worker, limit_memory
+    from dicomnode.pipeline.worker import Worker, limit_memory, small_pages_for_arrays
 
     settings = _config(config)
     if device is not None:
@@ -111,6 +111,7 @@ def worker(
             raise typer.Exit(2) from None
     spec = WorkerSpec(name or ("worker" if device is None else "worker-" + device.replace(":", "")), device, index)
     limit_memory(settings.node)  # before the models are imported
+    small_pages_for_arrays()
     with _schema_checked():
         Worker(settings, spec=spec).run_forever()
 

@@ -77,26 +77,31 @@ def measure_lesions(
     """Lesion measures and the lesion label map (int32, 0 background, k = lesion number k).
 
     `mask` and `suv` are (z, y, x) arrays on one grid; `spacing_zyx` in mm."""
-    mask, suv, spacing = _check_inputs(mask, suv, spacing_zyx, connectivity, min_volume_ml)
+    mask, suv, spacing, box = _check_inputs(mask, suv, spacing_zyx, connectivity, min_volume_ml)
     structure = ndimage.generate_binary_structure(3, _RANK_FOR_CONNECTIVITY[connectivity])
-    components, n = ndimage.label(mask, structure=structure)
+    # Labelled within the lesions' bounding box only: a whole-body CT grid is 78 M voxels and its
+    # lesions' box a few percent of it. Connected components and their C order (labels, ties) are
+    # those of the whole volume: the box only leaves out background.
+    components, n = ndimage.label(mask[box], structure=structure)
+    corner = np.array([s.start for s in box])
     voxel_ml = float(np.prod(spacing)) / 1000.0
     peak_offsets = _sphere_offsets(spacing, PEAK_RADIUS_MM)
+    suv_in_box = suv[box]
 
     found: list[tuple[int, LesionMeasures]] = []  # (component label, measures with number 0)
-    for label, box in enumerate(ndimage.find_objects(components), start=1):
-        if box is None:
+    for label, part in enumerate(ndimage.find_objects(components) if n else [], start=1):
+        if part is None:
             continue
-        inside = components[box] == label
+        inside = components[part] == label
         voxels = int(inside.sum())
         volume_ml = voxels * voxel_ml
         if volume_ml < min_volume_ml:
             continue
-        values = suv[box][inside].astype(np.float64)
+        values = suv_in_box[part][inside].astype(np.float64)
         suv_max = float(values.max())
         suv_mean = float(values.mean())
-        origin = np.array([s.start for s in box])
-        candidates = np.argwhere(inside & (suv[box] == values.max())) + origin
+        origin = np.array([s.start for s in part]) + corner
+        candidates = np.argwhere(inside & (suv_in_box[part] == values.max())) + origin
         peaks = _local_peaks(suv, candidates, peak_offsets)
         best = int(np.argmax(peaks))  # first of equal peaks, C order
         found.append(
@@ -121,7 +126,8 @@ def measure_lesions(
     for number, (label, lesion) in enumerate(found, start=1):
         relabel[label] = number
         lesions.append(replace(lesion, number=number))
-    lesion_labels = relabel[components]
+    lesion_labels = np.zeros(mask.shape, dtype=np.int32)  # untouched outside the box: not even paged in
+    lesion_labels[box] = relabel[components]
     study = StudyMeasures(
         lesions=tuple(lesions),
         lesion_count=len(lesions),
@@ -156,7 +162,8 @@ def sphere_peaks(suv: np.ndarray, lesion_labels: np.ndarray, spacing_zyx: Sequen
 
 
 def _check_inputs(mask: np.ndarray, suv: np.ndarray, spacing_zyx: Sequence[float], connectivity: int,
-                  min_volume_ml: float) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+                  min_volume_ml: float) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], tuple[slice, ...]]:
+    """The mask as booleans, the SUV, the spacing and the mask's bounding box (foreground_box)."""
     mask = np.asarray(mask)
     suv = np.asarray(suv)
     if mask.ndim != 3:
@@ -170,10 +177,41 @@ def _check_inputs(mask: np.ndarray, suv: np.ndarray, spacing_zyx: Sequence[float
         raise ValueError(f"connectivity must be 6, 18 or 26, got {connectivity!r}")
     if not (math.isfinite(min_volume_ml) and min_volume_ml >= 0):
         raise ValueError(f"min_volume_ml must be >= 0, got {min_volume_ml!r}")
-    binary = mask != 0
-    if binary.any() and not np.isfinite(suv[binary]).all():
+    binary = mask if mask.dtype == np.bool_ else mask != 0
+    box = foreground_box(binary)
+    inside = binary[box]
+    if inside.any() and not np.isfinite(suv[box][inside]).all():
         raise ValueError("suv has non-finite values inside the mask")
-    return binary, suv, spacing
+    return binary, suv, spacing, box
+
+
+def foreground_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box (one slice per axis) holding every non-zero voxel of `mask` (booleans or
+    labels); an empty box at the origin when there is none. Found from the mask's projections
+    along each axis, the later ones within the earlier ones' range, not from the voxels'
+    coordinates."""
+    box: list[slice] = [slice(0, n) for n in mask.shape]
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask[tuple(box)].any(axis=others))
+        if hits.size == 0:
+            return tuple(slice(0, 0) for _ in mask.shape)
+        start = box[axis].start
+        box[axis] = slice(start + int(hits[0]), start + int(hits[-1]) + 1)
+    return tuple(box)
+
+
+def label_boxes(labels: np.ndarray, max_label: int | None = None) -> list[tuple[slice, ...] | None]:
+    """scipy.ndimage.find_objects(labels, max_label): each label's bounding box (None for a label
+    absent), searched only within the non-zero voxels' box (foreground_box): on a whole-body CT
+    grid's lesion map 0.06 + 0.03 s instead of 0.25 s. The slices are those of the whole array."""
+    labels = np.asarray(labels)
+    box = foreground_box(labels)
+    if any(s.stop == s.start for s in box):  # no label: nothing to search (find_objects needs a maximum)
+        return [None] * (max_label or 0)
+    found = ndimage.find_objects(labels[box], max_label=max_label or 0)
+    return [None if part is None else tuple(slice(b.start + p.start, b.start + p.stop) for b, p in zip(box, part))
+            for part in found]
 
 
 def _sphere_offsets(spacing: tuple[float, float, float], radius_mm: float) -> np.ndarray:

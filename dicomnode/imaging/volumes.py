@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import highdicom as hd
 import numpy as np
@@ -61,12 +61,20 @@ class Volume:
         image.SetDirection(tuple(float(d) for d in self.direction))
         return image
 
-    def with_sitk(self, image: sitk.Image) -> "Volume":
-        """This volume's identity (modality, UIDs) with the pixels and geometry of `image`.
+    def with_sitk(self, image: sitk.Image, out: np.ndarray | None = None) -> "Volume":
+        """This volume's identity (modality, UIDs) with the pixels and geometry of `image`; the
+        pixels copied into `out` (float32, the image's (z, y, x) shape) when given.
 
         `datasets` is left empty: the source headers do not describe the slices of another grid.
         """
-        array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+        if out is None:
+            array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+        else:
+            view = sitk.GetArrayViewFromImage(image)
+            if out.shape != view.shape or out.dtype != np.float32:
+                raise ValueError(f"out is a {out.dtype} array of shape {out.shape}, not float32 {view.shape}")
+            np.copyto(out, view, casting="same_kind")
+            array = out
         return replace(
             self,
             array=array,
@@ -77,9 +85,14 @@ class Volume:
         )
 
 
-def load_series(paths: Iterable[Path | str]) -> Volume:
+Allocate = Callable[[tuple[int, int, int]], np.ndarray]  # (z, y, x) -> an empty float32 array of that shape
+
+
+def load_series(paths: Iterable[Path | str], allocate: Allocate | None = None) -> Volume:
     """One series' files (any order) -> Volume; VolumeError says why they do not form one (a
-    malformed header too: whatever pydicom raises for it becomes a VolumeError naming it)."""
+    malformed header too: whatever pydicom raises for it becomes a VolumeError naming it).
+    `allocate(shape)` gives the float32 array the slices are read into (e.g. a channel of the
+    model's input, so that the volume is not copied there); a new one by default."""
     datasets, planes = [], []
     for path in paths:
         ds = _read(path)
@@ -91,7 +104,7 @@ def load_series(paths: Iterable[Path | str]) -> Volume:
             datasets.append(ds)
             planes.append(None)
     try:
-        return _volume(datasets, planes)
+        return _volume(datasets, planes, allocate)
     except VolumeError:
         raise
     except Exception as exc:  # noqa: BLE001 - an attribute pydicom cannot read or convert
@@ -101,9 +114,9 @@ def load_series(paths: Iterable[Path | str]) -> Volume:
         ) from exc
 
 
-def _volume(datasets: list[Dataset], planes: list | None = None) -> Volume:
+def _volume(datasets: list[Dataset], planes: list | None = None, allocate: Allocate | None = None) -> Volume:
     """`planes[k]`: the rescaled plane of `datasets[k]` when already decoded (a frame), None to
-    decode it from the dataset (a single-frame slice)."""
+    decode it from the dataset (a single-frame slice); `allocate` as load_series'."""
     planes = planes or [None] * len(datasets)
     if not datasets:
         raise VolumeError("no files given")
@@ -121,7 +134,10 @@ def _volume(datasets: list[Dataset], planes: list | None = None) -> Volume:
     slice_spacing = stack.spacing or _single_slice_spacing(datasets[0])
 
     first = datasets[0]
-    array = np.empty((len(datasets), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    shape = (len(datasets), int(first.Rows), int(first.Columns))
+    array = np.empty(shape, dtype=np.float32) if allocate is None else allocate(shape)
+    if array.shape != shape or array.dtype != np.float32:
+        raise ValueError(f"allocate gave a {array.dtype} array of shape {array.shape}, not float32 {shape}")
     scratch = np.empty(array.shape[1:], dtype=np.float64)  # one slice's float64 rescale, reused
     for k, (ds, plane) in enumerate(zip(datasets, planes)):
         array[k] = _rescaled_plane(ds, scratch) if plane is None else plane
@@ -139,8 +155,10 @@ def _volume(datasets: list[Dataset], planes: list | None = None) -> Volume:
     )
 
 
-def resample_to(volume: Volume, reference: Volume, default_value: float) -> Volume:
-    """`volume` linearly interpolated onto `reference`'s grid (e.g. CT onto the PET grid)."""
+def resample_to(volume: Volume, reference: Volume, default_value: float, out: np.ndarray | None = None) -> Volume:
+    """`volume` linearly interpolated onto `reference`'s grid (e.g. CT onto the PET grid); its
+    values written into `out` (float32 of the reference's shape, e.g. a channel of the model's
+    input) when given. Only the reference's geometry is handed to SimpleITK, not its voxels."""
     if (
         volume.frame_of_reference_uid
         and reference.frame_of_reference_uid
@@ -150,15 +168,16 @@ def resample_to(volume: Volume, reference: Volume, default_value: float) -> Volu
             "cannot resample across frames of reference: "
             f"{volume.frame_of_reference_uid} vs {reference.frame_of_reference_uid}"
         )
-    resampled = sitk.Resample(
-        volume.to_sitk(),
-        reference.to_sitk(),
-        sitk.Transform(),
-        sitk.sitkLinear,
-        float(default_value),
-        sitk.sitkFloat32,
-    )
-    return volume.with_sitk(resampled)
+    resample = sitk.ResampleImageFilter()  # what sitk.Resample(image, reference image, ...) sets from it
+    resample.SetSize([int(n) for n in reversed(reference.shape)])
+    resample.SetOutputSpacing(tuple(float(s) for s in reversed(reference.spacing)))
+    resample.SetOutputOrigin(tuple(float(o) for o in reference.origin))
+    resample.SetOutputDirection(tuple(float(d) for d in reference.direction))
+    resample.SetTransform(sitk.Transform())
+    resample.SetInterpolator(sitk.sitkLinear)
+    resample.SetDefaultPixelValue(float(default_value))
+    resample.SetOutputPixelType(sitk.sitkFloat32)
+    return volume.with_sitk(resample.Execute(volume.to_sitk()), out)
 
 
 # --- checks -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dicomnode.config import ModelSettings
 from dicomnode.imaging.suv import SuvError, pet_suv_volume
 from dicomnode.imaging.volumes import (
     CT_PADDING_HU,
+    Allocate,
     Volume,
     VolumeError,
     load_series,
@@ -37,7 +38,9 @@ class Inputs:
 
     `grid` is the volume of the series that gives the grid: its `.datasets` are the source
     images the SEG and SR reference, slice for slice. `suv` is the PET in SUVbw on that grid
-    (what the lesions are measured on), None for a model without a PET channel."""
+    (what the lesions are measured on), None for a model without a PET channel. Where they are
+    the same voxels, `grid.array` and `suv` are views of `channels` (not copies): none of them is
+    written to after it is built (nnU-Net's preprocessing copies its input)."""
 
     channels: np.ndarray  # (c, z, y, x) on the grid
     spacing: tuple[float, float, float]  # (z, y, x) mm of the grid
@@ -98,12 +101,29 @@ def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid
             f"no series for channel{'s' if len(lacking) > 1 else ''} {', '.join(lacking)}"
             f"{' (the grid)' if grid in lacking else ''}"
         )
+    # The channels are written straight into the model's input array: the grid's series is read
+    # into its channel and every other channel resampled into its own, so that a whole-body CT
+    # grid (512 x 512 x 300 float32: 300 MB a channel) is not copied again to stack them.
+    channels: np.ndarray | None = None
+    grid_index = channel_names.index(grid) if grid in channel_names else None
+
+    def into_grid_channel(shape: tuple[int, int, int]) -> np.ndarray:
+        nonlocal channels
+        channels = np.empty((len(channel_names), *shape), dtype=np.float32)
+        return channels[grid_index]
+
     try:
-        volumes = {c: _channel_volume(c, paths[c], times) for c in dict.fromkeys([*channel_names, grid])}
+        volumes = {c: _channel_volume(c, paths[c], times, into_grid_channel if c == grid and grid_index is not None
+                                      else None)
+                   for c in dict.fromkeys([*channel_names, grid])}
         reference = volumes[grid]
+        if channels is None:  # the grid is no input channel of the model
+            channels = np.empty((len(channel_names), *reference.shape), dtype=np.float32)
         with times("resample"):
             arrays = {
-                c: v.array if c == grid else resample_to(v, reference, default_value=padding.get(c, 0.0)).array
+                c: v.array if c == grid else resample_to(
+                    v, reference, default_value=padding.get(c, 0.0),
+                    out=channels[channel_names.index(c)] if c in channel_names else None).array
                 for c, v in volumes.items()
             }
     except VolumeError as exc:
@@ -117,7 +137,9 @@ def assemble_inputs(paths: dict[str, list[Path]], channel_names: list[str], grid
                     f"channel {c} ({volumes[c].modality} series {volumes[c].series_instance_uid}) holds NaN or "
                     "infinite values: check its RescaleSlope/RescaleIntercept and pixel data"
                 )
-        channels = np.stack([arrays[c].astype(np.float32, copy=False) for c in channel_names])
+        for k, c in enumerate(channel_names):  # those not read or resampled into their place (the PET in SUV)
+            if not _same_memory(arrays[c], channels[k]):
+                channels[k] = arrays[c]
     pet = volumes.get("PET")
     return Inputs(
         channels=channels,
@@ -136,10 +158,17 @@ def _all_finite(array: np.ndarray) -> bool:
     return array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))
 
 
-def _channel_volume(channel: str, paths: list[Path], times: StepTimes) -> Volume:
-    """One channel's series as a volume: the PET in SUVbw, anything else as its rescaled values."""
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether `a` is `b`'s very voxels (same shape, same first byte, same strides)."""
+    return (a.shape == b.shape and a.strides == b.strides
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
+
+
+def _channel_volume(channel: str, paths: list[Path], times: StepTimes, allocate: Allocate | None = None) -> Volume:
+    """One channel's series as a volume: the PET in SUVbw, anything else as its rescaled values
+    (read into `allocate`'s array when given: dicomnode.imaging.volumes.load_series)."""
     with times("read"):
-        volume = load_series(paths)
+        volume = load_series(paths, allocate)
     if channel != "PET":
         return volume
     with times("SUV"):

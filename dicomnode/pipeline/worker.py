@@ -72,6 +72,27 @@ def limit_memory(node: NodeSettings) -> None:
         log.info("worker memory limited to %.2f GB (worker_memory_gb)", node.worker_memory_gb)
 
 
+def small_pages_for_arrays() -> bool:
+    """numpy asks the kernel for no transparent huge pages (madvise) for the worker's arrays,
+    unless NUMPY_MADVISE_HUGEPAGE is set (numpy's own switch, then it decides); returns whether
+    huge pages stay asked for. A whole-body job on the CT grid allocates about 2 GB of
+    fresh arrays; where the kernel compacts memory to find huge pages for them (its default
+    `defrag` setting does for madvised memory) the first touch costs up to 3 s per GB, against
+    0.5 s per GB in 4 KiB pages: bench/bench_wholebody.py's CT-grid job 13.6-14.4 s CPU with
+    huge pages, 9.9-10.3 s without, on a 2-core VM."""
+    if os.environ.get("NUMPY_MADVISE_HUGEPAGE") is not None:  # numpy applied it at import
+        return os.environ["NUMPY_MADVISE_HUGEPAGE"].strip() not in ("0", "")
+    import numpy as np
+
+    multiarray = getattr(getattr(np, "_core", None), "multiarray", None)  # numpy >= 2 (numpy.core before)
+    setter = getattr(multiarray, "_set_madvise_hugepage", None)  # what numpy's import calls for the switch
+    if setter is None:
+        log.debug("numpy %s has no _set_madvise_hugepage: huge pages left as they are", np.__version__)
+        return True
+    setter(False)
+    return False
+
+
 def out_of_memory(exc: BaseException) -> str | None:
     """How `exc` says the process ran out of memory, or None: a MemoryError (numpy, Python),
     torch's CPU allocator failing, or CUDA out of memory."""

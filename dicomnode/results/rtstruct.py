@@ -33,9 +33,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
-from scipy import ndimage
 from skimage.measure import find_contours
 
+from dicomnode.imaging.measures import label_boxes
 from dicomnode.results.common import MANUFACTURER, check_on_source, frame_number
 from dicomnode.results.preview import PALETTE
 
@@ -62,8 +62,8 @@ def build_rtstruct(
     (0 background, n = lesion n)."""
     check_on_source(lesion_labels, source, "lesion labels")
     labels = np.asarray(lesion_labels)
-    # each lesion's bounding box (one pass over the volume; the contours are traced inside it)
-    boxes = {n: box for n, box in enumerate(ndimage.find_objects(labels), start=1) if box is not None}
+    # each lesion's bounding box (searched within the lesions' box; the contours are traced inside it)
+    boxes = {n: box for n, box in enumerate(label_boxes(labels), start=1) if box is not None}
     lesions = sorted(boxes)
     ds = _header(source[0], series_number, series_description, manufacturer, model_name, model_version)
     frame_of_reference = ds.FrameOfReferenceUID

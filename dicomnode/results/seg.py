@@ -75,7 +75,7 @@ def build_seg(
     check_on_source(labels, source)
     provenance = provenance or Provenance()
     if segments is None:  # one segment where any label is: segment number 1 is the mask itself
-        segments, pixels = {1: LESION.model_copy(update={"name": segment_label})}, (labels > 0).astype(np.uint8)
+        segments, pixels = {1: LESION.model_copy(update={"name": segment_label})}, (labels > 0).view(np.uint8)
     else:
         pixels = _segment_numbers(labels, list(segments))
     fold_text = ",".join(str(f) for f in folds)

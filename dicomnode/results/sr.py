@@ -47,12 +47,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
-from scipy import ndimage
 
 from dicomnode import __version__
 from dicomnode.imaging.comparison import Comparison, LesionChange, LesionValues, StudySummary
 from dicomnode.imaging.lesion_match import MatchStatus
-from dicomnode.imaging.measures import LesionMeasures, StudyMeasures
+from dicomnode.imaging.measures import LesionMeasures, StudyMeasures, label_boxes
 from dicomnode.imaging.percist import Category
 from dicomnode.results.common import (
     MANUFACTURER,
@@ -551,9 +550,9 @@ def _check_fits(
 
 
 def _voxels_per_label(labels: np.ndarray, count: int) -> list[int]:
-    """Voxels of each label 1..count: counted inside each label's bounding box (one pass over the
-    volume to find the boxes, none to copy it: a whole-body CT grid is 78 M voxels)."""
+    """Voxels of each label 1..count: counted inside each label's bounding box (the boxes searched
+    within the lesions' box, nothing copied: a whole-body CT grid is 78 M voxels)."""
     if not np.issubdtype(labels.dtype, np.integer):
         return np.bincount(labels.ravel().astype(np.int64), minlength=count + 1)[1:].tolist()
-    boxes = ndimage.find_objects(labels, max_label=count)
+    boxes = label_boxes(labels, max_label=count)
     return [int(np.count_nonzero(labels[box] == n)) if box is not None else 0 for n, box in enumerate(boxes, start=1)]

@@ -150,3 +150,36 @@ def test_other_pixel_encodings_decoded_as_pydicom_does(synth_study, tmp_path):
     volume = load_series(files)
     np.testing.assert_array_equal(volume.array, _reference_volume(files))
     assert volume.array.min() < -400  # the negative values came through
+
+
+def _onto_reference_image(volume, reference, default_value: float) -> np.ndarray:
+    """resample_to as it was (commit 29f7468): SimpleITK given the reference's whole image."""
+    import SimpleITK as sitk
+
+    return sitk.GetArrayFromImage(sitk.Resample(volume.to_sitk(), reference.to_sitk(), sitk.Transform(),
+                                                sitk.sitkLinear, float(default_value), sitk.sitkFloat32))
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_resampling_from_the_reference_geometry_equals_resampling_onto_its_image(synth_study, into):
+    """resample_to hands SimpleITK the reference's geometry, not its voxels, and can write into a
+    given array: the values are those of resampling onto the reference image, bit for bit."""
+    ct = load_series(synth_study.ct_files)
+    pet = load_series(synth_study.pt_files)
+    for volume, reference, default in ((ct, pet, -1024.0), (pet, ct, 0.0)):
+        out = np.full(reference.shape, np.nan, dtype=np.float32) if into else None
+        resampled = resample_to(volume, reference, default_value=default, out=out)
+        expected = _onto_reference_image(volume, reference, default)
+        assert resampled.array.dtype == np.float32 and (resampled.array is out if into else True)
+        np.testing.assert_array_equal(resampled.array, expected)
+        assert resampled.origin == reference.origin and resampled.direction == reference.direction
+        assert resampled.spacing == pytest.approx(reference.spacing)
+    with pytest.raises(ValueError, match="not float32"):
+        resample_to(ct, pet, default_value=-1024.0, out=np.empty(ct.shape, dtype=np.float32))
+
+
+def test_series_read_into_a_given_array(synth_study):
+    buffer = np.full((2, *ph.CT_GRID.shape), np.nan, dtype=np.float32)
+    ct = load_series(synth_study.ct_files, allocate=lambda shape: buffer[1])
+    assert ct.array.base is buffer and np.isnan(buffer[0]).all()  # the other channel untouched
+    np.testing.assert_array_equal(buffer[1], load_series(synth_study.ct_files).array)

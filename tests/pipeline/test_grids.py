@@ -5,6 +5,7 @@ reference the series that gave the grid. A stand-in model replaces nnU-Net here.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from typer.testing import CliRunner
 
 from dicomnode.cli import app
 from dicomnode.config import ConfigError, ModelSettings, load_config
+from dicomnode.imaging.suv import pet_suv_volume
+from dicomnode.imaging.volumes import load_series
 from dicomnode.pipeline import assembler
 from dicomnode.pipeline.inputs import assemble_inputs
 from dicomnode.pipeline.job import make_results
@@ -212,3 +215,22 @@ def test_late_series_makes_a_new_run_with_a_new_result_series(synth_study, tmp_p
     assert seg.SeriesNumber == 911 and sr.SeriesNumber == 912
     assert seg.SeriesInstanceUID != first_seg.SeriesInstanceUID
     assert pydicom.dcmread(first_out / "seg.dcm").SOPInstanceUID == first_seg.SOPInstanceUID
+
+
+@pytest.mark.parametrize("grid", ["PET", "CT"])
+def test_channels_equal_the_volumes_stacked(synth_study, grid):
+    """assemble_inputs reads the grid's series into its channel and resamples the other into its
+    own: the channels are bit for bit those stacked from each volume as it did before (commit
+    29f7468), and the SUV and the grid's array are those channels' voxels."""
+    ct = load_series(synth_study.ct_files)
+    pet = load_series(synth_study.pt_files)
+    pet = replace(pet, array=pet_suv_volume(pet).astype(np.float32, copy=False))
+    reference, other, default = (pet, ct, -1024.0) if grid == "PET" else (ct, pet, 0.0)
+    resampled = sitk.GetArrayFromImage(sitk.Resample(other.to_sitk(), reference.to_sitk(), sitk.Transform(),
+                                                     sitk.sitkLinear, default, sitk.sitkFloat32))
+    expected = np.stack([resampled, pet.array] if grid == "PET" else [ct.array, resampled])  # CT, PET
+    inputs = assemble_inputs(_paths(synth_study), ["CT", "PET"], grid=grid)
+    assert inputs.channels.dtype == np.float32 and inputs.channels.flags.c_contiguous
+    np.testing.assert_array_equal(inputs.channels, expected)
+    np.testing.assert_array_equal(inputs.suv, expected[1])
+    np.testing.assert_array_equal(inputs.grid.array, expected[0 if grid == "CT" else 1])
