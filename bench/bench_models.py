@@ -4,15 +4,18 @@ Five synthetic PET/CT studies (dicomnode.synth, seeds 0..4) are segmented with t
 (models/demo-petct, 5 folds, no mirroring, CPU) two ways:
 
 * node: the worker's path for each study, with the model loaded once (the worker's
-  ModelCache): series selection, volumes, SUVbw, CT onto the PET grid, then prediction;
+  ModelCache, `[[models]]` defaults: on the CPU the folds one per core, inference/model.py):
+  series selection, volumes, SUVbw, CT onto the PET grid, then prediction;
 * nnU-Net CLI: `nnUNetv2_predict` once per study on the NIfTI files `dicomnode inspect
   --export` writes for it (the node's exact inputs), as a site running nnU-Net per study
   would: each call starts Python, loads the 5 folds and predicts.
 
-The time to write the NIfTIs is not counted for the CLI. Prints a table and the throughput
-ratio; with `--runs N` the whole comparison N times (the model loaded afresh each run), each
-run's ratio and their median; `--json PATH` writes the figures (keys: studies, runs: [{node_s,
-node_load_s, cli_s, ratio}], ratio_median).
+The time to write the NIfTIs is not counted for the CLI. The node's load (imports of torch and
+nnU-Net included, as the worker pays them once) is counted in its total. Prints a table, with
+the voxels where the node's label map differs from nnUNetv2_predict's (it must be 0; not timed),
+and the throughput ratio; with `--runs N` the whole comparison N times (the model loaded afresh
+each run), each run's ratio and their median; `--json PATH` writes the figures (keys: studies,
+runs: [{node_s, node_load_s, cli_s, ratio, voxels_differing}], ratio_median).
 
     .venv/bin/python bench/bench_models.py [--studies 5] [--runs 3] [--json PATH]
 """
@@ -44,30 +47,34 @@ FOLDS = ["0", "1", "2", "3", "4"]
 BIN = Path(sys.executable).parent
 
 
-def node_seconds(studies: list[Path], settings: ModelSettings) -> tuple[float, list[float]]:
-    """(load seconds, seconds per study) through the worker's path with a warm model."""
+def node_seconds(studies: list[Path], settings: ModelSettings) -> tuple[float, list[float], list]:
+    """(load seconds, seconds per study, label maps) through the worker's path with a warm model."""
     from inference import SegmentationModel
 
     started = time.perf_counter()
-    model = SegmentationModel(MODEL_DIR, folds=settings.folds, device="cpu", use_mirroring=False)
+    model = SegmentationModel(MODEL_DIR, folds=settings.folds, device="cpu", use_mirroring=False,
+                              cpu_fold_per_core=settings.cpu_fold_per_core)
     load = time.perf_counter() - started
-    per_study = []
+    per_study, labels = [], []
     for study in studies:
         started = time.perf_counter()
         selection = inspect_path(study, settings).studies[0].selection
         inputs = assemble_inputs({c: selection.paths(c) for c in selection.chosen}, ["CT", "PET"], "PET")
-        model.predict(inputs.channels, inputs.spacing)
+        labels.append(model.predict(inputs.channels, inputs.spacing))
         per_study.append(time.perf_counter() - started)
-    return load, per_study
+    return load, per_study, labels
 
 
-def cli_seconds(studies: list[Path], settings: ModelSettings, work: Path) -> list[float]:
+def cli_seconds(studies: list[Path], settings: ModelSettings, work: Path) -> tuple[list[float], list]:
+    """Seconds per study of nnUNetv2_predict, and the label maps it wrote."""
+    import SimpleITK as sitk
+
     results = work / "nnUNet_results"
     (results / DATASET).mkdir(parents=True)
     (results / DATASET / RESULTS_NAME).symlink_to(MODEL_DIR)
     env = {**os.environ, "nnUNet_results": str(results), "nnUNet_raw": str(work), "nnUNet_preprocessed": str(work),
            "nnUNet_compile": "f"}
-    per_study = []
+    per_study, labels = [], []
     for k, study in enumerate(studies):
         images, out = work / f"images{k}", work / f"predicted{k}"
         export = export_inputs(inspect_path(study, settings).studies[0], settings, work / f"export{k}")
@@ -80,7 +87,8 @@ def cli_seconds(studies: list[Path], settings: ModelSettings, work: Path) -> lis
                         "-f", *FOLDS, "--disable_tta", "-device", "cpu", "-npp", "1", "-nps", "1"],
                        check=True, capture_output=True, env=env, timeout=900)
         per_study.append(time.perf_counter() - started)
-    return per_study
+        labels.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "study.nii.gz"))))
+    return per_study, labels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             work = Path(tmp) / f"run{run}"
             work.mkdir()
-            load, node = node_seconds(studies, settings)
-            cli = cli_seconds(studies, settings, work)
-            runs.append(report(run, load, node, cli))
+            load, node, node_labels = node_seconds(studies, settings)
+            cli, cli_labels = cli_seconds(studies, settings, work)
+            differing = [int((a != b).sum()) for a, b in zip(node_labels, cli_labels)]
+            runs.append(report(run, load, node, cli, differing))
     ratios = [r["ratio"] for r in runs]
     print(f"warm queue / nnUNetv2_predict throughput: {', '.join(f'{r:.2f}x' for r in ratios)}; "
           f"median {statistics.median(ratios):.2f}x (load average {os.getloadavg()[0]:.1f})")
@@ -110,17 +119,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report(run: int, load: float, node: list[float], cli: list[float]) -> dict:
-    print(f"run {run + 1}\n| study | node, warm (s) | nnUNetv2_predict (s) |\n|---|---|---|")
-    for k, (a, b) in enumerate(zip(node, cli)):
-        print(f"| {k} | {a:.1f} | {b:.1f} |")
+def report(run: int, load: float, node: list[float], cli: list[float], differing: list[int]) -> dict:
+    print(f"run {run + 1}\n| study | node, warm (s) | nnUNetv2_predict (s) | voxels differing |\n|---|---|---|---|")
+    for k, (a, b, d) in enumerate(zip(node, cli, differing)):
+        print(f"| {k} | {a:.1f} | {b:.1f} | {d} |")
     node_total, cli_total = load + sum(node), sum(cli)
-    print(f"| all, node incl. one model load ({load:.1f} s) | {node_total:.1f} | {cli_total:.1f} |\n")
+    print(f"| all, node incl. one model load ({load:.1f} s) | {node_total:.1f} | {cli_total:.1f} "
+          f"| {sum(differing)} |\n")
     print(f"throughput: node {60 * len(node) / node_total:.2f} studies/min, nnUNetv2_predict "
           f"{60 * len(cli) / cli_total:.2f} studies/min; ratio {cli_total / node_total:.2f}x "
           f"(median per study {statistics.median(node):.1f} s vs {statistics.median(cli):.1f} s)\n", flush=True)
     return {"node_s": [round(s, 2) for s in node], "node_load_s": round(load, 2), "cli_s": [round(s, 2) for s in cli],
-            "ratio": round(cli_total / node_total, 3)}
+            "ratio": round(cli_total / node_total, 3), "voxels_differing": differing}
 
 
 if __name__ == "__main__":
