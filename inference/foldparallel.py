@@ -9,6 +9,11 @@ the network and its share of the folds (fold k on device k mod n); the replicas 
 order, in the same dtype, then divided as nnU-Net does: the same arithmetic, so the same result
 as the sequential ensemble (tests/inference/test_fold_parallel.py checks it bit for bit).
 
+On the CPU the same replicas run a case's folds one per core (`[[models]] cpu_fold_per_core`,
+inference/model.py), each replica's thread with its share of torch's intra-op threads (one on
+two cores); the thread count moves a logit in its last bits, so there the label map, not the
+logits, equals the sequential one.
+
 No DICOM here: this module must never import pydicom, pynetdicom or highdicom.
 """
 
