@@ -56,10 +56,14 @@ def make_replicas(devices: Sequence[str], main: nnUNetPredictor, n_folds: int, m
     is `main` itself (its network, already on devices[0]); `make_predictor(device)` makes the
     nnUNetPredictor of another. Fold position k goes to replica k mod len(devices); a replica
     without folds is not made. `threads`: each replica's intra-op threads (the CPU's folds one
-    per core: 1)."""
+    per core: 1); then the folds short of a full round go to no replica (ensemble_logits runs them
+    on all threads after the others)."""
     replicas = []
+    # with `threads` (the CPU's cores) the folds that do not make a full round (5 folds on 2 cores:
+    # the fifth) are left to ensemble_logits, which runs them on every thread after the rounds
+    shared = n_folds - n_folds % len(devices) if threads else n_folds
     for index, device in enumerate(devices[:n_folds]):
-        folds = list(range(index, n_folds, len(devices)))
+        folds = list(range(index, shared, len(devices)))
         if index == 0:
             predictor = main
         else:
@@ -86,6 +90,9 @@ def ensemble_logits(replicas: Sequence[Replica], data: torch.Tensor, parameters:
     finally:
         # a replica's torch.set_num_threads is also the default of threads started later: set it back
         torch.set_num_threads(threads)
+    leftover = [position for position in range(len(parameters)) if position not in by_fold]
+    if leftover:  # folds short of a full round: on the first replica, with all the caller's threads
+        by_fold.update(Replica(replicas[0].device, replicas[0].predictor, leftover).fold_logits(data, parameters))
     with torch.inference_mode():
         prediction = by_fold.pop(0)
         for position in range(1, len(parameters)):
