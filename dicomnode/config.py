@@ -582,6 +582,10 @@ class ModelSettings(_Strict):
     # the latency of one urgent study; the ensemble is summed in fold order, so the result equals
     # the sequential one. With one device it changes nothing.
     fold_parallel: bool = False
+    # On the CPU (without fold_parallel): one study's folds at once, one per core (each on its
+    # share of the cores) instead of one after the other on all cores; the masks equal nnU-Net's
+    # (a logit may move in its last float32 bits: inference/model.py).
+    cpu_fold_per_core: bool = True
     # nnU-Net's test-time mirroring: 8x slower on CPU, on by default as nnU-Net does.
     use_mirroring: bool = True
     # nnU-Net's sliding-window step as a fraction of the patch (0.5: half-patch overlap).

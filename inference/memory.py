@@ -78,12 +78,13 @@ class Footprint:
         self.measured_working_bytes = max(peak, self.measured_working_bytes or 0)
 
     def estimate(self, network: torch.nn.Module, fold_weights: list[dict], configuration_manager: ConfigurationManager,
-                 n_in: int, n_out: int) -> None:
-        """The CPU estimate of resident bytes, and the working-set estimate on any device."""
+                 n_in: int, n_out: int, replicas: int = 1) -> None:
+        """The CPU estimate of resident bytes, and the working-set estimate on any device
+        (`replicas`: patches through the network at once, the CPU's folds one per core)."""
         if not self.on_gpu:
             self.resident_bytes = _tensor_bytes([*network.parameters(), *network.buffers()]) + \
                 _tensor_bytes([t for weights in fold_weights for t in weights.values()])
-        self.estimated_working_bytes = patch_working_set_bytes(configuration_manager, n_in, n_out)
+        self.estimated_working_bytes = replicas * patch_working_set_bytes(configuration_manager, n_in, n_out)
 
     def release(self) -> None:
         self.resident_bytes = 0

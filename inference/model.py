@@ -53,6 +53,37 @@ def _resolve_device(device: str) -> str:
     return "cpu"
 
 
+class ChannelsAtOnce:
+    """nnU-Net's configuration manager for preprocessing one case, except that its data resampling
+    (`resampling_fn_data`: each channel resampled to the model's spacing on its own, a third-order
+    spline by default) runs the channels at once in up to `threads` threads: SciPy's interpolation
+    lets go of the GIL, so a two-channel case uses two cores where nnU-Net uses one. Each channel
+    goes through nnU-Net's own function, so each comes out as it would in nnU-Net's loop."""
+
+    def __init__(self, configuration_manager: object, threads: int) -> None:
+        self._configuration_manager = configuration_manager
+        self._threads = threads
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._configuration_manager, name)
+
+    @property
+    def resampling_fn_data(self):  # noqa: ANN201
+        resample = self._configuration_manager.resampling_fn_data
+        threads = self._threads
+
+        def channels_at_once(data, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if threads < 2 or len(data) < 2:
+                return resample(data, *args, **kwargs)
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(threads, len(data)), thread_name_prefix="resample") as pool:
+                channels = list(pool.map(lambda c: resample(data[c:c + 1], *args, **kwargs), range(len(data))))
+            return np.concatenate(channels)
+
+        return channels_at_once
+
+
 class SegmentationModel:
     """An nnU-Net v2 model (one or more folds), loaded once, predicting on numpy arrays.
 
@@ -81,6 +112,7 @@ class SegmentationModel:
         trainer: str | None = None,
         plans: str | None = None,
         fold_devices: Sequence[str] | None = None,
+        cpu_fold_per_core: bool = True,
     ) -> None:
         self.folder = resolve_model_folder(model_dir, configuration, trainer, plans)
         self.model_dir = self.folder.root
@@ -119,6 +151,10 @@ class SegmentationModel:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
         self._lift_nnunet_thread_cap(self.threads)
+        # cpu_fold_per_core: on the CPU, without fold_devices, the folds run at once, one replica of
+        # the network per core (at most one per fold), each with an equal share of the threads, instead
+        # of one fold after the other on all of them (see _cpu_fold_replicas).
+        self.cpu_fold_replicas = self._cpu_fold_replicas(cpu_fold_per_core)
         self.use_mirroring = use_mirroring
         self.tile_step_size = tile_step_size
         self._lock = threading.Lock()
@@ -167,9 +203,10 @@ class SegmentationModel:
             self._predictor.manual_initialization(
                 network.to(self.device), plans_manager, configuration_manager, parameters, dataset_json,
                 self.trainer_name, first.get("inference_allowed_mirroring_axes"))
-        self.footprint.estimate(network, parameters, configuration_manager, n_in, n_out)
+        self.footprint.estimate(network, parameters, configuration_manager, n_in, n_out,
+                                max(1, self.cpu_fold_replicas))
         self._replicas = []
-        if self.fold_devices:
+        if self.fold_devices or self.cpu_fold_replicas:
             from .foldparallel import make_replicas
 
             def predictor_on(device: str) -> nnUNetPredictor:
@@ -178,9 +215,28 @@ class SegmentationModel:
                     perform_everything_on_device=device.startswith("cuda"), device=torch.device(device),
                     verbose=False, verbose_preprocessing=False, allow_tqdm=False)
 
-            self._replicas = make_replicas(self.fold_devices, self._predictor, len(parameters), predictor_on)
+            if self.fold_devices:
+                self._replicas = make_replicas(self.fold_devices, self._predictor, len(parameters), predictor_on)
+            else:  # the CPU's folds one replica per core, the threads shared out among them
+                self._replicas = make_replicas(["cpu"] * self.cpu_fold_replicas, self._predictor, len(parameters),
+                                               predictor_on, threads=max(1, self.threads // self.cpu_fold_replicas))
         self.model_spacing = tuple(float(s) for s in configuration_manager.spacing)
         self.patch_size = tuple(int(s) for s in configuration_manager.patch_size)
+
+    def _cpu_fold_replicas(self, wanted: bool) -> int:
+        """How many CPU replicas run the folds at once: min(threads, folds) with cpu_fold_per_core on
+        the CPU, else 0 (nnU-Net's own loop: one fold after the other, every thread on each).
+
+        A small 3D network does not keep two cores busy within one fold (torch's intra-op threads
+        wait at each layer's end for the slowest, a long wait on a core shared with other work), so
+        the folds, independent until they are summed, run on a core each; the sum is still in fold
+        order (inference/foldparallel.py). The one difference from nnU-Net's loop is each
+        convolution's thread count, which moves a logit in its last float32 bits (a few 1e-6,
+        then rounded to the float16 nnU-Net sums the folds in): bench/bench_models.py counts the
+        voxels where the node's mask differs from nnUNetv2_predict's (none so far)."""
+        if not wanted or self.device != "cpu" or self.fold_devices or len(self.folds) < 2 or self.threads < 2:
+            return 0
+        return min(self.threads, len(self.folds))
 
     def _checked(self, what: str, configured: str | None, in_checkpoint: str) -> str:
         if configured is not None and configured != in_checkpoint:
@@ -275,7 +331,8 @@ class SegmentationModel:
         # (z, y, x) order, which is exactly what we get; the properties dict is modified in place.
         preprocessed = next(PreprocessAdapterFromNpy(
             [data], [None], [{"spacing": list(spacing)}], [None], predictor.plans_manager, predictor.dataset_json,
-            predictor.configuration_manager, num_threads_in_multithreaded=1, verbose=False))
+            ChannelsAtOnce(predictor.configuration_manager, self.threads), num_threads_in_multithreaded=1,
+            verbose=False))
         with self.footprint.measure_working_set():
             if self._replicas:
                 from .foldparallel import ensemble_logits

@@ -39,6 +39,7 @@ def load_model(
         trainer=settings.trainer,
         plans=settings.plans,
         fold_devices=fold_devices,
+        cpu_fold_per_core=settings.cpu_fold_per_core,
     )
 
 

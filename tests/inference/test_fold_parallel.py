@@ -34,7 +34,9 @@ def test_folds_in_parallel_equal_the_sequential_ensemble(case, monkeypatch):
     from inference import SegmentationModel, foldparallel
 
     channels, spacing = case
-    sequential = SegmentationModel(MODEL_DIR, folds=(0, 1, 2), device="cpu", use_mirroring=False)
+    sequential = SegmentationModel(MODEL_DIR, folds=(0, 1, 2), device="cpu", use_mirroring=False,
+                                   cpu_fold_per_core=False)
+    assert sequential._replicas == []  # nnU-Net's own loop
     parallel = SegmentationModel(MODEL_DIR, folds=(0, 1, 2), device="auto", use_mirroring=False,
                                  fold_devices=["cpu", "cpu"])
     assert parallel.fold_devices == ("cpu", "cpu") and parallel.device == "cpu"
@@ -69,5 +71,53 @@ def test_folds_in_parallel_equal_the_sequential_ensemble(case, monkeypatch):
 def test_one_fold_device_is_the_sequential_path():
     from inference import SegmentationModel
 
-    model = SegmentationModel(MODEL_DIR, folds=(0, 1), device="auto", use_mirroring=False, fold_devices=["cpu"])
+    model = SegmentationModel(MODEL_DIR, folds=(0, 1), device="auto", use_mirroring=False, fold_devices=["cpu"],
+                              cpu_fold_per_core=False)
     assert (model.device, model.fold_devices, model._replicas) == ("cpu", (), [])
+    model = SegmentationModel(MODEL_DIR, folds=(0, 1), device="auto", use_mirroring=False, fold_devices=["cpu"],
+                              threads=2)  # the CPU's own: one fold per core
+    assert (model.fold_devices, [r.folds for r in model._replicas]) == ((), [(0,), (1,)])
+
+
+def test_cpu_folds_one_per_core_give_the_sequential_mask(case, monkeypatch):
+    """`cpu_fold_per_core` (the default on the CPU): the folds at once, a replica per core with one
+    thread each; the logits differ from nnU-Net's loop on two threads only in rounding, the
+    label map not at all, and the caller's thread count is back afterwards."""
+    import torch
+
+    from inference import SegmentationModel, foldparallel
+
+    channels, spacing = case
+    sequential = SegmentationModel(MODEL_DIR, folds=(0, 1, 2), device="cpu", use_mirroring=False, threads=2,
+                                   cpu_fold_per_core=False)
+    per_core = SegmentationModel(MODEL_DIR, folds=(0, 1, 2), device="cpu", use_mirroring=False, threads=2)
+    assert (per_core.cpu_fold_replicas, per_core.fold_devices) == (2, ())
+    # folds 0 and 1 at once, one thread each; fold 2, short of a round, on both threads afterwards
+    assert [(r.folds, r.threads) for r in per_core._replicas] == [((0,), 1), ((1,), 1)]
+    assert per_core.memory_bytes() > sequential.memory_bytes()  # two patches through the network at once
+
+    threads_in: dict[str, int] = {}  # the replica's thread -> torch's intra-op threads there
+    fold_logits = foldparallel.Replica.fold_logits
+
+    def recording(self, data, parameters):  # noqa: ANN001, ANN202
+        out = fold_logits(self, data, parameters)
+        threads_in[threading.current_thread().name] = torch.get_num_threads()
+        return out
+
+    monkeypatch.setattr(foldparallel.Replica, "fold_logits", recording)
+    expected = sequential.ensemble_logits(channels, spacing)
+    got = per_core.ensemble_logits(channels, spacing)
+    assert len(threads_in) == 3 and sorted(threads_in.values()) == [1, 1, 2]  # the third: the caller's thread
+    assert torch.get_num_threads() == 2  # the caller's setting, restored
+    assert got.dtype == expected.dtype == torch.float16 and got.shape == expected.shape
+    difference = (got.float() - expected.float()).abs()
+    differ = difference > 0
+    # float16 rounding of sums that differ in their last float32 bits: about 5 logits in 100,000 here,
+    # each by a few float16 steps (2**-10 of its size) at most
+    assert float(differ.float().mean()) < 1e-3
+    assert not differ.any() or float((difference[differ] / expected.float().abs()[differ]).max()) < 4 * 2**-10
+
+    labels = per_core.predict(channels, spacing)
+    assert labels.any()
+    np.testing.assert_array_equal(labels, sequential.predict(channels, spacing))
+    assert SegmentationModel(MODEL_DIR, folds=(0,), device="cpu", use_mirroring=False).cpu_fold_replicas == 0
