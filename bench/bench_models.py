@@ -11,8 +11,10 @@ Five synthetic PET/CT studies (dicomnode.synth, seeds 0..4) are segmented with t
   would: each call starts Python, loads the 5 folds and predicts.
 
 The time to write the NIfTIs is not counted for the CLI. The node's load (imports of torch and
-nnU-Net included, as the worker pays them once) is counted in its total. Both sides are timed in
-wall seconds and in CPU seconds (the node: this process's, all its threads; the CLI: its
+nnU-Net included, as the worker pays them once) is counted in its total; only the first run pays
+the imports, later runs of `--runs N` find them done in this process and pay the model's load alone
+(the steady state of a warm queue), so the first run's ratio is the one with a worker's start-up.
+Both sides are timed in wall seconds and in CPU seconds (the node: this process's, all its threads; the CLI: its
 process's, from getrusage of the children), the same steps on both: the wall ratio swings with
 whatever else runs on the machine (a 2-core box shared with other work), the CPU ratio much less.
 Prints a table, with the voxels where the node's label map differs from nnUNetv2_predict's (it

@@ -85,7 +85,7 @@ def rows(results: dict[str, dict | None]) -> list[tuple[str, str, str]]:
         out.append((f"whole-body job besides the model, model on the {grid} grid: wall s (CPU s)",
                     f"{figures['total']:.1f} ({figures['cpu']:.1f}); most: "
                     + ", ".join(f"{step} {s:.1f}" for step, s in biggest),
-                    f"<= {wholebody.get('goal_s', 15):g} s" if grid == "PET" else "-"))
+                    f"<= {wholebody.get('goal_s', 15):g} s"))
     if not wholebody:
         out.append(("whole-body job besides the model (s)", "-", "<= 15 s"))
     models = results.get("models") or {}
