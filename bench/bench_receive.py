@@ -10,8 +10,16 @@ Little Endian): 300 slices is about 181 MB and 600 instances. Each repeat starts
 afresh with empty storage, in a rotating order, so the three are measured interleaved under the
 same load (the machine may be shared: read the medians and the ratios, not one run). Each
 receiver's peak resident memory (VmHWM, and the largest VmRSS sampled every 50 ms) is reported.
-dicomnode and Orthanc both make an instance durable before answering; storescp (with --fork: one
-process per association) writes without fsync, an upper bound.
+dicomnode and Orthanc both make an instance durable before answering (Orthanc 1.10 fsyncs each
+file: SyncStorageArea is on by default); storescp (with --fork: one process per association) writes
+without fsync, an upper bound.
+
+"disk floor" is no receiver: the same files read and written durably the way the node's spool
+writes them (dicomnode.store.files: a temporary file, fsync, rename, the folder fsynced), one
+thread per study, no network and no parsing. It is what this disk allows any receiver that makes
+each instance durable before answering, and it moves with the disk's sync latency (on a shared
+VM, from about 1 to 3 ms per instance between runs): read the receivers against it in the same
+repeat.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
+from dicomnode.store.files import fsync_dir, write_durably
 from dicomnode.synth.petct import _pt_slice, ct_slice, study_dataset, write_series
 from dicomnode.synth.petct_phantom import Grid
 from dicomnode.testing.node import start_node
@@ -63,7 +72,14 @@ def storescu(folder: Path, aec: str, port: int) -> subprocess.Popen:
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def send(folders: list[Path], aec: str, port: int) -> float:
+def send(folders: list[Path], peer) -> float:  # noqa: ANN001 - a receiver below
+    """Seconds for `peer` to take each folder on its own association, all at once."""
+    if isinstance(peer, DiskFloor):
+        return peer.write(folders)
+    return send_storescu(folders, peer.aet, peer.port)
+
+
+def send_storescu(folders: list[Path], aec: str, port: int) -> float:
     """Seconds to send each folder on its own association, all at once."""
     started = time.perf_counter()
     senders = [storescu(folder, aec, port) for folder in folders]
@@ -169,11 +185,41 @@ class StoreScp:
         self.process.wait()
 
 
+class DiskFloor:
+    """No receiver: each study's files written durably under `work` as the node's spool writes
+    them, one thread per study (see the module's docstring)."""
+
+    name = "disk floor"
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        work.mkdir(parents=True)
+        self.pid = os.getpid()  # its memory is this process's: not reported
+
+    def write(self, folders: list[Path]) -> float:
+        def one_study(index: int, folder: Path) -> None:
+            for path in sorted(folder.rglob("*.dcm")):
+                series = self.work / f"study{index}" / path.parent.name
+                if not series.is_dir():
+                    series.mkdir(parents=True)
+                    fsync_dir(series.parent)
+                data = path.read_bytes()
+                write_durably(series / path.name, lambda fh, data=data: fh.write(data), series / f".{path.name}")
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(folders)) as pool:
+            list(pool.map(one_study, range(len(folders)), folders))
+        return time.perf_counter() - started
+
+    def stop(self) -> None:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--only", nargs="*", default=["dicomnode", "Orthanc", "storescp"])
+    parser.add_argument("--only", nargs="*", default=["dicomnode", "Orthanc", "storescp", "disk floor"])
     parser.add_argument("--json", type=Path, help="also write the figures here (bench/summary.py reads them)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
@@ -185,7 +231,7 @@ def main() -> None:
     print(f"one study: {counts[0]} instances, {size_mb:.0f} MB (CT 512x512x{args.slices}, PET 200x200x{args.slices});"
           f" written in {time.perf_counter() - started:.0f} s; {args.repeats} repeats, receivers interleaved\n",
           flush=True)
-    peers = [peer for peer in (Node, Orthanc, StoreScp) if peer.name in args.only]
+    peers = [peer for peer in (Node, Orthanc, StoreScp, DiskFloor) if peer.name in args.only]
     one: dict[str, list[float]] = {p.name: [] for p in peers}
     four: dict[str, list[float]] = {p.name: [] for p in peers}
     rss: dict[str, list[float]] = {p.name: [] for p in peers}
@@ -196,34 +242,38 @@ def main() -> None:
                 peer = peer_class(work / f"{peer_class.name}-{repeat}")
                 watch = RssWatch(peer.pid)
                 try:
-                    one[peer.name].append(counts[0] / send([files / "s0"], peer.aet, peer.port))
-                    four[peer.name].append(sum(counts[1:]) / send([files / f"s{i}" for i in range(1, 5)],
-                                                                  peer.aet, peer.port))
+                    one[peer.name].append(counts[0] / send([files / "s0"], peer))
+                    four[peer.name].append(sum(counts[1:]) / send([files / f"s{i}" for i in range(1, 5)], peer))
                 finally:
-                    rss[peer.name].append(watch.stop())
+                    rss[peer.name].append(watch.stop() if peer_class is not DiskFloor else 0.0)
                     peer.stop()
                     shutil.rmtree(work / f"{peer_class.name}-{repeat}", ignore_errors=True)
+                peak = f"{rss[peer.name][-1]:6.0f} MB" if peer_class is not DiskFloor else "     -"
                 print(f"repeat {repeat + 1} {peer.name:10} 1 assoc {one[peer.name][-1]:7.1f} inst/s   4 assoc "
-                      f"{four[peer.name][-1]:7.1f} inst/s   peak RSS {rss[peer.name][-1]:6.0f} MB", flush=True)
+                      f"{four[peer.name][-1]:7.1f} inst/s   peak RSS {peak}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def ratio(results: dict[str, list[float]], base: str) -> float | None:
-        if base not in results or "dicomnode" not in results:
+    def ratio(results: dict[str, list[float]], base: str, of: str = "dicomnode") -> float | None:
+        if base not in results or of not in results:
             return None
-        return statistics.median(n / b for n, b in zip(results["dicomnode"], results[base], strict=True))
+        return statistics.median(n / b for n, b in zip(results[of], results[base], strict=True))
 
     print(f"\n{'receiver':10} {'1 assoc median':>15} {'runs':>18} {'4 assoc median':>15} {'runs':>18} "
           f"{'peak RSS MB':>12}")
     for name in one:
+        peak = f"{max(rss[name]):12.0f}" if name != DiskFloor.name else f"{'-':>12}"
         print(f"{name:10} {statistics.median(one[name]):15.1f} {' '.join(f'{r:.0f}' for r in one[name]):>18} "
-              f"{statistics.median(four[name]):15.1f} {' '.join(f'{r:.0f}' for r in four[name]):>18} "
-              f"{max(rss[name]):12.0f}")
+              f"{statistics.median(four[name]):15.1f} {' '.join(f'{r:.0f}' for r in four[name]):>18} {peak}")
     # the issue's goals (issue 15.1), each ratio the median of the per-repeat ratios
     rows = [("1 association, dicomnode / Orthanc", ratio(one, "Orthanc"), 1.2, "x"),
             ("4 associations, dicomnode / Orthanc", ratio(four, "Orthanc"), 1.2, "x"),
             ("1 association, dicomnode / storescp", ratio(one, "storescp"), None, "x"),
             ("4 associations, dicomnode / storescp", ratio(four, "storescp"), 0.5, "x"),
+            ("1 association, dicomnode / disk floor", ratio(one, "disk floor"), None, "x"),
+            ("4 associations, dicomnode / disk floor", ratio(four, "disk floor"), None, "x"),
+            ("1 association, Orthanc / disk floor", ratio(one, "disk floor", "Orthanc"), None, "x"),
+            ("4 associations, Orthanc / disk floor", ratio(four, "disk floor", "Orthanc"), None, "x"),
             ("dicomnode peak RSS, MB (at most)", max(rss["dicomnode"]) if "dicomnode" in rss else None, 300, "")]
     print(f"\n{'ingest':40} {'measured':>9} {'goal':>7} {'met':>4}")
     for label, value, goal, unit in rows:
@@ -238,7 +288,7 @@ def main() -> None:
         args.json.write_text(json.dumps({
             "one_association_inst_per_s": {name.lower(): statistics.median(v) for name, v in one.items()},
             "four_associations_inst_per_s": {name.lower(): statistics.median(v) for name, v in four.items()},
-            "peak_rss_mb": {name.lower(): max(v) for name, v in rss.items()},
+            "peak_rss_mb": {name.lower(): max(v) for name, v in rss.items() if name != DiskFloor.name},
             "ratios": {label: value for label, value, _, _ in rows if value is not None},
             "repeats": args.repeats, "slices": args.slices}, indent=2))
 

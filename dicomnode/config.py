@@ -171,6 +171,9 @@ class NodeSettings(_Strict):
     # presentation states, RT objects...) are stored until retention like any other; with
     # drop_non_inputs = true they are acknowledged, counted, logged per association and not stored.
     drop_non_inputs: bool = False
+    # C-STORE requests taken from the socket into the spool by the node's own code
+    # (dicomnode.net.direct_store); false: by pynetdicom's (slower; the same checks and answers)
+    direct_store: bool = True
     # Each result object to each destination is retried on its own, for delivery_give_up_hours
     # after it was planned (a PACS down for a maintenance night gets its results the next
     # morning): a failed C-STORE try waits delivery_backoff_seconds, doubled after each, at most

@@ -53,6 +53,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config
 from dicomnode.imaging.sopclasses import INPUT_CLASSES, STORAGE_CLASSES
+from dicomnode.net import direct_store
 from dicomnode.net.recovery import index_from_spool
 from dicomnode.net.status import (
     CANNOT_UNDERSTAND,
@@ -177,6 +178,11 @@ def _drop_unfinished(dul_thread: int | None) -> None:
 
 
 pynetdicom.dimse_messages.NamedTemporaryFile = _incoming_temp_file  # only chunked receive creates files there
+
+
+def _open_incoming() -> _Receiving:
+    """The file dicomnode.net.direct_store receives a data set into (as pynetdicom's chunked receive)."""
+    return _incoming_temp_file(delete=False, mode="wb", suffix=".dcm")
 
 
 def _receive_chunked(incoming: Path, on: bool) -> None:
@@ -436,25 +442,34 @@ class Receiver:
 
     # -- C-STORE ---------------------------------------------------------------------------
     def handle_store(self, event) -> int:  # noqa: ANN001 - pynetdicom event
-        status = self._store(event)
+        """pynetdicom's EVT_C_STORE: the requests dicomnode.net.direct_store leaves to pynetdicom
+        (a deflated data set; all of them with direct_store = false)."""
+        return self._counted(event.assoc, self.store.store_event(event, event.assoc.requestor.ae_title))
+
+    def store_direct(self, assoc, syntax: UID, sop_class: str, sop_instance: str, received) -> int:  # noqa: ANN001
+        """A C-STORE request dicomnode.net.direct_store received into `received`."""
+        return self._counted(assoc, self.store.store_received(received, syntax, sop_class, sop_instance,
+                                                              assoc.requestor.ae_title))
+
+    def _counted(self, assoc, stored: Stored) -> int:  # noqa: ANN001 - pynetdicom association
+        status = self._note(assoc, stored)
         if status == SUCCESS:
             self.counters.instances_received.inc()
         else:
             self.counters.instances_refused.labels(f"0x{status:04X}").inc()
         return status
 
-    def _store(self, event) -> int:  # noqa: ANN001 - pynetdicom event
-        stored = self.store.store_event(event, event.assoc.requestor.ae_title)
+    def _note(self, assoc, stored: Stored) -> int:  # noqa: ANN001 - pynetdicom association
         if stored.status != SUCCESS:
             return stored.status
         if stored.dropped:
             with self._lock:  # said per association when it closes
-                per_study = self._dropped.setdefault(id(event.assoc), {})
+                per_study = self._dropped.setdefault(id(assoc), {})
                 per_study[stored.study_uid] = per_study.get(stored.study_uid, 0) + 1
             self.counters.instances_dropped.inc()
             return SUCCESS
         with self._lock:
-            per_study = self._stored.setdefault(id(event.assoc), {})
+            per_study = self._stored.setdefault(id(assoc), {})
             per_study[stored.study_uid] = per_study.get(stored.study_uid, 0) + 1
             if self.config.node.log_patient_details:
                 self._patients[stored.study_uid] = patient_details(stored.dataset)
@@ -527,8 +542,11 @@ class Receiver:
         sock = getattr(event.assoc.dul.socket, "socket", None)
         if sock is not None:
             sock.settimeout(self.config.node.network_timeout_seconds)
+        if self.config.node.direct_store:
+            direct_store.attach(event.assoc, self.store_direct, _open_incoming)
 
     def _on_connection_closed(self, event) -> None:  # noqa: ANN001
+        direct_store.detach(event.assoc)
         _drop_unfinished(getattr(event.assoc.dul, "ident", None))
         with self._lock:
             self._requested.pop(id(event.assoc), None)

@@ -1,0 +1,330 @@
+"""C-STORE requests taken straight from the socket into the spool, by the association's own reading
+thread: written by hand, because pynetdicom's way costs the receiver most of its time per instance.
+
+pynetdicom does everything else on the receiver's associations: it negotiates them, applies the
+limits, serves C-ECHO, N-EVENT-REPORT and release, aborts, times out, and speaks TLS. Once an
+association is established, each P-DATA-TF PDU it reads goes through `_read_pdu_data` below. A PDU
+that starts a C-STORE request on a storage context (its command whole in the first PDV, the data
+set not deflated), and the PDUs that carry the rest of that request's data set, are taken here:
+
+- the data set is written as it arrives into a file in the spool's incoming folder, after the same
+  preamble and file meta pynetdicom's chunked receive writes;
+- once its last fragment is in, the receiver's handler stores the file (checked, fsynced, renamed,
+  indexed: dicomnode.net.receiver) and its status is answered in a C-STORE response, sent on the
+  socket by this same thread (its seven elements encoded here: the bytes pynetdicom's message
+  classes encode, which a test checks, without their millisecond of Python).
+
+Every other PDU, and one this code cannot take whole (a command split over several PDVs, say), is
+given to pynetdicom exactly as it would have read it. What this saves, per instance, is
+pynetdicom's PDU objects, its state machine events, and the hand-offs between its reading thread
+and the association's thread, each of which waits on a polling loop (bench/profile_receive.py,
+bench/bench_receive.py: the figures are in the README's receive section).
+
+pynetdicom's events for PDUs and DIMSE messages (EVT_PDU_RECV, EVT_DIMSE_RECV, EVT_C_STORE and the
+like) are not triggered for what is taken here: the receiver binds none of them but EVT_C_STORE,
+whose handler is called directly. This relies on pynetdicom's reading loop as of the version
+pinned in pyproject.toml (3.0.4).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import struct
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.dsutils import decode
+from pynetdicom.dul import DULServiceProvider
+
+from dicomnode.imaging.sopclasses import STORAGE_CLASSES
+from dicomnode.net.status import PROCESSING_FAILURE
+
+log = logging.getLogger("dicomnode.receiver")
+
+C_STORE_RQ = 0x0001
+NO_DATA_SET = 0x0101  # (0000,0800) CommandDataSetType: no data set follows
+P_DATA_TF_TYPE = 0x04
+ESTABLISHED = "Sta6"  # the DICOM upper layer state machine's "association established, ready"
+
+_PDU_HEADER = struct.Struct(">BBL")  # PDU type, reserved, length
+_PDV_HEADER = struct.Struct(">LBB")  # item length, presentation context ID, message control header
+
+# handler(association, transfer syntax, SOP class UID, SOP instance UID, file) -> status: the file
+# holds preamble, file meta and the data set as sent, and is still open for writing
+StoreHandler = Callable[[object, UID, str, str, object], int]
+
+
+class _Request:
+    """A C-STORE request whose data set is being received."""
+
+    def __init__(self, context_id: int, command: Dataset, file) -> None:  # noqa: ANN001 - the incoming file
+        self.context_id, self.command, self.file = context_id, command, file
+
+
+class DirectStore:
+    """One association's C-STORE requests, taken by its DUL thread (see the module's docstring).
+    `open_file()` makes the file a data set is received into (in the spool's incoming folder);
+    `handler` stores it and answers its status."""
+
+    def __init__(self, assoc, handler: StoreHandler, open_file: Callable[[], object]) -> None:  # noqa: ANN001
+        self.assoc, self.handler, self.open_file = assoc, handler, open_file
+        self._syntaxes: dict[int, UID | None] = {}  # context ID -> its transfer syntax, None: not taken here
+        self._request: _Request | None = None
+
+    def _syntax(self, context_id: int) -> UID | None:
+        """The transfer syntax of a storage context of this association whose requests are taken here."""
+        if context_id not in self._syntaxes:
+            context = self.assoc._accepted_cx.get(context_id)  # noqa: SLF001 - pynetdicom's negotiated contexts
+            syntax = UID(context.transfer_syntax[0]) if context is not None and context.transfer_syntax else None
+            taken = (context is not None and syntax is not None and not syntax.is_deflated
+                     and str(context.abstract_syntax) in STORAGE_CLASSES)
+            self._syntaxes[context_id] = syntax if taken else None
+        return self._syntaxes[context_id]
+
+    def take(self, body: memoryview) -> bool:
+        """Take one P-DATA-TF PDU (`body`: after its 6-byte header). False: not taken, and nothing of
+        it used: pynetdicom takes it."""
+        pdvs = _pdvs(body)
+        if not pdvs:
+            return False
+        request = self._request
+        if request is None:  # it must start a C-STORE request: the whole command in its first PDV
+            context_id, control, start, end = pdvs[0]
+            syntax = self._syntax(context_id)
+            if control & 3 != 3 or syntax is None:
+                return False
+            if any(c & 1 or cx != context_id for cx, c, _, _ in pdvs[1:]):
+                return False
+            try:
+                command = decode(BytesIO(body[start:end]), True, True)
+                if command.CommandField != C_STORE_RQ or command.CommandDataSetType == NO_DATA_SET:
+                    return False
+                sop_class, sop_instance = command.AffectedSOPClassUID, command.AffectedSOPInstanceUID
+            except Exception:  # noqa: BLE001 - a command set pynetdicom will judge (and answer or abort)
+                return False
+            request = self._request = _Request(context_id, command, self.open_file())
+            request.file.write(file_preamble_and_meta(sop_class, sop_instance, syntax))
+            pdvs = pdvs[1:]
+        elif any(c & 1 or cx != request.context_id for cx, c, _, _ in pdvs):
+            # a command, or another context's data, before this data set's last fragment: not a
+            # PDU of this request; the request is dropped and pynetdicom takes the PDU
+            self._drop()
+            return False
+        for index, (_, control, start, end) in enumerate(pdvs):
+            request.file.write(body[start:end])
+            if control & 2:  # the data set's last fragment
+                self._request = None
+                self._answer(request, self._store(request))
+                if index + 1 < len(pdvs):
+                    log.warning("association from %s: data after the last fragment of a data set, ignored",
+                                self.assoc.requestor.ae_title)
+                break
+        return True
+
+    def _store(self, request: _Request) -> int:
+        command = request.command
+        try:
+            return self.handler(self.assoc, self._syntaxes[request.context_id], str(command.AffectedSOPClassUID),
+                                str(command.AffectedSOPInstanceUID), request.file)
+        except Exception:  # noqa: BLE001 - as pynetdicom's attempt(): an error answers, and the node goes on
+            log.exception("C-STORE of %s failed in the receiver (0x%04X)", command.AffectedSOPInstanceUID,
+                          PROCESSING_FAILURE)
+            return PROCESSING_FAILURE
+        finally:
+            _close_and_remove(request.file)
+
+    def _answer(self, request: _Request, status: int) -> None:
+        if not self.assoc.is_established:
+            return
+        command = request.command
+        self.assoc.dul.socket.send(store_response_pdu(
+            request.context_id, command.MessageID, command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, status))
+
+    def _drop(self) -> None:
+        """The request being received will not be stored (its file removed)."""
+        if self._request is not None:
+            _close_and_remove(self._request.file)
+            self._request = None
+
+    def close(self) -> None:
+        self._drop()
+
+
+def _element(group_element: int, value: bytes) -> bytes:
+    """One element of a command set: Implicit VR Little Endian, tag (0000,xxxx)."""
+    return struct.pack("<HHL", 0, group_element, len(value)) + value
+
+
+def _uid(uid: str) -> bytes:
+    value = str(uid).encode("ascii")
+    return value + b"\x00" * (len(value) % 2)  # a UI value is padded to even length with a NUL
+
+
+def store_response_pdu(context_id: int, message_id: int, sop_class: str, sop_instance: str, status: int) -> bytes:
+    """The P-DATA-TF PDU of a C-STORE response (PS3.7 9.3.1.2): one PDV, the whole command set.
+    pynetdicom's C_STORE_RSP encodes the same bytes (tests/net/test_direct_store.py), in a
+    millisecond of Python per answer."""
+    elements = b"".join((
+        _element(0x0002, _uid(sop_class)),  # AffectedSOPClassUID
+        _element(0x0100, struct.pack("<H", 0x8001)),  # CommandField: C-STORE-RSP
+        _element(0x0120, struct.pack("<H", message_id)),  # MessageIDBeingRespondedTo
+        _element(0x0800, struct.pack("<H", NO_DATA_SET)),  # CommandDataSetType
+        _element(0x0900, struct.pack("<H", status)),  # Status
+        _element(0x1000, _uid(sop_instance)),  # AffectedSOPInstanceUID
+    ))
+    command = _element(0x0000, struct.pack("<L", len(elements))) + elements  # CommandGroupLength
+    pdv = _PDV_HEADER.pack(len(command) + 2, context_id, 0x03) + command  # a command, its last fragment
+    return _PDU_HEADER.pack(P_DATA_TF_TYPE, 0, len(pdv)) + pdv
+
+
+def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One file meta element: Explicit VR Little Endian, tag (0002,xxxx)."""
+    if vr == b"OB":  # a 4-byte length after two reserved bytes
+        return struct.pack("<HH", 2, tag) + vr + b"\x00\x00" + struct.pack("<L", len(value)) + value
+    return struct.pack("<HH", 2, tag) + vr + struct.pack("<H", len(value)) + value
+
+
+def file_preamble_and_meta(sop_class: str, sop_instance: str, syntax: str) -> bytes:
+    """What pynetdicom's chunked receive writes before a data set (create_file_meta and pydicom's
+    write_file_meta_info, tests/net/test_direct_store.py): the preamble, "DICM" and the file meta."""
+    version = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+    elements = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),  # FileMetaInformationVersion
+        _meta_element(0x0002, b"UI", _uid(sop_class)),  # MediaStorageSOPClassUID
+        _meta_element(0x0003, b"UI", _uid(sop_instance)),  # MediaStorageSOPInstanceUID
+        _meta_element(0x0010, b"UI", _uid(syntax)),  # TransferSyntaxUID
+        _meta_element(0x0012, b"UI", _uid(PYNETDICOM_IMPLEMENTATION_UID)),  # ImplementationClassUID
+        _meta_element(0x0013, b"SH", version + b" " * (len(version) % 2)),  # ImplementationVersionName
+    ))
+    return b"\x00" * 128 + b"DICM" + _meta_element(0x0000, b"UL", struct.pack("<L", len(elements))) + elements
+
+
+def _pdvs(body: memoryview) -> list[tuple[int, int, int, int]]:
+    """The PDVs of a P-DATA-TF PDU's body: (context ID, message control header, start, end of the
+    fragment); empty when they do not fill the body exactly (pynetdicom then judges it)."""
+    found, offset, size = [], 0, len(body)
+    while offset < size:
+        if offset + 6 > size:
+            return []
+        length, context_id, control = _PDV_HEADER.unpack_from(body, offset)
+        if length < 2 or offset + 4 + length > size:
+            return []
+        found.append((context_id, control, offset + 6, offset + 4 + length))
+        offset += 4 + length
+    return found
+
+
+def _close_and_remove(file) -> None:  # noqa: ANN001 - the incoming file (renamed away when stored)
+    try:
+        file.close()
+    except OSError:
+        pass
+    Path(file.name).unlink(missing_ok=True)
+
+
+# -- pynetdicom's reading, with C-STORE requests taken on the way ---------------------------------
+_LOGGER = logging.getLogger("pynetdicom.dul")
+_pynetdicom_read_pdu_data = DULServiceProvider._read_pdu_data  # noqa: SLF001
+
+
+def _read_pdu_data(self: DULServiceProvider) -> None:
+    """DULServiceProvider._read_pdu_data (pynetdicom 3.0.4): the same events for the same faults,
+    and a P-DATA-TF PDU offered to the association's DirectStore first. After a PDU taken there, the
+    next one is awaited for up to FOLLOW_SECONDS and read at once: going back to pynetdicom's loop
+    would cost its 1 ms sleep between the peer's PDUs. Anything for pynetdicom to do (a PDU it takes,
+    a primitive to send, the association killed) ends the wait."""
+    direct: DirectStore | None = getattr(self, "direct_store", None)
+    if direct is None or self.state_machine.current_state != ESTABLISHED:
+        _pynetdicom_read_pdu_data(self)
+        return
+    while _read_one(self, direct):
+        self._idle_timer.restart()  # as pynetdicom's loop after each PDU: the association is not idle
+        if not _next_pdu_soon(self):
+            break
+
+
+FOLLOW_SECONDS = 0.01
+
+
+def _next_pdu_soon(dul: DULServiceProvider) -> bool:
+    """Whether the peer's next PDU is there within FOLLOW_SECONDS, with nothing else for the DUL to
+    do meanwhile."""
+    if dul._kill_thread or dul.to_provider_queue.queue or dul.state_machine.current_state != ESTABLISHED:  # noqa: SLF001
+        return False
+    raw = dul.socket.socket if dul.socket is not None else None
+    if raw is None:
+        return False
+    pending = getattr(raw, "pending", None)  # TLS: bytes already decrypted are not seen by select
+    if pending is not None and pending():
+        return True
+    try:
+        ready, _, _ = select.select([raw], [], [], FOLLOW_SECONDS)
+    except (OSError, ValueError):
+        return False  # pynetdicom's own loop finds the connection closed
+    return bool(ready)
+
+
+def _read_one(self: DULServiceProvider, direct: DirectStore) -> bool:
+    """Read one PDU: True when DirectStore took it; otherwise it was given to pynetdicom as its
+    own reading would (an event queued: the PDU's, or Evt17/Evt19 for a fault)."""
+    try:
+        header = self.socket.recv(6)
+        pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
+    except (OSError, TimeoutError, struct.error):  # READ_PDU_EXC_A/B: the connection closed
+        self.event_queue.put("Evt17")
+        return False
+    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):  # READ_PDU_EXC_C
+        _LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+        self.event_queue.put("Evt19")
+        return False
+    body = bytearray(pdu_length)
+    view, read = memoryview(body), 0
+    try:
+        raw = self.socket.socket
+        while read < pdu_length:
+            count = raw.recv_into(view[read:], pdu_length - read)
+            if not count:
+                break
+            read += count
+    except (OSError, TimeoutError):  # READ_PDU_EXC_D
+        _LOGGER.error("Connection closed before the entire PDU was received")
+        self.event_queue.put("Evt17")
+        return False
+    if read != pdu_length:  # READ_PDU_EXC_E
+        _LOGGER.error(f"The received PDU is shorter than expected ({6 + read} of {6 + pdu_length} bytes received)")
+        self.event_queue.put("Evt17")
+        return False
+    if pdu_type == P_DATA_TF_TYPE and direct.take(view):
+        return True
+    try:
+        pdu, event = self._decode_pdu(bytes(header) + bytes(body))
+        self.event_queue.put(event)
+    except Exception as exc:  # noqa: BLE001 - READ_PDU_EXC_F, as pynetdicom
+        _LOGGER.error("Unable to decode the received PDU data")
+        _LOGGER.exception(exc)
+        self.event_queue.put("Evt19")
+        return False
+    self._recv_pdu.put(pdu)
+    return False
+
+
+DULServiceProvider._read_pdu_data = _read_pdu_data  # noqa: SLF001 - only associations given a DirectStore differ
+
+
+def attach(assoc, handler: StoreHandler, open_file: Callable[[], object]) -> None:  # noqa: ANN001
+    """Take the C-STORE requests of `assoc` (a pynetdicom acceptor association, before it is
+    established) here from now on."""
+    assoc.dul.direct_store = DirectStore(assoc, handler, open_file)
+
+
+def detach(assoc) -> None:  # noqa: ANN001
+    """When its connection closes: the data set being received, if any, is dropped."""
+    direct = getattr(assoc.dul, "direct_store", None)
+    if direct is not None:
+        direct.close()
+

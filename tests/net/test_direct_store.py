@@ -1,0 +1,204 @@
+"""The receiver's own C-STORE path (dicomnode.net.direct_store): the bytes it writes and answers
+are pynetdicom's, a data set in many PDUs is stored whole, what it cannot take goes to pynetdicom,
+a data set cut off by an abort leaves nothing behind, and `direct_store = false` stores the same
+file through pynetdicom."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import create_file_meta, encode
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.sop_class import CTImageStorage, Verification
+from sqlalchemy import select
+
+from dicomnode.net.direct_store import _pdvs, file_preamble_and_meta, store_response_pdu
+from dicomnode.net.receiver import Receiver
+from dicomnode.store.engine import make_sessionmaker
+from dicomnode.store.tables import Instance
+
+from tests.support.nodeutil import node_config, tiny_instance
+
+
+@pytest.mark.parametrize("message_id,sop_class,sop_instance,status", [
+    (1, CTImageStorage, "1.2.3.4", 0x0000),  # even-length UIDs
+    (65535, "1.2.840.10008.5.1.4.1.1.128", "1.2.826.0.1.3680043.8.498.123456789", 0xA700),  # odd: padded
+    (7, "1.2.840.10008.5.1.4.1.1.66.4", "9" * 64, 0xC000),
+])
+def test_a_store_response_is_the_pdu_pynetdicom_encodes(message_id, sop_class, sop_instance, status):
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = message_id
+    response.AffectedSOPClassUID, response.AffectedSOPInstanceUID, response.Status = sop_class, sop_instance, status
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    (primitive,) = message.encode_msg(5, 16384)
+    pdu = P_DATA_TF()
+    pdu.from_primitive(primitive)
+    assert store_response_pdu(5, message_id, sop_class, sop_instance, status) == pdu.encode()
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.826.0.1.3680043.8.498.12345"])
+def test_the_file_meta_is_what_pynetdicoms_chunked_receive_writes(syntax, sop_instance):
+    expected = BytesIO()
+    expected.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(expected, create_file_meta(sop_class_uid=CTImageStorage, sop_instance_uid=sop_instance,
+                                                    transfer_syntax=syntax))
+    assert file_preamble_and_meta(CTImageStorage, sop_instance, syntax) == expected.getvalue()
+
+
+def test_pdvs_are_read_only_when_they_fill_the_pdu():
+    one = struct.pack(">LBB", 5, 1, 3) + b"abc"
+    two = struct.pack(">LBB", 4, 1, 0) + b"de"
+    body = memoryview(one + two)
+    assert [(cx, control, bytes(body[start:end])) for cx, control, start, end in _pdvs(body)] == [
+        (1, 3, b"abc"), (1, 0, b"de")]
+    assert _pdvs(memoryview(one + two[:-1])) == []  # the last PDV cut short
+    assert _pdvs(memoryview(one + b"\x00\x00")) == []  # a stray tail
+    assert _pdvs(memoryview(struct.pack(">LBB", 1, 1, 3))) == []  # an item too short for its header
+
+
+class Paths:
+    """Which of the receiver's two ways each C-STORE took."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.direct = self.pynetdicom = 0
+        direct, pynetdicom = receiver.store_direct, receiver.handle_store
+
+        def counted_direct(*args):  # noqa: ANN002, ANN202
+            self.direct += 1
+            return direct(*args)
+
+        def counted_pynetdicom(event):  # noqa: ANN001, ANN202
+            self.pynetdicom += 1
+            return pynetdicom(event)
+        receiver.store_direct, receiver.handle_store = counted_direct, counted_pynetdicom
+
+
+def _receiver(tmp_path: Path, node: str = "", max_pdu: int | None = None):  # noqa: ANN202
+    config = node_config(tmp_path, node=f'allowed_calling_aets = ["SCU"]\nnetwork_timeout_seconds = 5\n{node}')
+    sessions = make_sessionmaker(config.database_url)
+    receiver = Receiver(config, sessions)
+    if max_pdu is not None:  # the sender then splits each data set into PDUs of this size
+        receiver.ae.maximum_pdu_size = max_pdu
+    paths = Paths(receiver)
+    receiver.start()
+    return config, sessions, receiver, paths
+
+
+def _associate(config, syntaxes=(ExplicitVRLittleEndian,)):  # noqa: ANN001, ANN202
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CTImageStorage, list(syntaxes))
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", config.node.port, ae_title=config.node.ae_title)
+    assert assoc.is_established
+    return assoc
+
+
+def _spooled(config) -> dict[str, bytes]:  # noqa: ANN001
+    return {p.stem: p.read_bytes() for p in config.spool_dir.rglob("*.dcm") if ".incoming" not in p.parts}
+
+
+def _body(data: bytes) -> bytes:
+    """A spooled file's data set, after its preamble and file meta."""
+    return data[144 + int.from_bytes(data[140:144], "little"):]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_data_set_in_many_pdus_is_stored_whole_and_the_same_either_way(tmp_path: Path, direct: bool):
+    config, sessions, receiver, paths = _receiver(tmp_path, f"direct_store = {str(direct).lower()}", max_pdu=4096)
+    study, series = generate_uid(), generate_uid()
+    sent = [tiny_instance(study, series, i, rows=64) for i in range(3)]  # 8 KiB of pixels: 3 PDUs or more
+    try:
+        assoc = _associate(config)
+        statuses = [assoc.send_c_store(ds).Status for ds in sent[:2]]
+        statuses.append(assoc.send_c_echo().Status)  # pynetdicom's, between two direct C-STOREs
+        statuses.append(assoc.send_c_store(sent[2]).Status)
+        assoc.release()
+    finally:
+        receiver.stop()
+    assert statuses == [0x0000] * 4
+    assert (paths.direct, paths.pynetdicom) == ((3, 0) if direct else (0, 3))
+    spooled = _spooled(config)
+    assert set(spooled) == {ds.SOPInstanceUID for ds in sent}
+    for ds in sent:
+        data = spooled[ds.SOPInstanceUID]
+        assert _body(data) == encode(ds, False, True)  # the data set as sent, byte for byte
+        assert data[:_body_start(data)] == file_preamble_and_meta(CTImageStorage, ds.SOPInstanceUID,
+                                                                  ExplicitVRLittleEndian)
+    with sessions() as session:
+        rows = session.scalars(select(Instance.sop_instance_uid)).all()
+    assert sorted(rows) == sorted(ds.SOPInstanceUID for ds in sent)
+    assert not list((config.spool_dir / ".incoming").iterdir())
+
+
+def _body_start(data: bytes) -> int:
+    return 144 + int.from_bytes(data[140:144], "little")
+
+
+@pytest.mark.e2e
+def test_a_deflated_data_set_is_left_to_pynetdicom(tmp_path: Path):
+    config, sessions, receiver, paths = _receiver(tmp_path)
+    ds = tiny_instance(generate_uid(), generate_uid(), 0)
+    try:
+        assoc = _associate(config, [DeflatedExplicitVRLittleEndian])
+        status = assoc.send_c_store(ds).Status
+        assoc.release()
+    finally:
+        receiver.stop()
+    assert status == 0x0000 and (paths.direct, paths.pynetdicom) == (0, 1)
+    assert set(_spooled(config)) == {ds.SOPInstanceUID}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_data_set_cut_off_by_an_abort_leaves_nothing_and_the_node_goes_on(tmp_path: Path, direct: bool):
+    config, sessions, receiver, paths = _receiver(tmp_path, f"direct_store = {str(direct).lower()}")
+    study, series = generate_uid(), generate_uid()
+    cut, whole = tiny_instance(study, series, 0, rows=64), tiny_instance(study, series, 1)
+    incoming = config.spool_dir / ".incoming"
+    try:
+        assoc = _associate(config)
+        context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
+        request = C_STORE()
+        request.MessageID, request.Priority = 1, 0
+        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, cut.SOPInstanceUID
+        request.DataSet = BytesIO(encode(cut, False, True))
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        primitives = list(message.encode_msg(context.context_id, 2048))
+        assert len(primitives) > 3
+        for primitive in primitives[:3]:  # the command and the data set's first fragments, then an abort
+            pdu = P_DATA_TF()
+            pdu.from_primitive(primitive)
+            assoc.dul.socket.send(pdu.encode())
+        _wait(lambda: any(incoming.iterdir()), "the receiver began no file")
+        assoc.abort()
+        _wait(lambda: not any(incoming.iterdir()), "the cut data set's file stayed in the incoming folder")
+        again = _associate(config)
+        status = again.send_c_store(whole).Status
+        again.release()
+    finally:
+        receiver.stop()
+    assert status == 0x0000
+    assert set(_spooled(config)) == {whole.SOPInstanceUID}
+    with sessions() as session:
+        assert session.scalars(select(Instance.sop_instance_uid)).all() == [whole.SOPInstanceUID]
+
+
+def _wait(condition, why: str, timeout: float = 10.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, why
+        threading.Event().wait(0.02)
