@@ -42,7 +42,7 @@ from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
 
 from dicomnode.imaging.sopclasses import STORAGE_CLASSES
-from dicomnode.net.status import PROCESSING_FAILURE
+from dicomnode.net.status import HANDLER_FAILED
 
 log = logging.getLogger("dicomnode.receiver")
 
@@ -133,8 +133,8 @@ class DirectStore:
                                 str(command.AffectedSOPInstanceUID), request.file)
         except Exception:  # noqa: BLE001 - as pynetdicom's attempt(): an error answers, and the node goes on
             log.exception("C-STORE of %s failed in the receiver (0x%04X)", command.AffectedSOPInstanceUID,
-                          PROCESSING_FAILURE)
-            return PROCESSING_FAILURE
+                          HANDLER_FAILED)
+            return HANDLER_FAILED
         finally:
             _close_and_remove(request.file)
 

@@ -9,6 +9,7 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # transient: the disk or the database could not take it; the sender may retry
 DOES_NOT_MATCH_SOP_CLASS = 0xA900  # for good: the data set is not of the request's SOP class or instance
 CANNOT_UNDERSTAND = 0xC000  # for good: the data set cannot be used (dicomnode.net.validation says why)
+HANDLER_FAILED = 0xC211  # an error in the node's C-STORE handler (pynetdicom answers this too)
 # N-EVENT-REPORT responses the receiver gives (storage commitment reports)
 PROCESSING_FAILURE = 0x0110  # the report could not be recorded: the PACS may send it again
 NO_SUCH_SOP_CLASS = 0x0118  # an event report of another SOP class than the Storage Commitment Push Model

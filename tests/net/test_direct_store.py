@@ -202,3 +202,26 @@ def _wait(condition, why: str, timeout: float = 10.0) -> None:  # noqa: ANN001
     while not condition():
         assert time.monotonic() < deadline, why
         threading.Event().wait(0.02)
+
+
+@pytest.mark.e2e
+def test_an_error_in_the_handler_answers_c211_and_the_association_goes_on(tmp_path: Path, monkeypatch):
+    config, sessions, receiver, paths = _receiver(tmp_path)
+    study, series = generate_uid(), generate_uid()
+    broken, whole = tiny_instance(study, series, 0), tiny_instance(study, series, 1)
+    store_received = receiver.store.store_received
+
+    def fails_for_broken(received, syntax, sop_class, sop_instance, calling):  # noqa: ANN001, ANN202
+        if sop_instance == broken.SOPInstanceUID:
+            raise RuntimeError("a bug in the handler")
+        return store_received(received, syntax, sop_class, sop_instance, calling)
+    monkeypatch.setattr(receiver.store, "store_received", fails_for_broken)
+    try:
+        assoc = _associate(config)
+        statuses = [assoc.send_c_store(broken).Status, assoc.send_c_store(whole).Status]
+        assoc.release()
+    finally:
+        receiver.stop()
+    assert statuses == [0xC211, 0x0000] and paths.direct == 2
+    assert set(_spooled(config)) == {whole.SOPInstanceUID}
+    assert not list((config.spool_dir / ".incoming").iterdir())  # the failed one's file removed
