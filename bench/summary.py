@@ -6,7 +6,7 @@ is read from those files:
 JSON keys read, per bench:
 
 * bench_receive.py: `one_association_inst_per_s` and `four_associations_inst_per_s`, each
-  {"dicomnode", "orthanc", "storescp": instances/s, the median of the runs}; `peak_rss_mb`
+  {"dicomnode", "orthanc", "storescp", "disk floor": instances/s, the median of the runs}; `peak_rss_mb`
   {receiver: MB, the largest of the runs};
 * bench_wholebody.py: `grids` {"PET", "CT": {"total": wall s, "cpu": CPU s, "steps": {step: s}}},
   `goal_s`;
@@ -77,6 +77,9 @@ def rows(results: dict[str, dict | None]) -> list[tuple[str, str, str]]:
         ("ingest, 4 associations: dicomnode / storescp (inst/s)",
          _ratio(four.get("dicomnode"), four.get("storescp")), ">= 0.5x"),
         ("receiver peak RSS (MB)", f"{rss['dicomnode']:.0f}" if rss.get("dicomnode") else "-", "<= 300"),
+        ("ingest, disk floor (the same files fsynced alone), 1 / 4 associations (inst/s)",
+         f"{one['disk floor']:.0f} / {four['disk floor']:.0f}" if one.get("disk floor") and four.get("disk floor")
+         else "-", "-"),
     ]
     wholebody = results.get("wholebody") or {}
     for grid, figures in (wholebody.get("grids") or {}).items():
