@@ -14,8 +14,13 @@ set not deflated), and the PDUs that carry the rest of that request's data set, 
   socket by this same thread (its seven elements encoded here: the bytes pynetdicom's message
   classes encode, which a test checks, without their millisecond of Python).
 
-Every other PDU, and one this code cannot take whole (a command split over several PDVs, say), is
-given to pynetdicom exactly as it would have read it. What this saves, per instance, is
+PDVs are taken one by one: from the first that does not start a C-STORE request this code can
+take (a C-ECHO, a command split over several PDVs, a deflated data set, a message pynetdicom holds
+part of), the rest of the PDU is given to pynetdicom exactly as it would have read it. A command,
+or another context's data, before the last fragment of the data set being received breaks the
+DIMSE rules: that data set is dropped and the association aborted (an invalid PDU, as pynetdicom
+answers one). An error here aborts the association the same way; an error in the handler answers
+0xC211, as pynetdicom's does. What this saves, per instance, is
 pynetdicom's PDU objects, its state machine events, and the hand-offs between its reading thread
 and the association's thread, each of which waits on a polling loop (bench/profile_receive.py,
 bench/bench_receive.py: the figures are in the README's receive section).
@@ -59,6 +64,10 @@ _PDV_HEADER = struct.Struct(">LBB")  # item length, presentation context ID, mes
 StoreHandler = Callable[[object, UID, str, str, object], int]
 
 
+class ProtocolError(Exception):
+    """What the peer sent breaks the DIMSE message rules (PS3.7 6.3.1): the association is aborted."""
+
+
 class _Request:
     """A C-STORE request whose data set is being received."""
 
@@ -86,44 +95,47 @@ class DirectStore:
             self._syntaxes[context_id] = syntax if taken else None
         return self._syntaxes[context_id]
 
-    def take(self, body: memoryview) -> bool:
-        """Take one P-DATA-TF PDU (`body`: after its 6-byte header). False: not taken, and nothing of
-        it used: pynetdicom takes it."""
+    def take(self, body: memoryview) -> int:
+        """Take what it can of one P-DATA-TF PDU (`body`: after its 6-byte header), PDV by PDV: the
+        offset in `body` where what is left for pynetdicom starts (len(body): all taken; 0: none).
+        ProtocolError: a PDV no request can be given (a command, or another context's data, before
+        the last fragment of the data set being received); that request is dropped."""
         pdvs = _pdvs(body)
         if not pdvs:
-            return False
-        request = self._request
-        if request is None:  # it must start a C-STORE request: the whole command in its first PDV
-            context_id, control, start, end = pdvs[0]
-            syntax = self._syntax(context_id)
-            if control & 3 != 3 or syntax is None:
-                return False
-            if any(c & 1 or cx != context_id for cx, c, _, _ in pdvs[1:]):
-                return False
-            try:
-                command = decode(BytesIO(body[start:end]), True, True)
-                if command.CommandField != C_STORE_RQ or command.CommandDataSetType == NO_DATA_SET:
-                    return False
-                sop_class, sop_instance = command.AffectedSOPClassUID, command.AffectedSOPInstanceUID
-            except Exception:  # noqa: BLE001 - a command set pynetdicom will judge (and answer or abort)
-                return False
-            request = self._request = _Request(context_id, command, self.open_file())
-            request.file.write(file_preamble_and_meta(sop_class, sop_instance, syntax))
-            pdvs = pdvs[1:]
-        elif any(c & 1 or cx != request.context_id for cx, c, _, _ in pdvs):
-            # a command, or another context's data, before this data set's last fragment: not a
-            # PDU of this request; the request is dropped and pynetdicom takes the PDU
-            self._drop()
-            return False
-        for index, (_, control, start, end) in enumerate(pdvs):
+            return 0
+        for context_id, control, start, end in pdvs:
+            request = self._request
+            if request is None:
+                if not self._start(context_id, control, body[start:end]):
+                    return start - 6  # from this PDV's item header on: pynetdicom's
+                continue
+            if control & 1 or context_id != request.context_id:
+                self._drop()
+                raise ProtocolError(f"PDV of context {context_id} (control header 0x{control:02X}) before the last "
+                                    f"fragment of the data set of context {request.context_id}")
             request.file.write(body[start:end])
             if control & 2:  # the data set's last fragment
                 self._request = None
                 self._answer(request, self._store(request))
-                if index + 1 < len(pdvs):
-                    log.warning("association from %s: data after the last fragment of a data set, ignored",
-                                self.assoc.requestor.ae_title)
-                break
+        return len(body)
+
+    def _start(self, context_id: int, control: int, fragment: memoryview) -> bool:
+        """Begin a C-STORE request if this PDV is one's whole command on a context taken here, and
+        pynetdicom holds no part of another message; False: it is pynetdicom's."""
+        syntax = self._syntax(context_id)
+        if control & 3 != 3 or syntax is None or self.assoc.dimse.message is not None:
+            return False
+        try:
+            command = decode(BytesIO(fragment), True, True)
+            if command.CommandField != C_STORE_RQ or command.CommandDataSetType == NO_DATA_SET:
+                return False
+            if not isinstance(command.MessageID, int):
+                return False
+            meta = file_preamble_and_meta(command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, syntax)
+        except Exception:  # noqa: BLE001 - a command set pynetdicom will judge (and answer or abort)
+            return False
+        self._request = _Request(context_id, command, self.open_file())
+        self._request.file.write(meta)
         return True
 
     def _store(self, request: _Request) -> int:
@@ -139,7 +151,10 @@ class DirectStore:
             _close_and_remove(request.file)
 
     def _answer(self, request: _Request, status: int) -> None:
-        if not self.assoc.is_established:
+        # the state machine's state, not assoc.is_established: pynetdicom sets that flag after the
+        # A-ASSOCIATE-AC is sent (a first request can be stored before it), and clears it when it
+        # kills the association, while the state only changes in this thread, after this answer
+        if self.assoc.dul.state_machine.current_state != ESTABLISHED:
             return
         command = request.command
         self.assoc.dul.socket.send(store_response_pdu(
@@ -242,19 +257,19 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
     if direct is None or self.state_machine.current_state != ESTABLISHED:
         _pynetdicom_read_pdu_data(self)
         return
-    while _read_one(self, direct):
-        self._idle_timer.restart()  # as pynetdicom's loop after each PDU: the association is not idle
-        if not _next_pdu_soon(self):
-            break
+    while _read_one(self, direct) and _next_pdu_soon(self):
+        pass
 
 
 FOLLOW_SECONDS = 0.01
+_PREALLOCATED_AT_MOST = 4 * 1024 * 1024  # a PDU buffer is allocated whole up to this (the node offers 1 MiB)
 
 
 def _next_pdu_soon(dul: DULServiceProvider) -> bool:
     """Whether the peer's next PDU is there within FOLLOW_SECONDS, with nothing else for the DUL to
     do meanwhile."""
-    if dul._kill_thread or dul.to_provider_queue.queue or dul.state_machine.current_state != ESTABLISHED:  # noqa: SLF001
+    if (dul._kill_thread or dul.to_provider_queue.queue or dul.event_queue.queue  # noqa: SLF001
+            or dul.state_machine.current_state != ESTABLISHED):
         return False
     raw = dul.socket.socket if dul.socket is not None else None
     if raw is None:
@@ -282,15 +297,19 @@ def _read_one(self: DULServiceProvider, direct: DirectStore) -> bool:
         _LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
         self.event_queue.put("Evt19")
         return False
-    body = bytearray(pdu_length)
-    view, read = memoryview(body), 0
     try:
-        raw = self.socket.socket
-        while read < pdu_length:
-            count = raw.recv_into(view[read:], pdu_length - read)
-            if not count:
-                break
-            read += count
+        if pdu_length > _PREALLOCATED_AT_MOST:  # more than the node offered to take: as pynetdicom reads
+            body = self.socket.recv(pdu_length)
+            view, read = memoryview(body), len(body)
+        else:
+            body = bytearray(pdu_length)
+            view, read = memoryview(body), 0
+            raw = self.socket.socket
+            while read < pdu_length:
+                count = raw.recv_into(view[read:], pdu_length - read)
+                if not count:
+                    break
+                read += count
     except (OSError, TimeoutError):  # READ_PDU_EXC_D
         _LOGGER.error("Connection closed before the entire PDU was received")
         self.event_queue.put("Evt17")
@@ -299,8 +318,20 @@ def _read_one(self: DULServiceProvider, direct: DirectStore) -> bool:
         _LOGGER.error(f"The received PDU is shorter than expected ({6 + read} of {6 + pdu_length} bytes received)")
         self.event_queue.put("Evt17")
         return False
-    if pdu_type == P_DATA_TF_TYPE and direct.take(view):
-        return True
+    self._idle_timer.restart()  # a PDU came: the association is not idle, however long storing takes
+    if pdu_type == P_DATA_TF_TYPE:
+        try:
+            taken = direct.take(view)
+        except Exception as exc:  # noqa: BLE001 - a broken peer, or a fault here: aborted as pynetdicom does
+            log.error("association from %s aborted: %s", self.assoc.requestor.ae_title, exc,
+                      exc_info=not isinstance(exc, ProtocolError))
+            direct.close()
+            self.event_queue.put("Evt19")  # an invalid PDU: the state machine aborts (AA-8)
+            return False
+        if taken == pdu_length:
+            return True
+        if taken:  # the rest of its PDVs, as a PDU of their own
+            header, body = _PDU_HEADER.pack(P_DATA_TF_TYPE, 0, pdu_length - taken), view[taken:]
     try:
         pdu, event = self._decode_pdu(bytes(header) + bytes(body))
         self.event_queue.put(event)

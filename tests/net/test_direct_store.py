@@ -15,8 +15,8 @@ import pytest
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -225,3 +225,77 @@ def test_an_error_in_the_handler_answers_c211_and_the_association_goes_on(tmp_pa
     assert statuses == [0xC211, 0x0000] and paths.direct == 2
     assert set(_spooled(config)) == {whole.SOPInstanceUID}
     assert not list((config.spool_dir / ".incoming").iterdir())  # the failed one's file removed
+
+
+def _store_pdvs(ds, context_id: int, fragment: int = 2048) -> list[bytes]:  # noqa: ANN001
+    """The PDV items (length, context, control header, fragment) of a C-STORE request for `ds`."""
+    request = C_STORE()
+    request.MessageID, request.Priority = 1, 0
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    request.DataSet = BytesIO(encode(ds, False, True))
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    items = []
+    for primitive in message.encode_msg(context_id, fragment):
+        for cx, data in primitive.presentation_data_value_list:
+            items.append(struct.pack(">LB", len(data) + 1, cx) + data)
+    return items
+
+
+def _pdu(items: list[bytes]) -> bytes:
+    body = b"".join(items)
+    return struct.pack(">BBL", 0x04, 0, len(body)) + body
+
+
+def _echo_item(context_id: int) -> bytes:
+    request = C_ECHO()
+    request.MessageID, request.AffectedSOPClassUID = 2, Verification
+    message = C_ECHO_RQ()
+    message.primitive_to_message(request)
+    ((cx, data),) = next(message.encode_msg(context_id, 16384)).presentation_data_value_list
+    return struct.pack(">LB", len(data) + 1, cx) + data
+
+
+@pytest.mark.e2e
+def test_a_request_after_the_last_fragment_in_the_same_pdu_goes_to_pynetdicom(tmp_path: Path):
+    config, sessions, receiver, paths = _receiver(tmp_path)
+    ds = tiny_instance(generate_uid(), generate_uid(), 0, rows=32)
+    try:
+        assoc = _associate(config)
+        store_cx = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
+        echo_cx = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == Verification)
+        # the requestor's reactor paused (as pynetdicom's send_c_store does), so the answers stay queued here
+        assoc._reactor_checkpoint.clear()  # noqa: SLF001
+        _wait(lambda: assoc._is_paused, "the requestor's reactor did not pause")  # noqa: SLF001
+        # one PDU: the whole C-STORE request, then a C-ECHO request
+        assoc.dul.socket.send(_pdu([*_store_pdvs(ds, store_cx), _echo_item(echo_cx)]))
+        answers = [assoc.dimse.get_msg(block=True)[1] for _ in range(2)]
+        assoc._reactor_checkpoint.set()  # noqa: SLF001
+        assoc.release()
+    finally:
+        receiver.stop()
+    assert [(type(a).__name__, a.Status) for a in answers] == [("C_STORE", 0x0000), ("C_ECHO", 0x0000)]
+    assert paths.direct == 1 and set(_spooled(config)) == {ds.SOPInstanceUID}
+
+
+@pytest.mark.e2e
+def test_a_command_before_the_last_fragment_aborts_and_leaves_nothing(tmp_path: Path):
+    config, sessions, receiver, paths = _receiver(tmp_path)
+    study, series = generate_uid(), generate_uid()
+    cut, whole = tiny_instance(study, series, 0, rows=64), tiny_instance(study, series, 1)
+    try:
+        assoc = _associate(config)
+        cx = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
+        items = _store_pdvs(cut, cx)
+        assert len(items) > 3
+        assoc.dul.socket.send(_pdu(items[:2]))  # the command and the first fragment
+        assoc.dul.socket.send(_pdu([_echo_item(cx)]))  # a command before the data set's last fragment
+        _wait(lambda: assoc.is_aborted, "the receiver did not abort the association")
+        again = _associate(config)
+        status = again.send_c_store(whole).Status
+        again.release()
+    finally:
+        receiver.stop()
+    assert status == 0x0000
+    assert set(_spooled(config)) == {whole.SOPInstanceUID}
+    assert not list((config.spool_dir / ".incoming").iterdir())
