@@ -170,31 +170,28 @@ def test_a_data_set_cut_off_by_an_abort_leaves_nothing_and_the_node_goes_on(tmp_
     incoming = config.spool_dir / ".incoming"
     try:
         assoc = _associate(config)
-        context = next(cx for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
-        request = C_STORE()
-        request.MessageID, request.Priority = 1, 0
-        request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = CTImageStorage, cut.SOPInstanceUID
-        request.DataSet = BytesIO(encode(cut, False, True))
-        message = C_STORE_RQ()
-        message.primitive_to_message(request)
-        primitives = list(message.encode_msg(context.context_id, 2048))
-        assert len(primitives) > 3
-        for primitive in primitives[:3]:  # the command and the data set's first fragments, then an abort
-            pdu = P_DATA_TF()
-            pdu.from_primitive(primitive)
-            assoc.dul.socket.send(pdu.encode())
+        cx = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
+        items = _store_pdvs(cut, cx)
+        assert len(items) > 3
+        for item in items[:3]:  # the command and the data set's first fragments, then an abort
+            assoc.dul.socket.send(_pdu([item]))
         _wait(lambda: any(incoming.iterdir()), "the receiver began no file")
         assoc.abort()
         _wait(lambda: not any(incoming.iterdir()), "the cut data set's file stayed in the incoming folder")
-        again = _associate(config)
-        status = again.send_c_store(whole).Status
-        again.release()
+        status = _store_on_a_new_association(config, whole)
     finally:
         receiver.stop()
     assert status == 0x0000
     assert set(_spooled(config)) == {whole.SOPInstanceUID}
     with sessions() as session:
         assert session.scalars(select(Instance.sop_instance_uid)).all() == [whole.SOPInstanceUID]
+
+
+def _store_on_a_new_association(config, ds) -> int:  # noqa: ANN001 - the node goes on
+    assoc = _associate(config)
+    status = assoc.send_c_store(ds).Status
+    assoc.release()
+    return status
 
 
 def _wait(condition, why: str, timeout: float = 10.0) -> None:  # noqa: ANN001
@@ -291,9 +288,7 @@ def test_a_command_before_the_last_fragment_aborts_and_leaves_nothing(tmp_path: 
         assoc.dul.socket.send(_pdu(items[:2]))  # the command and the first fragment
         assoc.dul.socket.send(_pdu([_echo_item(cx)]))  # a command before the data set's last fragment
         _wait(lambda: assoc.is_aborted, "the receiver did not abort the association")
-        again = _associate(config)
-        status = again.send_c_store(whole).Status
-        again.release()
+        status = _store_on_a_new_association(config, whole)
     finally:
         receiver.stop()
     assert status == 0x0000
