@@ -112,7 +112,8 @@ def _status_kb(pid: int, field: str) -> int:
 
 
 class RssWatch:
-    """The largest VmRSS of a process and its children (storescp --fork), sampled every 50 ms."""
+    """The largest VmRSS of a process and its children together (storescp --fork's, the node's
+    receiving processes), sampled every 50 ms."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.peak_kb, self._stop = pid, 0, threading.Event()
@@ -128,7 +129,7 @@ class RssWatch:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, max(_status_kb(pid, "VmRSS") for pid in self._pids()))
+            self.peak_kb = max(self.peak_kb, sum(_status_kb(pid, "VmRSS") for pid in self._pids()))
             self._stop.wait(0.05)
 
     def stop(self) -> float:
@@ -141,6 +142,7 @@ class RssWatch:
 class Node:
     name = "dicomnode"
     aet = "DICOMNODE"
+    receive_processes = 2  # [node] receive_processes (--receive-processes)
 
     def __init__(self, work: Path) -> None:
         self.port = free_port()
@@ -148,9 +150,15 @@ class Node:
         config = work / "config.toml"
         config.write_text(
             f'[node]\nae_title = "DICOMNODE"\nbind = "127.0.0.1"\nport = {self.port}\ndata_dir = "var"\n'
-            f'study_quiet_seconds = 3600\n[[models]]\nname = "m"\npath = "{REPO / "models" / "demo-petct"}"\n')
+            f'study_quiet_seconds = 3600\nreceive_processes = {self.receive_processes}\n'
+            f'[[models]]\nname = "m"\npath = "{REPO / "models" / "demo-petct"}"\n')
         self.node = start_node(config, self.port, work / "node.log", extra_args=("--no-worker",))
         self.pid = self.node.process.pid
+        deadline = time.monotonic() + 60
+        while (work / "node.log").read_text().count("receiving process ready") < self.receive_processes - 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the node's receiving processes did not start in 60 s")
+            time.sleep(0.1)
 
     def stop(self) -> None:
         self.node.stop()
@@ -221,7 +229,10 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--only", nargs="*", default=["dicomnode", "Orthanc", "storescp", "disk floor"])
     parser.add_argument("--json", type=Path, help="also write the figures here (bench/summary.py reads them)")
+    parser.add_argument("--receive-processes", type=int, default=Node.receive_processes,
+                        help="the node's [node] receive_processes")
     args = parser.parse_args()
+    Node.receive_processes = args.receive_processes
     work = Path(tempfile.mkdtemp(prefix="bench-receive-"))
     files = work / "files"
     started = time.perf_counter()
@@ -229,7 +240,8 @@ def main() -> None:
         counts = list(pool.map(lambda seed: write_whole_body(files / f"s{seed}", seed, args.slices), range(5)))
     size_mb = sum(p.stat().st_size for p in (files / "s0").rglob("*.dcm")) / 1e6
     print(f"one study: {counts[0]} instances, {size_mb:.0f} MB (CT 512x512x{args.slices}, PET 200x200x{args.slices});"
-          f" written in {time.perf_counter() - started:.0f} s; {args.repeats} repeats, receivers interleaved\n",
+          f" written in {time.perf_counter() - started:.0f} s; {args.repeats} repeats, receivers interleaved; "
+          f"the node with {args.receive_processes} receiving process(es)\n",
           flush=True)
     peers = [peer for peer in (Node, Orthanc, StoreScp, DiskFloor) if peer.name in args.only]
     one: dict[str, list[float]] = {p.name: [] for p in peers}

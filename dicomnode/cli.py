@@ -31,10 +31,12 @@ ConfigOption = typer.Option(
 )
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    # Under systemd, journald stamps the time itself.
+def _setup_logging(level: str = "INFO", with_pid: bool = False) -> None:
+    # Under systemd, journald stamps the time itself (and the process ID).
     stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(level=level.upper(), format=f"{stamp}%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    pid = "[%(process)d]" if with_pid and not os.environ.get("JOURNAL_STREAM") else ""
+    logging.basicConfig(level=level.upper(), format=f"{stamp}%(levelname)s %(name)s{pid}: %(message)s",
+                        stream=sys.stderr)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # alembic logs its plugin set-up at every start; schema upgrades are logged by dicomnode.schema
@@ -114,6 +116,23 @@ def worker(
     small_pages_for_arrays()
     with _schema_checked():
         Worker(settings, spec=spec).run_forever()
+
+
+@app.command("receive-process", hidden=True)
+def receive_process(
+    config: Path = ConfigOption,
+    log_level: str = "INFO",
+    control_fd: int = typer.Option(..., help="serve's end of the link (a Unix socket passed down)."),
+) -> None:
+    """One of serve's receiving processes ([node] receive_processes): serves the connections serve
+    gives it, until serve closes the link."""
+    import socket
+
+    _setup_logging(log_level, with_pid=True)
+    from dicomnode.net.receive_processes import run_receiving_process
+
+    settings = _config(config)
+    run_receiving_process(settings, socket.socket(fileno=control_fd))
 
 
 @app.command()

@@ -174,6 +174,11 @@ class NodeSettings(_Strict):
     # C-STORE requests taken from the socket into the spool by the node's own code
     # (dicomnode.net.direct_store); false: by pynetdicom's (slower; the same checks and answers)
     direct_store: bool = True
+    # Processes that receive C-STORE (dicomnode.net.receive_processes): `serve` accepts every
+    # connection and gives each to the one with the fewest open, itself included. One Python
+    # process receives as fast as one core lets it; with several modalities sending at once, more
+    # use more cores. 1: serve receives alone.
+    receive_processes: int = Field(1, ge=1, le=32)
     # Each result object to each destination is retried on its own, for delivery_give_up_hours
     # after it was planned (a PACS down for a maintenance night gets its results the next
     # morning): a failed C-STORE try waits delivery_backoff_seconds, doubled after each, at most

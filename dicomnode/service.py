@@ -24,6 +24,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import sessionmaker
 
 from dicomnode.config import Config, WorkerSpec
+from dicomnode.net.receive_processes import ProcessLink
 from dicomnode.net.receiver import Receiver
 from dicomnode.ops import systemd
 from dicomnode.ops.metrics import Metrics
@@ -39,32 +40,33 @@ QUICK_EXIT_SECONDS = 600.0  # a worker that lived less than this exited quickly:
 MAX_RESTART_SECONDS = 300.0
 
 
-class WorkerSupervisor:
-    """Keeps one `dicomnode worker` child process running (one supervisor per worker of
-    config.worker_specs(): its name, device and index passed on). A worker that exits is started
-    again after worker_restart_seconds, doubled for each quick exit in a row (at most 5 minutes),
-    so a worker that cannot start (out of memory at import, a broken model folder) never storms;
-    the other workers go on meanwhile."""
+class ChildSupervisor:
+    """Keeps one child process of serve running. A child that exits is started again after
+    worker_restart_seconds, doubled for each quick exit in a row (at most 5 minutes), so a child
+    that cannot start (out of memory at import, a broken model folder) never storms; the others go
+    on meanwhile."""
 
-    def __init__(self, config: Config, spec: WorkerSpec | None = None) -> None:
+    kind = "child"
+
+    def __init__(self, config: Config, name: str) -> None:
         self.config = config
-        self.spec = spec or WorkerSpec("worker", None, 0)
+        self.name = name
         self.min_delay = config.node.worker_restart_seconds
         self.quick_exits = 0
         self.started_at = 0.0
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name=f"supervisor-{self.spec.name}", daemon=True)
+        self._thread = threading.Thread(target=self._watch, name=f"supervisor-{name}", daemon=True)
+
+    def _popen(self) -> subprocess.Popen:
+        raise NotImplementedError
+
+    def _exited(self) -> None:
+        """After the child exited (before it is started again)."""
 
     def _spawn(self) -> None:
-        command = [sys.executable, "-m", "dicomnode", "worker", "--config", str(self.config.source),
-                   "--name", self.spec.name, "--index", str(self.spec.index)]
-        if self.spec.device is not None:
-            command += ["--device", self.spec.device]
-        self.process = subprocess.Popen(command)
+        self.process = self._popen()
         self.started_at = time.monotonic()
-        log.info("worker process %d (%s%s) started", self.process.pid, self.spec.name,
-                 f" on {self.spec.device}" if self.spec.device else "")
 
     def start(self) -> None:
         self._spawn()
@@ -74,14 +76,15 @@ class WorkerSupervisor:
         while not self._stopping.is_set():
             code = self.process.poll() if self.process else None
             if code is not None and not self._stopping.is_set():
+                self._exited()
                 lived = time.monotonic() - self.started_at
                 self.quick_exits = self.quick_exits + 1 if lived < QUICK_EXIT_SECONDS else 1
                 delay = min(self.min_delay * 2 ** (self.quick_exits - 1), MAX_RESTART_SECONDS)
                 killed = " (SIGKILL: out of memory?)" if code == -signal.SIGKILL else ""
                 log.error(
-                    "worker process %d (%s) exited with %s%s after %.0f s; restarting in %.1f s "
+                    "%s process %d (%s) exited with %s%s after %.0f s; restarting in %.1f s "
                     "(%d quick exit(s) in a row)",
-                    self.process.pid, self.spec.name, code, killed, lived, delay, self.quick_exits,
+                    self.kind, self.process.pid, self.name, code, killed, lived, delay, self.quick_exits,
                 )
                 if self._stopping.wait(delay):
                     return
@@ -89,7 +92,7 @@ class WorkerSupervisor:
             self._stopping.wait(1.0)
 
     def signal_stop(self) -> None:
-        """SIGTERM to the worker without waiting (so several stop at once); `stop` waits."""
+        """SIGTERM to the child without waiting (so several stop at once); `stop` waits."""
         self._stopping.set()
         if self.process and self.process.poll() is None:
             self.process.terminate()
@@ -97,13 +100,78 @@ class WorkerSupervisor:
     def stop(self, timeout: float = 30.0) -> None:
         self._stopping.set()
         if self.process and self.process.poll() is None:
-            self.process.terminate()  # the worker releases its job and exits
+            self.process.terminate()  # a worker releases its job and exits
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                log.error("worker process %d did not stop in %.0f s; killing it", self.process.pid, timeout)
+                log.error("%s process %d did not stop in %.0f s; killing it", self.kind, self.process.pid, timeout)
                 self.process.kill()
                 self.process.wait()
+
+
+class WorkerSupervisor(ChildSupervisor):
+    """One `dicomnode worker` (one supervisor per worker of config.worker_specs(): its name, device
+    and index passed on)."""
+
+    kind = "worker"
+
+    def __init__(self, config: Config, spec: WorkerSpec | None = None) -> None:
+        self.spec = spec or WorkerSpec("worker", None, 0)
+        super().__init__(config, self.spec.name)
+
+    def _popen(self) -> subprocess.Popen:
+        command = [sys.executable, "-m", "dicomnode", "worker", "--config", str(self.config.source),
+                   "--name", self.spec.name, "--index", str(self.spec.index)]
+        if self.spec.device is not None:
+            command += ["--device", self.spec.device]
+        process = subprocess.Popen(command)
+        log.info("worker process %d (%s%s) started", process.pid, self.spec.name,
+                 f" on {self.spec.device}" if self.spec.device else "")
+        return process
+
+
+class ReceivingProcess(ChildSupervisor):
+    """One of the receiving processes beside serve's own receiver ([node] receive_processes,
+    dicomnode.net.receive_processes): linked to the receiver by a Unix socket pair; once it
+    exits, the receiver gives it nothing more (what it had open is gone: the senders try again)."""
+
+    kind = "receiving"
+
+    def __init__(self, config: Config, receiver: Receiver, number: int) -> None:
+        super().__init__(config, f"receiver-{number}")
+        self.receiver = receiver
+        self.link: ProcessLink | None = None
+
+    def _popen(self) -> subprocess.Popen:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "dicomnode", "receive-process", "--config", str(self.config.source),
+                 "--log-level", logging.getLevelName(logging.getLogger().level), "--control-fd", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.link = ProcessLink(ours, process.pid, self.receiver.store.index.take_rows, self._count)
+        self.receiver.add_process(self.link)
+        log.info("receiving process %d (%s) started", process.pid, self.name)
+        return process
+
+    def _count(self, counter: str, label: str | None) -> None:
+        metric = getattr(self.receiver.counters, counter)
+        (metric.labels(label) if label is not None else metric).inc()
+
+    def _exited(self) -> None:
+        if self.link is not None:
+            self.receiver.remove_process(self.link)
+            self.link.close()
+            self.link.drain(5.0)  # the rows it sent before it died are in the socket: every one indexed
+
+    def signal_stop(self) -> None:
+        """The receiver closes the link (Receiver.stop): the process stops on its own."""
+        self._stopping.set()
 
 
 def periodic_sweep(sessions: sessionmaker, config: Config) -> None:
@@ -170,8 +238,11 @@ def serve(config: Config, with_worker: bool = True) -> None:
     signal.signal(signal.SIGINT, _stop)
 
     metrics = Metrics(config, sessions)
-    receiver = Receiver(config, sessions, metrics.receiver)
+    receiver = Receiver(config, sessions, metrics.receiver, shared_slots=config.node.receive_processes > 1)
     receiver.start()
+    receiving = [ReceivingProcess(config, receiver, number) for number in range(2, config.node.receive_processes + 1)]
+    for process in receiving:
+        process.start()
     heartbeat(
         sessions, Role.RECEIVER, {"ae_title": config.node.ae_title, "address": f"{config.node.bind}:{receiver.port}"}
     )
@@ -207,9 +278,10 @@ def serve(config: Config, with_worker: bool = True) -> None:
         supervisor.start()
     metrics_port = metrics.start()
     log.info(
-        "node ready: AE %s on port %d, %d worker(s), %d model(s), %d destination(s)%s",
+        "node ready: AE %s on port %d (%d receiving process(es)), %d worker(s), %d model(s), %d destination(s)%s",
         config.node.ae_title,
         receiver.port,
+        config.node.receive_processes,
         len(supervisors),
         len(config.models),
         len(config.destinations),
@@ -220,7 +292,11 @@ def serve(config: Config, with_worker: bool = True) -> None:
         _wait_for_stop(stop, receiver, scheduler)
     finally:
         systemd.notify("STOPPING=1", "STATUS=stopping: no new associations; the running job goes back to the queue")
-        receiver.stop()  # no new associations first
+        for process in receiving:
+            process.signal_stop()
+        receiver.stop()  # no new associations first; the receiving processes stop, their rows indexed
+        for process in receiving:
+            process.stop(5.0)
         scheduler.shutdown(wait=False)
         for supervisor in supervisors:  # SIGTERM to every worker first, then wait for each
             supervisor.signal_stop()

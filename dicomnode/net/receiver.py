@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ from sqlalchemy.orm import sessionmaker
 from dicomnode.config import Config
 from dicomnode.imaging.sopclasses import INPUT_CLASSES, STORAGE_CLASSES
 from dicomnode.net import direct_store
+from dicomnode.net.association_slots import LocalSlots, SharedSlots
 from dicomnode.net.recovery import index_from_spool
 from dicomnode.net.status import (
     CANNOT_UNDERSTAND,
@@ -229,14 +231,16 @@ class InstanceStore:
     C-GET on the node's own association, and a WADO-RS fetch all store through it, so a fetched
     instance is held exactly as a pushed one (`calling_aet`: the sender, or the fetch source)."""
 
-    def __init__(self, config: Config, sessions: sessionmaker, deferred_index: bool = False) -> None:
+    def __init__(self, config: Config, sessions: sessionmaker, deferred_index: bool = False,
+                 forward_rows: Callable[[list[ReceivedInstance]], None] | None = None) -> None:
         self.config = config
         self.sessions = sessions
         self.spool = Spool(config.spool_dir)
         self.watermark = Watermark(config.node.data_dir, config.node)
         # group commit across the associations storing at once; deferred (the receiver's): the row
-        # is written just after the acknowledgement, or at the next start (dicomnode.net.recovery)
-        self.index = IndexWriter(sessions, deferred=deferred_index)
+        # is written just after the acknowledgement, or at the next start (dicomnode.net.recovery);
+        # forwarded (a receiving process's): sent to serve's index writer before the acknowledgement
+        self.index = IndexWriter(sessions, deferred=deferred_index or forward_rows is not None, forward=forward_rows)
 
     def store_event(self, event, calling_aet: str) -> Stored:  # noqa: ANN001 - pynetdicom C-STORE event
         """A C-STORE request, as received on an association (the receiver's, or a C-GET's)."""
@@ -397,14 +401,42 @@ class ReceiverCounters:
         )
 
 
+class _HandedOver(OSError):
+    """An accepted connection was given to another receiving process: nothing for this one to serve
+    (socketserver passes over an OSError from get_request)."""
+
+
+class _HandedConnections(pynetdicom.transport.ThreadedAssociationServer):
+    """A receiving process's server: it listens on nothing; serve gives it connections
+    (dicomnode.net.receive_processes)."""
+
+    def server_bind(self) -> None:
+        self.socket.close()
+
+    def server_activate(self) -> None:
+        pass
+
+    def server_close(self) -> None:
+        pass
+
+
+SLOTS_FILE = ".associations.json"  # in data_dir: the associations of all receiving processes
+
+
 class Receiver:
-    """Accepts associations from allowed AEs and stores what they send."""
+    """Accepts associations from allowed AEs and stores what they send.
+
+    With [node] receive_processes > 1, serve's Receiver (`shared_slots`) gives accepted
+    connections to the receiving processes added with `add_process`; a receiving process's Receiver
+    (`forward_rows`, started with `start_handed`) serves the connections `take_connection` gives it
+    (dicomnode.net.receive_processes)."""
 
     def __init__(self, config: Config, sessions: sessionmaker, counters: ReceiverCounters | None = None,
-                 deferred_index: bool = True) -> None:
+                 deferred_index: bool = True, shared_slots: bool = False,
+                 forward_rows: Callable[[list[ReceivedInstance]], None] | None = None) -> None:
         self.config = config
         self.sessions = sessions
-        self.store = InstanceStore(config, sessions, deferred_index=deferred_index)
+        self.store = InstanceStore(config, sessions, deferred_index=deferred_index, forward_rows=forward_rows)
         self.spool, self.watermark = self.store.spool, self.store.watermark
         self.counters = counters or ReceiverCounters()
         self._server = None
@@ -414,6 +446,13 @@ class Receiver:
         self._requested: dict[int, str] = {}  # associations that sent an A-ASSOCIATE-RQ (not closed) -> calling AE
         self.max_associations = config.node.max_associations
         self.max_per_ae = config.node.max_associations_per_ae or max(config.node.max_associations // 2, 1)
+        # the associations open (requested, not closed), against the two limits above
+        self.slots: LocalSlots | SharedSlots = (
+            SharedSlots(config.node.data_dir / SLOTS_FILE, self.max_associations, self.max_per_ae)
+            if shared_slots else LocalSlots(self.max_associations, self.max_per_ae))
+        self._links: list = []  # serve's: the receiving processes (receive_processes.ProcessLink)
+        self._served_here: set[socket.socket] = set()  # serve's: the connections it kept (closed ones pruned)
+        self.handed_closed: Callable[[], None] | None = None  # a receiving process's: a given connection closed
         self.max_connections = max(16 * config.node.max_associations, 256)  # silent ones included
         self._connections_full = False
         self._limit_logged_at, self._limit_unsaid = -LIMIT_LOG_SECONDS, 0
@@ -506,17 +545,15 @@ class Receiver:
             log.debug("association from %s rejected: disk space low", event.assoc.requestor.address)
             return
         calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()  # not yet set on the requestor
-        with self._lock:
-            from_ae = sum(1 for ae in self._requested.values() if ae == calling)
-            if len(self._requested) >= self.max_associations:
-                why = f"{len(self._requested)} associations open (max_associations = {self.max_associations})"
-            elif from_ae >= self.max_per_ae:
-                why = f"{from_ae} associations open from {calling} (max_associations_per_ae = {self.max_per_ae})"
-            else:
-                why = None
+        try:
+            why = self.slots.take(str(id(event.assoc)), calling)
+        except OSError as exc:  # the shared table cannot be read or written (a full disk)
+            why = f"the association table cannot be written: {exc}"
+        if why is None:
+            with self._lock:
                 self._requested[id(event.assoc)] = calling
-                self.counters.associations_open.set(len(self._requested))
-        if why:
+            self.counters.associations_open.set(self.slots.count())
+        else:
             self._reject(event, "association-limit")
             self._say_limited(f"association from {calling} ({event.assoc.requestor.address}) rejected: {why}")
 
@@ -549,13 +586,20 @@ class Receiver:
         direct_store.detach(event.assoc)
         _drop_unfinished(getattr(event.assoc.dul, "ident", None))
         with self._lock:
-            self._requested.pop(id(event.assoc), None)
-            self.counters.associations_open.set(len(self._requested))
+            requested = self._requested.pop(id(event.assoc), None)
+        if requested is not None:
+            try:
+                self.slots.give_back(str(id(event.assoc)))
+            except OSError as exc:
+                log.error("association table: slot of %s not given back: %s", requested, exc)
+            self.counters.associations_open.set(self.slots.count())
+        if self.handed_closed is not None:
+            self.handed_closed()
 
     def _accept_connection(self, _request, client_address) -> bool:  # noqa: ANN001
         """socketserver's verify_request: beyond max_connections (silent peers included), a new
         connection is closed at once; the crossing and the return are logged once each."""
-        full = len(self.ae.active_associations) >= self.max_connections
+        full = self._connections_open() >= self.max_connections
         if full != self._connections_full:
             self._connections_full = full
             if full:
@@ -607,23 +651,8 @@ class Receiver:
             )
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> None:
-        removed = self.spool.remove_leftovers()
-        if removed:
-            log.info("removed %d temporary files a previous run left unacknowledged", removed)
-        recovered = index_from_spool(self.spool, self.sessions)
-        if recovered:
-            log.warning("indexed %d acknowledged instances a previous run left out of the index", recovered)
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            # pynetdicom's standard handlers format a log line for every PDU and DIMSE message that
-            # its logger (at WARNING in `serve`) then drops: not bound for new associations
-            _config.LOG_HANDLER_LEVEL = "none"
-        try:
-            self.spool.incoming.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:  # then pynetdicom writes to the system's temporary folder; the spool refuses
-            log.error("spool folder %s cannot be used: %s", self.spool.incoming, exc)
-        _receive_chunked(self.spool.incoming, True)
-        handlers = [
+    def _handlers(self) -> list:
+        return [
             NODELAY_HANDLER,
             (evt.EVT_CONN_OPEN, self._on_connection_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -636,19 +665,45 @@ class Receiver:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_CONN_CLOSE, self._on_connection_closed),
         ]
+
+    def _prepare_receiving(self) -> None:
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            # pynetdicom's standard handlers format a log line for every PDU and DIMSE message that
+            # its logger (at WARNING in `serve`) then drops: not bound for new associations
+            _config.LOG_HANDLER_LEVEL = "none"
+        try:
+            self.spool.incoming.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # then pynetdicom writes to the system's temporary folder; the spool refuses
+            log.error("spool folder %s cannot be used: %s", self.spool.incoming, exc)
+
+    def start(self) -> None:
+        removed = self.spool.remove_leftovers()
+        if removed:
+            log.info("removed %d temporary files a previous run left unacknowledged", removed)
+        recovered = index_from_spool(self.spool, self.sessions)
+        if recovered:
+            log.warning("indexed %d acknowledged instances a previous run left out of the index", recovered)
+        if isinstance(self.slots, SharedSlots):
+            self.slots.clear()
+            associations_open = self.counters.associations_open
+            if hasattr(associations_open, "set_function"):  # every receiving process's, read when scraped
+                associations_open.set_function(self.slots.count)
+        self._prepare_receiving()
+        _receive_chunked(self.spool.incoming, True)
         tls = self.config.node.tls
         with self._lock:
             try:
                 self._server = self.ae.start_server(
                     (self.config.node.bind, self.config.node.port),
                     block=False,
-                    evt_handlers=handlers,
+                    evt_handlers=self._handlers(),
                     ssl_context=server_tls_context(tls) if tls else None,
                 )
             except BaseException:
                 _receive_chunked(self.spool.incoming, False)
                 raise
             self._server.verify_request = self._accept_connection
+            self._server.get_request = self._get_request
         log.info(
             "receiver %s listening on %s:%d%s",
             self.config.node.ae_title,
@@ -659,6 +714,94 @@ class Receiver:
             else "",
         )
 
+    # -- several receiving processes (dicomnode.net.receive_processes) ---------------------
+    def add_process(self, link) -> None:  # noqa: ANN001 - a receive_processes.ProcessLink
+        """A receiving process to give connections to (once it says it is ready)."""
+        with self._lock:
+            self._links.append(link)
+
+    def remove_process(self, link) -> None:  # noqa: ANN001
+        with self._lock:
+            if link in self._links:
+                self._links.remove(link)
+        if isinstance(self.slots, SharedSlots):
+            self.slots.forget_process(link.pid)
+
+    def _connections_open(self) -> int:
+        """This process's connections and those given to the receiving processes, not yet closed."""
+        return len(self.ae.active_associations) + sum(max(link.open, 0) for link in list(self._links))
+
+    def _open_here(self) -> int:
+        """The connections this process kept and has not closed (pynetdicom closes the socket it was
+        given; counted from the accept, not from the association's thread, which starts later)."""
+        with self._lock:
+            self._served_here = {sock for sock in self._served_here if sock.fileno() != -1}
+            return len(self._served_here)
+
+    def _get_request(self) -> tuple[socket.socket, tuple]:
+        """socketserver's get_request: accept the next connection and serve it here, or give it to
+        the receiving process with the fewest connections open (raising _HandedOver)."""
+        server = self._server
+        connection, address = server.socket.accept()
+        links = [link for link in list(self._links) if link.ready.is_set()]
+        if links:
+            least = min(links, key=lambda link: link.open)
+            if least.open < self._open_here():
+                if not self._accept_connection(connection, address):
+                    connection.close()
+                    raise _HandedOver("connection cap")
+                try:
+                    least.hand_over(connection, address)
+                except OSError as exc:  # the process just died: serve it here
+                    log.warning("receiving process %d cannot take a connection: %s", least.pid, exc)
+                else:
+                    connection.close()
+                    raise _HandedOver(f"given to process {least.pid}")
+        if server.ssl_context:
+            connection = server.ssl_context.wrap_socket(connection, server_side=True)
+        if self._links:
+            with self._lock:
+                self._served_here.add(connection)
+        return connection, address
+
+    def start_handed(self) -> None:
+        """A receiving process's start: ready for the connections `take_connection` gives it (serve
+        has cleaned the spool and indexed what it held; this process listens on nothing)."""
+        self._prepare_receiving()
+        _receive_chunked(self.spool.incoming, True)
+        tls = self.config.node.tls
+        with self._lock:
+            self._server = self.ae.make_server(
+                (self.config.node.bind, self.config.node.port),
+                evt_handlers=self._handlers(),
+                ssl_context=server_tls_context(tls) if tls else None,
+                server_class=_HandedConnections,
+            )
+            self.ae._servers.append(self._server)  # noqa: SLF001 - so ae.active_associations counts its associations
+
+    def take_connection(self, connection: socket.socket, address: tuple) -> None:
+        """Serve `connection` (accepted by serve) on a thread of its own, as pynetdicom's server would."""
+        threading.Thread(target=self._serve_given, args=(connection, address), daemon=True,
+                         name=f"given-{address[0]}:{address[1]}").start()
+
+    def _serve_given(self, connection: socket.socket, address: tuple) -> None:
+        server = self._server
+        try:
+            if server is None:
+                raise OSError("stopping")
+            connection.setblocking(True)
+            if server.ssl_context:  # the TLS handshake here, not in the thread taking connections
+                connection = server.ssl_context.wrap_socket(connection, server_side=True)
+            server.finish_request(connection, address)  # pynetdicom starts the association's thread
+        except Exception as exc:  # noqa: BLE001 - a failed handshake: this connection only
+            log.warning("connection from %s:%s closed: %s", address[0], address[1], exc)
+            try:
+                connection.close()
+            except OSError:
+                pass
+            if self.handed_closed is not None:
+                self.handed_closed()
+
     @property
     def port(self) -> int:
         return self._server.server_address[1] if self._server else self.config.node.port
@@ -667,10 +810,25 @@ class Receiver:
     def listening(self) -> bool:
         return self._server is not None
 
-    def stop(self) -> None:
+    def stop(self, drain_seconds: float = 30.0) -> None:
+        """Stop taking associations (the open ones are aborted), the receiving processes too; then
+        index every row acknowledged, theirs included."""
         with self._lock:
-            if self._server is not None:
-                self._server.shutdown()
-                self._server = None
-                _receive_chunked(self.spool.incoming, False)
+            server, self._server = self._server, None
+            links, self._links = list(self._links), []
+        if server is not None:
+            if isinstance(server, _HandedConnections):
+                for assoc in server.active_associations:
+                    assoc.abort()
+                if server in self.ae._servers:  # noqa: SLF001
+                    self.ae._servers.remove(server)  # noqa: SLF001
+            else:
+                server.shutdown()
+            _receive_chunked(self.spool.incoming, False)
+        for link in links:
+            link.close()
+        for link in links:
+            if not link.drain(drain_seconds):
+                log.error("receiving process %d did not stop in %.0f s: rows it sent after this are indexed "
+                          "at the next start", link.pid, drain_seconds)
         self.store.index.close()  # the rows of what was acknowledged

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
@@ -149,14 +150,20 @@ class IndexWriter:
     then durable under its final name), and its row is written by a thread of this writer, in
     batches of what came meanwhile (add_instances), a moment later. Whatever was acknowledged and
     is not indexed when the process dies is indexed at the next start from the spool alone
-    (dicomnode.net.recovery). `record` then answers None; `flush` waits for the rows."""
+    (dicomnode.net.recovery). `record` then answers None; `flush` waits for the rows.
+
+    `forward` (a receiving process's, dicomnode.net.receive_processes): deferred, and the rows are
+    given to `forward` (sent to serve's writer, which `take_rows` them) instead of this writer's
+    thread; an error there fails the instances of the batch."""
 
     RETRY_SECONDS = 1.0  # a batch the database refused is tried again after this (doubling, at most 30 s)
     GATHER_SECONDS = 0.05  # deferred: rows gathered this long before a batch (they are durable already)
 
-    def __init__(self, sessions: sessionmaker, deferred: bool = False) -> None:
+    def __init__(self, sessions: sessionmaker, deferred: bool = False,
+                 forward: Callable[[list[ReceivedInstance]], None] | None = None) -> None:
         self.sessions = sessions
-        self.deferred = deferred
+        self.deferred = deferred or forward is not None
+        self._forward = forward
         self._pending: list[tuple[ReceivedInstance, Path | None, Future]] = []
         self._queue_lock = threading.Lock()
         self._commit_lock = threading.Lock()
@@ -193,7 +200,12 @@ class IndexWriter:
                 done.set_exception(exc)
             return
         if self.deferred:
-            self._hand_over([item for item, _, _ in batch])
+            try:
+                (self._forward or self.take_rows)([item for item, _, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - not indexed, nor to be: the caller answers 0xA700
+                for _, _, done in batch:
+                    done.set_exception(exc)
+                return
             for _, _, done in batch:
                 done.set_result(None)
             return
@@ -212,7 +224,8 @@ class IndexWriter:
             done.set_result(answer)
 
     # -- deferred: the index thread -----------------------------------------------------------
-    def _hand_over(self, items: list[ReceivedInstance]) -> None:
+    def take_rows(self, items: list[ReceivedInstance]) -> None:
+        """Rows of acknowledged instances, for this writer's thread to index (in its next batch)."""
         with self._rows_changed:
             self._rows.extend(items)
             if self._thread is None:
