@@ -40,7 +40,8 @@ from dicomnode.store.index import ReceivedInstance
 
 log = logging.getLogger("dicomnode.receiver")
 
-MAX_MESSAGE = 64 * 1024
+MAX_MESSAGE = 64 * 1024  # the largest message read; a longer one would be cut (one packet, one message)
+ROWS_PER_MESSAGE = 32  # a row is well under 1 KiB (UIDs, a path, an AE title, a series description)
 
 
 class Kind(str, Enum):
@@ -145,7 +146,8 @@ class ServeLink:
 
     def rows(self, items: list[ReceivedInstance]) -> None:
         """Index rows for serve; raises OSError if serve is gone (the instance is then refused)."""
-        self.say(Kind.ROWS, rows=[asdict(item) for item in items])
+        for start in range(0, len(items), ROWS_PER_MESSAGE):
+            self.say(Kind.ROWS, rows=[asdict(item) for item in items[start:start + ROWS_PER_MESSAGE]])
 
 
 class _Sent:

@@ -2,6 +2,7 @@
 certificate from its CA; the sender's store is accepted with the right certificates and
 refused without, plain TCP to the TLS port gets nothing, and a silent client holds no one up."""
 
+import re
 import socket
 import time
 from pathlib import Path
@@ -10,12 +11,13 @@ import pytest
 import trustme
 from pydicom.uid import generate_uid
 
-from dicomnode.config import Destination, DestinationTls
+from dicomnode.config import Destination, DestinationTls, load_config
 from dicomnode.net.receiver import Receiver
 from dicomnode.net.sender import store_each
 from dicomnode.store.engine import make_sessionmaker
+from dicomnode.testing.node import start_node
 
-from tests.support.nodeutil import node_config, write_series
+from tests.support.nodeutil import node_config, write_config, write_series
 
 pytestmark = pytest.mark.e2e  # starts servers or subprocesses (tests/conftest.py)
 
@@ -98,3 +100,38 @@ def test_a_silent_client_holds_no_one_up(tls_node, pki, tmp_path):
         outcomes = _store(tls_node, tmp_path, tls)
         assert [o.status for o in outcomes] == [0x0000, 0x0000]
         assert time.monotonic() - started < 25  # not after the silent client's 30 s network timeout
+
+
+def test_tls_on_a_connection_given_to_a_receiving_process(tmp_path: Path, pki: Path):
+    """[node] receive_processes = 2: serve passes the accepted (not yet TLS) socket on; the receiving
+    process does the handshake, requires the client certificate, and stores."""
+    for name in ("ca.pem", "server.pem", "server.key"):
+        (tmp_path / name).write_bytes((pki / name).read_bytes())
+    config_path = write_config(tmp_path, node='receive_processes = 2\ntls = { certificate = "server.pem", '
+                                              'private_key = "server.key", ca_certificates = "ca.pem", '
+                                              'require_client_certificate = true }')
+    config = load_config(config_path)
+    log = tmp_path / "node.log"
+    node = start_node(config_path, config.node.port, log, extra_args=("--no-worker",))
+    right = DestinationTls(ca_certificates=pki / "ca.pem", certificate=pki / "client.pem",
+                           private_key=pki / "client.key")
+    try:
+        deadline = time.monotonic() + 60
+        while not (ready := re.findall(r"receiver\[(\d+)\]: receiving process ready", log.read_text())):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        # serve gives each connection to the process with the fewest open (its own count includes a
+        # connection closed before its handshake until pynetdicom notices): a few rounds, until the
+        # receiving process has served a store
+        refused, stored = [], []
+        for round_ in range(4):
+            refused += _store(config, tmp_path / f"a{round_}", DestinationTls(ca_certificates=pki / "ca.pem"))
+            stored += _store(config, tmp_path / f"b{round_}", right)
+            if re.search(rf"receiver\[{ready[0]}\]: association from STORESCU", log.read_text()):
+                break
+    finally:
+        assert node.stop() == 0
+    assert all(o.status is None and "not established" in o.error for o in refused), refused
+    assert [o.status for o in stored] == [0x0000] * len(stored)
+    assert sorted(p.stem for p in _spooled(config)) == sorted(o.sop_instance_uid for o in stored)
+    assert re.search(rf"receiver\[{ready[0]}\]: association from STORESCU", log.read_text())
