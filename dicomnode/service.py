@@ -3,7 +3,9 @@
 The receiver runs in this process; APScheduler runs the sweeps (completeness, expired
 leases, retention) and sends the notifications ([[notify]], dicomnode.pipeline.notify); the
 worker runs in a child process that is restarted if it dies, so
-nothing the model does can stop C-STORE from being accepted. Under systemd (Type=notify) it
+nothing the model does can stop C-STORE from being accepted. With [node] receive_processes > 1,
+more receiving processes run beside the receiver, supervised the same way; the receiver gives them
+connections (dicomnode.net.receive_processes). Under systemd (Type=notify) it
 says READY=1 once the receiver listens, pings the watchdog while the receiver and the
 scheduler run, and says STOPPING=1 on SIGTERM: then it stops accepting associations, lets
 the worker release its running job back to the queue, and exits 0.
