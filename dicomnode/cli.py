@@ -133,6 +133,10 @@ def receive_process(
 
     settings = _config(config)
     run_receiving_process(settings, socket.socket(fileno=control_fd))
+    # every instance it acknowledged has its row with serve: no thread pynetdicom left behind (an
+    # association still being aborted) may keep the process
+    logging.shutdown()
+    os._exit(0)
 
 
 @app.command()

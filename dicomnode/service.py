@@ -58,6 +58,7 @@ class ChildSupervisor:
         self.started_at = 0.0
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
+        self._spawn_lock = threading.Lock()  # no child started once stopping is set
         self._thread = threading.Thread(target=self._watch, name=f"supervisor-{name}", daemon=True)
 
     def _popen(self) -> subprocess.Popen:
@@ -76,31 +77,46 @@ class ChildSupervisor:
 
     def _watch(self) -> None:
         while not self._stopping.is_set():
-            code = self.process.poll() if self.process else None
+            code = self.process.poll() if self.process else 0
             if code is not None and not self._stopping.is_set():
-                self._exited()
-                lived = time.monotonic() - self.started_at
-                self.quick_exits = self.quick_exits + 1 if lived < QUICK_EXIT_SECONDS else 1
+                if self.process is not None:
+                    self._exited()
+                    lived = time.monotonic() - self.started_at
+                    self.quick_exits = self.quick_exits + 1 if lived < QUICK_EXIT_SECONDS else 1
+                    killed = " (SIGKILL: out of memory?)" if code == -signal.SIGKILL else ""
+                    said = f"{self.kind} process {self.process.pid} ({self.name}) exited with {code}{killed} " \
+                           f"after {lived:.0f} s"
+                else:  # it could not be started at all
+                    self.quick_exits += 1
+                    said = f"{self.kind} process ({self.name}) could not be started"
                 delay = min(self.min_delay * 2 ** (self.quick_exits - 1), MAX_RESTART_SECONDS)
-                killed = " (SIGKILL: out of memory?)" if code == -signal.SIGKILL else ""
-                log.error(
-                    "%s process %d (%s) exited with %s%s after %.0f s; restarting in %.1f s "
-                    "(%d quick exit(s) in a row)",
-                    self.kind, self.process.pid, self.name, code, killed, lived, delay, self.quick_exits,
-                )
+                log.error("%s; restarting in %.1f s (%d quick exit(s) in a row)", said, delay, self.quick_exits)
                 if self._stopping.wait(delay):
                     return
-                self._spawn()
+                with self._spawn_lock:
+                    if self._stopping.is_set():
+                        return
+                    try:
+                        self._spawn()
+                    except Exception:  # noqa: BLE001 - out of descriptors, say: tried again after the delay
+                        log.exception("%s process (%s): start failed", self.kind, self.name)
+                        self.process = None
             self._stopping.wait(1.0)
+
+    def _stop_starting(self) -> None:
+        with self._spawn_lock:
+            self._stopping.set()
 
     def signal_stop(self) -> None:
         """SIGTERM to the child without waiting (so several stop at once); `stop` waits."""
-        self._stopping.set()
+        self._stop_starting()
         if self.process and self.process.poll() is None:
             self.process.terminate()
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._stopping.set()
+        self._stop_starting()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         if self.process and self.process.poll() is None:
             self.process.terminate()  # a worker releases its job and exits
             try:
@@ -173,7 +189,7 @@ class ReceivingProcess(ChildSupervisor):
 
     def signal_stop(self) -> None:
         """The receiver closes the link (Receiver.stop): the process stops on its own."""
-        self._stopping.set()
+        self._stop_starting()
 
 
 def periodic_sweep(sessions: sessionmaker, config: Config) -> None:

@@ -114,6 +114,8 @@ def first_sentence(exc: Exception) -> str:
 
 def _text(ds, keyword: str) -> str:  # noqa: ANN001
     value = _get(ds, keyword)
+    if isinstance(value, bytes):  # a value longer than the receiver's defer size is read back as bytes
+        return value.decode("latin-1").rstrip(" \x00")
     return str(value) if value is not None else ""
 
 

@@ -3,7 +3,8 @@ max_associations_per_ae: in one process's memory, or, with several receiving pro
 port ([node] receive_processes), in a file all of them share.
 
 A slot is taken when an A-ASSOCIATE-RQ arrives (before negotiation) and given back when its
-connection closes. The shared table is a small JSON file under an exclusive flock: association
+connection closes. The shared table is a small JSON file, read and written under an exclusive
+flock of a lock file beside it: association
 requests are rare beside the instances they carry, so a file read and written per request costs
 nothing that shows, and a lock held by a process that dies is released by the kernel. The slots of
 a process that died without giving them back (killed) are dropped as soon as another process looks
@@ -100,22 +101,24 @@ class SharedSlots:
         return found[0]
 
     def _update(self, change) -> None:  # noqa: ANN001 - a function that changes the slots in place
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        """Read the table, change it, write it whole (a new file renamed over the old one: a full
+        disk leaves the old table), all under an exclusive lock on a file beside it."""
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            with os.fdopen(os.dup(fd), "r+") as fh:
-                text = fh.read()
-                try:
-                    slots = json.loads(text) if text else {}
-                except ValueError:  # cut short by a full disk: start again from what the processes hold
-                    slots = {}
-                before = dict(slots)
-                for key in [k for k in slots if not _alive(int(k.split(":")[0]))]:
-                    del slots[key]
-                change(slots)
-                if slots != before:
-                    fh.seek(0)
-                    fh.truncate()
-                    fh.write(json.dumps(slots))
+            try:
+                slots = json.loads(self.path.read_text() or "{}")
+            except FileNotFoundError:
+                slots = {}
+            except ValueError:  # not the table (written by hand?): start again from what the processes hold
+                slots = {}
+            before = dict(slots)
+            for key in [k for k in slots if not _alive(int(k.split(":")[0]))]:
+                del slots[key]
+            change(slots)
+            if slots != before:
+                temp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+                temp.write_text(json.dumps(slots))
+                os.replace(temp, self.path)
         finally:
             os.close(fd)  # releases the lock

@@ -40,8 +40,11 @@ from dicomnode.store.index import ReceivedInstance
 
 log = logging.getLogger("dicomnode.receiver")
 
-MAX_MESSAGE = 64 * 1024  # the largest message read; a longer one would be cut (one packet, one message)
-ROWS_PER_MESSAGE = 32  # a row is well under 1 KiB (UIDs, a path, an AE title, a series description)
+MAX_MESSAGE = 64 * 1024  # the largest message sent or read (one packet, one message: a longer one is cut)
+
+
+class MessageError(ValueError):
+    """A message that is not one (cut, not JSON, of no known kind)."""
 
 
 class Kind(str, Enum):
@@ -52,22 +55,37 @@ class Kind(str, Enum):
     CLOSED = "closed"  # process -> serve: a connection it was given has closed
 
 
-def send(sock: socket.socket, kind: Kind, fds: list[int] | None = None, **fields: object) -> None:
+def send(sock: socket.socket, kind: Kind, fds: list[int] | None = None, flags: int = 0, **fields: object) -> None:
     data = json.dumps({"kind": kind.value, **fields}).encode()
+    if len(data) > MAX_MESSAGE:
+        raise MessageError(f"a {kind.value} message of {len(data)} bytes (at most {MAX_MESSAGE})")
     if fds:
-        socket.send_fds(sock, [data], fds)
+        socket.send_fds(sock, [data], fds, flags)
     else:
-        sock.sendall(data)
+        sock.send(data, flags)
 
 
 def receive(sock: socket.socket) -> tuple[dict | None, list[int]]:
-    """The next message and the descriptors that came with it; (None, []) when the other end closed."""
-    data, fds, _flags, _address = socket.recv_fds(sock, MAX_MESSAGE, 1)
-    if not data:
+    """The next message and the descriptors that came with it; (None, []) when the other end closed;
+    MessageError for one that is not a message (its descriptors closed)."""
+    data, fds, flags, _address = socket.recv_fds(sock, MAX_MESSAGE, 1)
+    try:
+        if not data:
+            raise EOFError
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise MessageError(f"a message cut at {len(data)} bytes")
+        try:
+            message = json.loads(data)
+            Kind(message["kind"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MessageError(f"not a message: {exc}") from None
+    except (EOFError, MessageError) as exc:
         for fd in fds:
             socket.close(fd)
-        return None, []
-    return json.loads(data), fds
+        if isinstance(exc, EOFError):
+            return None, []
+        raise
+    return message, fds
 
 
 # -- serve's side ------------------------------------------------------------------------------
@@ -77,24 +95,33 @@ class ProcessLink:
     def __init__(self, sock: socket.socket, pid: int, take_rows: Callable[[list[ReceivedInstance]], None],
                  count: Callable[[str, str | None], None]) -> None:
         self.sock, self.pid = sock, pid
-        self.open = 0  # connections given and not yet said closed
+        self._open = 0  # connections given and not yet said closed
         self.ready = threading.Event()
         self._take_rows, self._count = take_rows, count
-        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, name=f"receive-process-{pid}", daemon=True)
         self._reader.start()
 
+    @property
+    def open(self) -> int:
+        return self._open
+
     def hand_over(self, connection: socket.socket, address: tuple) -> None:
-        """Give `connection` to the process (this process's copy is closed by the caller)."""
-        with self._send_lock:
-            send(self.sock, Kind.CONNECTION, [connection.fileno()], address=list(address[:2]))
-            self.open += 1
+        """Give `connection` to the process (this process's copy is closed by the caller). Never
+        waits: a process that does not read its link (stuck, or its buffer full) raises OSError,
+        and the caller serves the connection itself."""
+        with self._lock:
+            send(self.sock, Kind.CONNECTION, [connection.fileno()], socket.MSG_DONTWAIT, address=list(address[:2]))
+            self._open += 1
 
     def _read(self) -> None:
         while True:
             try:
                 message, fds = receive(self.sock)
-            except (OSError, ValueError) as exc:
+            except MessageError as exc:  # a bug, not a fault: the process is stopped and started again
+                log.error("receiving process %d: %s; stopping it", self.pid, exc)
+                break
+            except OSError as exc:
                 log.error("receiving process %d: its link failed: %s", self.pid, exc)
                 break
             for fd in fds:
@@ -108,12 +135,17 @@ class ProcessLink:
                 elif kind is Kind.COUNT:
                     self._count(message["counter"], message.get("label"))
                 elif kind is Kind.CLOSED:
-                    self.open -= 1
+                    with self._lock:
+                        self._open -= 1
                 elif kind is Kind.READY:
                     self.ready.set()
             except Exception:  # noqa: BLE001 - one bad message must not end the link
                 log.exception("receiving process %d: message %r not understood", self.pid, message)
         self.ready.clear()
+        try:  # the process sees the link closed and stops (its supervisor starts it again)
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         """No more connections: the process stops once it sees this; its last rows still come."""
@@ -145,9 +177,11 @@ class ServeLink:
             send(self.sock, kind, **fields)
 
     def rows(self, items: list[ReceivedInstance]) -> None:
-        """Index rows for serve; raises OSError if serve is gone (the instance is then refused)."""
-        for start in range(0, len(items), ROWS_PER_MESSAGE):
-            self.say(Kind.ROWS, rows=[asdict(item) for item in items[start:start + ROWS_PER_MESSAGE]])
+        """Index rows for serve, in one message; raises OSError if serve is gone and MessageError
+        if they do not fit in one (the instances are then refused). Free text is cut to what the
+        index keeps, so one row is well under a kilobyte."""
+        self.say(Kind.ROWS, rows=[{**asdict(item), "series_description": item.series_description[:64],
+                                   "calling_aet": item.calling_aet[:16]} for item in items])
 
 
 class _Sent:

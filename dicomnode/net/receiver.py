@@ -20,11 +20,13 @@ and a logged reason (below the disk watermark, association requests are rejected
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -451,7 +453,8 @@ class Receiver:
             SharedSlots(config.node.data_dir / SLOTS_FILE, self.max_associations, self.max_per_ae)
             if shared_slots else LocalSlots(self.max_associations, self.max_per_ae))
         self._links: list = []  # serve's: the receiving processes (receive_processes.ProcessLink)
-        self._served_here: set[socket.socket] = set()  # serve's: the connections it kept (closed ones pruned)
+        # serve's: the connections it kept (weakly: pynetdicom may drop one without closing it)
+        self._served_here: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self.handed_closed: Callable[[], None] | None = None  # a receiving process's: a given connection closed
         self.max_connections = max(16 * config.node.max_associations, 256)  # silent ones included
         self._connections_full = False
@@ -545,13 +548,14 @@ class Receiver:
             log.debug("association from %s rejected: disk space low", event.assoc.requestor.address)
             return
         calling = str(event.assoc.requestor.primitive.calling_ae_title).strip()  # not yet set on the requestor
-        try:
-            why = self.slots.take(str(id(event.assoc)), calling)
-        except OSError as exc:  # the shared table cannot be read or written (a full disk)
-            why = f"the association table cannot be written: {exc}"
-        if why is None:
-            with self._lock:
+        with self._lock:  # the slot and its note together: the connection may close in another thread
+            try:
+                why = self.slots.take(str(id(event.assoc)), calling)
+            except OSError as exc:  # the shared table cannot be read or written (a full disk)
+                why = f"the association table cannot be written: {exc}"
+            if why is None:
                 self._requested[id(event.assoc)] = calling
+        if why is None:
             self.counters.associations_open.set(self.slots.count())
         else:
             self._reject(event, "association-limit")
@@ -587,11 +591,12 @@ class Receiver:
         _drop_unfinished(getattr(event.assoc.dul, "ident", None))
         with self._lock:
             requested = self._requested.pop(id(event.assoc), None)
+            if requested is not None:
+                try:
+                    self.slots.give_back(str(id(event.assoc)))
+                except OSError as exc:
+                    log.error("association table: slot of %s not given back: %s", requested, exc)
         if requested is not None:
-            try:
-                self.slots.give_back(str(id(event.assoc)))
-            except OSError as exc:
-                log.error("association table: slot of %s not given back: %s", requested, exc)
             self.counters.associations_open.set(self.slots.count())
         if self.handed_closed is not None:
             self.handed_closed()
@@ -703,7 +708,7 @@ class Receiver:
                 _receive_chunked(self.spool.incoming, False)
                 raise
             self._server.verify_request = self._accept_connection
-            self._server.get_request = self._get_request
+            self._server.get_request = functools.partial(self._get_request, self._server)
         log.info(
             "receiver %s listening on %s:%d%s",
             self.config.node.ae_title,
@@ -732,16 +737,14 @@ class Receiver:
         return len(self.ae.active_associations) + sum(max(link.open, 0) for link in list(self._links))
 
     def _open_here(self) -> int:
-        """The connections this process kept and has not closed (pynetdicom closes the socket it was
-        given; counted from the accept, not from the association's thread, which starts later)."""
+        """The connections this process kept and has not closed (counted from the accept, not from
+        the association's thread, which starts later)."""
         with self._lock:
-            self._served_here = {sock for sock in self._served_here if sock.fileno() != -1}
-            return len(self._served_here)
+            return sum(1 for sock in list(self._served_here) if sock.fileno() != -1)
 
-    def _get_request(self) -> tuple[socket.socket, tuple]:
+    def _get_request(self, server) -> tuple[socket.socket, tuple]:  # noqa: ANN001 - serve's pynetdicom server
         """socketserver's get_request: accept the next connection and serve it here, or give it to
         the receiving process with the fewest connections open (raising _HandedOver)."""
-        server = self._server
         connection, address = server.socket.accept()
         links = [link for link in list(self._links) if link.ready.is_set()]
         if links:
@@ -759,9 +762,8 @@ class Receiver:
                     raise _HandedOver(f"given to process {least.pid}")
         if server.ssl_context:
             connection = server.ssl_context.wrap_socket(connection, server_side=True)
-        if self._links:
-            with self._lock:
-                self._served_here.add(connection)
+        with self._lock:
+            self._served_here.add(connection)
         return connection, address
 
     def start_handed(self) -> None:
@@ -777,7 +779,6 @@ class Receiver:
                 ssl_context=server_tls_context(tls) if tls else None,
                 server_class=_HandedConnections,
             )
-            self.ae._servers.append(self._server)  # noqa: SLF001 - so ae.active_associations counts its associations
 
     def take_connection(self, connection: socket.socket, address: tuple) -> None:
         """Serve `connection` (accepted by serve) on a thread of its own, as pynetdicom's server would."""
@@ -820,8 +821,6 @@ class Receiver:
             if isinstance(server, _HandedConnections):
                 for assoc in server.active_associations:
                     assoc.abort()
-                if server in self.ae._servers:  # noqa: SLF001
-                    self.ae._servers.remove(server)  # noqa: SLF001
             else:
                 server.shutdown()
             _receive_chunked(self.spool.incoming, False)

@@ -152,9 +152,9 @@ class IndexWriter:
     is not indexed when the process dies is indexed at the next start from the spool alone
     (dicomnode.net.recovery). `record` then answers None; `flush` waits for the rows.
 
-    `forward` (a receiving process's, dicomnode.net.receive_processes): deferred, and the rows are
+    `forward` (a receiving process's, dicomnode.net.receive_processes): deferred, and each row is
     given to `forward` (sent to serve's writer, which `take_rows` them) instead of this writer's
-    thread; an error there fails the instances of the batch."""
+    thread; an error there fails that row's instance."""
 
     RETRY_SECONDS = 1.0  # a batch the database refused is tried again after this (doubling, at most 30 s)
     GATHER_SECONDS = 0.05  # deferred: rows gathered this long before a batch (they are durable already)
@@ -199,13 +199,17 @@ class IndexWriter:
             for _, _, done in batch:
                 done.set_exception(exc)
             return
-        if self.deferred:
-            try:
-                (self._forward or self.take_rows)([item for item, _, _ in batch])
-            except Exception as exc:  # noqa: BLE001 - not indexed, nor to be: the caller answers 0xA700
-                for _, _, done in batch:
+        if self._forward is not None:  # one row at a time: each instance answered by its own row's fate
+            for item, _, done in batch:
+                try:
+                    self._forward([item])
+                except Exception as exc:  # noqa: BLE001 - not indexed, nor to be: the caller answers 0xA700
                     done.set_exception(exc)
-                return
+                else:
+                    done.set_result(None)
+            return
+        if self.deferred:
+            self.take_rows([item for item, _, _ in batch])
             for _, _, done in batch:
                 done.set_result(None)
             return

@@ -1,8 +1,9 @@
 """A day in one test run (`make soak`, about 20 minutes; not part of `make test`).
 
 Four senders (dcmtk storescu) send 60 synthetic PET/CT studies with random pauses, each study
-again until storescu succeeds, while a chaos loop kills the worker, kills the whole node (-9)
-and restarts it, and stops the destination PACS (Orthanc) for a while, at random moments.
+again until storescu succeeds, while a chaos loop kills the worker or the second receiving process
+(receive_processes = 2), kills the whole node (-9) and restarts it, and stops the destination PACS
+(Orthanc) for a while, at random moments.
 At the end every study has exactly one SEG and one SR in Orthanc, with the node's one set of
 SOP Instance UIDs; every instance sent is in the spool and the index, and nothing else is; the
 receiver's memory did not grow; the counts and the memory curve are printed."""
@@ -54,6 +55,7 @@ max_attempts = 8
 delivery_backoff_seconds = 2
 delivery_backoff_max_seconds = 10
 worker_restart_seconds = 1
+receive_processes = 2
 """
 
 
@@ -92,11 +94,17 @@ class Site:
                 pass
         self.node.process.wait()
 
-    def kill_worker(self) -> bool:
+    def kill_child(self, kind: str) -> bool:
+        """SIGKILL to the node's child process of `kind` (its command: "worker", "receive-process")."""
         children = subprocess.run(["pgrep", "-P", str(self.node.process.pid)], capture_output=True, text=True).stdout
         for pid in map(int, children.split()):
-            os.kill(pid, signal.SIGKILL)
-            return True
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if kind.encode() in command:
+                os.kill(pid, signal.SIGKILL)
+                return True
         return False
 
 
@@ -106,7 +114,8 @@ def test_a_day_of_studies_kills_and_outages(tmp_path: Path):
     studies = [write_study(tmp_path / "studies" / f"{k:02d}", seed=100 + k) for k in range(STUDIES)]
     site.pacs.start()
     site.start_node()
-    counts = {"node killed": 0, "worker killed": 0, "pacs stopped": 0, "storescu retries": 0}
+    counts = {"node killed": 0, "worker killed": 0, "receiving process killed": 0, "pacs stopped": 0,
+              "storescu retries": 0}
     rss: list[tuple[float, int, float]] = []  # (seconds, incarnation, MB)
     began = time.monotonic()
     chaos_over = threading.Event()
@@ -129,10 +138,12 @@ def test_a_day_of_studies_kills_and_outages(tmp_path: Path):
         while time.monotonic() - began < CHAOS_SECONDS:
             if chaos_over.wait(rng.uniform(20, 60)):
                 return
-            action = rng.choices(["worker", "node", "pacs"], weights=[4, 3, 3])[0]
+            action = rng.choices(["worker", "receive-process", "node", "pacs"], weights=[3, 2, 3, 2])[0]
             with site.lock:
-                if action == "worker" and site.kill_worker():
+                if action == "worker" and site.kill_child("worker"):
                     counts["worker killed"] += 1
+                elif action == "receive-process" and site.kill_child("receive-process"):
+                    counts["receiving process killed"] += 1
                 elif action == "node":
                     site.kill_node()
                     counts["node killed"] += 1

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from dicomnode.config import load_config
 from dicomnode.net.association_slots import SharedSlots
 from dicomnode.store.engine import make_sessionmaker
-from dicomnode.store.tables import Instance
+from dicomnode.store.tables import Instance, Series
 from dicomnode.testing.node import RunningNode, start_node
 from dicomnode.testing.ports import free_port
 
@@ -181,3 +181,27 @@ def test_the_shared_association_table_forgets_the_slots_of_a_process_that_is_gon
     assert counts == [2] * 8
     slots.give_back("a")
     assert slots.count() == 1
+
+
+def test_a_long_series_description_from_a_receiving_process_is_indexed_cut_as_serve_keeps_it(tmp_path: Path):
+    """A row goes to serve in one message of at most 64 KiB: free text is cut to what the index keeps."""
+    node, config, child = _start(tmp_path)
+    try:
+        held = _associate(config.node.port)  # serve's: the next one goes to the receiving process
+        assoc = _associate(config.node.port)
+        ds = tiny_instance(generate_uid(), generate_uid(), 0)
+        ds.SeriesDescription = "long " * 30000  # 150 kB, a value no sender should send but one may
+        assert assoc.send_c_store(ds).Status == 0x0000
+        next_ds = tiny_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID, 1)
+        assert assoc.send_c_store(next_ds).Status == 0x0000  # the link goes on
+        assoc.release()
+        held.release()
+        indexed = _wait_for(lambda: (rows := _indexed(config)) and len(rows) == 2 and rows)
+    finally:
+        assert node.stop() == 0
+    assert set(indexed) == {ds.SOPInstanceUID, next_ds.SOPInstanceUID}
+    assert ds.SeriesDescription.encode() in Path(indexed[ds.SOPInstanceUID]).read_bytes()  # the file keeps it whole
+    with make_sessionmaker(config.database_url)() as session:
+        assert session.scalar(select(Series.description)) == ds.SeriesDescription[:64]
+    log = (tmp_path / "node.log").read_text()
+    assert re.search(rf"dicomnode\.receiver\[{child}\]: study \S+: 2 instances stored", log)
