@@ -302,7 +302,7 @@ def main() -> None:
             "four_associations_inst_per_s": {name.lower(): statistics.median(v) for name, v in four.items()},
             "peak_rss_mb": {name.lower(): max(v) for name, v in rss.items() if name != DiskFloor.name},
             "ratios": {label: value for label, value, _, _ in rows if value is not None},
-            "repeats": args.repeats, "slices": args.slices}, indent=2))
+            "repeats": args.repeats, "slices": args.slices, "receive_processes": args.receive_processes}, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -31,18 +30,9 @@ from dicomnode.testing.node import RunningNode, start_node
 from dicomnode.testing.ports import free_port
 
 from tests.support.nodeutil import tiny_instance, write_config, write_series
+from tests.support.workerutil import wait_for
 
 pytestmark = pytest.mark.e2e  # starts `serve` and its receiving processes
-
-
-def _wait_for(predicate, timeout: float = 60.0):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError
 
 
 def _ready_processes(log: Path) -> list[int]:
@@ -54,7 +44,7 @@ def _start(tmp_path: Path, node: str = "") -> tuple[RunningNode, object, int]:
     config_path = write_config(tmp_path, node="receive_processes = 2\nworker_restart_seconds = 0.5\n" + node)
     config = load_config(config_path)
     running = start_node(config_path, config.node.port, tmp_path / "node.log", extra_args=("--no-worker",))
-    [child] = _wait_for(lambda: _ready_processes(tmp_path / "node.log"))
+    [child] = wait_for(lambda: _ready_processes(tmp_path / "node.log"), 60, "the receiving process ready", 0.1)
     return running, config, child
 
 
@@ -86,7 +76,7 @@ def test_four_studies_at_once_are_shared_out_and_serve_indexes_and_counts_them_a
         for sender in senders:
             _, err = sender.communicate(timeout=120)
             assert sender.returncode == 0 and b"E: " not in err, err
-        indexed = _wait_for(lambda: (rows := _indexed(config)) and len(rows) >= len(sent) and rows)
+        indexed = wait_for(lambda: (rows := _indexed(config)) and len(rows) >= len(sent) and rows, 60, "every row", 0.1)
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
             samples = {s.name: s.value for family in text_string_to_metric_families(response.read().decode())
                        for s in family.samples}
@@ -117,7 +107,7 @@ def test_association_limits_count_the_associations_of_every_receiving_process(tm
                 third.acceptor.primitive.diagnostic) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
         assert second.send_c_store(tiny_instance(generate_uid(), generate_uid(), 0)).Status == 0x0000
         second.release()
-        fourth = _wait_for(lambda: (a := _associate(config.node.port)).is_established and a, 30)
+        fourth = wait_for(lambda: (a := _associate(config.node.port)).is_established and a, 30, "a slot again", 0.1)
         fourth.release()
         first.release()
     finally:
@@ -141,10 +131,10 @@ def test_a_killed_receiving_process_loses_nothing_it_acknowledged_and_is_started
         log = tmp_path / "node.log"
         assert re.search(rf"dicomnode\.receiver\[{child}\]: association from SCU", log.read_text())
         os.kill(child, signal.SIGKILL)
-        _wait_for(lambda: not assoc.is_established, 30)  # its connection went with it
+        wait_for(lambda: not assoc.is_established, 30, "the association gone", 0.1)  # its connection went with it
         # every row it sent before acknowledging is indexed by serve
-        _wait_for(lambda: set(acknowledged) <= set(_indexed(config)), 30)
-        [restarted] = _wait_for(lambda: [pid for pid in _ready_processes(log) if pid != child], 60)
+        wait_for(lambda: set(acknowledged) <= set(_indexed(config)), 30, "every acknowledged row", 0.1)
+        [restarted] = wait_for(lambda: [pid for pid in _ready_processes(log) if pid != child], 60, "a new process", 0.1)
         held.release()
         again = _associate(config.node.port)
         also = _associate(config.node.port)  # one of the two is the new receiving process's
@@ -196,7 +186,7 @@ def test_a_long_series_description_from_a_receiving_process_is_indexed_cut_as_se
         assert assoc.send_c_store(next_ds).Status == 0x0000  # the link goes on
         assoc.release()
         held.release()
-        indexed = _wait_for(lambda: (rows := _indexed(config)) and len(rows) == 2 and rows)
+        indexed = wait_for(lambda: (rows := _indexed(config)) and len(rows) == 2 and rows, 60, "both rows", 0.1)
     finally:
         assert node.stop() == 0
     assert set(indexed) == {ds.SOPInstanceUID, next_ds.SOPInstanceUID}
