@@ -59,6 +59,7 @@ class ChildSupervisor:
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._spawn_lock = threading.Lock()  # no child started once stopping is set
+        self._terminated: subprocess.Popen | None = None  # the child signal_stop sent SIGTERM
         self._thread = threading.Thread(target=self._watch, name=f"supervisor-{name}", daemon=True)
 
     def _popen(self) -> subprocess.Popen:
@@ -112,13 +113,15 @@ class ChildSupervisor:
         self._stop_starting()
         if self.process and self.process.poll() is None:
             self.process.terminate()
+            self._terminated = self.process
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop_starting()
         if self._thread.is_alive():
             self._thread.join(timeout)
         if self.process and self.process.poll() is None:
-            self.process.terminate()  # a worker releases its job and exits
+            if self._terminated is not self.process:  # one SIGTERM: a worker releases its job and exits
+                self.process.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

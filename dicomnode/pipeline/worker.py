@@ -166,7 +166,10 @@ class Worker:
 
     def request_stop(self, reason: str) -> None:
         """SIGTERM/SIGINT: stop now (Shutdown), unless a job is being claimed; then run_one stops
-        as soon as it holds the job, so the job is released rather than left to its lease."""
+        as soon as it holds the job, so the job is released rather than left to its lease. A second
+        signal changes nothing: raised again, it would interrupt the release of the running job."""
+        if self.stop_requested:
+            return
         self.stop_requested = reason
         if not self._claiming:
             raise Shutdown(reason)

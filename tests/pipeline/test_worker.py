@@ -253,5 +253,6 @@ def test_a_stop_signal_while_claiming_releases_the_claimed_job(tmp_path: Path, m
         assert (job.state, job.attempts, job.lease_owner) == ("queued", 0, None)
         last = session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id.desc())).first()
     assert (last.kind, last.message) == ("released", "worker shutting down")
+    worker.request_stop("SIGTERM")  # a second signal (serve's and systemd's) interrupts nothing: no release cut short
     with pytest.raises(worker_module.Shutdown):  # outside a claim the stop is immediate
-        worker.request_stop("SIGINT")
+        Worker(config, sessions).request_stop("SIGINT")
