@@ -20,6 +20,7 @@ and a logged reason (below the disk watermark, association requests are rejected
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -403,6 +404,23 @@ class ReceiverCounters:
         )
 
 
+class _SupportedContexts(list):
+    """The receiver's supported presentation contexts, as its pynetdicom server holds them.
+    pynetdicom deep-copies them for every association it accepts (negotiation sets each copy's
+    result and roles): about 170 contexts with their transfer syntaxes, each UID validated again by
+    pydicom as it is rebuilt, most of the node's time per association (bench/bench_association_setup.py).
+    A context's own fields are a UID, numbers, flags and a list of UIDs, all immutable but the
+    list: a copy of each context with its own list is the same copy for a fraction of the time."""
+
+    def __deepcopy__(self, memo: dict) -> list:
+        copies = []
+        for context in self:
+            twin = copy.copy(context)
+            twin._transfer_syntax = list(context._transfer_syntax)  # noqa: SLF001 - the one mutable field
+            copies.append(twin)
+        return copies
+
+
 class _HandedOver(OSError):
     """An accepted connection was given to another receiving process: nothing for this one to serve
     (socketserver passes over an OSError from get_request)."""
@@ -709,6 +727,7 @@ class Receiver:
                 raise
             self._server.verify_request = self._accept_connection
             self._server.get_request = functools.partial(self._get_request, self._server)
+            self._server.contexts = _SupportedContexts(self._server.contexts)
         log.info(
             "receiver %s listening on %s:%d%s",
             self.config.node.ae_title,
@@ -779,6 +798,7 @@ class Receiver:
                 ssl_context=server_tls_context(tls) if tls else None,
                 server_class=_HandedConnections,
             )
+            self._server.contexts = _SupportedContexts(self._server.contexts)
 
     def take_connection(self, connection: socket.socket, address: tuple) -> None:
         """Serve `connection` (accepted by serve) on a thread of its own, as pynetdicom's server would."""
