@@ -74,7 +74,9 @@ def _job_states(sessions) -> dict[int, str]:
 def test_sigterm_while_a_job_runs_queues_it_again_and_exits(tmp_path: Path, synth_study):
     """systemctl stop during a job: no new associations, the job goes back to the queue (its
     attempt not counted) and the node exits 0 in time."""
-    config_path = write_config(tmp_path, model_path=str(MODEL))
+    # mirroring: a job of several seconds, so it is still running when the stop reaches the worker
+    # (without it, on a loaded machine, the demo job could finish in between)
+    config_path = write_config(tmp_path, model_path=str(MODEL), mirroring=True)
     config = load_config(config_path)
     node = start_node(config_path, config.node.port, tmp_path / "node.log")
     sessions = make_sessionmaker(config.database_url)

@@ -19,8 +19,10 @@ from dicomnode.testing.ports import free_port
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_config(folder: Path, *, node: str = "", extra: str = "", model_path: str | None = None) -> Path:
-    """A config.toml in `folder` on a free port; `node` adds lines to [node]."""
+def write_config(folder: Path, *, node: str = "", extra: str = "", model_path: str | None = None,
+                 mirroring: bool = False) -> Path:
+    """A config.toml in `folder` on a free port; `node` adds lines to [node]; `mirroring`: the
+    model's test-time mirroring (8 passes per window instead of one: a job that lasts)."""
     model_dir = Path(model_path) if model_path else folder / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     settings = {"ae_title": '"TESTNODE"', "bind": '"127.0.0.1"', "port": str(free_port()), "data_dir": '"var"',
@@ -39,7 +41,7 @@ def write_config(folder: Path, *, node: str = "", extra: str = "", model_path: s
 name = "demo-petct"
 path = "{model_dir}"
 folds = [0, 1, 2, 3, 4]
-use_mirroring = false
+use_mirroring = {str(mirroring).lower()}
 {extra}
 """
     )
