@@ -37,6 +37,7 @@ from pynetdicom.sop_class import (
 from dicomnode.config import RetrieveMethod, Source
 from dicomnode.imaging.sopclasses import INPUT_CLASSES, STORAGE_CLASSES
 from dicomnode.net.receiver import STORED_ONLY_SYNTAXES, TRANSFER_SYNTAXES, InstanceStore
+from dicomnode.net.scu import responses_to_the_caller
 from dicomnode.net.status import SUCCESS
 from dicomnode.net.tls import NODELAY_HANDLER, client_tls_args
 
@@ -188,7 +189,7 @@ class DimseSource:
             why = "rejected" if assoc.is_rejected else "not established"
             raise SourceError(f"{src.name}: association with {src.ae_title}@{src.host}:{src.port} {why}")
         try:
-            yield assoc
+            yield responses_to_the_caller(assoc)
         finally:
             if assoc.is_established:
                 assoc.release()

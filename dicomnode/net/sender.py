@@ -25,6 +25,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Destination
+from dicomnode.net.scu import responses_to_the_caller
 from dicomnode.net.status import SOP_CLASS_NOT_SUPPORTED, STORED, is_permanent
 from dicomnode.net.tls import NODELAY_HANDLER, client_tls_args
 
@@ -54,8 +55,8 @@ def _ae(calling_aet: str, timeout: float) -> AE:
 
 def _associate(ae: AE, destination: Destination):  # noqa: ANN202 - pynetdicom Association
     """Request an association with `destination`, over DICOM TLS when it has a `tls` table."""
-    return ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                        evt_handlers=[NODELAY_HANDLER], tls_args=client_tls_args(destination))
+    return responses_to_the_caller(ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                                                evt_handlers=[NODELAY_HANDLER], tls_args=client_tls_args(destination)))
 
 
 def echo(destination: Destination, calling_aet: str, timeout: float = 10.0) -> int:

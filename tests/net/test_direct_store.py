@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from dicomnode.net.direct_store import _pdvs, file_preamble_and_meta, store_response_pdu
 from dicomnode.net.receiver import Receiver
+from dicomnode.net.scu import responses_to_the_caller
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
 
@@ -102,7 +103,7 @@ def _associate(config, syntaxes=(ExplicitVRLittleEndian,)):  # noqa: ANN001, ANN
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", config.node.port, ae_title=config.node.ae_title)
     assert assoc.is_established
-    return assoc
+    return responses_to_the_caller(assoc)  # pynetdicom's reactor once took a C-ECHO response here (CI)
 
 
 def _spooled(config) -> dict[str, bytes]:  # noqa: ANN001
