@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from dicomnode.config import load_config
 from dicomnode.net.association_slots import SharedSlots
+from dicomnode.net.scu import responses_to_the_caller
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance, Series
 from dicomnode.testing.node import RunningNode, start_node
@@ -57,7 +58,7 @@ def _indexed(config) -> dict[str, str]:  # noqa: ANN001
 def _associate(port: int, calling: str = "SCU"):  # noqa: ANN202
     ae = AE(ae_title=calling)
     ae.add_requested_context(CTImageStorage)
-    return ae.associate("127.0.0.1", port, ae_title="TESTNODE")
+    return responses_to_the_caller(ae.associate("127.0.0.1", port, ae_title="TESTNODE"))
 
 
 def test_four_studies_at_once_are_shared_out_and_serve_indexes_and_counts_them_all(tmp_path: Path):

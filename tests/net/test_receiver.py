@@ -16,6 +16,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from dicomnode.net.receiver import Receiver
+from dicomnode.net.scu import responses_to_the_caller
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.spool import Spool
 from dicomnode.store.tables import Instance, Study
@@ -29,7 +30,7 @@ def _associate(config, calling="GOODSCU", called=None):
     ae = AE(ae_title=calling)
     ae.add_requested_context(CTImageStorage)
     ae.add_requested_context(Verification)
-    return ae.associate("127.0.0.1", config.node.port, ae_title=called or config.node.ae_title)
+    return responses_to_the_caller(ae.associate("127.0.0.1", config.node.port, ae_title=called or config.node.ae_title))
 
 
 def test_store_is_on_disk_and_indexed_when_acknowledged(node):

@@ -25,6 +25,7 @@ from sqlalchemy import select
 
 from dicomnode.imaging.sopclasses import INPUT_CLASSES, STORAGE_CLASSES
 from dicomnode.net.receiver import Receiver, ReceiverCounters
+from dicomnode.net.scu import responses_to_the_caller
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance, Study
 
@@ -83,7 +84,7 @@ def _associate(config, contexts: list[tuple[str, str]]):
     ae = AE(ae_title="GOODSCU")
     for sop_class, syntax in dict.fromkeys(contexts):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate("127.0.0.1", config.node.port, ae_title=config.node.ae_title)
+    assoc = responses_to_the_caller(ae.associate("127.0.0.1", config.node.port, ae_title=config.node.ae_title))
     assert assoc.is_established
     return assoc
 
@@ -95,7 +96,7 @@ def test_a_sender_proposing_128_contexts_gets_an_association(receiver):
     for sop_class in STORAGE_CLASSES[:127]:
         ae.add_requested_context(sop_class)
     assert len(ae.requested_contexts) == 128  # the DICOM maximum
-    assoc = ae.associate("127.0.0.1", config.node.port, ae_title=config.node.ae_title)
+    assoc = responses_to_the_caller(ae.associate("127.0.0.1", config.node.port, ae_title=config.node.ae_title))
     try:
         assert assoc.is_established
         assert len(assoc.accepted_contexts) == 128 and not assoc.rejected_contexts

@@ -16,6 +16,7 @@ from pynetdicom.sop_class import CTImageStorage, PositronEmissionTomographyImage
 from sqlalchemy import func, select
 
 from dicomnode.net.receiver import Receiver
+from dicomnode.net.scu import responses_to_the_caller
 from dicomnode.pipeline import assembler
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Event, Job, Study, utcnow
@@ -43,7 +44,7 @@ def _send(config, files: list[Path]) -> None:
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CTImageStorage)
     ae.add_requested_context(PositronEmissionTomographyImageStorage)
-    assoc = ae.associate("127.0.0.1", config.node.port, ae_title=config.node.ae_title)
+    assoc = responses_to_the_caller(ae.associate("127.0.0.1", config.node.port, ae_title=config.node.ae_title))
     assert assoc.is_established
     try:
         for path in files:

@@ -13,6 +13,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from dicomnode.config import load_config
+from dicomnode.net.scu import responses_to_the_caller
 from dicomnode.net.sender import Outcome
 from dicomnode.pipeline import delivery
 from dicomnode.pipeline.queue import RetryPolicy, claim, enqueue
@@ -35,7 +36,7 @@ def _scrape(port: int) -> dict[tuple[str, tuple], float]:
 def _associate(port: int, calling: str):
     ae = AE(ae_title=calling)
     ae.add_requested_context(CTImageStorage)
-    return ae.associate("127.0.0.1", port, ae_title="TESTNODE")
+    return responses_to_the_caller(ae.associate("127.0.0.1", port, ae_title="TESTNODE"))
 
 
 def test_metrics_count_instances_rejections_jobs_and_disk(tmp_path: Path):

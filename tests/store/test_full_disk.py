@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 
 from dicomnode.config import load_config
 from dicomnode.net.receiver import Receiver
+from dicomnode.net.scu import responses_to_the_caller
 from dicomnode.pipeline import assembler
 from dicomnode.pipeline.worker import Worker
 from dicomnode.store.engine import make_sessionmaker
@@ -44,7 +45,7 @@ def _send_all(port: int, called: str, datasets: list) -> list[int | None]:
     while pending:
         ae = AE(ae_title="GOODSCU")
         ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate("127.0.0.1", port, ae_title=called)
+        assoc = responses_to_the_caller(ae.associate("127.0.0.1", port, ae_title=called))
         if not assoc.is_established:
             statuses.append(None)  # rejected (disk low): this instance counts as refused
             pending.pop(0)

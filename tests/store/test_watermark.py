@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from dicomnode.config import NodeSettings
 from dicomnode.net.receiver import Receiver, ReceiverCounters
+from dicomnode.net.scu import responses_to_the_caller
 from dicomnode.store.diskspace import GB, limit_bytes
 from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
@@ -26,7 +27,7 @@ LOW = {"min_free_gb": 1e9}  # a billion GB: no disk has that much free
 def _associate(config):
     ae = AE(ae_title="GOODSCU")
     ae.add_requested_context(CTImageStorage)
-    return ae.associate("127.0.0.1", config.node.port, ae_title=config.node.ae_title)
+    return responses_to_the_caller(ae.associate("127.0.0.1", config.node.port, ae_title=config.node.ae_title))
 
 
 def _spooled(config) -> list[Path]:

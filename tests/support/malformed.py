@@ -31,6 +31,8 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import PositronEmissionTomographyImageStorage as PETStorage
 
+from dicomnode.net.scu import responses_to_the_caller
+
 from tests.support.nodeutil import tiny_instance
 
 SUCCESS, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0x0000, 0xA900, 0xC000
@@ -257,7 +259,7 @@ def send_raw(
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
             for syntax in dict.fromkeys(s for _, s in pending):
                 ae.add_requested_context(PETStorage, syntax)
-            assoc = ae.associate("127.0.0.1", port, ae_title=called)
+            assoc = responses_to_the_caller(ae.associate("127.0.0.1", port, ae_title=called))
             assert assoc.is_established, "association not established"
             try:
                 while pending:
