@@ -20,6 +20,7 @@ and a logged reason (below the disk watermark, association requests are rejected
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -464,6 +465,7 @@ class Receiver:
         self._stored: dict[int, dict[str, int]] = {}  # association -> study -> instances stored
         self._dropped: dict[int, dict[str, int]] = {}  # the same, acknowledged and dropped (drop_non_inputs)
         self._requested: dict[int, str] = {}  # associations that sent an A-ASSOCIATE-RQ (not closed) -> calling AE
+        self._connected: dict[int, object] = {}  # associations whose connection is open -> the Association
         self.max_associations = config.node.max_associations
         self.max_per_ae = config.node.max_associations_per_ae or max(config.node.max_associations // 2, 1)
         # the associations open (requested, not closed), against the two limits above
@@ -601,23 +603,48 @@ class Receiver:
         sock = getattr(event.assoc.dul.socket, "socket", None)
         if sock is not None:
             sock.settimeout(self.config.node.network_timeout_seconds)
+        self._close_vanished()
+        with self._lock:
+            self._connected[id(event.assoc)] = event.assoc
         if self.config.node.direct_store:
             direct_store.attach(event.assoc, self.store_direct, _open_incoming)
 
     def _on_connection_closed(self, event) -> None:  # noqa: ANN001
-        direct_store.detach(event.assoc)
-        _drop_unfinished(getattr(event.assoc.dul, "ident", None))
+        self._connection_gone(event.assoc)
+
+    def _connection_gone(self, assoc) -> bool:  # noqa: ANN001 - a pynetdicom Association
+        """Once per connection: its unfinished file dropped, its association slot given back."""
         with self._lock:
-            requested = self._requested.pop(id(event.assoc), None)
+            if self._connected.pop(id(assoc), None) is None:
+                return False  # already done (EVT_CONN_CLOSE and _close_vanished may both come)
+            requested = self._requested.pop(id(assoc), None)
             if requested is not None:
                 try:
-                    self.slots.give_back(str(id(event.assoc)))
+                    self.slots.give_back(str(id(assoc)))
                 except OSError as exc:
                     log.error("association table: slot of %s not given back: %s", requested, exc)
+        direct_store.detach(assoc)
+        _drop_unfinished(getattr(assoc.dul, "ident", None))
         if requested is not None:
             self.counters.associations_open.set(self.slots.count())
         if self.handed_closed is not None:
             self.handed_closed()
+        return True
+
+    def _close_vanished(self) -> None:
+        """Connections whose association and DUL threads both ended without EVT_CONN_CLOSE: pynetdicom's
+        DUL reactor, on an exception of its own, sends an A-ABORT and returns without it. Their slots
+        would stay taken for good (max_associations such faults and the node refuses everyone), so each
+        new connection first closes them here."""
+        with self._lock:
+            gone = [assoc for assoc in self._connected.values()
+                    if assoc.ident is not None and not assoc.is_alive() and not assoc.dul.is_alive()]
+        for assoc in gone:
+            with contextlib.suppress(OSError, AttributeError):
+                assoc.dul.socket.close()  # pynetdicom left it open: the peer sees the connection end
+            if self._connection_gone(assoc):
+                log.warning("association from %s ended without closing its connection (a fault in pynetdicom): "
+                            "its slot given back", assoc.requestor.ae_title or assoc.requestor.address)
 
     def _accept_connection(self, _request, client_address) -> bool:  # noqa: ANN001
         """socketserver's verify_request: beyond max_connections (silent peers included), a new

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -203,3 +204,45 @@ def test_files_the_index_lacks_are_indexed_before_the_receiver_listens(tmp_path:
     assert rows[lost[0].SOPInstanceUID].calling_aet == ""  # the sender is not in the file
     assert held.instances_received == 3
     assert not list((config.spool_dir / ".incoming").iterdir())
+
+
+def test_an_association_pynetdicom_drops_on_a_fault_of_its_own_gives_its_slot_back(tmp_path, monkeypatch, caplog):
+    """pynetdicom's DUL reactor, on an exception of its own, aborts and ends without EVT_CONN_CLOSE.
+    With max_associations = 1, a slot left taken would refuse every later association."""
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.pdu_primitives import P_DATA
+
+    config = node_config(tmp_path, node="max_associations = 1\nmax_associations_per_ae = 1")
+    receiver = Receiver(config, make_sessionmaker(config.database_url))
+    receiver.start()
+    send_primitive = DULServiceProvider._process_recv_primitive
+    faults = []
+
+    def faulty(self) -> bool:  # noqa: ANN001
+        queued = list(self.to_provider_queue.queue)
+        if self.assoc.is_acceptor and queued and isinstance(queued[0], P_DATA) and not faults:
+            faults.append(self)
+            raise RuntimeError("a fault inside pynetdicom")  # as its reactor's `except Exception` catches
+        return send_primitive(self)
+
+    monkeypatch.setattr(DULServiceProvider, "_process_recv_primitive", faulty)
+    try:
+        first = _associate(config)
+        assert first.is_established
+        assert "Status" not in first.send_c_echo()  # the node's answer never left: it aborted
+        assert faults
+        first.abort()
+        deadline, accepted = time.monotonic() + 30, None
+        while accepted is None and time.monotonic() < deadline:
+            second = _associate(config)
+            if second.is_established:
+                accepted = second
+            else:
+                time.sleep(0.1)  # the aborted association's threads are still ending
+        assert accepted is not None, "the dropped association kept the node's only slot"
+        assert accepted.send_c_store(tiny_instance(generate_uid(), generate_uid(), 0)).Status == 0x0000
+        assert receiver.slots.count() == 1
+        accepted.release()
+    finally:
+        receiver.stop()
+    assert "ended without closing its connection (a fault in pynetdicom): its slot given back" in caplog.text
