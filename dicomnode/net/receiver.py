@@ -133,7 +133,7 @@ _RECEIVING: dict[int, str] = {}  # an association's DUL thread -> the file it la
 def _incoming_temp_file(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - tempfile.NamedTemporaryFile's
     for folder in reversed(_INCOMING):
         if folder.is_dir():
-            kwargs.update(dir=folder, prefix=TEMP_PREFIX)
+            kwargs.update(dir=folder, prefix=f"{TEMP_PREFIX}{os.getpid()}-")  # whose: Spool.remove_incoming_of
             break
     received = _Receiving(NamedTemporaryFile(*args, **kwargs))
     _RECEIVING[threading.get_ident()] = received.name  # called in the association's DUL thread
@@ -777,6 +777,13 @@ class Receiver:
                 self._links.remove(link)
         if isinstance(self.slots, SharedSlots):
             self.slots.forget_process(link.pid)
+        try:
+            removed = self.spool.remove_incoming_of(link.pid)
+        except OSError as exc:
+            log.error("incoming files of receiving process %d not removed: %s", link.pid, exc)
+        else:
+            if removed:
+                log.info("removed %d unacknowledged incoming files of receiving process %d", removed, link.pid)
 
     def _connections_open(self) -> int:
         """This process's connections and those given to the receiving processes, not yet closed."""

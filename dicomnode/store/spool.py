@@ -79,6 +79,15 @@ class Spool:
         Path(path).unlink(missing_ok=True)
         fsync_dir(Path(path).parent)
 
+    def remove_incoming_of(self, pid: int) -> int:
+        """Delete the incoming files of a receiving process that has exited (their names carry its
+        process ID: dicomnode.net.receiver): data sets it never acknowledged; return how many."""
+        count = 0
+        for temp in self.incoming.glob(f"{TEMP_PREFIX}{pid}-*"):
+            temp.unlink(missing_ok=True)
+            count += 1
+        return count
+
     def remove_leftovers(self) -> int:
         """Delete temporary files a crash left behind (never acknowledged); return how many."""
         count = 0

@@ -15,7 +15,7 @@ import pytest
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import create_file_meta, encode
 from pynetdicom.pdu import P_DATA_TF
@@ -29,6 +29,7 @@ from dicomnode.store.engine import make_sessionmaker
 from dicomnode.store.tables import Instance
 
 from tests.support.nodeutil import node_config, tiny_instance
+from tests.support.pdus import pdata_pdu, store_pdvs
 
 
 @pytest.mark.parametrize("message_id,sop_class,sop_instance,status", [
@@ -172,10 +173,10 @@ def test_a_data_set_cut_off_by_an_abort_leaves_nothing_and_the_node_goes_on(tmp_
     try:
         assoc = _associate(config)
         cx = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
-        items = _store_pdvs(cut, cx)
+        items = store_pdvs(cut, cx)
         assert len(items) > 3
         for item in items[:3]:  # the command and the data set's first fragments, then an abort
-            assoc.dul.socket.send(_pdu([item]))
+            assoc.dul.socket.send(pdata_pdu([item]))
         _wait(lambda: any(incoming.iterdir()), "the receiver began no file")
         assoc.abort()
         _wait(lambda: not any(incoming.iterdir()), "the cut data set's file stayed in the incoming folder")
@@ -225,26 +226,6 @@ def test_an_error_in_the_handler_answers_c211_and_the_association_goes_on(tmp_pa
     assert not list((config.spool_dir / ".incoming").iterdir())  # the failed one's file removed
 
 
-def _store_pdvs(ds, context_id: int, fragment: int = 2048) -> list[bytes]:  # noqa: ANN001
-    """The PDV items (length, context, control header, fragment) of a C-STORE request for `ds`."""
-    request = C_STORE()
-    request.MessageID, request.Priority = 1, 0
-    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    request.DataSet = BytesIO(encode(ds, False, True))
-    message = C_STORE_RQ()
-    message.primitive_to_message(request)
-    items = []
-    for primitive in message.encode_msg(context_id, fragment):
-        for cx, data in primitive.presentation_data_value_list:
-            items.append(struct.pack(">LB", len(data) + 1, cx) + data)
-    return items
-
-
-def _pdu(items: list[bytes]) -> bytes:
-    body = b"".join(items)
-    return struct.pack(">BBL", 0x04, 0, len(body)) + body
-
-
 def _echo_item(context_id: int) -> bytes:
     request = C_ECHO()
     request.MessageID, request.AffectedSOPClassUID = 2, Verification
@@ -266,7 +247,7 @@ def test_a_request_after_the_last_fragment_in_the_same_pdu_goes_to_pynetdicom(tm
         assoc._reactor_checkpoint.clear()  # noqa: SLF001
         _wait(lambda: assoc._is_paused, "the requestor's reactor did not pause")  # noqa: SLF001
         # one PDU: the whole C-STORE request, then a C-ECHO request
-        assoc.dul.socket.send(_pdu([*_store_pdvs(ds, store_cx), _echo_item(echo_cx)]))
+        assoc.dul.socket.send(pdata_pdu([*store_pdvs(ds, store_cx), _echo_item(echo_cx)]))
         answers = [assoc.dimse.get_msg(block=True)[1] for _ in range(2)]
         assoc._reactor_checkpoint.set()  # noqa: SLF001
         assoc.release()
@@ -284,10 +265,10 @@ def test_a_command_before_the_last_fragment_aborts_and_leaves_nothing(tmp_path: 
     try:
         assoc = _associate(config)
         cx = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
-        items = _store_pdvs(cut, cx)
+        items = store_pdvs(cut, cx)
         assert len(items) > 3
-        assoc.dul.socket.send(_pdu(items[:2]))  # the command and the first fragment
-        assoc.dul.socket.send(_pdu([_echo_item(cx)]))  # a command before the data set's last fragment
+        assoc.dul.socket.send(pdata_pdu(items[:2]))  # the command and the first fragment
+        assoc.dul.socket.send(pdata_pdu([_echo_item(cx)]))  # a command before the data set's last fragment
         _wait(lambda: assoc.is_aborted, "the receiver did not abort the association")
         status = _store_on_a_new_association(config, whole)
     finally:

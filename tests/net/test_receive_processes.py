@@ -31,6 +31,7 @@ from dicomnode.testing.node import RunningNode, start_node
 from dicomnode.testing.ports import free_port
 
 from tests.support.nodeutil import tiny_instance, write_config, write_series
+from tests.support.pdus import pdata_pdu, store_pdvs
 from tests.support.workerutil import wait_for
 
 pytestmark = pytest.mark.e2e  # starts `serve` and its receiving processes
@@ -131,8 +132,15 @@ def test_a_killed_receiving_process_loses_nothing_it_acknowledged_and_is_started
             acknowledged.append(str(ds.SOPInstanceUID))
         log = tmp_path / "node.log"
         assert re.search(rf"dicomnode\.receiver\[{child}\]: association from SCU", log.read_text())
+        # a data set half sent when the process dies: its incoming file is the child's, named so
+        cx = next(c.context_id for c in assoc.accepted_contexts if c.abstract_syntax == CTImageStorage)
+        items = store_pdvs(tiny_instance(study, series, 99, rows=64), cx)
+        assoc.dul.socket.send(pdata_pdu(items[:3]))
+        incoming = config.spool_dir / ".incoming"
+        [half] = wait_for(lambda: list(incoming.glob(f".incoming-{child}-*")), 30, "the child's incoming file", 0.1)
         os.kill(child, signal.SIGKILL)
         wait_for(lambda: not assoc.is_established, 30, "the association gone", 0.1)  # its connection went with it
+        wait_for(lambda: not half.exists(), 30, "the dead child's incoming file removed by serve", 0.1)
         # every row it sent before acknowledging is indexed by serve
         wait_for(lambda: set(acknowledged) <= set(_indexed(config)), 30, "every acknowledged row", 0.1)
         [restarted] = wait_for(lambda: [pid for pid in _ready_processes(log) if pid != child], 60, "a new process", 0.1)
@@ -148,6 +156,7 @@ def test_a_killed_receiving_process_loses_nothing_it_acknowledged_and_is_started
         assert node.stop() == 0
     text = (tmp_path / "node.log").read_text()
     assert f"receiving process {child} (receiver-2) exited with -9 (SIGKILL: out of memory?)" in text
+    assert f"removed 1 unacknowledged incoming files of receiving process {child}" in text
     assert re.search(rf"dicomnode\.receiver\[{restarted}\]: association from SCU", text)
     assert set(_indexed(config)) == set(acknowledged) and len(acknowledged) == 42
 
