@@ -71,6 +71,7 @@ from dicomnode.net.status import (
     SUCCESS,
 )
 from dicomnode.net.tls import NODELAY_HANDLER, server_tls_context
+from dicomnode.net.uids import remember as remember_uids
 from dicomnode.net.validation import Refused, check_instance
 from dicomnode.net.verify import report_of
 from dicomnode.store.commitments import record_report
@@ -184,6 +185,7 @@ def _drop_unfinished(dul_thread: int | None) -> None:
 
 
 pynetdicom.dimse_messages.NamedTemporaryFile = _incoming_temp_file  # only chunked receive creates files there
+remember_uids()  # each UID an association carries checked once per process (dicomnode.net.uids)
 
 
 def _open_incoming() -> _Receiving:
