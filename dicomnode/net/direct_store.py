@@ -37,13 +37,11 @@ import logging
 import select
 import struct
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
+from typing import NamedTuple
 
-from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
 
 from dicomnode.imaging.sopclasses import STORAGE_CLASSES
@@ -68,10 +66,60 @@ class ProtocolError(Exception):
     """What the peer sent breaks the DIMSE message rules (PS3.7 6.3.1): the association is aborted."""
 
 
+class StoreCommand(NamedTuple):
+    """What the node uses of a C-STORE request's command set."""
+
+    message_id: int
+    sop_class: str
+    sop_instance: str
+
+
+_COMMAND_ELEMENT = struct.Struct("<HHL")  # group, element, value length (Implicit VR Little Endian)
+_US = struct.Struct("<H")
+# (0000,xxxx) elements of a C-STORE request (PS3.7 9.3.1.1)
+_AFFECTED_SOP_CLASS, _COMMAND_FIELD, _MESSAGE_ID, _DATA_SET_TYPE, _AFFECTED_SOP_INSTANCE = (
+    0x0002, 0x0100, 0x0110, 0x0800, 0x1000)
+
+
+def store_command(fragment: memoryview | bytes) -> StoreCommand | None:
+    """The C-STORE request in a whole command set (`fragment`: its bytes, Implicit VR Little
+    Endian), decoded by hand: None when it is another command, has no data set, or holds anything
+    this decoding does not take plainly (an element of another group or with an undefined length, a
+    value cut short, a tag twice, a number of the wrong length, a UID with several values). Those
+    go to pynetdicom, which judges them. The values are what pynetdicom's decoding gives
+    (tests/net/test_direct_store.py): pydicom's reading is most of a millisecond per command."""
+    values: dict[int, bytes] = {}
+    offset, size = 0, len(fragment)
+    while offset < size:
+        if offset + 8 > size:
+            return None
+        group, element, length = _COMMAND_ELEMENT.unpack_from(fragment, offset)
+        offset += 8
+        if group != 0 or offset + length > size or element in values:  # an undefined length is > size
+            return None
+        values[element] = bytes(fragment[offset:offset + length])
+        offset += length
+    numbers = [values.get(element, b"") for element in (_COMMAND_FIELD, _MESSAGE_ID, _DATA_SET_TYPE)]
+    if any(len(number) != 2 for number in numbers):
+        return None
+    command_field, message_id, data_set_type = (_US.unpack(number)[0] for number in numbers)
+    if command_field != C_STORE_RQ or data_set_type == NO_DATA_SET:
+        return None
+    uids = []
+    for element in (_AFFECTED_SOP_CLASS, _AFFECTED_SOP_INSTANCE):
+        if element not in values:
+            return None
+        text = values[element].decode("latin-1").rstrip("\0 ")  # as pydicom reads a UI value
+        if "\\" in text:
+            return None
+        uids.append(text)
+    return StoreCommand(message_id, *uids)
+
+
 class _Request:
     """A C-STORE request whose data set is being received."""
 
-    def __init__(self, context_id: int, command: Dataset, file) -> None:  # noqa: ANN001 - the incoming file
+    def __init__(self, context_id: int, command: StoreCommand, file) -> None:  # noqa: ANN001 - the incoming file
         self.context_id, self.command, self.file = context_id, command, file
 
 
@@ -84,6 +132,7 @@ class DirectStore:
         self.assoc, self.handler, self.open_file = assoc, handler, open_file
         self._syntaxes: dict[int, UID | None] = {}  # context ID -> its transfer syntax, None: not taken here
         self._request: _Request | None = None
+        self._spare = None  # the next data set's incoming file, made ahead (make_spare)
 
     def _syntax(self, context_id: int) -> UID | None:
         """The transfer syntax of a storage context of this association whose requests are taken here."""
@@ -117,6 +166,8 @@ class DirectStore:
             if control & 2:  # the data set's last fragment
                 self._request = None
                 self._answer(request, self._store(request))
+        if self._request is None:
+            self.make_spare()
         return len(body)
 
     def _start(self, context_id: int, control: int, fragment: memoryview) -> bool:
@@ -125,27 +176,37 @@ class DirectStore:
         syntax = self._syntax(context_id)
         if control & 3 != 3 or syntax is None or self.assoc.dimse.message is not None:
             return False
+        command = store_command(fragment)
+        if command is None:
+            return False  # a command set pynetdicom will judge (and answer or abort)
         try:
-            command = decode(BytesIO(fragment), True, True)
-            if command.CommandField != C_STORE_RQ or command.CommandDataSetType == NO_DATA_SET:
-                return False
-            if not isinstance(command.MessageID, int):
-                return False
-            meta = file_preamble_and_meta(command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, syntax)
-        except Exception:  # noqa: BLE001 - a command set pynetdicom will judge (and answer or abort)
+            meta = file_preamble_and_meta(command.sop_class, command.sop_instance, syntax)
+        except UnicodeEncodeError:  # not ASCII: pynetdicom's to judge
             return False
-        self._request = _Request(context_id, command, self.open_file())
+        self._request = _Request(context_id, command, self._take_spare() or self.open_file())
         self._request.file.write(meta)
         return True
+
+    def _take_spare(self):  # noqa: ANN202 - the incoming file made ahead, if any
+        spare, self._spare = self._spare, None
+        return spare
+
+    def make_spare(self) -> None:
+        """Make the next data set's incoming file now, while the peer reads the answer and sends
+        the next request, rather than after that request has come."""
+        if self._spare is None and self._request is None:
+            try:
+                self._spare = self.open_file()
+            except OSError:  # a full disk, say: the next request tries again, and answers for it
+                self._spare = None
 
     def _store(self, request: _Request) -> int:
         command = request.command
         try:
-            return self.handler(self.assoc, self._syntaxes[request.context_id], str(command.AffectedSOPClassUID),
-                                str(command.AffectedSOPInstanceUID), request.file)
+            return self.handler(self.assoc, self._syntaxes[request.context_id], command.sop_class,
+                                command.sop_instance, request.file)
         except Exception:  # noqa: BLE001 - as pynetdicom's attempt(): an error answers, and the node goes on
-            log.exception("C-STORE of %s failed in the receiver (0x%04X)", command.AffectedSOPInstanceUID,
-                          HANDLER_FAILED)
+            log.exception("C-STORE of %s failed in the receiver (0x%04X)", command.sop_instance, HANDLER_FAILED)
             return HANDLER_FAILED
         finally:
             _close_and_remove(request.file)
@@ -158,7 +219,7 @@ class DirectStore:
             return
         command = request.command
         self.assoc.dul.socket.send(store_response_pdu(
-            request.context_id, command.MessageID, command.AffectedSOPClassUID, command.AffectedSOPInstanceUID, status))
+            request.context_id, command.message_id, command.sop_class, command.sop_instance, status))
 
     def _drop(self) -> None:
         """The request being received will not be stored (its file removed)."""
@@ -168,6 +229,9 @@ class DirectStore:
 
     def close(self) -> None:
         self._drop()
+        spare = self._take_spare()
+        if spare is not None:
+            _close_and_remove(spare)
 
 
 def _element(group_element: int, value: bytes) -> bytes:

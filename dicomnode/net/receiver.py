@@ -76,6 +76,7 @@ from dicomnode.net.validation import Refused, check_instance
 from dicomnode.net.verify import report_of
 from dicomnode.store.commitments import record_report
 from dicomnode.store.diskspace import Watermark
+from dicomnode.store.files import start_writeback
 from dicomnode.store.index import IndexWriter, ReceivedInstance
 from dicomnode.store.spool import TEMP_PREFIX, Spool
 
@@ -190,7 +191,7 @@ remember_uids()  # each UID an association carries checked once per process (dic
 
 def _open_incoming() -> _Receiving:
     """The file dicomnode.net.direct_store receives a data set into (as pynetdicom's chunked receive)."""
-    return _incoming_temp_file(delete=False, mode="wb", suffix=".dcm")
+    return _incoming_temp_file(delete=False, mode="wb", suffix=".part")  # not a .dcm until it is stored
 
 
 def _receive_chunked(incoming: Path, on: bool) -> None:
@@ -280,6 +281,7 @@ class InstanceStore:
         if getattr(received, "failed", None) is not None:
             log.error("could not store instance %s from %s: %s (0xA700)", request_sop, calling, received.failed)
             return Stored(OUT_OF_RESOURCES)
+        start_writeback(received.fileno())  # written out while the header is checked: the fsync below waits less
         with open(temp, "rb") as fh:
             start = _body_offset(fh.read(_META_READ))
             size = os.fstat(fh.fileno()).st_size

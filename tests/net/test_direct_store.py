@@ -15,14 +15,14 @@ import pytest
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
-from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RSP
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
-from pynetdicom.dsutils import create_file_meta, encode
+from pynetdicom.dsutils import create_file_meta, decode, encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
-from dicomnode.net.direct_store import _pdvs, file_preamble_and_meta, store_response_pdu
+from dicomnode.net.direct_store import StoreCommand, _pdvs, file_preamble_and_meta, store_command, store_response_pdu
 from dicomnode.net.receiver import Receiver
 from dicomnode.net.scu import responses_to_the_caller
 from dicomnode.store.engine import make_sessionmaker
@@ -57,6 +57,54 @@ def test_the_file_meta_is_what_pynetdicoms_chunked_receive_writes(syntax, sop_in
     write_file_meta_info(expected, create_file_meta(sop_class_uid=CTImageStorage, sop_instance_uid=sop_instance,
                                                     transfer_syntax=syntax))
     assert file_preamble_and_meta(CTImageStorage, sop_instance, syntax) == expected.getvalue()
+
+
+def _store_command_set(message_id: int, sop_class: str, sop_instance: str, **more: object) -> bytes:
+    """A C-STORE request's command set as pynetdicom encodes it."""
+    request = C_STORE()
+    request.MessageID, request.Priority = message_id, more.pop("priority", 0)
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = sop_class, sop_instance
+    for keyword, value in more.items():
+        setattr(request, keyword, value)
+    request.DataSet = BytesIO(b"\x08\x00\x16\x00")
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    return encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize("message_id,sop_class,sop_instance,more", [
+    (1, CTImageStorage, "1.2.3.4", {}),  # even-length UIDs
+    (65535, "1.2.840.10008.5.1.4.1.1.128", "1.2.826.0.1.3680043.8.498.123456789", {"priority": 2}),  # odd
+    (7, "1.2.840.10008.5.1.4.1.1.66.4", "9" * 64, {"MoveOriginatorApplicationEntityTitle": "PACS",
+                                                    "MoveOriginatorMessageID": 9}),
+])
+def test_a_store_command_is_read_as_pynetdicom_reads_it(message_id, sop_class, sop_instance, more):
+    data = _store_command_set(message_id, sop_class, sop_instance, **more)
+    read = decode(BytesIO(data), True, True)
+    assert store_command(memoryview(data)) == StoreCommand(
+        read.MessageID, str(read.AffectedSOPClassUID), str(read.AffectedSOPInstanceUID)) == StoreCommand(
+        message_id, str(sop_class), sop_instance)
+
+
+def test_a_command_set_that_is_not_a_plain_store_request_is_left_to_pynetdicom():
+    data = _store_command_set(3, CTImageStorage, "1.2.3.4")
+    assert store_command(data) is not None
+    echo = C_ECHO()
+    echo.MessageID = 1
+    message = C_ECHO_RQ()
+    message.primitive_to_message(echo)
+    assert store_command(encode(message.command_set, True, True)) is None  # another command
+    no_data_set = data.replace(struct.pack("<HHLH", 0, 0x0800, 2, 0x0001), struct.pack("<HHLH", 0, 0x0800, 2, 0x0101))
+    assert no_data_set != data and store_command(no_data_set) is None
+    assert store_command(data[:-3]) is None  # cut short in a value
+    assert store_command(data + b"\x00\x00\x10") is None  # cut short in an element header
+    assert store_command(data + struct.pack("<HHL", 0x0008, 0x0016, 0)) is None  # not a command element
+    assert store_command(data + struct.pack("<HHL", 0, 0x0700, 2) + b"\x00\x00") is None  # Priority twice
+    several = data.replace(b"1.2.3.4", b"1.2\\3.4")
+    assert store_command(several) is None  # pydicom reads it as two UIDs
+    assert list(decode(BytesIO(several), True, True).AffectedSOPInstanceUID) == ["1.2", "3.4"]
+    long_id = data.replace(struct.pack("<HHLH", 0, 0x0110, 2, 3), struct.pack("<HHLL", 0, 0x0110, 4, 3))
+    assert long_id != data and store_command(long_id) is None  # a MessageID of the wrong length
 
 
 def test_pdvs_are_read_only_when_they_fill_the_pdu():
@@ -143,6 +191,28 @@ def test_a_data_set_in_many_pdus_is_stored_whole_and_the_same_either_way(tmp_pat
         rows = session.scalars(select(Instance.sop_instance_uid)).all()
     assert sorted(rows) == sorted(ds.SOPInstanceUID for ds in sent)
     assert not list((config.spool_dir / ".incoming").iterdir())
+
+
+@pytest.mark.e2e
+def test_the_next_data_sets_file_is_made_ahead_and_removed_when_the_association_ends(tmp_path: Path):
+    config, sessions, receiver, paths = _receiver(tmp_path)
+    study, series = generate_uid(), generate_uid()
+    sent = [tiny_instance(study, series, i) for i in range(2)]
+    incoming = config.spool_dir / ".incoming"
+    try:
+        assoc = _associate(config)
+        assert assoc.send_c_store(sent[0]).Status == 0x0000
+        _wait(lambda: len(list(incoming.iterdir())) == 1, "no file made ahead for the next data set")
+        (ahead,) = incoming.iterdir()
+        assert ahead.stat().st_size == 0
+        assert assoc.send_c_store(sent[1]).Status == 0x0000
+        assert not ahead.exists()  # the second data set was received into it, then renamed into the spool
+        assoc.release()
+        _wait(lambda: not any(incoming.iterdir()), "the file made ahead outlived its association")
+        assert receiver.listening
+    finally:
+        receiver.stop()
+    assert paths.direct == 2 and set(_spooled(config)) == {ds.SOPInstanceUID for ds in sent}
 
 
 def _body_start(data: bytes) -> int:

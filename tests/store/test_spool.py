@@ -1,7 +1,10 @@
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
+from dicomnode.store.files import start_writeback
 from dicomnode.store.spool import TEMP_PREFIX, InvalidUID, Spool
 
 
@@ -34,3 +37,20 @@ def test_leftover_temporaries_are_removed(tmp_path: Path):
     (final.parent / f"{TEMP_PREFIX}1.2.3.5-abcd").write_bytes(b"half")
     assert spool.remove_leftovers() == 1
     assert [p.name for p in final.parent.iterdir()] == ["1.2.3.4.dcm"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_writeback_is_started_by_the_kernel_and_leaves_the_file_as_written(tmp_path: Path):
+    """The receiver starts writing a received file out before it checks the header
+    (dicomnode.store.files.start_writeback): the kernel must take the call, and the file's
+    content and the fsync after it are unchanged."""
+    data = os.urandom(300_000)
+    with open(tmp_path / "received.dcm", "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        assert start_writeback(fh.fileno())
+        os.fsync(fh.fileno())
+    assert (tmp_path / "received.dcm").read_bytes() == data
+    closed = os.open(tmp_path / "received.dcm", os.O_RDONLY)
+    os.close(closed)
+    assert not start_writeback(closed)  # refused (a closed descriptor): said, never raised
