@@ -321,8 +321,20 @@ def _read_pdu_data(self: DULServiceProvider) -> None:
     if direct is None or self.state_machine.current_state != ESTABLISHED:
         _pynetdicom_read_pdu_data(self)
         return
-    while _read_one(self, direct) and _next_pdu_soon(self):
-        pass
+    # The association's own thread (pynetdicom's reactor) has nothing to do while PDUs are taken
+    # here, yet it wakes every millisecond, and each wake-up takes the GIL from the threads
+    # receiving (the node's CPU per instance with four associations: a quarter more). It waits on
+    # its checkpoint instead until a PDU goes to pynetdicom, pynetdicom has something to send, or
+    # the association is killed: the loop below ends then. The node never calls release() or a
+    # send_*() on an association it accepted (they clear the checkpoint themselves); abort() and
+    # kill() set it.
+    reactor = self.assoc._reactor_checkpoint  # noqa: SLF001
+    reactor.clear()
+    try:
+        while _read_one(self, direct) and _next_pdu_soon(self):
+            pass
+    finally:
+        reactor.set()
 
 
 FOLLOW_SECONDS = 0.01

@@ -119,15 +119,18 @@ def test_pdvs_are_read_only_when_they_fill_the_pdu():
 
 
 class Paths:
-    """Which of the receiver's two ways each C-STORE took."""
+    """Which of the receiver's two ways each C-STORE took; for those taken directly, whether the
+    association's own thread (pynetdicom's reactor) was held at its checkpoint meanwhile."""
 
     def __init__(self, receiver: Receiver) -> None:
         self.direct = self.pynetdicom = 0
+        self.reactor_held: list[bool] = []
         direct, pynetdicom = receiver.store_direct, receiver.handle_store
 
-        def counted_direct(*args):  # noqa: ANN002, ANN202
+        def counted_direct(assoc, *args):  # noqa: ANN001, ANN002, ANN202
             self.direct += 1
-            return direct(*args)
+            self.reactor_held.append(not assoc._reactor_checkpoint.is_set())  # noqa: SLF001
+            return direct(assoc, *args)
 
         def counted_pynetdicom(event):  # noqa: ANN001, ANN202
             self.pynetdicom += 1
@@ -180,6 +183,8 @@ def test_a_data_set_in_many_pdus_is_stored_whole_and_the_same_either_way(tmp_pat
         receiver.stop()
     assert statuses == [0x0000] * 4
     assert (paths.direct, paths.pynetdicom) == ((3, 0) if direct else (0, 3))
+    # taken directly, the reactor waits (it does not poll) and is let go for the C-ECHO and the release
+    assert paths.reactor_held == [True] * paths.direct
     spooled = _spooled(config)
     assert set(spooled) == {ds.SOPInstanceUID for ds in sent}
     for ds in sent:
